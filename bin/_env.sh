@@ -26,7 +26,7 @@ ensure_env() {
   echo "[course] setting up the environment in $VENV (first run takes a few minutes)..."
   [[ -x "$VENV/bin/python" ]] || "$py" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$COURSE_ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$COURSE_ROOT/requirements.txt" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$COURSE_ROOT"
   echo "$want" > "$VENV/.course-stamp"
   echo "[course] environment ready."

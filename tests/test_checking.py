@@ -1,0 +1,229 @@
+"""The checker engine, fed right answers and every kind of wrong answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labsupport.checking import Case, CheckResult, check_function, describe_value
+
+
+def reference_causal_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) x (B, L, D) -> causal masked scores (B, L, L), -inf above the diagonal."""
+    scores = q @ k.transpose(-1, -2)
+    length = q.shape[-2]
+    mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return scores.masked_fill(mask, float("-inf"))
+
+
+def make_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        Case(f"L={n}", (torch.randn(2, n, 4, generator=gen), torch.randn(2, n, 4, generator=gen)))
+        for n in (1, 3, 6)
+    ]
+
+
+def run(fn, capsys, **kwargs) -> tuple[CheckResult, str]:
+    result = check_function(fn, reference_causal_scores, make_cases(), exercise="scores", **kwargs)
+    return result, capsys.readouterr().out
+
+
+def test_correct_answer_passes_with_one_line(capsys):
+    result, out = run(reference_causal_scores, capsys)
+    assert result and result.status == "passed"
+    assert out.strip() == "✅ scores: passed 3 cases."
+
+
+def test_not_implemented_reports_not_done(capsys):
+    def learner(q, k):
+        raise NotImplementedError("your code here")
+
+    result, out = run(learner, capsys)
+    assert not result and result.status == "not done"
+    assert "not done yet" in out
+    assert "Traceback" not in out
+
+
+def test_wrong_shape(capsys):
+    result, out = run(lambda q, k: reference_causal_scores(q, k)[..., :-1], capsys)
+    assert result.status == "failed"
+    assert "expected shape (2, 1, 1), got shape (2, 1, 0)" in out
+    assert "case 1 of 3 (L=1)" in out
+
+
+def test_wrong_dtype(capsys):
+    result, out = run(lambda q, k: reference_causal_scores(q, k).double(), capsys)
+    assert result.status == "failed"
+    assert "expected dtype float32, got float64" in out
+
+
+def test_nan_is_named(capsys):
+    def learner(q, k):
+        out = reference_causal_scores(q, k)
+        out[..., 0, 0] = float("nan")
+        return out
+
+    result, out = run(learner, capsys)
+    assert result.status == "failed"
+    assert "NaN" in out and "index (0, 0, 0)" in out
+
+
+def test_none_suggests_return(capsys):
+    def learner(q, k):
+        reference_causal_scores(q, k)
+
+    result, out = run(learner, capsys)
+    assert result.status == "failed"
+    assert "got None" in out and "return" in out
+
+
+def test_raised_exception_is_summarised_without_traceback(capsys):
+    def learner(q, k):
+        return q @ k  # shapes do not line up for L > 1... and for D != L
+
+    result, out = run(learner, capsys)
+    assert result.status == "failed"
+    assert "your function raised RuntimeError" in out
+    assert "q @ k" in out  # points at the learner's own line
+    assert "Traceback" not in out and "File \"" not in out
+
+
+def test_off_by_one_causal_mask(capsys):
+    def learner(q, k):
+        scores = q @ k.transpose(-1, -2)
+        length = q.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool).triu(0)  # hides the diagonal too
+        return scores.masked_fill(mask, float("-inf"))
+
+    result, out = run(learner, capsys)
+    assert result.status == "failed"
+    assert "case 1 of 3 (L=1)" in out
+    assert "index (0, 0, 0)" in out
+
+
+def test_non_contiguous_inputs_reach_the_learner():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, generator=gen).transpose(-1, -2)  # (2, 5, 4), non-contiguous
+    k = torch.randn(2, 5, 4, generator=gen)
+    seen = {}
+
+    def learner(q_, k_):
+        seen["contiguous"] = q_.is_contiguous()
+        return reference_causal_scores(q_.view(-1, 4).view(2, 5, 4), k_)  # .view needs contiguity
+
+    result = check_function(
+        learner, reference_causal_scores, [Case("transposed q", (q, k))], exercise="nc", quiet=True
+    )
+    assert seen["contiguous"] is False
+    assert result.status == "failed"
+    assert "RuntimeError" in result.message and "non-contiguous" in result.message
+
+
+def test_value_mismatch_reports_relative_error(capsys):
+    result, out = run(lambda q, k: reference_causal_scores(q, k) * 1.01, capsys)
+    assert result.status == "failed"
+    assert "relative error" in out and "0.01" in out
+
+
+def test_not_a_function(capsys):
+    result, out = run(reference_causal_scores(torch.ones(1, 1, 1), torch.ones(1, 1, 1)), capsys)
+    assert result.status == "failed"
+    assert "expected a function" in out
+
+
+def test_tuple_outputs_and_numbers():
+    def ref(x):
+        return x.max(), float(x.sum())
+
+    cases = [Case("x", (torch.arange(4.0),))]
+    assert check_function(ref, ref, cases, exercise="t", quiet=True)
+    wrong_len = check_function(lambda x: (x.max(),), ref, cases, exercise="t", quiet=True)
+    assert "expected 2 values, got 1" in wrong_len.message
+    wrong_num = check_function(lambda x: (x.max(), 5.0), ref, cases, exercise="t", quiet=True)
+    assert "output[1]: expected 6, got 5" in wrong_num.message
+    not_tuple = check_function(lambda x: x, ref, cases, exercise="t", quiet=True)
+    assert "expected a tuple of 2 values" in not_tuple.message
+
+
+def test_gradients_are_compared():
+    def ref(x):
+        return (x * x).sum(-1)
+
+    def wrong_grad(x):  # same forward, wrong backward
+        return (x * x.detach()).sum(-1)
+
+    def no_grad(x):
+        return torch.from_numpy((x.detach().numpy() ** 2).sum(-1))
+
+    cases = [Case("x", (torch.randn(3, 4, dtype=torch.float64),), grad_argnums=(0,))]
+    assert check_function(ref, ref, cases, exercise="g", quiet=True)
+    result = check_function(wrong_grad, ref, cases, exercise="g", quiet=True)
+    assert result.status == "failed" and "gradient w.r.t. x" in result.message
+    result = check_function(no_grad, ref, cases, exercise="g", quiet=True)
+    assert result.status == "failed" and "no gradient reached" in result.message
+
+
+def test_infinities_in_the_answer_are_matched():
+    cases = make_cases()
+    ok = check_function(reference_causal_scores, reference_causal_scores, cases, exercise="i", quiet=True)
+    assert ok
+    zeros_for_masked = check_function(
+        lambda q, k: torch.nan_to_num(reference_causal_scores(q, k), neginf=0.0),
+        reference_causal_scores,
+        cases,
+        exercise="i",
+        quiet=True,
+    )
+    assert zeros_for_masked.status == "failed"
+
+
+def test_integer_outputs():
+    ref = lambda x: x.argmax(-1)  # noqa: E731
+    cases = [Case("x", (torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]]),))]
+    assert check_function(ref, ref, cases, exercise="a", quiet=True)
+    result = check_function(lambda x: x.argmin(-1), ref, cases, exercise="a", quiet=True)
+    assert "entries differ" in result.message
+
+
+def test_learner_cannot_corrupt_the_reference_inputs():
+    def mutating(q, k):
+        q.zero_()
+        return reference_causal_scores(q, k)
+
+    result = check_function(mutating, reference_causal_scores, make_cases(), exercise="m", quiet=True)
+    assert result.status == "failed"  # its answer is wrong, and the reference still saw real inputs
+
+
+def test_bad_arguments_to_the_engine():
+    with pytest.raises(TypeError, match="exercise"):
+        check_function(len, len, [Case("x", ([],))], exercise="")
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        check_function(len, len, [], exercise="e")
+    with pytest.raises(TypeError, match="reference_fn"):
+        check_function(len, None, [Case("x", ([],))], exercise="e")
+
+
+def test_checker_bug_is_reported_politely(capsys):
+    def broken_reference(x):
+        raise KeyError("oops")
+
+    result = check_function(lambda x: x, broken_reference, [Case("x", (1,))], exercise="b")
+    out = capsys.readouterr().out
+    assert result.status == "failed" and "bug in the course" in out
+
+
+def test_result_display_does_not_repeat_message():
+    result = CheckResult("e", "passed", "✅ e: passed 1 case.", 1, 1)
+    assert result._ipython_display_() is None
+    assert "passed" in repr(result)
+
+
+def test_describe_value():
+    assert describe_value(None) == "None"
+    assert describe_value(torch.zeros(2, 3)) == "float32 tensor of shape (2, 3)"
+    assert "non-contiguous" in describe_value(torch.zeros(2, 3).t())
+    assert describe_value(3) == "int 3"
+    assert describe_value(math.pi).startswith("float")
