@@ -1,0 +1,267 @@
+"""labsupport.benchmarking: timing, peak memory, sweeps, power-law fits, plots, KV-cache bytes."""
+
+from __future__ import annotations
+
+import time
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from labsupport.benchmarking import (
+    ScalingResult,
+    fit_power_law,
+    format_bytes,
+    kv_cache_bytes,
+    peak_memory_bytes,
+    plot_scaling,
+    sweep,
+    time_callable,
+)
+
+MB = 1_000_000
+
+
+# --------------------------------------------------------------------------- time_callable
+
+
+def test_time_callable_returns_the_median_and_runs_warmup_plus_repeats() -> None:
+    calls = []
+    durations = iter([0.0, 0.001, 0.05, 0.001, 0.001, 0.001])  # first is warm-up, one outlier
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(next(durations))
+
+    seconds = time_callable(fn, warmup=1, repeats=5)
+    assert len(calls) == 6
+    assert 0.0009 < seconds < 0.02  # the 50 ms outlier does not move the median
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"fn": 3}, TypeError),
+        ({"fn": lambda: None, "repeats": 0}, ValueError),
+        ({"fn": lambda: None, "warmup": -1}, ValueError),
+        ({"fn": lambda: None, "repeats": 2.5}, TypeError),
+        ({"fn": lambda: None, "repeats": True}, TypeError),
+    ],
+)
+def test_time_callable_rejects_bad_input(kwargs, error) -> None:
+    fn = kwargs.pop("fn")
+    with pytest.raises(error):
+        time_callable(fn, **kwargs)
+
+
+# --------------------------------------------------------------------------- peak_memory_bytes
+
+
+def test_peak_memory_of_one_tensor_is_its_size() -> None:
+    peak = peak_memory_bytes(lambda: torch.empty(1000, 1000, dtype=torch.float32))
+    assert peak == 4 * MB
+
+
+def test_peak_memory_of_a_matmul_chain_counts_live_tensors_only() -> None:
+    def chain() -> None:
+        a = torch.ones(500, 500)  # 1 MB
+        b = a @ a  # 2 MB live
+        del a
+        c = b @ b  # 2 MB live again (a freed first)
+        del b
+        d = c @ c  # 2 MB
+        del c, d
+
+    def all_alive() -> None:
+        a = torch.ones(500, 500)
+        b = a @ a
+        c = b @ b
+        d = c @ c
+        del a, b, c, d
+
+    assert peak_memory_bytes(chain) == 2 * MB
+    assert peak_memory_bytes(all_alive) == 4 * MB
+
+
+def test_peak_memory_is_relative_to_the_start_and_never_negative() -> None:
+    existing = [torch.ones(1000, 1000)]
+    assert peak_memory_bytes(lambda: existing.clear()) == 0
+    assert peak_memory_bytes(lambda: None) == 0
+
+
+def test_peak_memory_rejects_non_callables() -> None:
+    with pytest.raises(TypeError, match="callable"):
+        peak_memory_bytes(torch.ones(2))
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_sweep_measures_each_size_with_fresh_inputs() -> None:
+    built = []
+
+    def make(n: int):
+        built.append(n)
+        x = torch.ones(n, 250)
+        return lambda: torch.empty_like(x)
+
+    result = sweep(make, [250, 500], label="double", memory=True, warmup=0, repeats=1)
+    assert built == [250, 500]
+    assert result.label == "double" and result.sizes == [250, 500]
+    assert len(result.seconds) == 2 and all(s > 0 for s in result.seconds)
+    assert result.peak_bytes == [250 * 250 * 4, 500 * 250 * 4]
+    assert sweep(make, [3], label="t", repeats=1).peak_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ((lambda n: lambda: None, []), {"label": "x"}, ValueError),
+        ((lambda n: lambda: None, [0, 4]), {"label": "x"}, ValueError),
+        ((lambda n: lambda: None, [2.5]), {"label": "x"}, TypeError),
+        ((lambda n: lambda: None, 8), {"label": "x"}, TypeError),
+        ((lambda n: lambda: None, [4]), {"label": ""}, TypeError),
+        ((lambda n: lambda: None, [4]), {"label": "x", "memory": "yes"}, TypeError),
+        (("not callable", [4]), {"label": "x"}, TypeError),
+        ((lambda n: 42, [4]), {"label": "x"}, TypeError),  # make_fn must return a callable
+    ],
+)
+def test_sweep_rejects_bad_input(args, kwargs, error) -> None:
+    with pytest.raises(error):
+        sweep(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- fit_power_law
+
+
+def test_fit_power_law_recovers_exponent_and_prefactor() -> None:
+    sizes = [10, 20, 40, 80]
+    exponent, prefactor = fit_power_law(sizes, [3.0 * n**2 for n in sizes])
+    assert exponent == pytest.approx(2.0)
+    assert prefactor == pytest.approx(3.0)
+
+
+def test_fit_power_law_tail_ignores_overhead_dominated_small_sizes() -> None:
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    values = [50.0 + n**2 for n in sizes]  # constant overhead, then quadratic
+    full, _ = fit_power_law(sizes, values)
+    tail, _ = fit_power_law(sizes, values, tail=2)
+    assert full < 1.5
+    assert tail == pytest.approx(2.0, abs=0.3)
+    # unsorted input: the tail is still the largest sizes
+    tail_shuffled, _ = fit_power_law(sizes[::-1], values[::-1], tail=2)
+    assert tail_shuffled == pytest.approx(tail)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "values", "kwargs", "error"),
+    [
+        ([], [], {}, ValueError),
+        ([1, 2], [1.0], {}, ValueError),
+        ([1, 2], [1.0, 0.0], {}, ValueError),
+        ([1, -2], [1.0, 2.0], {}, ValueError),
+        ([1, 2], [1.0, float("nan")], {}, ValueError),
+        ([4], [1.0], {}, ValueError),
+        ([4, 4], [1.0, 2.0], {}, ValueError),
+        ([1, 2, 3], [1.0, 2.0, 3.0], {"tail": 1}, ValueError),
+        ([1, 2, 3], [1.0, 2.0, 3.0], {"tail": 4}, ValueError),
+        ([1, 2, 3], [1.0, 2.0, 3.0], {"tail": 2.0}, TypeError),
+        ([1, "2"], [1.0, 2.0], {}, TypeError),
+        ("12", [1.0, 2.0], {}, TypeError),
+    ],
+)
+def test_fit_power_law_rejects_bad_input(sizes, values, kwargs, error) -> None:
+    with pytest.raises(error):
+        fit_power_law(sizes, values, **kwargs)
+
+
+# --------------------------------------------------------------------------- plot_scaling
+
+
+def test_plot_scaling_is_log_log_with_slopes_in_the_legend() -> None:
+    quadratic = ScalingResult("softmax", [64, 128, 256], [1e-3, 4e-3, 16e-3], [4, 16, 64])
+    linear = ScalingResult("linear", [64, 128, 256], [1e-3, 2e-3, 4e-3])
+    fig = plot_scaling([quadratic, linear], title="cost vs length", x_title="L (tokens)")
+    assert isinstance(fig, go.Figure)
+    assert [trace.name for trace in fig.data] == ["softmax (slope 2.00)", "linear (slope 1.00)"]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    assert fig.layout.xaxis.title.text == "L (tokens)"
+    assert "(s)" in fig.layout.yaxis.title.text
+    assert fig.data[0].mode == "lines+markers"
+    memory_fig = plot_scaling([quadratic], title="memory", y="peak_bytes", fit_tail=2)
+    assert "bytes" in memory_fig.layout.yaxis.title.text
+    assert list(memory_fig.data[0].y) == [4, 16, 64]
+
+
+def test_plot_scaling_draws_curves_with_zeros_without_a_slope() -> None:
+    fig = plot_scaling([ScalingResult("m", [1, 2], [1.0, 2.0], [0, 0])], title="t", y="peak_bytes")
+    assert fig.data[0].name == "m"
+
+
+@pytest.mark.parametrize(
+    ("results", "kwargs", "error"),
+    [
+        ([], {"title": "t"}, ValueError),
+        (["not a result"], {"title": "t"}, TypeError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "y": "flops"}, ValueError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "y": "peak_bytes"}, ValueError),
+        ([ScalingResult("a", [1, 2], [1.0])], {"title": "t"}, ValueError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": None}, TypeError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "fit_tail": 1}, ValueError),
+    ],
+)
+def test_plot_scaling_rejects_bad_input(results, kwargs, error) -> None:
+    with pytest.raises(error):
+        plot_scaling(results, **kwargs)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def test_kv_cache_bytes_reproduces_the_jamba_papers_llama2_7b_figure() -> None:
+    llama2_7b = kv_cache_bytes(layers=32, kv_heads=32, head_dim=128, context=262_144)
+    assert llama2_7b == 2**37
+    assert format_bytes(llama2_7b) == "128 GiB"
+    assert format_bytes(llama2_7b, binary=False) == "137 GB"
+
+
+def test_kv_cache_bytes_scales_with_every_factor() -> None:
+    base = dict(layers=2, kv_heads=4, head_dim=8, context=16)
+    assert kv_cache_bytes(**base) == 2 * 2 * 4 * 8 * 16 * 2
+    assert kv_cache_bytes(**base, bytes_per_element=1, batch=3) == 2 * 2 * 4 * 8 * 16 * 3
+    assert kv_cache_bytes(**{**base, "context": 0}) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [({"layers": 0}, ValueError), ({"kv_heads": 2.0}, TypeError), ({"context": -1}, ValueError),
+     ({"bytes_per_element": 0}, ValueError), ({"batch": None}, TypeError)],
+)
+def test_kv_cache_bytes_rejects_bad_input(override, error) -> None:
+    with pytest.raises(error):
+        kv_cache_bytes(**{"layers": 1, "kv_heads": 1, "head_dim": 1, "context": 1, **override})
+
+
+@pytest.mark.parametrize(
+    ("n", "kwargs", "text"),
+    [
+        (0, {}, "0 B"),
+        (1023, {}, "1023 B"),
+        (1024, {}, "1 KiB"),
+        (1536, {}, "1.5 KiB"),
+        (1_048_575, {}, "1 MiB"),  # rounds up into the next unit, never "1024 KiB"
+        (4 * MB, {}, "3.81 MiB"),
+        (4 * MB, {"binary": False}, "4 MB"),
+        (999_999, {"binary": False}, "1 MB"),
+        (1500, {"binary": False}, "1.5 kB"),
+        (2**40 * 3, {}, "3 TiB"),
+    ],
+)
+def test_format_bytes(n, kwargs, text) -> None:
+    assert format_bytes(n, **kwargs) == text
+
+
+@pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_format_bytes_rejects_bad_input(n, error) -> None:
+    with pytest.raises(error):
+        format_bytes(n)
