@@ -1,0 +1,79 @@
+"""Two measurements of the reader's own machine: matmul throughput and memory bandwidth.
+
+Their ratio, FLOPs per byte, is the machine's *balance point*: a computation
+that performs fewer FLOPs per byte it moves than this is limited by memory
+bandwidth, not by arithmetic (the roofline model). Chapter 00 uses it to show
+that decoding one token at a time sits far below the balance point.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MachineProfile", "matmul_gflops", "copy_bandwidth_gbs", "profile_machine"]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_gflops(n: int = 1024, *, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """Measured GFLOP/s of an ``n × n`` by ``n × n`` matrix product (``2 n³`` FLOPs)."""
+    if n < 16:
+        raise ValueError(f"n must be at least 16 for a meaningful measurement, got {n}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    seconds = _median_seconds(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def copy_bandwidth_gbs(megabytes: int = 256, *, repeats: int = 5) -> float:
+    """Measured memory bandwidth in GB/s of copying a large buffer (bytes read + bytes written).
+
+    The buffer should be far larger than the CPU caches (the default 256 MB is).
+    """
+    if megabytes < 8:
+        raise ValueError(f"use at least 8 MB so the caches do not hide memory, got {megabytes}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    src = torch.ones(megabytes * 1_000_000 // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """Measured peak rates of this machine."""
+
+    gflops: float
+    bandwidth_gbs: float
+
+    @property
+    def balance_flops_per_byte(self) -> float:
+        """Arithmetic intensity at which compute and memory take equal time."""
+        return self.gflops / self.bandwidth_gbs
+
+    def attainable_gflops(self, intensity: float) -> float:
+        """The roofline: ``min(peak FLOP/s, intensity × bandwidth)``."""
+        if intensity <= 0:
+            raise ValueError(f"arithmetic intensity must be positive, got {intensity}")
+        return min(self.gflops, intensity * self.bandwidth_gbs)
+
+
+def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256) -> MachineProfile:
+    """Measure fp32 matmul GFLOP/s and copy bandwidth (about a second on a laptop)."""
+    return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
