@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from labsupport.benchmarking import kv_cache_bytes
 from labsupport.checking import Case, CheckResult, check_function
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "check_causal_attention",
     "check_attention_decode_step",
     "check_kv_cache_bytes",
+    "decode_intensity_reference",
+    "check_decode_intensity",
 ]
 
 
@@ -70,8 +73,13 @@ def attention_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def kv_cache_bytes_reference(layers: int, kv_heads: int, head_dim: int, context: int,
                              bytes_per_element: int) -> int:
-    """Bytes of keys and values cached for one sequence: ``2 · layers · kv_heads · head_dim · context · bytes``."""
-    return 2 * layers * kv_heads * head_dim * context * bytes_per_element
+    """Bytes of keys and values cached for one sequence: ``2 · layers · kv_heads · head_dim · context · bytes``.
+
+    The positional form of :func:`labsupport.benchmarking.kv_cache_bytes`, with
+    the signature of the chapter's exercise.
+    """
+    return kv_cache_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim, context=context,
+                          bytes_per_element=bytes_per_element)
 
 
 #: Attention shapes of published models (query heads, KV heads, head dim, attention layers).
@@ -213,4 +221,31 @@ def check_kv_cache_bytes(fn) -> CheckResult:
     return check_function(
         fn, kv_cache_bytes_reference, cases, exercise="KV-cache bytes", atol=0, rtol=0,
         hint="one key AND one value vector per layer, per KV head, per cached token.",
+    )
+
+
+def decode_intensity_reference(shape: TransformerShape, context: int, batch: int) -> float:
+    """FLOPs per byte moved of one decode step (see :meth:`TransformerShape.decode_step`)."""
+    flops, moved = shape.decode_step(context, batch)
+    return flops / moved
+
+
+def check_decode_intensity(fn) -> CheckResult:
+    """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step."""
+    llama, mistral = MODEL_PRESETS["LLaMA-2-7B"], MODEL_PRESETS["Mistral-7B"]
+    tiny = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
+                            vocab=100, bytes_per_element=4, gated_mlp=False)
+    cases = [
+        Case("tiny fp32 model, context 1, batch 1", (tiny, 1, 1)),
+        Case("tiny fp32 model, context 1000, batch 8", (tiny, 1000, 8)),
+        Case("LLaMA-2-7B, context 1, batch 1", (llama, 1, 1)),
+        Case("LLaMA-2-7B, context 4096, batch 64", (llama, 4096, 64)),
+        Case("Mistral-7B (GQA), context 32768, batch 16", (mistral, 32768, 16)),
+    ]
+    return check_function(
+        fn, decode_intensity_reference, cases, exercise="decode arithmetic intensity",
+        atol=0, rtol=1e-6,
+        hint="FLOPs: batch × (2 × params + 4 × layers × q_heads × head_dim × context). "
+             "Bytes: the weights once (params × bytes_per_element) plus every sequence's KV cache "
+             "(batch × context × kv_bytes_per_token()).",
     )

@@ -120,3 +120,19 @@ def test_check_kv_cache_bytes():
     assert A.check_kv_cache_bytes(lambda layers, kv_heads, head_dim, context, b: layers * kv_heads * head_dim * context * b).status == "failed"
     r = A.check_kv_cache_bytes(lambda *a: str(A.kv_cache_bytes_reference(*a)))
     assert r.status == "failed" and "expected a number" in r.message
+
+
+def test_check_decode_intensity():
+    assert A.check_decode_intensity(A.decode_intensity_reference)
+
+    def weights_per_sequence(shape, context, batch):  # reads the weights once per sequence: wrong
+        flops, _ = shape.decode_step(context, batch)
+        moved = batch * (shape.params * shape.bytes_per_element + context * shape.kv_bytes_per_token())
+        return flops / moved
+
+    def ignores_kv(shape, context, batch):
+        return batch * 2 * shape.params / (shape.params * shape.bytes_per_element)
+
+    assert A.check_decode_intensity(weights_per_sequence).status == "failed"
+    r = A.check_decode_intensity(ignores_kv)
+    assert r.status == "failed" and "expected 0.500662, got 0.5" in r.message
