@@ -40,7 +40,7 @@ References: :func:`elu_feature_map`, :func:`retnet_log_decay`,
 :func:`linear_attention_chunkwise`, :func:`linear_attention_chunkwise_fast`,
 :func:`delta_rule_parallel`,
 :func:`delta_rule_recurrent`, :func:`delta_rule_chunkwise`, :func:`ut_transform`,
-:func:`ttt_linear`, :func:`ttt_inner_loss`, :func:`memory_recurrence` (the
+:func:`ttt_linear`, :func:`ttt_linear_minibatch`, :func:`ttt_inner_loss`, :func:`memory_recurrence` (the
 unified update). Step functions (also the exercises): :func:`recurrent_step`,
 :func:`chunkwise_step`, :func:`delta_rule_step`. Cost helpers:
 :func:`chunkwise_flops`, :func:`recurrent_state_bytes`. Widget data:
@@ -75,6 +75,7 @@ __all__ = [
     "ut_transform",
     "ttt_inner_loss",
     "ttt_linear",
+    "ttt_linear_minibatch",
     "memory_recurrence",
     "recurrent_step",
     "chunkwise_step",
@@ -652,6 +653,45 @@ def ttt_linear(
         inner = state[:, :, None] - steps
         outs.append((q[:, :, start:stop, :, None] * inner).sum(dim=-2))
         state = inner[:, :, -1]
+    out = torch.cat(outs, dim=2)
+    return (out, state) if return_state else out
+
+
+def ttt_linear_minibatch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lr: torch.Tensor | float,
+    *,
+    mini_batch: int = 16,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ttt_linear` computed a mini-batch at a time with matrix products (TTT's "dual form").
+
+    All gradients of a mini-batch are taken at its starting state ``S_0``, so
+    with ``R = K S_0 − V`` (the inner model's errors) and ``η`` the step sizes::
+
+        O   = Q S_0 − (Q Kᵀ ⊙ causal) diag(η) R
+        S_0 ← S_0 − Kᵀ diag(η) R
+
+    The same numbers as the token loop, with no per-token Python step. When
+    ``L`` is not a multiple of ``mini_batch`` the final state is the one after
+    the last, partial, mini-batch.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    eta = _check_beta(lr, k, "lr")
+    if isinstance(mini_batch, bool) or not isinstance(mini_batch, int) or mini_batch < 1:
+        raise ValueError(f"mini_batch must be a positive int, got {mini_batch!r}")
+    b, h, length, dk = k.shape
+    state = _check_state(initial_state, b, h, dk, v.shape[-1], k)
+    outs = []
+    for start in range(0, length, mini_batch):
+        stop = min(length, start + mini_batch)
+        qb, kb, vb, eb = q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], eta[:, :, start:stop]
+        scaled_errors = eb[..., None] * (kb @ state - vb)  # diag(η) (K S_0 − V)
+        outs.append(qb @ state - (qb @ kb.transpose(-1, -2)).tril() @ scaled_errors)
+        state = state - kb.transpose(-1, -2) @ scaled_errors
     out = torch.cat(outs, dim=2)
     return (out, state) if return_state else out
 
