@@ -1,0 +1,120 @@
+"""The chapter's Triton kernel, run on the CPU through Triton's interpreter, against the dense reference.
+
+Kept small (a few seconds): the interpreter executes each tile step in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from labsupport import flash_triton  # noqa: E402
+from labsupport.flash import causal_mask, naive_attention  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    not flash_triton.triton_available() or not flash_triton.interpreter_enabled(),
+    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
+)
+
+
+def qkv(lq, lk, d=16, dtype=torch.float32, seed=0, b=1, h=2):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, d, generator=gen).to(dtype) for n in (lq, lk, lk))
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk", [(40, 40), (20, 12), (9, 30)])
+def test_interpreted_kernel_matches_dense(causal, lq, lk):
+    q, k, v = qkv(lq, lk)
+    out, lse = flash_triton.triton_flash_forward(q, k, v, causal=causal)
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    assert out.dtype == torch.float32 and lse.shape == (1, 2, lq)
+    assert not torch.isnan(out).any()
+    assert rel(out, ref) < 1e-5
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    if causal:
+        s = s.masked_fill(~causal_mask(lq, lk), float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert float((lse.double()[finite] - ref_lse[finite]).abs().max()) < 1e-5
+
+
+@needs_interpreter
+def test_interpreted_kernel_fully_masked_rows_are_zero():
+    q, k, v = qkv(20, 12)
+    out, lse = flash_triton.triton_flash_forward(q, k, v, causal=True)
+    assert torch.equal(out[..., :8, :], torch.zeros_like(out[..., :8, :]))
+    assert torch.isneginf(lse[..., :8]).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_interpreted_kernel_low_precision(dtype, tol):
+    q, k, v = qkv(32, 32, dtype=dtype)
+    out, _ = flash_triton.triton_flash_forward(q, k, v, causal=True, block_m=16, block_n=32)
+    assert out.dtype == dtype
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=True)
+    assert rel(out, ref) < tol
+
+
+@needs_interpreter
+def test_interpreted_kernel_non_contiguous_input():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 24, 2, 16, generator=gen).transpose(1, 2)  # (B, H, L, D) view, non-contiguous
+    k, v = (torch.randn(1, 2, 24, 16, generator=gen) for _ in range(2))
+    out, _ = flash_triton.triton_flash_forward(q, k, v)
+    assert rel(out, naive_attention(q.double(), k.double(), v.double())) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error",
+    [
+        ((torch.zeros(2, 3, 16),) * 3, {}, ValueError),
+        ((torch.zeros(1, 1, 4, 16, dtype=torch.float64),) * 3, {}, TypeError),
+        ((torch.zeros(1, 1, 4, 12),) * 3, {}, ValueError),
+        ((torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 32), torch.zeros(1, 1, 4, 32)), {}, ValueError),
+        (("q", "k", "v"), {}, TypeError),
+        ((torch.zeros(1, 1, 4, 16),) * 3, {"block_m": 24, "block_n": 16}, ValueError),
+    ],
+)
+def test_bad_input_raises_clear_errors(args, kwargs, error):
+    if not flash_triton.triton_available():
+        pytest.skip("triton is not installed")
+    with pytest.raises(error):
+        flash_triton.triton_flash_forward(*args, **kwargs)
+
+
+def test_missing_triton_gives_a_clear_error(monkeypatch):
+    monkeypatch.setattr(flash_triton, "triton", None)
+    monkeypatch.setattr(flash_triton, "_TRITON_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        flash_triton.triton_flash_forward(*qkv(4, 4))
+
+
+def test_module_imports_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import labsupport.flash_triton as f\n"
+        "assert not f.triton_available()\n"
+        "try:\n"
+        "    f.triton_flash_forward(None, None, None)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'pip install triton' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
