@@ -1,0 +1,110 @@
+"""Shared test helpers: the repository's paths and a notebook runner.
+
+The runner executes a notebook with nbclient in a kernel of *this* interpreter
+(``sys.executable -m ipykernel_launcher``), whatever kernelspecs are installed
+elsewhere, with the working directory ``notebooks/`` as when a reader opens it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO / "notebooks"
+CELL_TIMEOUT_S = 300
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "notebooks: executes whole notebooks (slow); deselect with -m 'not notebooks'")
+
+
+def chapter_notebooks() -> list[Path]:
+    """``notebooks/*.ipynb`` tracked by git (every one on disk when git is unavailable), sorted."""
+    on_disk = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--", "notebooks/*.ipynb"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return on_disk
+    return sorted(REPO / name for name in listed if (REPO / name).is_file())
+
+
+def notebook_params(paths: list[Path]) -> list:
+    """pytest parameters named after each notebook; one skipped parameter when there are none."""
+    if not paths:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no notebooks in notebooks/ yet"), id="no-notebooks")]
+    return [pytest.param(path, id=path.stem) for path in paths]
+
+
+class _ThisInterpreterKernelSpecs(KernelSpecManager):
+    """Every kernel name resolves to an ipykernel running on ``sys.executable``."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            display_name=f"Python ({sys.executable})",
+            language="python",
+            resource_dir=str(REPO),
+        )
+
+
+def _describe_failure(notebook: nbformat.NotebookNode, name: str, error: Exception) -> str:
+    for index, cell in enumerate(notebook.cells):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if cell.cell_type == "code" and errors:
+            source = "\n".join(f"    {line}" for line in cell.source.splitlines()[:12])
+            traceback = _ANSI.sub("", "\n".join(errors[0].get("traceback", [])))
+            return (
+                f"{name}: cell {index + 1} failed with {errors[0]['ename']}: {errors[0]['evalue']}\n"
+                f"--- cell source (first lines) ---\n{source}\n--- traceback ---\n{traceback[-4000:]}"
+            )
+    return f"{name}: execution failed: {type(error).__name__}: {_ANSI.sub('', str(error))[-4000:]}"
+
+
+def execute_notebook(path: Path, *, name: str | None = None, timeout: int = CELL_TIMEOUT_S) -> nbformat.NotebookNode:
+    """Run ``path`` top to bottom (cwd ``notebooks/``); return it with outputs, or fail naming the cell."""
+    notebook = nbformat.read(path, as_version=4)
+    manager = KernelManager(kernel_spec_manager=_ThisInterpreterKernelSpecs(), kernel_name="python3")
+    client = NotebookClient(
+        notebook,
+        km=manager,
+        timeout=timeout,
+        resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+        record_timing=False,
+    )
+    try:
+        client.execute()
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
+        pytest.fail(_describe_failure(notebook, name or path.name, error), pytrace=False)
+    return notebook
+
+
+@pytest.fixture
+def run_notebook() -> Callable[..., nbformat.NotebookNode]:
+    """The notebook runner :func:`execute_notebook` as a fixture."""
+    return execute_notebook
+
+
+def stream_text(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
+    """(cell number, text) of every stdout/stderr stream output and text/plain result."""
+    found = []
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                found.append((index + 1, output.get("text", "")))
+            elif "data" in output and "text/plain" in output["data"]:
+                found.append((index + 1, output["data"]["text/plain"]))
+    return found

@@ -1,0 +1,56 @@
+"""Every chapter runs top to bottom, and so does its student edition (checkers then say "not done yet").
+
+Both run with nbclient in a kernel of this interpreter, working directory
+``notebooks/``, at most 300 s per cell; a failure names the notebook, the cell
+and its error. The chapters run at their full sizes; the student editions with
+``LABSUPPORT_QUICK=1``. Skip both with ``-m 'not notebooks'``.
+(``pytest --nbval-lax --nbval-current-env notebooks/`` runs the chapters through nbval instead.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import chapter_notebooks, notebook_params, stream_text
+
+from labsupport.editions import find_solution_blocks, write_student_editions
+
+NOTEBOOKS = chapter_notebooks()
+CHECKER_MARKS = ("✅", "❌", "⏳")
+
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
+def test_chapter_runs_top_to_bottom(path: Path, run_notebook, monkeypatch) -> None:
+    monkeypatch.delenv("LABSUPPORT_QUICK", raising=False)
+    executed = run_notebook(path)
+    failures = [(cell, text) for cell, text in stream_text(executed) for line in text.splitlines()
+                if line.lstrip().startswith("❌")]
+    assert not failures, f"{path.name}: a checker fails on the reference solution: {failures}"
+
+
+def checker_lines(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
+    return [
+        (cell, line.strip())
+        for cell, text in stream_text(notebook)
+        for line in text.splitlines()
+        if line.strip().startswith(CHECKER_MARKS)
+    ]
+
+
+@pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
+def test_student_edition_runs_and_every_checker_says_not_done_yet(path: Path, run_notebook, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LABSUPPORT_QUICK", "1")
+    [edition] = write_student_editions([path], tmp_path)
+    executed = run_notebook(edition, name=f"student edition of {path.name}")
+    exercises = sum(
+        len(find_solution_blocks(cell.source)) for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+    )
+    lines = checker_lines(executed)
+    wrong = [(cell, line) for cell, line in lines if "not done yet" not in line]
+    assert not wrong, f"student edition of {path.name}: checkers should all say 'not done yet', got {wrong}"
+    if exercises:
+        assert lines, f"student edition of {path.name}: {exercises} solution block(s) but no checker reported anything"
