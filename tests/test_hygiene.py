@@ -1,0 +1,74 @@
+"""Repository hygiene: clean, valid notebooks with balanced solution markers; README commands; data manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import REPO, chapter_notebooks, notebook_params
+
+from labsupport.data import verify_manifest
+from labsupport.editions import SolutionMarkerError, find_solution_blocks
+
+NOTEBOOKS = chapter_notebooks()
+
+
+def notebook_problems(path: Path) -> list[str]:
+    """What is wrong with a committed notebook: invalid format, outputs, execution counts, unbalanced markers."""
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+    except Exception as error:  # NotJSONError, ValidationError, ...
+        return [f"not a valid notebook: {type(error).__name__}: {str(error)[:300]}"]
+    problems = []
+    for index, cell in enumerate(notebook.cells, start=1):
+        if cell.cell_type == "code":
+            if cell.get("outputs"):
+                problems.append(f"cell {index} has outputs (strip them before committing)")
+            if cell.get("execution_count") is not None:
+                problems.append(f"cell {index} has an execution count (strip outputs before committing)")
+        try:
+            find_solution_blocks(cell.source, where=f"cell {index}")
+        except SolutionMarkerError as error:
+            problems.append(str(error))
+    if "widgets" in notebook.metadata:
+        problems.append("notebook metadata holds saved widget state (clear it before committing)")
+    return problems
+
+
+@pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
+def test_committed_notebook_is_clean_and_valid(path: Path) -> None:
+    assert notebook_problems(path) == [], f"{path.name}: {notebook_problems(path)}"
+
+
+def test_hygiene_check_catches_dirty_notebooks(tmp_path) -> None:
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    clean = new_notebook(cells=[new_code_cell("def f():\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION")])
+    nbformat.write(clean, tmp_path / "clean.ipynb")
+    assert notebook_problems(tmp_path / "clean.ipynb") == []
+
+    dirty = new_notebook(
+        cells=[
+            new_code_cell("print(1)", execution_count=1, outputs=[new_output("stream", name="stdout", text="1\n")]),
+            new_code_cell("### BEGIN SOLUTION\npass"),
+        ]
+    )
+    nbformat.write(dirty, tmp_path / "dirty.ipynb")
+    problems = notebook_problems(tmp_path / "dirty.ipynb")
+    assert problems[0] == "cell 1 has outputs (strip them before committing)"
+    assert "execution count" in problems[1]
+    assert "cell 2" in problems[2] and "never closed" in problems[2]
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    assert notebook_problems(tmp_path / "broken.ipynb")[0].startswith("not a valid notebook")
+
+
+def test_readme_names_the_two_commands() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "bash bin/lab" in readme
+    assert "bash bin/test" in readme
+
+
+def test_data_manifest_is_intact() -> None:
+    assert verify_manifest(REPO / "data") == []
