@@ -15,9 +15,12 @@ What it does:
 3. waits until the kernel is idle and no cell is queued;
 4. scrolls through the notebook saving viewport screenshots
    ``<out>/<notebook>/section_NN.png`` plus one tall ``full.png``;
-5. reports what rendered (plotly figures, widget views, static images) and
-   every error output found in the page (tracebacks, stderr, "Error displaying
-   widget"). Exit status 1 when errors were found or a step failed.
+5. reports what rendered (plotly figures, widget views, static images), every
+   error output found in the page (tracebacks, "Error displaying widget") and,
+   separately, stderr text (warnings). Exit status 1 when errors were found,
+   a cell did not run, or a step failed;
+6. with ``--interact``, presses → three times on the first slider and saves
+   ``after_slider.png`` of that output (does the live figure follow?).
 
 Needs ``pip install -r requirements-dev.txt`` (playwright) and ``apt-get install chromium``.
 """
@@ -68,9 +71,10 @@ INSPECT_JS = """
     cell.querySelectorAll('.jp-OutputArea-output').forEach((out) => {
       const mime = out.getAttribute('data-mime-type') || '';
       const body = text(out);
-      const isError = mime === 'application/vnd.jupyter.stderr' || /Traceback \\(most recent call last\\)/.test(body)
-        || /Error displaying widget/.test(body) || out.classList.contains('jp-mod-error');
-      if (isError) errors.push({cell: index + 1, mime: mime, text: body.slice(0, 600)});
+      const isError = /Traceback \\(most recent call last\\)/.test(body) || /Error displaying widget/.test(body)
+        || out.classList.contains('jp-mod-error');
+      if (isError || mime === 'application/vnd.jupyter.stderr')
+        errors.push({cell: index + 1, kind: isError ? 'error' : 'stderr', text: body.slice(0, 600)});
     });
   });
   return {
@@ -96,6 +100,7 @@ class Report:
     screenshots: list[Path] = field(default_factory=list)
     page: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -279,7 +284,8 @@ def check_notebook(
     page_state = report.page
     if page_state:
         for item in page_state.get("errors", []):
-            report.problems.append(f"cell {item['cell']} error output ({item['mime'] or 'html'}): {item['text']}")
+            found = report.problems if item["kind"] == "error" else report.stderr
+            found.append(f"cell {item['cell']}: {item['text']}")
         if page_state.get("executed", 0) < page_state.get("codeCells", 0):
             report.problems.append(
                 f"only {page_state['executed']} of {page_state['codeCells']} code cells ran (execution stopped early?)"
@@ -311,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  browser console error: {message[:300]}")
     for path in report.screenshots:
         print(f"  screenshot: {path}")
+    for text in report.stderr:
+        print(f"stderr (warning, not an error): {text}")
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     print("OK: no error outputs" if not report.problems else f"{len(report.problems)} problem(s)")
