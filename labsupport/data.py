@@ -10,10 +10,12 @@ Where ``data/`` is found (:func:`data_dir`), first match wins:
 2. ``data/`` next to the ``labsupport`` package — a clone of the repository,
    installed editable (``pip install -e .``, what ``bin/lab`` and the Colab
    set-up cell do after cloning the repository);
-3. ``data/`` in the current directory or its parent (a notebook runs in ``notebooks/``).
+3. ``labsupport/_data/`` inside an installed wheel (``pip install
+   "labsupport @ git+https://..."``, the Colab set-up cell), when the packaging
+   ships ``data/`` as package data ``labsupport._data``;
+4. ``data/`` in the current directory or its parent (a notebook runs in ``notebooks/``).
 
-A plain ``pip install`` from a wheel does not carry ``data/``: clone the
-repository, or point ``LABSUPPORT_DATA_DIR`` at a copy of ``data/``.
+Failing all of these, clone the repository or point ``LABSUPPORT_DATA_DIR`` at a copy of ``data/``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def _candidates() -> list[Path]:
     if os.environ.get(DATA_DIR_ENV_VAR):
         found.append(Path(os.environ[DATA_DIR_ENV_VAR]).expanduser())
     found.append(Path(__file__).resolve().parent.parent / "data")
+    found.append(Path(__file__).resolve().parent / "_data")
     found.append(Path.cwd() / "data")
     found.append(Path.cwd().parent / "data")
     return found

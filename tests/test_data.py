@@ -87,3 +87,13 @@ def test_load_text_rejects_unknown_names() -> None:
         load_text(MANIFEST_NAME)
     with pytest.raises(TypeError):
         load_text(None)
+
+
+def test_data_dir_finds_package_data_of_an_installed_wheel(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "site-packages" / "labsupport"
+    shutil.copytree(REPO_DATA, package / "_data", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.delenv("LABSUPPORT_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "__file__", str(package / "data.py"))
+    monkeypatch.chdir(tmp_path)
+    assert data_dir() == (package / "_data").resolve()
+    assert verify_manifest() == []
