@@ -10,7 +10,9 @@ For B=4, H=16, fp16, D in {64, 128}, N in {1K, 4K, 16K}, causal and not, it
    fp32 reference computed on a slice: batch 0, heads 0-1, in query chunks);
 2. times each forward with ``triton.testing.do_bench`` (CUDA events, median);
 3. prints a markdown table of ms and TFLOP/s (forward FLOPs = 4·B·H·N²·D, halved
-   when causal) and the course kernel's speed relative to SDPA-flash.
+   when causal) and the course kernel's speed relative to SDPA-flash;
+4. does the same for the backward pass (course Triton backward vs SDPA-flash's, FLOPs
+   = 2.5 × forward), after checking that the gradients agree.
 
 Naive attention materialises the (B, H, N, N) score matrix in fp16 and its
 softmax; where that would exceed the GPU memory it is skipped and marked so.
@@ -80,6 +82,24 @@ def naive_fits(n: int, d: int) -> bool:
     return need * 1.25 < free
 
 
+def _driver_version() -> str:
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+        return done.stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def sdpa_flash_grads(q, k, v, dout, causal):
+    """SDPA-flash forward once, then a closure that runs only its backward."""
+    qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+    out = sdpa_flash(qr, kr, vr, causal)
+    return lambda: torch.autograd.grad(out, (qr, kr, vr), dout, retain_graph=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the results")
@@ -92,8 +112,8 @@ def main() -> None:
     import triton
     from triton.testing import do_bench
 
-    from labsupport.flash import flash_attention_forward
-    from labsupport.flash_triton import best_config, triton_flash_forward
+    from labsupport.flash import flash_attention_backward, flash_attention_forward
+    from labsupport.flash_triton import best_config, triton_flash_backward, triton_flash_forward
 
     props = torch.cuda.get_device_properties(0)
     info = {
@@ -103,6 +123,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "triton": triton.__version__,
         "python": platform.python_version(),
+        "driver": _driver_version(),
     }
     print("device:", info)
 
@@ -120,8 +141,15 @@ def main() -> None:
             lse_ok = bool(torch.equal(torch.isfinite(lse), finite)) and float(
                 (lse.double()[finite] - ref_lse[finite]).abs().max()
             ) < 1e-3
-            status = "ok" if err < 1e-2 and lse_ok and not torch.isnan(out).any() else "FAIL"
-            print(f"contract {str(dtype):15s} Lq={lq} Lk={lk} causal={causal}: rel err {err:.2e}, lse ok {lse_ok} -> {status}")
+            dout = torch.randn(out.shape, device="cuda", dtype=dtype, generator=gen)
+            grads = triton_flash_backward(q, k, v, out, lse, dout, causal=causal, block_m=64, block_n=64)
+            ref_grads = flash_attention_backward(q.double(), k.double(), v.double(), ref, ref_lse, dout.double(),
+                                                 causal=causal)
+            gerr = max(float((g.double() - r).norm() / r.norm()) for g, r in zip(grads, ref_grads))
+            nan = bool(torch.isnan(out).any()) or any(bool(torch.isnan(g).any()) for g in grads)
+            status = "ok" if err < 1e-2 and gerr < 2e-2 and lse_ok and not nan else "FAIL"
+            print(f"contract {str(dtype):15s} Lq={lq} Lk={lk} causal={causal}: rel err out {err:.2e}, "
+                  f"grads {gerr:.2e}, lse ok {lse_ok}, NaN {nan} -> {status}")
 
     # --- the table
     rows = []
@@ -160,13 +188,33 @@ def main() -> None:
                 for name in ("course", "sdpa", "naive"):
                     ms = row[f"ms_{name}"]
                     row[f"tflops_{name}"] = None if ms is None else flops / (ms * 1e-3) / 1e12
+                # backward: course kernels vs SDPA-flash's backward
+                dout = torch.randn_like(q)
+                out_c, lse_c = triton_flash_forward(q, k, v, causal=causal)
+                course_bwd = lambda: triton_flash_backward(q, k, v, out_c, lse_c, dout, causal=causal)  # noqa: E731
+                sdpa_bwd = sdpa_flash_grads(q, k, v, dout, causal)
+                g_course, g_sdpa = course_bwd(), sdpa_bwd()
+                row["bwd_rel_diff"] = max(
+                    float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(g_course, g_sdpa)
+                )
+                del g_course, g_sdpa
+                row["ms_course_bwd"] = do_bench(course_bwd, warmup=25, rep=200, return_mode="median")
+                row["ms_sdpa_bwd"] = do_bench(sdpa_bwd, warmup=25, rep=200, return_mode="median")
+                row["tflops_course_bwd"] = 2.5 * flops / (row["ms_course_bwd"] * 1e-3) / 1e12
+                row["tflops_sdpa_bwd"] = 2.5 * flops / (row["ms_sdpa_bwd"] * 1e-3) / 1e12
+                del out_c, lse_c, dout, sdpa_bwd
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del q, k, v
 
     configs = best_config()
+    from labsupport import flash_triton
+
+    for name in ("_flash_bwd_dkdv_autotuned", "_flash_bwd_dq_autotuned"):
+        cache = getattr(getattr(flash_triton, name, None), "cache", {})
+        configs.update({f"{name} {key}": str(cfg) for key, cfg in cache.items()})
     lines = [
-        f"Device: {info['device']} ({info['sms']} SMs); torch {info['torch']} (CUDA {info['cuda']}), "
+        f"Device: {info['device']} ({info['sms']} SMs, driver {info['driver']}); torch {info['torch']} (CUDA {info['cuda']}), "
         f"triton {info['triton']}, Python {info['python']}. B={B}, H={H}, fp16, forward only; "
         "ms = median of triton.testing.do_bench; TFLOP/s from 4·B·H·N²·D (halved when causal).",
         "",
@@ -181,6 +229,19 @@ def main() -> None:
             f"{r['ms_course']:.3f} / {r['tflops_course']:.0f} | {r['ms_sdpa']:.3f} / {r['tflops_sdpa']:.0f} | "
             f"{naive} | {r['ms_sdpa'] / r['ms_course']:.2f}× | "
             f"{r['err_course']:.1e} / {r['err_sdpa']:.1e} / {err_naive} |"
+        )
+    lines += [
+        "",
+        "Backward (FLOPs = 2.5 × forward): course Triton backward (dK/dV kernel + dQ kernel) vs SDPA-flash backward",
+        "",
+        "| D | N | causal | course bwd ms / TFLOP/s | SDPA flash bwd ms / TFLOP/s | course / SDPA | max rel. diff of grads |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['D']} | {r['N']} | {'yes' if r['causal'] else 'no'} | "
+            f"{r['ms_course_bwd']:.3f} / {r['tflops_course_bwd']:.0f} | {r['ms_sdpa_bwd']:.3f} / {r['tflops_sdpa_bwd']:.0f} | "
+            f"{r['ms_sdpa_bwd'] / r['ms_course_bwd']:.2f}× | {r['bwd_rel_diff']:.1e} |"
         )
     lines += ["", "Autotuned configurations:", ""]
     lines += [f"- `{key}`: `{cfg}`" for key, cfg in (configs or {}).items()]

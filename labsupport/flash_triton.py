@@ -41,7 +41,15 @@ except Exception as error:  # pragma: no cover - depends on the environment
     tl = None  # type: ignore[assignment]
     _TRITON_ERROR = error
 
-__all__ = ["triton_available", "interpreter_enabled", "triton_flash_forward", "best_config"]
+__all__ = [
+    "triton_available",
+    "interpreter_enabled",
+    "triton_flash_forward",
+    "triton_flash_backward",
+    "triton_flash_attention",
+    "TritonFlashAttention",
+    "best_config",
+]
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
 _LN2 = 0.6931471805599453
@@ -296,3 +304,302 @@ def best_config() -> dict[str, object] | None:
         return None
     cache = getattr(_flash_fwd_autotuned, "cache", {})
     return {str(key): str(cfg) for key, cfg in cache.items()}
+
+
+# --------------------------------------------------------------------------- backward (stretch)
+#
+# Two kernels, as in FlashAttention-2. Both rebuild probability tiles from the saved
+# logsumexp (P = exp2(S·scale·log2e − lse·log2e)) and use D = rowsum(dO ⊙ O), which the
+# wrapper computes with one PyTorch line before launching them.
+#   * _flash_bwd_dkdv_kernel: one program per block of keys; it keeps K_j, V_j, dK_j, dV_j
+#     on chip and streams the query blocks that can see them.
+#   * _flash_bwd_dq_kernel: one program per block of queries; it keeps Q_i, dO_i, dQ_i on
+#     chip and streams the key blocks, exactly like the forward pass.
+# Fully masked rows arrive with lse = +inf (the wrapper swaps -inf for +inf), so their P is 0.
+
+if triton is not None:
+
+    @triton.jit
+    def _dkdv_over_query_blocks(
+        dk, dv, k, v,
+        q_ptrs, do_ptrs, lse_ptr, d_ptr, stride_qm, stride_dom,
+        start, stop, offs_n, offs_m, offset, n_queries, qk_scale,
+        BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    ):
+        """Add the contributions of query blocks ``[start, stop)`` to one key block's dK, dV."""
+        q_ptrs += start * stride_qm
+        do_ptrs += start * stride_dom
+        for start_m in range(start, stop, BLOCK_M):
+            rows = start_m + offs_m
+            if MASKED:
+                row_ok = rows < n_queries
+                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+                d_i = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+                lse = tl.load(lse_ptr + rows)
+                d_i = tl.load(d_ptr + rows)
+            # work with transposed tiles (keys x queries) so no operand needs a transpose twice
+            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            if MASKED and CAUSAL:
+                p_t = tl.where(offs_n[:, None] <= rows[None, :] + offset, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += Pᵀ dO
+            dp_t = tl.dot(v, tl.trans(do))  # (dO Vᵀ)ᵀ
+            ds_t = p_t * (dp_t - d_i[None, :])  # dSᵀ = Pᵀ ⊙ (dPᵀ − D)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)  # dK += dSᵀ Q   (scaled at the end)
+            q_ptrs += BLOCK_M * stride_qm
+            do_ptrs += BLOCK_M * stride_dom
+        return dk, dv
+
+    @triton.jit
+    def _flash_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        n_heads, n_queries, n_keys, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        key_ok = offs_n[:, None] < n_keys
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=key_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        lse_ptr = LSE + pid_bh * n_queries
+        d_ptr = DELTA + pid_bh * n_queries
+
+        offset = n_keys - n_queries
+        last_full = (n_queries // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            first_key = pid_n * BLOCK_N
+            # query rows before first_key - offset see none of these keys; rows from
+            # first_key + BLOCK_N - 1 - offset on see all of them
+            lo = (tl.maximum(first_key - offset, 0) // BLOCK_M) * BLOCK_M
+            sees_all = tl.maximum(first_key + BLOCK_N - 1 - offset, 0)
+            mid = tl.minimum(tl.maximum(((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), last_full)
+            mid = tl.maximum(mid, lo)
+            lo = tl.minimum(lo, mid)
+        else:
+            lo = 0
+            mid = 0
+        dk, dv = _dkdv_over_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, d_ptr, stride_qm, stride_dom,
+                                         lo, mid, offs_n, offs_m, offset, n_queries, qk_scale, BLOCK_M, True, CAUSAL)
+        dk, dv = _dkdv_over_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, d_ptr, stride_qm, stride_dom,
+                                         mid, last_full, offs_n, offs_m, offset, n_queries, qk_scale, BLOCK_M, False, CAUSAL)
+        dk, dv = _dkdv_over_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, d_ptr, stride_qm, stride_dom,
+                                         tl.maximum(last_full, mid), n_queries, offs_n, offs_m, offset, n_queries,
+                                         qk_scale, BLOCK_M, True, CAUSAL)
+        out_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+        tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+    @triton.jit
+    def _dq_over_key_blocks(
+        dq, q, do, lse, d_i,
+        k_ptrs, v_ptrs, stride_kn, stride_vn,
+        start, stop, offs_m, offs_n, offset, n_keys, qk_scale,
+        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    ):
+        """Add the contributions of key blocks ``[start, stop)`` to one query block's dQ."""
+        k_ptrs += start * stride_kn
+        v_ptrs += start * stride_vn
+        for start_n in range(start, stop, BLOCK_N):
+            if MASKED:
+                cols = start_n + offs_n
+                k = tl.load(k_ptrs, mask=cols[:, None] < n_keys, other=0.0)
+                v = tl.load(v_ptrs, mask=cols[:, None] < n_keys, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            if MASKED:
+                visible = cols[None, :] < n_keys
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - d_i[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq)  # dQ += dS K   (scaled at the end)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        return dq
+
+    @triton.jit
+    def _flash_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        n_heads, n_queries, n_keys, qk_scale, sm_scale,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < n_queries
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * n_queries + offs_m, mask=row_ok, other=float("inf"))
+        d_i = tl.load(DELTA + pid_bh * n_queries + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+        # the same split of key blocks as the forward pass
+        offset = n_keys - n_queries
+        last_full = (n_keys // BLOCK_N) * BLOCK_N
+        if CAUSAL:
+            first_row = pid_m * BLOCK_M
+            n_visible_to_all = tl.maximum(first_row + offset + 1, 0)
+            unmasked_stop = tl.minimum((n_visible_to_all // BLOCK_N) * BLOCK_N, last_full)
+            masked_stop = tl.minimum(tl.maximum(first_row + BLOCK_M + offset, 0), n_keys)
+        else:
+            unmasked_stop = last_full
+            masked_stop = n_keys
+        dq = _dq_over_key_blocks(dq, q, do, lse, d_i, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                                 0, unmasked_stop, offs_m, offs_n, offset, n_keys, qk_scale, BLOCK_N, False, CAUSAL)
+        dq = _dq_over_key_blocks(dq, q, do, lse, d_i, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                                 unmasked_stop, masked_stop, offs_m, offs_n, offset, n_keys, qk_scale,
+                                 BLOCK_N, True, CAUSAL)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+    def _bwd_configs(outer: str, inner: str) -> list:
+        configs = []
+        for outer_size in (64, 128):
+            for inner_size in (32, 64):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        configs.append(triton.Config({outer: outer_size, inner: inner_size},
+                                                     num_warps=warps, num_stages=stages))
+        return configs
+
+    _bwd_key = ["n_queries", "n_keys", "HEAD_DIM", "CAUSAL"]
+    _flash_bwd_dkdv_autotuned = triton.autotune(configs=_bwd_configs("BLOCK_N", "BLOCK_M"), key=_bwd_key)(
+        _flash_bwd_dkdv_kernel
+    )
+    _flash_bwd_dq_autotuned = triton.autotune(configs=_bwd_configs("BLOCK_M", "BLOCK_N"), key=_bwd_key)(
+        _flash_bwd_dq_kernel
+    )
+
+
+def triton_flash_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass with two Triton kernels (dK/dV per key block, dQ per query block).
+
+    Takes what :func:`triton_flash_forward` returned (``out``, ``lse``) and the upstream
+    gradient ``dout``; returns ``(dq, dk, dv)`` in the input dtype. Autotuned on a GPU;
+    under the CPU interpreter, or with both block sizes given, one configuration runs.
+    """
+    if triton is None:
+        raise RuntimeError(
+            "triton_flash_backward needs Triton, which could not be imported "
+            f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR}). Install it with `pip install triton`."
+        )
+    _check_inputs(q, k, v)
+    if out.shape != q.shape or dout.shape != q.shape or lse.shape != q.shape[:3]:
+        raise ValueError(
+            f"expected out and dout of shape {tuple(q.shape)} and lse of shape {tuple(q.shape[:3])}, got "
+            f"{tuple(out.shape)}, {tuple(dout.shape)}, {tuple(lse.shape)}"
+        )
+    on_cpu = q.device.type == "cpu"
+    if on_cpu and not interpreter_enabled():
+        raise RuntimeError("tensors on the CPU need TRITON_INTERPRET=1 set before triton is first imported")
+    if on_cpu and q.dtype == torch.bfloat16:  # see triton_flash_forward: the interpreter's bf16 dot is broken
+        grads = triton_flash_backward(q.float(), k.float(), v.float(), out.float(), lse, dout.float(),
+                                      causal=causal, scale=scale, block_m=block_m, block_n=block_n)
+        return tuple(g.to(torch.bfloat16) for g in grads)  # type: ignore[return-value]
+    batch, heads, n_q, d = q.shape
+    n_k = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    delta = (dout.float() * out.float()).sum(dim=-1).contiguous()  # D = rowsum(dO ⊙ O), (B, H, Lq)
+    # in log2 units, with +inf for rows that saw no key so that their P is exactly 0
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * _LOG2E).float().contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+    )
+    scalars = (heads, n_q, n_k, sm_scale * _LOG2E, sm_scale)
+    dkdv_args = (q, k, v, dout, lse2, delta, dk, dv, *common, *dk.stride(), *scalars)
+    dq_args = (q, k, v, dout, lse2, delta, dq, *common, *dq.stride(), *scalars)
+    if dk.stride() != dv.stride():
+        raise ValueError("k and v must have the same memory layout (strides)")
+    if not on_cpu and block_m is None and block_n is None:
+        _flash_bwd_dkdv_autotuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)](
+            *dkdv_args, HEAD_DIM=d, CAUSAL=bool(causal))
+        _flash_bwd_dq_autotuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)](
+            *dq_args, HEAD_DIM=d, CAUSAL=bool(causal))
+    else:
+        bm = block_m or (16 if on_cpu else 64)
+        bn = block_n or (16 if on_cpu else 64)
+        for name, value in (("block_m", bm), ("block_n", bn)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        _flash_bwd_dkdv_kernel[(triton.cdiv(n_k, bn), batch * heads)](
+            *dkdv_args, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn)
+        _flash_bwd_dq_kernel[(triton.cdiv(n_q, bm), batch * heads)](
+            *dq_args, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn)
+    return dq, dk, dv
+
+
+class TritonFlashAttention(torch.autograd.Function):
+    """Autograd wrapper around the Triton forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):  # type: ignore[override]
+        out, lse = triton_flash_forward(q, k, v, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = triton_flash_backward(q, k, v, out, lse, dout, causal=ctx.causal, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def triton_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
+    """Differentiable attention through the Triton kernels (forward and backward)."""
+    _check_inputs(q, k, v)
+    return TritonFlashAttention.apply(q, k, v, bool(causal), scale)
