@@ -37,7 +37,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-naive", type=int, default=8192, help="largest N for naive attention")
     parser.add_argument("--max-tiled", type=int, default=32768, help="largest N for the tiled forward")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sizes = [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= max(args.max_naive, args.max_tiled)]
     methods = {
