@@ -54,6 +54,7 @@ __all__ = [
     "IOReport",
     "standard_attention_io",
     "flash_attention_io",
+    "flash_block_sizes",
     "check_online_softmax_update",
     "check_flash_forward",
     "check_flash_backward",
