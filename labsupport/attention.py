@@ -172,12 +172,12 @@ def _attention_cases(seed: int = 0) -> list[Case]:
         return tuple(torch.randn(b, h, length, d, generator=gen).to(dtype) for _ in range(3))
 
     q, k, v = qkv(1, 2, 8, 4)
-    transposed = torch.randn(2, 3, 4, 7, generator=gen).transpose(-1, -2)  # (2, 3, 7, 4), non-contiguous
+    transposed = torch.randn(2, 3, 4, 7, generator=gen).transpose(-1, -2)  # (2, 3, 7, 4), a transposed view
     return [
         Case("one position (B=1, H=1, L=1, D=4)", qkv(1, 1, 1, 4)),
         Case("B=2, H=3, L=5, D=8", qkv(2, 3, 5, 8)),
         Case("large scores (inputs × 30)", tuple(t * 30 for t in (q, k, v))),
-        Case("non-contiguous q (a transposed view)", (transposed, *qkv(2, 3, 7, 4)[1:])),
+        Case("q stored transposed in memory (non-contiguous)", (transposed, *qkv(2, 3, 7, 4)[1:])),
         Case("float64, L=16", qkv(1, 2, 16, 8, torch.float64)),
     ]
 
@@ -198,14 +198,16 @@ def check_attention_decode_step(fn) -> CheckResult:
     cases = []
     for b, h, t, d in ((1, 1, 1, 4), (2, 4, 9, 8), (1, 2, 33, 16)):
         q, k, v = (torch.randn(b, h, t, d, generator=gen) for _ in range(3))
-        cases.append(Case(f"cache of {t} tokens, B={b}, H={h}, D={d}", (q[:, :, -1:], k, v)))
+        cases.append(Case(f"cache of {t} token{'s' if t > 1 else ''}, B={b}, H={h}, D={d}", (q[:, :, -1:], k, v)))
     big = torch.randn(1, 2, 5, 8, generator=gen) * 40
     cases.append(Case("large scores (× 40)", (big[:, :, -1:], big, big.flip(-2))))
     return check_function(
         fn, attention_decode_step, cases, exercise="decode step with a KV cache",
         atol=1e-5, rtol=1e-4,
-        hint="the single query needs no mask: every cached key is in its past. "
-             "Softmax over the cached positions (the last dimension).",
+        hint="scale the scores by 1/sqrt(head_dim) (q_new.shape[-1], not the cache length); the single query "
+             "needs no mask, since every cached key is in its past; softmax over the cached positions (the last "
+             "dimension). Careful: F.scaled_dot_product_attention(..., is_causal=True) aligns its mask to the "
+             "top-left, so with one query it would see only the first key.",
     )
 
 
@@ -220,7 +222,8 @@ def check_kv_cache_bytes(fn) -> CheckResult:
     ]
     return check_function(
         fn, kv_cache_bytes_reference, cases, exercise="KV-cache bytes", atol=0, rtol=0,
-        hint="one key AND one value vector per layer, per KV head, per cached token.",
+        hint="one key AND one value vector per layer, per KV head, per cached token; answer in bytes "
+             "(not GB or GiB).",
     )
 
 
@@ -245,7 +248,6 @@ def check_decode_intensity(fn) -> CheckResult:
     return check_function(
         fn, decode_intensity_reference, cases, exercise="decode arithmetic intensity",
         atol=0, rtol=1e-6,
-        hint="FLOPs: batch × (2 × params + 4 × layers × q_heads × head_dim × context). "
-             "Bytes: the weights once (params × bytes_per_element) plus every sequence's KV cache "
-             "(batch × context × kv_bytes_per_token()).",
+        hint="the weights are read once per step and shared by the whole batch; each sequence reads its "
+             "own KV cache; every sequence in the batch does its own FLOPs.",
     )
