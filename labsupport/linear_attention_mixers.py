@@ -89,7 +89,7 @@ class LinearAttentionMixer(nn.Module):
             self.beta = nn.Linear(d_model, n_heads, bias=True)
         if mechanism == "gated_deltanet":
             self.alpha = nn.Linear(d_model, n_heads, bias=True)
-            nn.init.constant_(self.alpha.bias, 3.0)  # start with α = σ(3) ≈ 0.95: remember by default
+            nn.init.constant_(self.alpha.bias, 5.0)  # start with α = σ(5) ≈ 0.993: remember by default
         if mechanism == "ttt":
             self.base_lr = 1.0
 
