@@ -30,7 +30,11 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Case", "CheckResult", "check_function", "describe_value"]
+__all__ = ["Case", "CheckResult", "check_function", "describe_value", "STRICT_ENV_VAR"]
+
+#: When this environment variable is "1" (the test suite sets it), a failed check raises
+#: ``AssertionError`` after printing, so executing a chapter with a broken reference fails.
+STRICT_ENV_VAR = "LABSUPPORT_STRICT_CHECKS"
 
 Status = Literal["passed", "failed", "not done"]
 
@@ -330,6 +334,10 @@ def check_function(
         result = CheckResult(exercise, status, message, passed, len(cases))
         if not quiet:
             print(message)
+        if status == "failed" and os.environ.get(STRICT_ENV_VAR, "") == "1":
+            # The test suite runs the chapters with their reference solutions in place:
+            # there, a failing check is a bug in the course, and must fail the run.
+            raise AssertionError(message)
         return result
 
     if not callable(learner_fn):

@@ -227,3 +227,15 @@ def test_describe_value():
     assert "non-contiguous" in describe_value(torch.zeros(2, 3).t())
     assert describe_value(3) == "int 3"
     assert describe_value(math.pi).startswith("float")
+
+
+def test_strict_mode_raises_on_failure_only(monkeypatch):
+    monkeypatch.setenv("LABSUPPORT_STRICT_CHECKS", "1")
+    with pytest.raises(AssertionError, match="case 1 of 3"):
+        check_function(lambda q, k: None, reference_causal_scores, make_cases(), exercise="s", quiet=True)
+    assert check_function(reference_causal_scores, reference_causal_scores, make_cases(), exercise="s", quiet=True)
+
+    def todo(q, k):
+        raise NotImplementedError
+
+    assert check_function(todo, reference_causal_scores, make_cases(), exercise="s", quiet=True).status == "not done"
