@@ -933,7 +933,9 @@ def memory_decay_figure(data: MemoryDecayData) -> "go.Figure":  # noqa: F821 - p
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
                         subplot_titles=("what survives of token s after token t",
                                         "recall error as the state fills"))
-    fig.add_trace(go.Heatmap(z=data.survival.numpy(), x=list(range(length)), y=list(range(length)),
+    # NaN (not yet written) becomes None: plotly leaves those cells blank, and widgets can send it as JSON
+    z = [[None if math.isnan(x) else x for x in row] for row in data.survival.tolist()]
+    fig.add_trace(go.Heatmap(z=z, x=list(range(length)), y=list(range(length)),
                              colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(x=0.44, title="|kept|")),
                   row=1, col=1)
     steps = list(range(1, length + 1))
