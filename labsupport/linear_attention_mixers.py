@@ -12,7 +12,7 @@ retnet         q·D^-½, k                    fixed γ_h = 1 − 2^(−5−h)   
 gla            q·D^-½, k                    α_t = σ(low-rank(x))^(1/16), per   k vᵀ
                                             key dimension
 deltanet       L2-normalised silu           (I − β_t k kᵀ)                     β_t k vᵀ, β = σ(w·x)
-gated_deltanet L2-normalised silu           α_t (I − β_t k kᵀ), α scalar       β_t k vᵀ
+gated_deltanet L2-normalised silu           α_t (I − β_t k kᵀ), α = σ(w·x + 5)  β_t k vᵀ
 ttt            L2-normalised silu           one gradient step per mini-batch   (η_t, mini-batch 16)
 ============== ============================ ================================== ==========================
 
@@ -50,6 +50,7 @@ MIXER_MECHANISMS = ("linear", "retnet", "gla", "deltanet", "gated_deltanet", "tt
 
 _GLA_RANK = 16
 _GLA_NORMALISER = 16.0
+_ALPHA_OFFSET = 5.0
 
 
 class LinearAttentionMixer(nn.Module):
@@ -59,22 +60,27 @@ class LinearAttentionMixer(nn.Module):
         d_model: width of the residual stream.
         n_heads: heads; each holds a ``(D, D)`` state with ``D = d_model // n_heads``.
         mechanism: one of :data:`MIXER_MECHANISMS`.
-        chunk_size: chunk length of the chunkwise forms (the mini-batch for ``ttt``).
+        chunk_size: chunk length of the chunkwise forms.
+        ttt_mini_batch: tokens per inner gradient step of ``ttt`` (TTT's default, 16). With a
+            mini-batch as long as the sequence, every gradient is taken at the zero state and
+            TTT-linear collapses to additive linear attention with write strength η.
         eps: normaliser epsilon of ``linear``.
     """
 
     def __init__(self, d_model: int, n_heads: int = 4, *, mechanism: str = "linear",
-                 chunk_size: int = 64, eps: float = 1e-6) -> None:
+                 chunk_size: int = 64, ttt_mini_batch: int = 16, eps: float = 1e-6) -> None:
         super().__init__()
         if mechanism not in MIXER_MECHANISMS:
             raise ValueError(f"mechanism must be one of {MIXER_MECHANISMS}, got {mechanism!r}")
-        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("chunk_size", chunk_size)):
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("chunk_size", chunk_size),
+                            ("ttt_mini_batch", ttt_mini_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.mechanism, self.chunk_size, self.eps = mechanism, chunk_size, eps
+        self.ttt_mini_batch = ttt_mini_batch
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         # per-head output norm for the unnormalised mechanisms (RetNet's group norm)
@@ -89,7 +95,6 @@ class LinearAttentionMixer(nn.Module):
             self.beta = nn.Linear(d_model, n_heads, bias=True)
         if mechanism == "gated_deltanet":
             self.alpha = nn.Linear(d_model, n_heads, bias=True)
-            nn.init.constant_(self.alpha.bias, 5.0)  # start with α = σ(5) ≈ 0.993: remember by default
         if mechanism == "ttt":
             self.base_lr = 1.0
 
@@ -123,7 +128,8 @@ class LinearAttentionMixer(nn.Module):
         if m in ("deltanet", "gated_deltanet", "ttt"):
             parts["beta"] = torch.sigmoid(self.beta(x)).transpose(1, 2)  # (B, H, L)
         if m == "gated_deltanet":
-            parts["log_decay"] = F.logsigmoid(self.alpha(x)).transpose(1, 2)
+            # the offset starts α near σ(5) ≈ 0.993 (remember by default); TinyLM zeroes every bias at init
+            parts["log_decay"] = F.logsigmoid(self.alpha(x) + _ALPHA_OFFSET).transpose(1, 2)
         return parts
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
@@ -149,7 +155,7 @@ class LinearAttentionMixer(nn.Module):
         return self._merge(y), state
 
     def _ttt_sequence(self, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        length, mb = p["q"].shape[2], self.chunk_size
+        length, mb = p["q"].shape[2], self.ttt_mini_batch
         eta = self.base_lr * p["beta"]
         full = (length // mb) * mb
         y, start = ttt_linear_minibatch(p["q"][:, :, :full], p["k"][:, :, :full], p["v"][:, :, :full],
@@ -175,7 +181,7 @@ class LinearAttentionMixer(nn.Module):
         current = current - k[..., :, None] * (eta[..., None] * error)[..., None, :]
         out = (q[..., :, None] * current).sum(dim=-2)
         count += 1
-        if count == self.chunk_size:
+        if count == self.ttt_mini_batch:
             start, count = current, 0
         return out, (start, current, count)
 
@@ -214,12 +220,14 @@ class LinearAttentionMixer(nn.Module):
         return self._merge(y[:, :, None]), state
 
 
-def linear_mixer(mechanism: str, n_heads: int = 4, *, chunk_size: int = 64) -> Callable[[int, int], nn.Module]:
+def linear_mixer(mechanism: str, n_heads: int = 4, *, chunk_size: int = 64,
+                 ttt_mini_batch: int = 16) -> Callable[[int, int], nn.Module]:
     """A ``TinyLM`` sequence-mixer factory building a :class:`LinearAttentionMixer` in every layer."""
     if mechanism not in MIXER_MECHANISMS:
         raise ValueError(f"mechanism must be one of {MIXER_MECHANISMS}, got {mechanism!r}")
 
     def build(d_model: int, layer_index: int) -> nn.Module:
-        return LinearAttentionMixer(d_model, n_heads, mechanism=mechanism, chunk_size=chunk_size)
+        return LinearAttentionMixer(d_model, n_heads, mechanism=mechanism, chunk_size=chunk_size,
+                                    ttt_mini_batch=ttt_mini_batch)
 
     return build

@@ -264,7 +264,7 @@ def test_state_bytes_do_not_grow_with_context():
 @pytest.mark.parametrize("mechanism", MIXER_MECHANISMS)
 def test_mixer_decode_matches_forward(mechanism):
     torch.manual_seed(0)
-    mixer = LinearAttentionMixer(16, 2, mechanism=mechanism, chunk_size=4).double()
+    mixer = LinearAttentionMixer(16, 2, mechanism=mechanism, chunk_size=4, ttt_mini_batch=3).double()
     x = torch.randn(2, 11, 16, dtype=DT)
     full = mixer(x)
     state, outs = None, []
@@ -305,6 +305,15 @@ def test_mixers_inside_tinylm(mechanism):
     last, _ = model.prefill(tokens)
     assert torch.allclose(last, logits[:, -1].detach(), atol=1e-5)
     assert model.generate(tokens[:, :5], 4).shape == (2, 9)
+
+
+def test_ttt_mixer_with_one_token_batches_is_a_deltanet_mixer():
+    torch.manual_seed(3)
+    ttt = LinearAttentionMixer(16, 2, mechanism="ttt", ttt_mini_batch=1).double()
+    delta = LinearAttentionMixer(16, 2, mechanism="deltanet").double()
+    delta.load_state_dict(ttt.state_dict())
+    x = torch.randn(2, 9, 16, dtype=DT)
+    assert rel(ttt(x), delta(x)) < 1e-12
 
 
 def test_mixer_state_size_and_errors():
