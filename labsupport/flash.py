@@ -513,12 +513,17 @@ class TwoLevelMemory:
 
     def allocate(self, name: str, n: int) -> None:
         """Reserve ``n`` elements of fast memory (scratch: no slow-memory traffic)."""
-        self.resident[name] = n
-        used = self.in_use
+        if not isinstance(name, str):
+            raise TypeError(f"buffer name must be a str, got {type(name).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int (elements), got {n!r}")
+        used = self.in_use - self.resident.get(name, 0) + n
         if used > self.capacity:
             raise MemoryError(
-                f"fast memory overflow: {used} elements resident, capacity {self.capacity}"
+                f"fast memory overflow: {used} elements would be resident ({name!r} needs {n}), "
+                f"capacity {self.capacity}"
             )
+        self.resident[name] = n
         self.peak_resident = max(self.peak_resident, used)
 
     def load(self, name: str, n: int) -> None:

@@ -216,6 +216,12 @@ def test_memory_refuses_to_overflow():
         TwoLevelMemory(0)
     with pytest.raises(KeyError):
         mem.store("nothing")
+    with pytest.raises(ValueError):
+        mem.load("c", -1)
+    mem.free("a")
+    mem.load("b", 41)
+    mem.store("b")
+    assert mem.read_bytes == (60 + 41) * 2 and mem.write_bytes == 41 * 2 and mem.peak_resident == 60
 
 
 def test_io_counts_follow_the_theory():
