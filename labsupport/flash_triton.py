@@ -393,9 +393,8 @@ if triton is not None:
             # first_key + BLOCK_N - 1 - offset on see all of them
             lo = (tl.maximum(first_key - offset, 0) // BLOCK_M) * BLOCK_M
             sees_all = tl.maximum(first_key + BLOCK_N - 1 - offset, 0)
-            mid = tl.minimum(tl.maximum(((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), last_full)
-            mid = tl.maximum(mid, lo)
-            lo = tl.minimum(lo, mid)
+            mid = tl.minimum(((sees_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, last_full)
+            mid = tl.maximum(mid, lo)  # if the diagonal runs into the ragged tail, the tail loop takes over
         else:
             lo = 0
             mid = 0
