@@ -278,7 +278,7 @@ def linear_attention_recurrent(
     outs = []
     for t in range(length):
         step_decay = None if log_decay is None else log_decay[:, :, t]
-        out, state = recurrent_step(state, q[:, :, t], k[:, :, t], va[:, :, t], step_decay)
+        out, state = _recurrent_step(state, q[:, :, t], k[:, :, t], va[:, :, t], step_decay)
         outs.append(out)
     out = _finish(torch.stack(outs, dim=2), normalize, eps)
     return (out, state) if return_state else out
@@ -463,7 +463,7 @@ def delta_rule_recurrent(
     for t in range(length):
         if log_decay is not None:
             state = log_decay[:, :, t].exp()[..., None, None] * state
-        state = delta_rule_step(state, k[:, :, t], v[:, :, t], beta[:, :, t])
+        state = _delta_rule_step(state, k[:, :, t], v[:, :, t], beta[:, :, t])
         outs.append((q[:, :, t, :, None] * state).sum(dim=-2))
     out = torch.stack(outs, dim=2)
     return (out, state) if return_state else out
@@ -737,6 +737,17 @@ def memory_recurrence(
 # --------------------------------------------------------------------------- step functions (exercises)
 
 
+def _check_step(state: object, k: object, v: object, q: object = None) -> None:
+    state = _check_tensor("state", state)
+    k = _check_tensor("k", k)
+    v = _check_tensor("v", v)
+    if state.dim() < 2 or k.shape != (*state.shape[:-2], state.shape[-2]) or v.shape != (*state.shape[:-2], state.shape[-1]):
+        raise ValueError("expected state (B, H, D_k, D_v), k (B, H, D_k) and v (B, H, D_v); got "
+                         f"{tuple(state.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q is not None and (_check_tensor("q", q).shape != k.shape):
+        raise ValueError(f"q must have the shape of k {tuple(k.shape)}, got {tuple(q.shape)}")
+
+
 def recurrent_step(
     state: torch.Tensor,
     q: torch.Tensor,
@@ -754,6 +765,18 @@ def recurrent_step(
     Returns:
         ``(o, new_state)`` with ``o`` of shape ``(B, H, D_v)``.
     """
+    _check_step(state, k, v, q=q)
+    if log_decay is not None:
+        log_decay = _check_tensor("log_decay", log_decay)
+        if log_decay.shape not in (state.shape[:-2], k.shape):
+            raise ValueError(f"log_decay must have shape {tuple(state.shape[:-2])} (one decay per head) or "
+                             f"{tuple(k.shape)} (one per key dimension), got {tuple(log_decay.shape)}")
+    return _recurrent_step(state, q, k, v, log_decay)
+
+
+def _recurrent_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    log_decay: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`recurrent_step` without input checks, for the loops that call it once per token."""
     if log_decay is not None:
         alpha = log_decay.exp()
         state = (alpha[..., None, None] if alpha.dim() == state.dim() - 2 else alpha[..., None]) * state
@@ -775,6 +798,11 @@ def chunkwise_step(
     Returns:
         ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
     """
+    for name, x in (("state", state), ("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    if q.shape != k.shape or v.shape[:3] != k.shape[:3] or state.shape != (*k.shape[:2], k.shape[-1], v.shape[-1]):
+        raise ValueError("expected state (B, H, D_k, D_v), q and k (B, H, C, D_k), v (B, H, C, D_v); got "
+                         f"{tuple(state.shape)}, {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scores = (q @ k.transpose(-1, -2)).tril()
     out = q @ state + scores @ v
     return out, state + k.transpose(-1, -2) @ v
@@ -789,6 +817,15 @@ def delta_rule_step(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta:
     Returns:
         the new state, ``(B, H, D_k, D_v)``.
     """
+    _check_step(state, k, v)
+    beta = _check_tensor("beta", beta)
+    if beta.shape != state.shape[:-2]:
+        raise ValueError(f"beta must have shape {tuple(state.shape[:-2])} (one per head), got {tuple(beta.shape)}")
+    return _delta_rule_step(state, k, v, beta)
+
+
+def _delta_rule_step(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """:func:`delta_rule_step` without input checks, for the per-token loops."""
     recalled = (k[..., :, None] * state).sum(dim=-2)  # Sᵀ k: what the memory returns for k now
     return state + k[..., :, None] * (beta[..., None] * (v - recalled))[..., None, :]
 

@@ -241,6 +241,23 @@ def test_bad_inputs_raise_clear_errors():
         la.chunkwise_flops(1, 1, 8, 4, 4, 0)
 
 
+def test_step_functions_reject_bad_shapes():
+    state = torch.zeros(2, 3, 4, 5, dtype=DT)
+    q = k = torch.zeros(2, 3, 4, dtype=DT)
+    v = torch.zeros(2, 3, 5, dtype=DT)
+    with pytest.raises(ValueError, match="state"):
+        la.recurrent_step(state, q, k, v[..., :4])
+    with pytest.raises(ValueError, match="log_decay"):
+        la.recurrent_step(state, q, k, v, torch.zeros(2, dtype=DT))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        la.delta_rule_step(state, k, v, 0.5)
+    with pytest.raises(ValueError, match="beta"):
+        la.delta_rule_step(state, k, v, torch.zeros(2, 3, 1, dtype=DT))
+    with pytest.raises(ValueError, match="expected state"):
+        la.chunkwise_step(state, torch.zeros(2, 3, 7, 4, dtype=DT), torch.zeros(2, 3, 7, 4, dtype=DT),
+                          torch.zeros(2, 3, 7, 4, dtype=DT))
+
+
 # --------------------------------------------------------------------------- cost helpers
 
 
