@@ -1,4 +1,4 @@
-"""Chapter 01: the tiled attention forward pass as a Triton kernel.
+"""Chapter 01: tiled attention as Triton kernels (the forward pass, and a backward pass).
 
 One program instance owns a block of ``BLOCK_M`` queries of one (batch, head).
 It keeps the query block, the running maximum ``m``, the running sum ``l`` and
@@ -20,8 +20,13 @@ The same kernel runs on a CPU under Triton's interpreter (set
 ``TRITON_INTERPRET=1`` before ``triton`` is first imported): slowly, but exactly,
 which is how the chapter tests it without a GPU.
 
-This module imports without Triton installed; calling :func:`triton_flash_forward`
-then raises a clear error.
+The backward pass (:func:`triton_flash_backward`, and :func:`triton_flash_attention`
+for autograd) follows at the end of the module: one kernel per key block for dK and
+dV, one per query block for dQ, both rebuilding probabilities from the saved
+logsumexp, as :func:`labsupport.flash.flash_attention_backward` does.
+
+This module imports without Triton installed; calling any of its kernels then
+raises a clear error.
 """
 
 from __future__ import annotations
