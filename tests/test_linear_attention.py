@@ -538,3 +538,18 @@ def test_delta_rule_checker_catches_classic_mistakes(capsys):
     for wrong in (forgets_beta_on_erase, additive, transposed_read):
         assert la.check_delta_rule_step(wrong).status == "failed"
     assert "Traceback" not in capsys.readouterr().out
+
+
+def test_step_checkers_report_code_that_needs_contiguous_inputs(capsys):
+    def flattening_recurrent(state, q, k, v, log_decay=None):  # .view() fails on the transposed state
+        flat = state.view(*state.shape[:2], -1)
+        return la.recurrent_step(flat.view_as(state), q, k, v, log_decay)
+
+    def flattening_delta(state, k, v, beta):
+        flat = state.view(*state.shape[:2], -1)
+        return la.delta_rule_step(flat.view_as(state), k, v, beta)
+
+    assert la.check_recurrent_step(flattening_recurrent).status == "failed"
+    assert la.check_delta_rule_step(flattening_delta).status == "failed"
+    out = capsys.readouterr().out
+    assert out.count("non-contiguous") >= 2 and "Traceback" not in out
