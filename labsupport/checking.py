@@ -153,7 +153,7 @@ def _compare(expected: Any, got: Any, where: str, atol: float, rtol: float) -> N
         if not isinstance(got, (tuple, list)):
             raise _Mismatch(
                 f"{where}: expected a {type(expected).__name__} of {len(expected)} values, "
-                f"got {describe_value(got)}."
+                f"got {describe_value(got)}.{_none_hint(got)}"
             )
         if len(got) != len(expected):
             raise _Mismatch(

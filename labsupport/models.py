@@ -15,6 +15,11 @@ also define ``decode_step(x, state) -> (y, state)`` with ``x`` of shape
 whatever the mixer carries forward (a KV cache for attention, a fixed-size
 matrix for a recurrence). A mixer without ``decode_step`` is decoded by
 re-running the whole prefix, which is correct but slow.
+
+``TinyLM`` initialises every linear and embedding weight from N(0, 0.02²) and
+every bias to zero. A mixer that needs a different start (a gate bias, a decay
+rate) defines ``init_weights()``; the model calls it after its own
+initialisation, so the mixer's choice wins.
 """
 
 from __future__ import annotations
@@ -289,6 +294,10 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
+        for block in self.blocks:  # a mixer that needs a special start (a gate bias, a decay) sets it last
+            custom_init = getattr(block.mixer, "init_weights", None)
+            if callable(custom_init):
+                custom_init()
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -146,6 +146,10 @@ def test_tuple_outputs_and_numbers():
     assert "output[1]: expected 6, got 5" in wrong_num.message
     not_tuple = check_function(lambda x: x, ref, cases, exercise="t", quiet=True)
     assert "expected a tuple of 2 values" in not_tuple.message
+    assert "return" not in not_tuple.message
+    forgot_return = check_function(lambda x: None, ref, cases, exercise="t", quiet=True)
+    assert "expected a tuple of 2 values, got None" in forgot_return.message
+    assert "forget a `return`" in forgot_return.message
 
 
 def test_gradients_are_compared():

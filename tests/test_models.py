@@ -97,6 +97,24 @@ def test_custom_mixer_plugs_in_and_decodes_without_prefill():
     assert torch.allclose(logits, full[:, 4], atol=1e-10)
 
 
+class GatedPrefixSum(PrefixSum):
+    """PrefixSum with a gate whose bias must start at 3 (TinyLM's global init would zero it)."""
+
+    def __init__(self, d_model: int, layer_index: int) -> None:
+        super().__init__(d_model, layer_index)
+        self.gate = nn.Linear(d_model, d_model)
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.gate.bias, 3.0)
+
+
+def test_a_mixer_init_weights_runs_after_the_model_init():
+    model = TinyLM(20, 8, 2, 16, sequence_mixer=GatedPrefixSum, positional="none")
+    for block in model.blocks:
+        assert torch.all(block.mixer.gate.bias == 3.0)
+        assert torch.all(block.mixer.proj.bias == 0.0)  # the global init still applies elsewhere
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="divisible"):
         SoftmaxAttention(10, 3)
