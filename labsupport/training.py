@@ -70,7 +70,8 @@ def plot_histories(histories: list[TrainingHistory], *, title: str = "Training")
         title=title,
         xaxis_title="training step",
         yaxis=dict(title="cross-entropy loss", type="log"),
-        yaxis2=dict(title="accuracy at scored positions", overlaying="y", side="right", range=[0, 1.02]),
+        yaxis2=dict(title="accuracy at scored positions", overlaying="y", side="right", range=[0, 1.02],
+                    tickmode="linear", tick0=0, dtick=0.2, tickformat=".0%", showgrid=False),
         legend=dict(orientation="h", y=-0.2),
         height=420,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import html
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ipywidgets
@@ -61,6 +61,7 @@ class InteractiveFigure:
         self._make_figure = make_figure
         self.title = title
         self.controls: dict[str, ipywidgets.ValueWidget] = dict(controls)
+        _align_descriptions(self.controls.values())
         self.static_figure = go.Figure(self._call(self.values()))
         self.figure = go.FigureWidget(self.static_figure)
         self.static_caption = static_caption or (
@@ -218,3 +219,18 @@ def _inside_ipython() -> bool:
 
 def _describe(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in values.items())
+
+
+def _align_descriptions(controls: Iterable[ipywidgets.Widget]) -> None:
+    """Give every control the same label width, wide enough for the longest label.
+
+    ipywidgets cuts labels at a fixed width ("query hea…"); a control whose
+    style already sets a width keeps it.
+    """
+    labelled = [c for c in controls if getattr(c, "description", "") and hasattr(c.style, "description_width")]
+    if not labelled:
+        return
+    width = max(6.0, 0.6 * max(len(c.description) for c in labelled) + 1.0)
+    for control in labelled:
+        if not control.style.description_width:
+            control.style.description_width = f"{width:.1f}em"

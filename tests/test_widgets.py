@@ -123,3 +123,16 @@ def test_outside_a_notebook_nothing_is_displayed(monkeypatch) -> None:
 def test_interactive_figure_rejects_bad_arguments(make_figure, controls, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         interactive_figure(make_figure, controls, **kwargs)
+
+
+def test_long_labels_get_one_common_width_and_a_set_width_is_kept() -> None:
+    controls = {
+        "a": ipywidgets.IntSlider(value=1, min=0, max=3, description="query heads per group"),
+        "b": ipywidgets.IntSlider(value=1, min=0, max=3, description="step"),
+        "c": ipywidgets.IntSlider(value=1, min=0, max=3, description="kept", style={"description_width": "3em"}),
+    }
+    interactive_figure(lambda a, b, c: go.Figure(), controls, title="labels")
+    wide = controls["a"].style.description_width
+    assert wide == controls["b"].style.description_width
+    assert float(wide.removesuffix("em")) >= 0.6 * len("query heads per group")
+    assert controls["c"].style.description_width == "3em"
