@@ -145,8 +145,13 @@ def _describe_inputs(case: Case, names: list[str]) -> str:
     return "; ".join(parts) if parts else "(no arguments)"
 
 
-def _compare(expected: Any, got: Any, where: str, atol: float, rtol: float) -> None:
-    """Raise :class:`_Mismatch` with a learner-facing explanation if ``got`` differs."""
+def _compare(
+    expected: Any, got: Any, where: str, atol: float, rtol: float, element_names: Sequence[str] = ()
+) -> None:
+    """Raise :class:`_Mismatch` with a learner-facing explanation if ``got`` differs.
+
+    ``element_names`` label the elements of a tuple/list answer: ``output[1] (lse)``.
+    """
     if isinstance(expected, torch.Tensor):
         _compare_tensor(expected, got, where, atol, rtol)
     elif isinstance(expected, (tuple, list)):
@@ -161,7 +166,8 @@ def _compare(expected: Any, got: Any, where: str, atol: float, rtol: float) -> N
                 f"({describe_value(got)})."
             )
         for i, (e, g) in enumerate(zip(expected, got)):
-            _compare(e, g, f"{where}[{i}]", atol, rtol)
+            label = f"{where}[{i}]" + (f" ({element_names[i]})" if i < len(element_names) else "")
+            _compare(e, g, label, atol, rtol)
     elif isinstance(expected, _NUMBER_TYPES):
         _compare_number(float(expected), got, where, atol, rtol)
     elif expected is None:
@@ -306,6 +312,7 @@ def check_function(
     atol: float = 1e-6,
     rtol: float = 1e-5,
     hint: str | None = None,
+    output_names: Sequence[str] | None = None,
     quiet: bool = False,
 ) -> CheckResult:
     """Compare a learner's function to a reference solution on ``cases``.
@@ -317,6 +324,8 @@ def check_function(
         exercise: the exercise's name, shown in every message.
         atol, rtol: values match when ``|got - expected| <= atol + rtol * |expected|``.
         hint: one sentence printed under a failure, pointing at the usual mistake.
+        output_names: names of the elements when the answer is a tuple, so that a
+            mismatch reads ``output[1] (lse)`` rather than ``output[1]``.
         quiet: return the result without printing it.
 
     Returns:
@@ -326,6 +335,11 @@ def check_function(
         raise TypeError("check_function needs exercise= a non-empty string naming the exercise")
     if not callable(reference_fn):
         raise TypeError(f"reference_fn must be callable, got {describe_value(reference_fn)}")
+    if output_names is None:
+        output_names = ()
+    elif isinstance(output_names, str) or not all(isinstance(n, str) for n in output_names):
+        raise TypeError(f"output_names must be a sequence of strings, got {output_names!r}")
+    output_names = tuple(output_names)
     cases = list(cases)
     if not cases or not all(isinstance(c, Case) for c in cases):
         raise TypeError("cases must be a non-empty sequence of labsupport.checking.Case")
@@ -394,7 +408,7 @@ def check_function(
             )
 
         try:
-            _compare(_detach(expected), _detach(got), "output", atol, rtol)
+            _compare(_detach(expected), _detach(got), "output", atol, rtol, output_names)
             for argnum, e_grad, g_grad in zip(case.grad_argnums, expected_grads, got_grads):
                 where = f"gradient w.r.t. {names[argnum]}"
                 if e_grad is not None and g_grad is None:

@@ -745,8 +745,8 @@ def check_online_softmax_update(fn: Callable[..., object]) -> CheckResult:
         atol=1e-6,
         rtol=1e-5,
         hint="m_new = max(m, rowmax(scores)); rescale the old l and acc by exp(m - m_new) "
-        "before adding this block; a row that is all -inf so far must stay at l = 0, acc = 0. "
-        "(output[0] is m_new, output[1] is l_new, output[2] is acc_new.)",
+        "before adding this block; a row that is all -inf so far must stay at l = 0, acc = 0.",
+        output_names=("m_new", "l_new", "acc_new"),
     )
 
 
@@ -798,7 +798,8 @@ def check_flash_forward(fn: Callable[..., object]) -> CheckResult:
         rtol=1e-4,
         hint="loop over query blocks, then key blocks; with causal=True mask key j > i + (Lk - Lq) "
         "and skip blocks that are entirely masked; divide by l once at the end and return "
-        "(out, m + log l). (output[0] is out, output[1] is lse.)",
+        "(out, m + log l).",
+        output_names=("out", "lse"),
     )
 
 
@@ -816,6 +817,6 @@ def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
         atol=1e-5,
         rtol=1e-4,
         hint="recompute P = exp(scale·QKᵀ - lse) per tile (0 where masked); D = rowsum(dO ⊙ O); "
-        "dS = P ⊙ (dO Vᵀ - D); dQ += dS K·scale, dK += dSᵀ Q·scale, dV += Pᵀ dO. "
-        "(output[0] is dq, output[1] is dk, output[2] is dv.)",
+        "dS = P ⊙ (dO Vᵀ - D); dQ += dS K·scale, dK += dSᵀ Q·scale, dV += Pᵀ dO.",
+        output_names=("dq", "dk", "dv"),
     )

@@ -147,6 +147,11 @@ def test_tuple_outputs_and_numbers():
     not_tuple = check_function(lambda x: x, ref, cases, exercise="t", quiet=True)
     assert "expected a tuple of 2 values" in not_tuple.message
     assert "return" not in not_tuple.message
+    named = check_function(lambda x: (x.max(), 5.0), ref, cases, exercise="t", quiet=True,
+                           output_names=("peak", "total"))
+    assert "output[1] (total): expected 6, got 5" in named.message
+    with pytest.raises(TypeError, match="output_names"):
+        check_function(ref, ref, cases, exercise="t", output_names="peak")
     forgot_return = check_function(lambda x: None, ref, cases, exercise="t", quiet=True)
     assert "expected a tuple of 2 values, got None" in forgot_return.message
     assert "forget a `return`" in forgot_return.message

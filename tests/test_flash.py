@@ -385,7 +385,7 @@ def backward_off_by_one(q, k, v, out, lse, dout, causal=False, block_q=64, block
 @pytest.mark.parametrize(
     "fn,expect",
     [
-        (backward_forgets_d, "output[0]: "),
+        (backward_forgets_d, "output[0] (dq): "),
         (backward_dense, "NaN"),
         (backward_off_by_one, "causal"),
         (lambda *a, **kw: tuple(g.float() for g in flash_attention_backward(*a, **kw)), "dtype"),
