@@ -42,11 +42,11 @@ References: :func:`elu_feature_map`, :func:`retnet_log_decay`,
 :func:`delta_rule_recurrent`, :func:`delta_rule_chunkwise`, :func:`ut_transform`,
 :func:`ttt_linear`, :func:`ttt_linear_minibatch`, :func:`ttt_inner_loss`, :func:`memory_recurrence` (the
 unified update). Step functions (also the exercises): :func:`recurrent_step`,
-:func:`chunkwise_step`, :func:`delta_rule_step`. Cost helpers:
+:func:`chunkwise_step`, :func:`chunkwise_decay_step`, :func:`delta_rule_step`. Cost helpers:
 :func:`chunkwise_flops`, :func:`recurrent_state_bytes`. Widget data:
 :func:`memory_decay_data`, :func:`memory_decay_figure`. Checkers:
 :func:`check_recurrent_step`, :func:`check_chunkwise_step`,
-:func:`check_delta_rule_step`. Sequence mixers for ``TinyLM`` live in
+:func:`check_chunkwise_decay_step`, :func:`check_delta_rule_step`. Sequence mixers for ``TinyLM`` live in
 :mod:`labsupport.linear_attention_mixers`.
 """
 
@@ -79,6 +79,7 @@ __all__ = [
     "memory_recurrence",
     "recurrent_step",
     "chunkwise_step",
+    "chunkwise_decay_step",
     "delta_rule_step",
     "chunkwise_flops",
     "recurrent_state_bytes",
@@ -87,6 +88,7 @@ __all__ = [
     "memory_decay_figure",
     "check_recurrent_step",
     "check_chunkwise_step",
+    "check_chunkwise_decay_step",
     "check_delta_rule_step",
 ]
 
@@ -808,6 +810,43 @@ def chunkwise_step(
     return out, state + k.transpose(-1, -2) @ v
 
 
+def chunkwise_decay_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of linear attention with a scalar decay per head and token (RetNet, a scalar gate).
+
+    With ``b_i = Σ_{r ≤ i} log α_r`` the cumulative log-decay from the chunk start
+    (token ``i`` included) and ``b_C`` its last entry::
+
+        O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) V        Γ_ij = exp(b_i − b_j) for j ≤ i, else 0
+        S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V
+
+    This is one chunk of :func:`linear_attention_chunkwise`.
+
+    Args:
+        state: ``(B, H, D_k, D_v)``; q, k: ``(B, H, C, D_k)``; v: ``(B, H, C, D_v)``;
+        log_decay: ``(B, H, C)``, ``<= 0``.
+
+    Returns:
+        ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
+    """
+    for name, x in (("state", state), ("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    _check_tensor("log_decay", log_decay, 3)
+    if q.shape != k.shape or v.shape[:3] != k.shape[:3] or state.shape != (*k.shape[:2], k.shape[-1], v.shape[-1]):
+        raise ValueError("expected state (B, H, D_k, D_v), q and k (B, H, C, D_k), v (B, H, C, D_v); got "
+                         f"{tuple(state.shape)}, {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if log_decay.shape != k.shape[:3]:
+        raise ValueError(f"log_decay must have shape (B, H, C) = {tuple(k.shape[:3])}, got {tuple(log_decay.shape)}")
+    c = k.shape[2]
+    b = log_decay.cumsum(-1)  # (B, H, C)
+    causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril()
+    gamma = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    out = (q * b.exp()[..., None]) @ state + ((q @ k.transpose(-1, -2)) * gamma) @ v
+    new_state = b[..., -1:, None].exp() * state + (k * (b[..., -1:] - b).exp()[..., None]).transpose(-1, -2) @ v
+    return out, new_state
+
+
 def delta_rule_step(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """One delta-rule write: ``S' = S + β k (v − Sᵀ k)ᵀ`` = ``(I − β k kᵀ) S + β k vᵀ``.
 
@@ -1058,6 +1097,42 @@ def check_chunkwise_step(fn: Callable[..., object]) -> CheckResult:
         fn, chunkwise_step, _chunk_cases(), exercise="chunkwise_step", atol=1e-6, rtol=1e-5,
         hint="O = Q S (everything before the chunk) + (Q Kᵀ with the causal mask, diagonal included) V; "
         "then S' = S + Kᵀ V. Use the *old* state for O.",
+    )
+
+
+def _decay_chunk_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(606)
+    cases = []
+    for name, (b, h, c, dk, dv), dtype, zero, gate in [
+        ("first chunk, zero state, no decay (log α = 0), C=5", (1, 2, 5, 4, 3), torch.float64, True, "none"),
+        ("a later chunk, random gates, C=6", (2, 2, 6, 5, 4), torch.float64, False, "random"),
+        ("a single-token chunk, C=1", (1, 1, 1, 4, 4), torch.float64, False, "random"),
+        ("strong decay (α ≈ 0.3), C=8", (1, 2, 8, 3, 5), torch.float64, False, "strong"),
+        ("float32, non-contiguous q and k, C=7", (1, 3, 7, 4, 6), torch.float32, False, "random"),
+    ]:
+        state = torch.zeros(b, h, dk, dv, dtype=dtype) if zero else _randn(gen, b, h, dk, dv, dtype=dtype)
+        if "non-contiguous" in name:
+            q = _randn(gen, b, c, h, dk, dtype=dtype).transpose(1, 2)
+            k = _randn(gen, b, h, dk, c, dtype=dtype).transpose(-1, -2)
+        else:
+            q, k = _randn(gen, b, h, c, dk, dtype=dtype), _randn(gen, b, h, c, dk, dtype=dtype)
+        if gate == "none":
+            log_decay = torch.zeros(b, h, c, dtype=dtype)
+        elif gate == "strong":
+            log_decay = torch.full((b, h, c), math.log(0.3), dtype=dtype)
+        else:
+            log_decay = _log_gate(gen, b, h, c, dtype=dtype)
+        cases.append(Case(name, (state, q, k, _randn(gen, b, h, c, dv, dtype=dtype), log_decay)))
+    return cases
+
+
+def check_chunkwise_decay_step(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)`` against :func:`chunkwise_decay_step`."""
+    return check_function(
+        fn, chunkwise_decay_step, _decay_chunk_cases(), exercise="chunkwise_decay_step", atol=1e-6, rtol=1e-5,
+        hint="b = log_decay.cumsum(-1) (token i's own gate included). O = (exp(b)·Q) S + (Q Kᵀ ⊙ Γ) V with "
+        "Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal (mask the exponent with -inf before exp); "
+        "S' = exp(b_C) S + (exp(b_C − b)·K)ᵀ V, b_C the last entry of b. Use the *old* state for O.",
     )
 
 
