@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 __all__ = [
     "CheckLine",
+    "check_cpu_threads",
     "check_data",
     "check_jupyterlab_widgets",
     "check_package",
@@ -151,6 +152,25 @@ def check_data(verify: Callable[[], list[str]] | None = None) -> CheckLine:
     )
 
 
+def check_cpu_threads(threads: int | None = None, budget: int | None = None) -> CheckLine:
+    """torch's default thread count against the CPUs this process may really use."""
+    if threads is None or budget is None:
+        import torch
+
+        from labsupport.settings import cpu_budget
+
+        threads = torch.get_num_threads() if threads is None else threads
+        budget = cpu_budget() if budget is None else budget
+    detail = f"torch starts {threads} thread(s); this process may use {budget} CPU(s)"
+    if threads > budget:
+        return CheckLine(
+            "CPU threads", "WARN", detail,
+            "the chapters call labsupport.settings.configure_torch_threads() to match them; in your own scripts "
+            f"call it too, or set OMP_NUM_THREADS={budget}, or small models run several times slower",
+        )
+    return CheckLine("CPU threads", "OK", detail)
+
+
 def run_checks() -> list[CheckLine]:
     """All checks, in the order they are printed."""
     return [
@@ -164,6 +184,7 @@ def run_checks() -> list[CheckLine]:
         check_package("tqdm", purpose="progress bars"),
         check_package("safetensors", purpose="loading checkpoints safely"),
         check_package("triton", required=False, purpose="chapter 01 GPU kernel"),
+        check_cpu_threads(),
         check_data(),
     ]
 

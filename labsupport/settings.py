@@ -5,20 +5,33 @@
   (the test suite executes the notebooks and the student editions that way).
 * :func:`configure_plotly` — a plotly renderer that works in JupyterLab, Colab,
   VS Code and in headless execution (nbclient, nbval), never opening a browser.
+* :func:`cpu_budget` / :func:`configure_torch_threads` — no more torch threads
+  than the CPUs this process may really use (containers such as Binder cap CPU
+  time with a cgroup quota that torch does not see).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import random
 import sys
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["QUICK_ENV_VAR", "configure_plotly", "pick", "quick_mode", "seed_everything"]
+__all__ = [
+    "QUICK_ENV_VAR",
+    "configure_plotly",
+    "configure_torch_threads",
+    "cpu_budget",
+    "pick",
+    "quick_mode",
+    "seed_everything",
+]
 
 QUICK_ENV_VAR = "LABSUPPORT_QUICK"
 _TRUE_WORDS = frozenset({"1", "true", "yes"})
@@ -99,3 +112,49 @@ def configure_plotly() -> str:
         renderer = "json"
     pio.renderers.default = renderer
     return renderer
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), or None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # cgroup v1: -1 when unlimited
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_budget(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """How many CPUs this process can keep busy: its affinity mask, capped by a cgroup CPU quota.
+
+    At least 1. A quota of 1.5 CPUs counts as 1: a second thread would be throttled.
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        available = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        available = min(available, math.floor(limit))
+    return max(1, available)
+
+
+def configure_torch_threads(max_threads: int | None = None) -> int:
+    """Lower torch's intra-op threads to :func:`cpu_budget` (and ``max_threads``); return the count.
+
+    torch starts one thread per visible core. Where a container grants fewer
+    CPUs than it shows (Binder, many CI and cloud notebooks), the extra threads
+    wait on each other and small operations slow down several-fold; the same
+    happens when another busy program shares the cores. Never raises the count.
+    """
+    if max_threads is not None and (isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1):
+        raise ValueError(f"max_threads must be a positive int or None, got {max_threads!r}")
+    target = min(torch.get_num_threads(), cpu_budget(), max_threads or torch.get_num_threads())
+    if target != torch.get_num_threads():
+        torch.set_num_threads(target)
+    return torch.get_num_threads()

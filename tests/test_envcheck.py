@@ -91,3 +91,10 @@ def test_a_missing_required_package_makes_the_exit_status_1(monkeypatch, capsys)
 def test_many_data_problems_are_summarised() -> None:
     line = check_data(lambda: [f"f{i}: missing" for i in range(5)])
     assert line.detail.endswith("and 2 more")
+
+
+def test_cpu_threads_warns_when_torch_oversubscribes() -> None:
+    assert envcheck.check_cpu_threads(threads=2, budget=2).status == "OK"
+    line = envcheck.check_cpu_threads(threads=16, budget=1)
+    assert line.status == "WARN" and "16 thread" in line.detail and "OMP_NUM_THREADS=1" in line.fix
+    assert envcheck.check_cpu_threads().status in ("OK", "WARN")

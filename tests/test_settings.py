@@ -84,3 +84,46 @@ def test_configure_plotly_detects_front_ends(clean_renderer_env, variable, value
     clean_renderer_env.setenv(variable, value)
     assert configure_plotly() == expected
     assert pio.renderers.default == expected
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_limit_reads_v1_and_v2(tmp_path, files, expected) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert settings._cgroup_cpu_limit(tmp_path) == expected
+
+
+def test_cpu_budget_is_capped_by_a_quota_and_at_least_one(tmp_path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert settings.cpu_budget(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("20000 100000\n")  # a fifth of a CPU
+    assert settings.cpu_budget(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert settings.cpu_budget(tmp_path) >= 1
+
+
+def test_configure_torch_threads_only_lowers(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(settings, "cpu_budget", lambda: 1)
+        assert settings.configure_torch_threads() == 1
+        monkeypatch.setattr(settings, "cpu_budget", lambda: 8)
+        assert settings.configure_torch_threads() == 1  # never raised back
+        torch.set_num_threads(2)
+        assert settings.configure_torch_threads(max_threads=1) == 1
+        with pytest.raises(ValueError, match="max_threads"):
+            settings.configure_torch_threads(max_threads=0)
+    finally:
+        torch.set_num_threads(before)
