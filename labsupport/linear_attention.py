@@ -1006,13 +1006,13 @@ def memory_decay_figure(data: MemoryDecayData) -> "go.Figure":  # noqa: F821 - p
     from plotly.subplots import make_subplots
 
     length = data.survival.shape[0]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.12,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.24,
                         subplot_titles=("what survives of token s after token t",
                                         "recall error as the state fills"))
     # NaN (not yet written) becomes None: plotly leaves those cells blank, and widgets can send it as JSON
     z = [[None if math.isnan(x) else x for x in row] for row in data.survival.tolist()]
     fig.add_trace(go.Heatmap(z=z, x=list(range(length)), y=list(range(length)),
-                             colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(x=0.44, title="|kept|")),
+                             colorscale="Viridis", zmin=0, zmax=1, colorbar=dict(x=0.39, xanchor="left", thickness=12, title="|kept|")),
                   row=1, col=1)
     steps = list(range(1, length + 1))
     fig.add_trace(go.Scatter(x=steps, y=data.recall_error.numpy(), name="all stored tokens", mode="lines"),
