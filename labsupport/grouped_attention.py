@@ -395,6 +395,8 @@ class LatentAttention(nn.Module):
             q = torch.cat([q_c, q_r], dim=-1)
             k = torch.cat([k, k_r.expand(-1, self.n_heads, -1, -1)], dim=-1)
         lq, lk = q.shape[-2], k.shape[-2]
+        if lq == lk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
