@@ -47,6 +47,7 @@ __all__ = [
     "rotary",
     "LatentCache",
     "LatentAttention",
+    "latent_attention_core",
     "latent_mixer",
     "absorb_mla_weights",
     "QuantSpec",
@@ -318,13 +319,32 @@ class LatentCache:
         return t.numel() * t.element_size()
 
 
+def latent_attention_core(q: torch.Tensor, rows: torch.Tensor, latent_dim: int, scale: float) -> torch.Tensor:
+    """Absorbed MLA attention over the cache: q ``(B, H, Lq, d_c + d_R)``, rows ``(B, 1, T, d_c + d_R)``.
+
+    Every head reads the same cached rows (a multi-query attention with key width ``d_c + d_R``
+    and value width ``d_c``); the heads and query positions are stacked as rows of one matrix
+    product so the cache is read once, not once per head. Causal, bottom-right aligned.
+    Returns the attended latents ``(B, H, Lq, d_c)``.
+    """
+    b, h, lq, width = q.shape
+    lk = rows.shape[-2]
+    scores = (q.reshape(b, 1, h * lq, width) @ rows.transpose(-1, -2)).view(b, h, lq, lk) * scale
+    if lq > 1:
+        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    p = scores.softmax(dim=-1).reshape(b, 1, h * lq, lk)
+    return (p @ rows[..., :latent_dim]).view(b, h, lq, latent_dim)
+
+
 class LatentAttention(nn.Module):
     """Multi-head latent attention (MLA) with a decoupled RoPE key, as in DeepSeek-V2.
 
     Per token: ``c = x W_DKV`` (``d_c``), keys ``k_h = [c W_UK,h ; rope(x W_KR)]`` (the RoPE part
     shared by all heads), values ``v_h = c W_UV,h``, queries ``q_h = [x W_Q,h ; rope(x W_QR,h)]``,
-    scores scaled by ``1/√(d_h + d_R)``. (DeepSeek-V2 also compresses the queries and normalises
-    ``c``; neither changes the cache, so both are left out.)
+    scores scaled by ``1/√(d_h + d_R)``. As in DeepSeek-V2, ``c`` is RMS-normalised before it is
+    cached (without it, the two small-initialised factors ``W_DKV W_UK`` make keys tiny and training
+    slow). DeepSeek-V2 also compresses the queries; that does not change the cache and is left out.
 
     ``forward`` and ``prefill`` use the naive form: up-project every cached latent to per-head keys
     and values, then attend. ``decode_step`` uses the absorbed form (``absorbed=False`` to compare):
@@ -351,6 +371,7 @@ class LatentAttention(nn.Module):
         self.latent_dim, self.rope_dim = latent_dim, rope_dim
         self.absorbed = True
         self.w_dkv = nn.Linear(d_model, latent_dim, bias=False)              # down-projection to c_KV
+        self.latent_norm = nn.RMSNorm(latent_dim)                           # as DeepSeek-V2: c_KV is normalised
         self.w_uk = nn.Linear(latent_dim, n_heads * head_dim, bias=False)    # latent -> per-head keys
         self.w_uv = nn.Linear(latent_dim, n_heads * head_dim, bias=False)    # latent -> per-head values
         self.w_q = nn.Linear(d_model, n_heads * head_dim, bias=False)
@@ -377,7 +398,7 @@ class LatentAttention(nn.Module):
             raise ValueError(f"expected input (batch, length, {self.d_model}), got {tuple(x.shape)}")
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         q_c = self._heads(self.w_q(x), self.head_dim)                        # (B, H, L, d_h)
-        latent = self.w_dkv(x)[:, None]                                      # (B, 1, L, d_c)
+        latent = self.latent_norm(self.w_dkv(x))[:, None]                    # (B, 1, L, d_c)
         q_r = None
         if self.rope_dim:
             q_r = rotary(self._heads(self.w_qr(x), self.rope_dim), positions)  # (B, H, L, d_R)
@@ -406,13 +427,7 @@ class LatentAttention(nn.Module):
         w_uv = self.w_uv.weight.view(self.n_heads, self.head_dim, self.latent_dim)
         q_latent = q_c @ w_uk                                               # (B, H, Lq, d_c)
         q = q_latent if q_r is None else torch.cat([q_latent, q_r], dim=-1)
-        scores = (q @ rows.transpose(-1, -2)) * self.scale                  # (B, H, Lq, T): rows broadcast over H
-        lq, lk = q.shape[-2], rows.shape[-2]
-        if lq > 1:
-            future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
-            scores = scores.masked_fill(future, float("-inf"))
-        o_latent = scores.softmax(dim=-1) @ rows[..., : self.latent_dim]    # (B, H, Lq, d_c)
-        return o_latent @ w_uv.transpose(-1, -2)                            # (B, H, Lq, d_h)
+        return latent_attention_core(q, rows, self.latent_dim, self.scale) @ w_uv.transpose(-1, -2)  # (B, H, Lq, d_h)
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         b, _, length, _ = y.shape
