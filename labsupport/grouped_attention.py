@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 
+#: ``scaled_dot_product_attention(..., enable_gqa=True)`` exists from torch 2.5 on.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 # ----------------------------------------------------------------------------- validation
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -198,7 +201,11 @@ class GroupedQueryAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.kv_quant is not None:
             return quantized_cache_attention(q, k, v, self.kv_quant)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.n_kv_heads != self.n_heads and not _SDPA_HAS_GQA:  # torch < 2.5: repeat the KV heads instead
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        extra = {"enable_gqa": True} if self.n_kv_heads != self.n_heads and _SDPA_HAS_GQA else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, L, d_model) -> (B, L, d_model)``, causal."""

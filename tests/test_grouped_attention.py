@@ -432,3 +432,13 @@ def test_checker_not_callable(capsys) -> None:
     assert not ga.check_grouped_decode_step(ga.grouped_decode_step(torch.randn(1, 2, 1, 4), torch.randn(1, 1, 3, 4),
                                                                     torch.randn(1, 1, 3, 4)))
     assert "expected a function" in capsys.readouterr().out
+
+
+def test_forward_without_sdpa_enable_gqa_gives_the_same_result(monkeypatch) -> None:
+    torch.manual_seed(12)
+    layer = ga.GroupedQueryAttention(32, 4, 2).double()
+    x = torch.randn(2, 9, 32, dtype=f64)
+    with torch.no_grad():
+        expected = layer(x)
+        monkeypatch.setattr(ga, "_SDPA_HAS_GQA", False)
+        assert rel(layer(x), expected) < 1e-14
