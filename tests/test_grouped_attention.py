@@ -301,7 +301,8 @@ def test_quantised_cache_in_tinylm_decode_matches_forward() -> None:
     for block in model.blocks:
         block.mixer.kv_quant = ga.QuantSpec(2, group=4, residual=2)
     tokens = torch.randint(0, 30, (1, 20))
-    full = model(tokens)
+    with torch.no_grad():
+        full = model(tokens)
     logits, states = model.prefill(tokens[:, :3])
     for t in range(3, 20):
         logits, states = model.decode_step(tokens[:, t], states, t)
