@@ -42,6 +42,15 @@ def test_committed_notebook_is_clean_and_valid(path: Path) -> None:
     assert notebook_problems(path) == [], f"{path.name}: {notebook_problems(path)}"
 
 
+@pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
+def test_set_up_cell_matches_threads_to_the_cpus(path: Path) -> None:
+    """Every chapter caps torch's threads early (surplus threads make small models several times slower)."""
+    code = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+    assert any("configure_torch_threads()" in source for source in code[:3]), (
+        f"{path.name}: call labsupport.settings.configure_torch_threads() in the set-up cell"
+    )
+
+
 def test_hygiene_check_catches_dirty_notebooks(tmp_path) -> None:
     from nbformat.v4 import new_code_cell, new_notebook, new_output
 
