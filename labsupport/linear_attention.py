@@ -1072,6 +1072,18 @@ def check_recurrent_step(fn: Callable[..., object]) -> CheckResult:
     )
 
 
+def _chunk_state_q_k(gen: torch.Generator, b: int, h: int, c: int, dk: int, dv: int, dtype: torch.dtype, *,
+                     zero_state: bool, non_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk checker case's incoming state and its q, k (as transposed views when ``non_contiguous``)."""
+    state = torch.zeros(b, h, dk, dv, dtype=dtype) if zero_state else _randn(gen, b, h, dk, dv, dtype=dtype)
+    if non_contiguous:
+        q = _randn(gen, b, c, h, dk, dtype=dtype).transpose(1, 2)
+        k = _randn(gen, b, h, dk, c, dtype=dtype).transpose(-1, -2)
+    else:
+        q, k = _randn(gen, b, h, c, dk, dtype=dtype), _randn(gen, b, h, c, dk, dtype=dtype)
+    return state, q, k
+
+
 def _chunk_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(404)
     cases = []
@@ -1081,12 +1093,8 @@ def _chunk_cases() -> list[Case]:
         ("a single-token chunk, C=1", (1, 1, 1, 4, 4), torch.float64, False),
         ("float32, non-contiguous q and k, C=7", (1, 3, 7, 4, 6), torch.float32, False),
     ]:
-        state = torch.zeros(b, h, dk, dv, dtype=dtype) if zero else _randn(gen, b, h, dk, dv, dtype=dtype)
-        if "non-contiguous" in name:
-            q = _randn(gen, b, c, h, dk, dtype=dtype).transpose(1, 2)
-            k = _randn(gen, b, h, dk, c, dtype=dtype).transpose(-1, -2)
-        else:
-            q, k = _randn(gen, b, h, c, dk, dtype=dtype), _randn(gen, b, h, c, dk, dtype=dtype)
+        state, q, k = _chunk_state_q_k(gen, b, h, c, dk, dv, dtype, zero_state=zero,
+                                       non_contiguous="non-contiguous" in name)
         cases.append(Case(name, (state, q, k, _randn(gen, b, h, c, dv, dtype=dtype))))
     return cases
 
@@ -1110,12 +1118,8 @@ def _decay_chunk_cases() -> list[Case]:
         ("strong decay (α ≈ 0.3), C=8", (1, 2, 8, 3, 5), torch.float64, False, "strong"),
         ("float32, non-contiguous q and k, C=7", (1, 3, 7, 4, 6), torch.float32, False, "random"),
     ]:
-        state = torch.zeros(b, h, dk, dv, dtype=dtype) if zero else _randn(gen, b, h, dk, dv, dtype=dtype)
-        if "non-contiguous" in name:
-            q = _randn(gen, b, c, h, dk, dtype=dtype).transpose(1, 2)
-            k = _randn(gen, b, h, dk, c, dtype=dtype).transpose(-1, -2)
-        else:
-            q, k = _randn(gen, b, h, c, dk, dtype=dtype), _randn(gen, b, h, c, dk, dtype=dtype)
+        state, q, k = _chunk_state_q_k(gen, b, h, c, dk, dv, dtype, zero_state=zero,
+                                       non_contiguous="non-contiguous" in name)
         if gate == "none":
             log_decay = torch.zeros(b, h, c, dtype=dtype)
         elif gate == "strong":
