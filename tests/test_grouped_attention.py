@@ -355,18 +355,6 @@ GQA_WRONG = {
 }
 
 
-
-@pytest.mark.parametrize("name", list(GQA_WRONG))
-def test_gqa_checker_rejects_wrong_answers(name: str, capsys) -> None:
-    result = ga.check_grouped_decode_step(GQA_WRONG[name])
-    out = capsys.readouterr().out
-    assert not result
-    if name == "not done":
-        assert result.status == "not done" and "not done yet" in out
-    else:
-        assert result.status == "failed" and out.startswith("❌") and "Traceback" not in out
-
-
 MLA_WRONG = {
     "not done": not_done,
     "None": lambda *w: None,
@@ -378,14 +366,6 @@ MLA_WRONG = {
     "raises": lambda w_q, w_uk, w_uv, w_o: w_q @ w_uk,
     "summed over heads": lambda *w: tuple(t.sum(0, keepdim=True).expand_as(t) for t in ga.absorb_mla_weights(*w)),
 }
-
-
-@pytest.mark.parametrize("name", list(MLA_WRONG))
-def test_mla_checker_rejects_wrong_answers(name: str, capsys) -> None:
-    result = ga.check_absorb_mla_weights(MLA_WRONG[name])
-    out = capsys.readouterr().out
-    assert not result and "Traceback" not in out
-    assert ("not done yet" in out) == (name == "not done")
 
 
 def _quant_levels_off_by_one(x, bits, dim):
@@ -420,12 +400,26 @@ QUANT_WRONG = {
 }
 
 
-@pytest.mark.parametrize("name", list(QUANT_WRONG))
-def test_quant_checker_rejects_wrong_answers(name: str, capsys) -> None:
-    result = ga.check_quantize_dequantize(QUANT_WRONG[name])
+WRONG_ANSWERS = [
+    pytest.param(checker, wrong, answer, id=f"{checker.__name__}-{wrong}")
+    for checker, answers in (
+        (ga.check_grouped_decode_step, GQA_WRONG),
+        (ga.check_absorb_mla_weights, MLA_WRONG),
+        (ga.check_quantize_dequantize, QUANT_WRONG),
+    )
+    for wrong, answer in answers.items()
+]
+
+
+@pytest.mark.parametrize("checker, wrong, answer", WRONG_ANSWERS)
+def test_checkers_reject_wrong_answers_politely(checker, wrong: str, answer, capsys) -> None:
+    result = checker(answer)
     out = capsys.readouterr().out
-    assert not result and "Traceback" not in out
-    assert ("not done yet" in out) == (name == "not done")
+    assert not result
+    if wrong == "not done":
+        assert result.status == "not done" and "not done yet" in out
+    else:
+        assert result.status == "failed" and out.startswith("❌") and "Traceback" not in out
 
 
 def test_checker_not_callable(capsys) -> None:
