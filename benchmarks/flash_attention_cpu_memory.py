@@ -3,7 +3,7 @@
     python benchmarks/flash_attention_cpu_memory.py [--max-naive 8192] [--max-tiled 32768]
 
 One head (B=1, H=1), D=64, float32, non-causal. For each N it measures the peak
-extra torch CPU memory (``labsupport.benchmarking.peak_memory_bytes``) and the
+extra torch CPU memory (``labsupport.harness.measuring.peak_memory_bytes``) and the
 median time of
 
 * naive attention (``labsupport.flash.naive_attention``): materialises the N×N scores;
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from labsupport.benchmarking import fit_power_law, peak_memory_bytes, time_callable  # noqa: E402
+from labsupport.harness.measuring import fit_power_law, peak_memory_bytes, time_callable  # noqa: E402
 from labsupport.flash import flash_attention_forward, naive_attention  # noqa: E402
 
 D = 64

@@ -26,9 +26,10 @@ import platform
 
 import torch
 
-from labsupport.benchmarking import fit_power_law, format_bytes, time_callable
+from labsupport.harness.costs import format_bytes
+from labsupport.harness.measuring import fit_power_law, time_callable
 from labsupport.grouped_attention import grouped_decode_step, latent_attention_core
-from labsupport.hardware import copy_bandwidth_gbs
+from labsupport.harness.hardware import copy_bandwidth_gbs
 
 HEADS, HEAD_DIM, LATENT, ROPE = 16, 64, 256, 32
 DESIGNS = {"MHA (16 KV heads)": 16, "GQA (4 KV heads)": 4, "MQA (1 KV head)": 1, "MLA absorbed (d_c=256, d_R=32)": None}

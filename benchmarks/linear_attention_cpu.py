@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from labsupport.benchmarking import fit_power_law  # noqa: E402
+from labsupport.harness.measuring import fit_power_law  # noqa: E402
 from labsupport.linear_attention import (  # noqa: E402
     chunkwise_flops,
     linear_attention_chunkwise,

@@ -4,7 +4,7 @@ The notebooks build each mechanism in the open; this package holds what the
 chapters share (tasks, the pluggable tiny model, the trainer, benchmarking,
 widgets, the exercise checkers) and the reference solutions.
 
-Modules are imported on demand, e.g. ``from labsupport.tasks import make_mqar``.
+Modules are imported on demand, e.g. ``from labsupport.lm.tasks import make_mqar``.
 """
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
 * :class:`TransformerShape` — FLOPs and bytes per token of a decoder, for
   prefill and for decode, and their ratio (arithmetic intensity).
 * :data:`KV_PRESETS` — the attention shapes of published models, with which
-  :func:`labsupport.benchmarking.kv_cache_bytes` reproduces the Jamba paper's
+  :func:`labsupport.harness.measuring.kv_cache_bytes` reproduces the Jamba paper's
   256K-context figures (arXiv:2403.19887, table 1).
 * ``check_*`` — the chapter's exercise checkers.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from labsupport.benchmarking import kv_cache_bytes
-from labsupport.checking import Case, CheckResult, check_function
+from labsupport.harness.costs import kv_cache_bytes
+from labsupport.harness.checking import Case, CheckResult, check_function
 
 __all__ = [
     "causal_attention",
@@ -75,7 +75,7 @@ def kv_cache_bytes_reference(layers: int, kv_heads: int, head_dim: int, context:
                              bytes_per_element: int) -> int:
     """Bytes of keys and values cached for one sequence: ``2 · layers · kv_heads · head_dim · context · bytes``.
 
-    The positional form of :func:`labsupport.benchmarking.kv_cache_bytes`, with
+    The positional form of :func:`labsupport.harness.measuring.kv_cache_bytes`, with
     the signature of the chapter's exercise.
     """
     return kv_cache_bytes(layers=layers, kv_heads=kv_heads, head_dim=head_dim, context=context,

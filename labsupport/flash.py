@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labsupport.checking import Case, CheckResult, check_function
+from labsupport.harness.checking import Case, CheckResult, check_function
 
 __all__ = [
     "naive_attention",

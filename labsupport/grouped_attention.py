@@ -6,7 +6,7 @@ Everything here shrinks the KV cache that a decode step must read:
   grouped-query (GQA, arXiv:2305.13245) and multi-query (MQA, arXiv:1911.02150) attention as one
   function: ``n_kv_heads`` key/value heads, each shared by ``n_heads // n_kv_heads`` query heads.
   Query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``.
-* :class:`GroupedQueryAttention` — the same as a :class:`~labsupport.models.TinyLM` sequence mixer
+* :class:`GroupedQueryAttention` — the same as a :class:`~labsupport.lm.model.TinyLM` sequence mixer
   with prefill and a cached decode step; :func:`mean_pool_kv_heads` converts an MHA checkpoint to
   GQA the way the GQA paper's uptraining starts (mean of the K and V heads in each group).
 * :class:`LatentAttention` — multi-head latent attention (MLA, DeepSeek-V2, arXiv:2405.04434): a
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labsupport.checking import Case, CheckResult, check_function
-from labsupport.models import KVCache, MixerFactory
+from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.lm.contracts import MixerFactory
+from labsupport.lm.layers import KVCache
 
 __all__ = [
     "repeat_kv",
@@ -238,7 +239,7 @@ class GroupedQueryAttention(nn.Module):
 
 
 def grouped_mixer(n_heads: int, n_kv_heads: int | None = None) -> MixerFactory:
-    """A :class:`~labsupport.models.TinyLM` factory building :class:`GroupedQueryAttention` in every layer."""
+    """A :class:`~labsupport.lm.model.TinyLM` factory building :class:`GroupedQueryAttention` in every layer."""
     _positive_int("n_heads", n_heads)
     if n_kv_heads is not None:
         _positive_int("n_kv_heads", n_kv_heads)
@@ -466,7 +467,7 @@ class LatentAttention(nn.Module):
 
 
 def latent_mixer(n_heads: int, latent_dim: int, rope_dim: int, *, head_dim: int | None = None) -> MixerFactory:
-    """A :class:`~labsupport.models.TinyLM` factory building :class:`LatentAttention` in every layer."""
+    """A :class:`~labsupport.lm.model.TinyLM` factory building :class:`LatentAttention` in every layer."""
     _positive_int("n_heads", n_heads)
     _positive_int("latent_dim", latent_dim)
     _positive_int("rope_dim", rope_dim, minimum=0)

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labsupport.checking import Case, CheckResult, check_function
+from labsupport.harness.checking import Case, CheckResult, check_function
 
 __all__ = [
     "MECHANISMS",

@@ -1,4 +1,4 @@
-"""Chapter 03's mechanisms as sequence mixers for :class:`labsupport.models.TinyLM`.
+"""Chapter 03's mechanisms as sequence mixers for :class:`labsupport.lm.model.TinyLM`.
 
 One module, :class:`LinearAttentionMixer`, covers every mechanism of the
 chapter; they share the projections and differ in the feature map, the

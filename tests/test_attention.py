@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from labsupport import attention as A
-from labsupport.hardware import MachineProfile, copy_bandwidth_gbs, matmul_gflops
+from labsupport.harness.hardware import MachineProfile, copy_bandwidth_gbs, matmul_gflops
 
 
 def test_causal_attention_matches_sdpa():

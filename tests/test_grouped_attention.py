@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from labsupport import grouped_attention as ga
 from labsupport.attention import causal_attention
-from labsupport.models import TinyLM
+from labsupport.lm.model import TinyLM
 
 f64 = torch.float64
 

@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from conftest import REPO, chapter_notebooks, notebook_params
 
-from labsupport.data import verify_manifest
-from labsupport.editions import SolutionMarkerError, find_solution_blocks
+from labsupport.harness.data import verify_manifest
+from labsupport.harness.editions import SolutionMarkerError, find_solution_blocks
 
 NOTEBOOKS = chapter_notebooks()
 
@@ -47,7 +47,7 @@ def test_set_up_cell_matches_threads_to_the_cpus(path: Path) -> None:
     """Every chapter caps torch's threads early (surplus threads make small models several times slower)."""
     code = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
     assert any("configure_torch_threads()" in source for source in code[:3]), (
-        f"{path.name}: call labsupport.settings.configure_torch_threads() in the set-up cell"
+        f"{path.name}: call labsupport.harness.settings.configure_torch_threads() in the set-up cell"
     )
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import labsupport.linear_attention as la
 from labsupport.linear_attention_mixers import MIXER_MECHANISMS, LinearAttentionMixer, linear_mixer
-from labsupport.models import TinyLM
+from labsupport.lm.model import TinyLM
 
 DT = torch.float64
 TOL = 1e-12
@@ -350,8 +350,8 @@ def test_mixer_state_size_and_errors():
 
 def test_a_mixer_learns_something_quickly():
     """A few optimiser steps lower the MQAR loss of a DeltaNet model (no speed claim, just wiring)."""
-    from labsupport.tasks import make_mqar
-    from labsupport.training import train
+    from labsupport.lm.tasks import make_mqar
+    from labsupport.lm.training import train
 
     torch.manual_seed(0)
     model = TinyLM(32, 32, 1, 32, sequence_mixer=linear_mixer("deltanet", n_heads=2, chunk_size=16),

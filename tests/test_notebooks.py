@@ -18,7 +18,7 @@ import nbformat
 import pytest
 from conftest import chapter_notebooks, notebook_params, stream_text
 
-from labsupport.editions import find_solution_blocks, write_student_editions
+from labsupport.harness.editions import find_solution_blocks, write_student_editions
 
 NOTEBOOKS = chapter_notebooks()
 CHECKER_MARKS = ("✅", "❌", "⏳")

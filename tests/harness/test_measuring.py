@@ -1,4 +1,4 @@
-"""labsupport.benchmarking: timing, peak memory, sweeps, power-law fits, plots, KV-cache bytes."""
+"""labsupport.harness.measuring: the timer, peak memory, sweeps, power-law fits."""
 
 from __future__ import annotations
 
@@ -8,16 +8,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from labsupport.benchmarking import (
-    ScalingResult,
-    fit_power_law,
-    format_bytes,
-    kv_cache_bytes,
-    peak_memory_bytes,
-    plot_scaling,
-    sweep,
-    time_callable,
-)
+from labsupport.harness.measuring import ScalingResult, fit_power_law, peak_memory_bytes, sweep, time_callable
 
 MB = 1_000_000
 
@@ -25,9 +16,9 @@ MB = 1_000_000
 # --------------------------------------------------------------------------- time_callable
 
 
-def test_time_callable_returns_the_median_and_runs_warmup_plus_repeats() -> None:
+def test_time_callable_returns_the_fastest_call_and_runs_warmup_plus_repeats() -> None:
     calls = []
-    durations = iter([0.0, 0.001, 0.05, 0.001, 0.001, 0.001])  # first is warm-up, one outlier
+    durations = iter([0.2, 0.03, 0.05, 0.002, 0.03, 0.03])  # first is warm-up (never counted)
 
     def fn() -> None:
         calls.append(1)
@@ -35,6 +26,13 @@ def test_time_callable_returns_the_median_and_runs_warmup_plus_repeats() -> None
 
     seconds = time_callable(fn, warmup=1, repeats=5)
     assert len(calls) == 6
+    assert 0.0019 < seconds < 0.02  # the fastest call; the median would be about 0.03
+
+
+def test_time_callable_can_return_the_median() -> None:
+    durations = iter([0.0, 0.001, 0.05, 0.001, 0.001, 0.001])
+
+    seconds = time_callable(lambda: time.sleep(next(durations)), warmup=1, repeats=5, statistic="median")
     assert 0.0009 < seconds < 0.02  # the 50 ms outlier does not move the median
 
 
@@ -46,6 +44,7 @@ def test_time_callable_returns_the_median_and_runs_warmup_plus_repeats() -> None
         ({"fn": lambda: None, "warmup": -1}, ValueError),
         ({"fn": lambda: None, "repeats": 2.5}, TypeError),
         ({"fn": lambda: None, "repeats": True}, TypeError),
+        ({"fn": lambda: None, "statistic": "mean"}, ValueError),
     ],
 )
 def test_time_callable_rejects_bad_input(kwargs, error) -> None:
@@ -173,95 +172,3 @@ def test_fit_power_law_tail_ignores_overhead_dominated_small_sizes() -> None:
 def test_fit_power_law_rejects_bad_input(sizes, values, kwargs, error) -> None:
     with pytest.raises(error):
         fit_power_law(sizes, values, **kwargs)
-
-
-# --------------------------------------------------------------------------- plot_scaling
-
-
-def test_plot_scaling_is_log_log_with_slopes_in_the_legend() -> None:
-    quadratic = ScalingResult("softmax", [64, 128, 256], [1e-3, 4e-3, 16e-3], [4, 16, 64])
-    linear = ScalingResult("linear", [64, 128, 256], [1e-3, 2e-3, 4e-3])
-    fig = plot_scaling([quadratic, linear], title="cost vs length", x_title="L (tokens)")
-    assert isinstance(fig, go.Figure)
-    assert [trace.name for trace in fig.data] == ["softmax (slope 2.00)", "linear (slope 1.00)"]
-    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
-    assert fig.layout.xaxis.title.text == "L (tokens)"
-    assert "(s)" in fig.layout.yaxis.title.text
-    assert fig.data[0].mode == "lines+markers"
-    memory_fig = plot_scaling([quadratic], title="memory", y="peak_bytes", fit_tail=2)
-    assert "bytes" in memory_fig.layout.yaxis.title.text
-    assert list(memory_fig.data[0].y) == [4, 16, 64]
-
-
-def test_plot_scaling_draws_curves_with_zeros_without_a_slope() -> None:
-    fig = plot_scaling([ScalingResult("m", [1, 2], [1.0, 2.0], [0, 0])], title="t", y="peak_bytes")
-    assert fig.data[0].name == "m"
-
-
-@pytest.mark.parametrize(
-    ("results", "kwargs", "error"),
-    [
-        ([], {"title": "t"}, ValueError),
-        (["not a result"], {"title": "t"}, TypeError),
-        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "y": "flops"}, ValueError),
-        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "y": "peak_bytes"}, ValueError),
-        ([ScalingResult("a", [1, 2], [1.0])], {"title": "t"}, ValueError),
-        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": None}, TypeError),
-        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "fit_tail": 1}, ValueError),
-    ],
-)
-def test_plot_scaling_rejects_bad_input(results, kwargs, error) -> None:
-    with pytest.raises(error):
-        plot_scaling(results, **kwargs)
-
-
-# --------------------------------------------------------------------------- KV cache
-
-
-def test_kv_cache_bytes_reproduces_the_jamba_papers_llama2_7b_figure() -> None:
-    llama2_7b = kv_cache_bytes(layers=32, kv_heads=32, head_dim=128, context=262_144)
-    assert llama2_7b == 2**37
-    assert format_bytes(llama2_7b) == "128 GiB"
-    assert format_bytes(llama2_7b, binary=False) == "137 GB"
-
-
-def test_kv_cache_bytes_scales_with_every_factor() -> None:
-    base = dict(layers=2, kv_heads=4, head_dim=8, context=16)
-    assert kv_cache_bytes(**base) == 2 * 2 * 4 * 8 * 16 * 2
-    assert kv_cache_bytes(**base, bytes_per_element=1, batch=3) == 2 * 2 * 4 * 8 * 16 * 3
-    assert kv_cache_bytes(**{**base, "context": 0}) == 0
-
-
-@pytest.mark.parametrize(
-    ("override", "error"),
-    [({"layers": 0}, ValueError), ({"kv_heads": 2.0}, TypeError), ({"context": -1}, ValueError),
-     ({"bytes_per_element": 0}, ValueError), ({"batch": None}, TypeError)],
-)
-def test_kv_cache_bytes_rejects_bad_input(override, error) -> None:
-    with pytest.raises(error):
-        kv_cache_bytes(**{"layers": 1, "kv_heads": 1, "head_dim": 1, "context": 1, **override})
-
-
-@pytest.mark.parametrize(
-    ("n", "kwargs", "text"),
-    [
-        (0, {}, "0 B"),
-        (1023, {}, "1023 B"),
-        (1024, {}, "1 KiB"),
-        (1536, {}, "1.5 KiB"),
-        (1_048_575, {}, "1 MiB"),  # rounds up into the next unit, never "1024 KiB"
-        (4 * MB, {}, "3.81 MiB"),
-        (4 * MB, {"binary": False}, "4 MB"),
-        (999_999, {"binary": False}, "1 MB"),
-        (1500, {"binary": False}, "1.5 kB"),
-        (2**40 * 3, {}, "3 TiB"),
-    ],
-)
-def test_format_bytes(n, kwargs, text) -> None:
-    assert format_bytes(n, **kwargs) == text
-
-
-@pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
-def test_format_bytes_rejects_bad_input(n, error) -> None:
-    with pytest.raises(error):
-        format_bytes(n)

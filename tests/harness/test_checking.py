@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from labsupport.checking import Case, CheckResult, check_function, describe_value
+from labsupport.harness.checking import Case, CheckResult, check_function, describe_value
 
 
 def reference_causal_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from labsupport.models import TinyLM
-from labsupport.tasks import IGNORE_INDEX, TaskBatch, make_mqar
-from labsupport.training import evaluate_perplexity, evaluate_recall, plot_histories, sequence_loss, train
+from labsupport.lm.model import TinyLM
+from labsupport.lm.tasks import IGNORE_INDEX, TaskBatch, make_mqar
+from labsupport.harness.plotting import plot_histories
+from labsupport.lm.objectives import sequence_loss
+from labsupport.lm.training import evaluate_perplexity, evaluate_recall, train
 
 
 class Oracle(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""labsupport.data and data/: manifest intact, every file listed, tampering detected."""
+"""labsupport.harness.data and data/: manifest intact, every file listed, tampering detected."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from labsupport import data
-from labsupport.data import MANIFEST_NAME, data_dir, load_text, read_manifest, verify_manifest
+from labsupport.harness import data
+from labsupport.harness.data import MANIFEST_NAME, data_dir, load_text, read_manifest, verify_manifest
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def test_data_dir_is_the_repository_data_folder(monkeypatch) -> None:
@@ -74,7 +74,7 @@ def test_malformed_or_missing_manifest_is_a_problem_not_a_crash(data_copy) -> No
 
 def test_data_dir_explains_where_it_looked(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LABSUPPORT_DATA_DIR", str(tmp_path / "nowhere"))
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "site-packages" / "labsupport" / "data.py"))
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "site-packages" / "labsupport" / "harness" / "data.py"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="LABSUPPORT_DATA_DIR"):
         data_dir()
@@ -93,7 +93,7 @@ def test_data_dir_finds_package_data_of_an_installed_wheel(tmp_path, monkeypatch
     package = tmp_path / "site-packages" / "labsupport"
     shutil.copytree(REPO_DATA, package / "_data", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.delenv("LABSUPPORT_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "__file__", str(package / "data.py"))
+    monkeypatch.setattr(data, "__file__", str(package / "harness" / "data.py"))
     monkeypatch.chdir(tmp_path)
     assert data_dir() == (package / "_data").resolve()
     assert verify_manifest() == []

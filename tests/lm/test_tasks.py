@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labsupport.tasks import IGNORE_INDEX, CharCorpus, TaskBatch, make_mqar, make_needle, make_selective_copy
+from labsupport.lm.tasks import IGNORE_INDEX, CharCorpus, TaskBatch, make_mqar, make_needle, make_selective_copy
 
 
 @settings(max_examples=25, deadline=None)
@@ -64,7 +64,7 @@ def test_mqar_is_seeded():
         (dict(num_examples=2, seq_len=15, num_pairs=4, vocab_size=64), "4 \\* num_pairs <= seq_len"),
         (dict(num_examples=2, seq_len=16, num_pairs=4, vocab_size=63), "must be even"),
         (dict(num_examples=2, seq_len=64, num_pairs=16, vocab_size=20), "distinct keys"),
-        (dict(num_examples=0, seq_len=16, num_pairs=4, vocab_size=64), "num_examples must be at least 1"),
+        (dict(num_examples=0, seq_len=16, num_pairs=4, vocab_size=64), "num_examples must be >= 1"),
         (dict(num_examples=2, seq_len=16.0, num_pairs=4, vocab_size=64), "seq_len must be an int"),
     ],
 )

@@ -2,9 +2,12 @@
 
 * :func:`train` — AdamW with weight decay, linear warm-up then cosine decay,
   gradient clipping, a ``tqdm.auto`` progress bar, periodic evaluation; returns
-  a :class:`TrainingHistory` that plots itself.
+  a :class:`TrainingHistory` that plots itself. The loss is a pluggable
+  objective (:mod:`labsupport.lm.objectives`; next-token by default) plus every
+  auxiliary loss the model's modules report, and the modules' metrics (tokens
+  per expert, say) are recorded at every step (hooks: :mod:`labsupport.lm.contracts`).
 * :func:`evaluate_recall` — accuracy of the argmax prediction at the scored
-  positions of a :class:`~labsupport.tasks.TaskBatch` (MQAR, needle, copying).
+  positions of a :class:`~labsupport.lm.tasks.TaskBatch` (MQAR, needle, copying).
 * :func:`evaluate_perplexity` — ``exp`` of the mean cross-entropy at the scored
   positions (language modelling).
 """
@@ -13,18 +16,30 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from labsupport.tasks import IGNORE_INDEX, TaskBatch
+from labsupport.harness.validation import require_callable, require_float, require_positive_int, require_probability
+from labsupport.lm.contracts import AuxiliaryLossSource, MetricSource
+from labsupport.lm.objectives import Objective, next_token_loss, sequence_loss
+from labsupport.lm.tasks import IGNORE_INDEX, TaskBatch
 
-__all__ = ["TrainingHistory", "train", "sequence_loss", "evaluate_recall", "evaluate_perplexity"]
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+__all__ = [
+    "TrainingHistory",
+    "auxiliary_losses",
+    "evaluate_perplexity",
+    "evaluate_recall",
+    "train",
+    "training_metrics",
+]
 
 
 @dataclass
@@ -34,6 +49,8 @@ class TrainingHistory:
     Attributes:
         steps, losses: training loss after each step.
         eval_steps, eval_accuracy, eval_loss: the periodic evaluations.
+        aux_losses: each auxiliary loss (by ``"module.name"``) at every step.
+        metrics: each module metric (by ``"module.name"``) at every step.
         seconds: wall-clock time of the whole run.
         label: a name for legends.
     """
@@ -44,6 +61,8 @@ class TrainingHistory:
     eval_steps: list[int] = field(default_factory=list)
     eval_accuracy: list[float] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
+    aux_losses: dict[str, list[float]] = field(default_factory=dict)
+    metrics: dict[str, list[float | list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -53,38 +72,34 @@ class TrainingHistory:
 
     def plot(self, *, title: str | None = None) -> go.Figure:
         """Training loss and evaluation accuracy against step."""
+        from labsupport.harness.plotting import plot_histories
+
         return plot_histories([self], title=title or f"Training: {self.label}")
 
 
-def plot_histories(histories: list[TrainingHistory], *, title: str = "Training") -> go.Figure:
-    """Loss (left axis, log) and evaluation accuracy (right axis) of several runs."""
-    if not histories:
-        raise ValueError("plot_histories needs at least one TrainingHistory")
-    fig = go.Figure()
-    for h in histories:
-        fig.add_trace(go.Scatter(x=h.steps, y=h.losses, name=f"{h.label}: train loss", mode="lines"))
-        if h.eval_steps:
-            fig.add_trace(go.Scatter(x=h.eval_steps, y=h.eval_accuracy, name=f"{h.label}: recall",
-                                     mode="lines+markers", yaxis="y2"))
-    fig.update_layout(
-        title=title,
-        xaxis_title="training step",
-        yaxis=dict(title="cross-entropy loss", type="log"),
-        yaxis2=dict(title="accuracy at scored positions", overlaying="y", side="right", range=[0, 1.02],
-                    tickmode="linear", tick0=0, dtick=0.2, tickformat=".0%", showgrid=False),
-        legend=dict(orientation="h", y=-0.2),
-        height=420,
-    )
-    return fig
+def auxiliary_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The auxiliary losses of the model's latest forward pass, by ``"module_path.loss_name"``."""
+    found: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AuxiliaryLossSource):
+            for name, value in module.auxiliary_losses().items():
+                found[f"{path}.{name}" if path else name] = value
+    return found
 
 
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored positions (targets != −100)."""
-    if logits.dim() != 3 or logits.shape[:2] != targets.shape:
-        raise ValueError(
-            f"expected logits (B, L, V) and targets (B, L); got {tuple(logits.shape)} and {tuple(targets.shape)}"
-        )
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+def training_metrics(model: nn.Module) -> dict[str, float | list[float]]:
+    """The metrics of the model's latest forward pass, by ``"module_path.metric_name"``."""
+    found: dict[str, float | list[float]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MetricSource):
+            for name, value in module.training_metrics().items():
+                key = f"{path}.{name}" if path else name
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().tolist()
+                elif isinstance(value, Sequence):
+                    value = [float(v) for v in value]
+                found[key] = value if isinstance(value, list) else float(value)
+    return found
 
 
 @torch.no_grad()
@@ -132,6 +147,7 @@ def train(
     make_batch: Callable[[torch.Generator], TaskBatch],
     *,
     steps: int,
+    objective: Objective = next_token_loss,
     lr: float = 3e-3,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
@@ -139,6 +155,7 @@ def train(
     seed: int = 0,
     eval_batch: TaskBatch | None = None,
     eval_every: int | None = None,
+    evaluate: Callable[[nn.Module, TaskBatch], float] = evaluate_recall,
     label: str = "model",
     progress: bool = True,
 ) -> TrainingHistory:
@@ -146,28 +163,36 @@ def train(
 
     The run is deterministic for a given ``seed`` on a given machine: the
     parameters are not re-initialised here (seed before building the model), but
-    the data stream and dropout are seeded. The learning rate warms up linearly
-    for ``warmup_fraction`` of the steps, then follows a cosine to zero.
+    the data stream, the objective's own randomness and dropout are seeded. The
+    learning rate warms up linearly for ``warmup_fraction`` of the steps, then
+    follows a cosine to zero.
+
+    The loss of a step is ``objective(model, batch, generator)`` plus the sum of
+    every auxiliary loss that the model's modules report after that forward pass
+    (:class:`~labsupport.lm.contracts.AuxiliaryLossSource`); the modules' metrics
+    (:class:`~labsupport.lm.contracts.MetricSource`) are recorded too.
 
     Args:
         model: maps token ids ``(B, L)`` to logits ``(B, L, V)``.
         make_batch: returns a training :class:`TaskBatch`; it must draw its
             randomness from the generator it is given.
         steps: optimiser steps.
-        eval_batch: held-out batch scored with :func:`evaluate_recall` every
-            ``eval_every`` steps (default: 10 times per run) and at the end.
+        objective: the loss (default: next-token cross-entropy at the scored
+            positions; see :mod:`labsupport.lm.objectives`).
+        eval_batch: held-out batch scored with ``evaluate`` (default
+            :func:`evaluate_recall`) every ``eval_every`` steps (default: 10 times
+            per run) and at the end; its objective loss is recorded too.
         progress: show a ``tqdm.auto`` progress bar.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not callable(make_batch):
-        raise TypeError("make_batch must be a function generator -> TaskBatch")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if not (0.0 <= warmup_fraction < 1.0):
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    steps = require_positive_int("steps", steps)
+    require_callable("make_batch", make_batch)
+    require_callable("objective", objective)
+    require_callable("evaluate", evaluate)
+    lr = require_float("lr", lr, positive=True)
+    warmup_fraction = require_probability("warmup_fraction", warmup_fraction, open_right=True)
     if eval_every is None:
         eval_every = max(1, steps // 10)
+    eval_every = require_positive_int("eval_every", eval_every)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -196,7 +221,12 @@ def train(
         batch = make_batch(generator)
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"make_batch must return a TaskBatch, got {type(batch).__name__}")
-        loss = sequence_loss(model(batch.inputs), batch.targets)
+        loss = objective(model, batch, generator)
+        extra = auxiliary_losses(model)
+        _record(history.aux_losses, extra)
+        _record(history.metrics, training_metrics(model))
+        if extra:
+            loss = loss + sum(extra.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {float(loss.detach())} at step {step}; try a lower lr")
         optimizer.zero_grad(set_to_none=True)
@@ -209,13 +239,21 @@ def train(
         history.losses.append(float(loss.detach()))
         if eval_batch is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
             history.eval_steps.append(step + 1)
-            history.eval_accuracy.append(evaluate_recall(model, eval_batch))
+            history.eval_accuracy.append(evaluate(model, eval_batch))
             with torch.no_grad():
                 model.eval()
-                history.eval_loss.append(float(sequence_loss(model(eval_batch.inputs), eval_batch.targets)))
+                eval_generator = torch.Generator().manual_seed(seed)
+                history.eval_loss.append(float(objective(model, eval_batch, eval_generator)))
                 model.train()
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", recall=f"{history.eval_accuracy[-1]:.2f}")
     bar.close()
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _record(log: dict[str, list], values: Mapping[str, object]) -> None:
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            value = float(value.detach()) if value.numel() == 1 else value.detach().tolist()
+        log.setdefault(name, []).append(value)

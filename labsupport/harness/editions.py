@@ -1,6 +1,6 @@
 """Student editions: the chapters with every solution replaced by a placeholder.
 
-Run ``python -m labsupport.editions [--out student-editions] [notebooks ...]``
+Run ``python -m labsupport.harness.editions [--out student-editions] [notebooks ...]``
 (or ``labsupport-editions``). With no notebooks named, every ``notebooks/*.ipynb``
 under the current directory is converted. In each notebook:
 
@@ -179,7 +179,7 @@ def write_student_editions(notebooks: Sequence[Path | str], out_dir: Path | str)
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 on success, 1 on an error)."""
     parser = argparse.ArgumentParser(
-        prog="python -m labsupport.editions",
+        prog="python -m labsupport.harness.editions",
         description="Write student editions: solutions replaced by placeholders, outputs cleared.",
     )
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to convert (default: notebooks/*.ipynb)")

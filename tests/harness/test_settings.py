@@ -1,4 +1,4 @@
-"""labsupport.settings: seeding, quick mode, and plotly's renderer choice."""
+"""labsupport.harness.settings: seeding, quick mode, and plotly's renderer choice."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import plotly.io as pio
 import pytest
 import torch
 
-from labsupport import settings
-from labsupport.settings import configure_plotly, pick, quick_mode, seed_everything
+from labsupport.harness import settings
+from labsupport.harness.settings import configure_plotly, pick, quick_mode, seed_everything
 
 
 def draw() -> tuple[float, float, float]:

@@ -1,4 +1,4 @@
-"""labsupport.widgets: the live explorer, its static snapshot, errors during interaction."""
+"""labsupport.harness.widgets: the live explorer, its static snapshot, errors during interaction."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import IPython.display
 import plotly.graph_objects as go
 import pytest
 
-from labsupport import widgets
-from labsupport.widgets import InteractiveFigure, interactive_figure
+from labsupport.harness import widgets
+from labsupport.harness.widgets import InteractiveFigure, interactive_figure
 
 
 def line_figure(slope: int, kind: str = "line") -> go.Figure:

@@ -1,4 +1,4 @@
-"""labsupport.envcheck: one line per requirement, a fix for each failure, exit status 1 on failure."""
+"""labsupport.harness.envcheck: one line per requirement, a fix for each failure, exit status 1 on failure."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from labsupport import envcheck
-from labsupport.envcheck import CheckLine, check_data, check_package, check_python, format_line, main
+from labsupport.harness import envcheck
+from labsupport.harness.envcheck import CheckLine, check_data, check_package, check_python, format_line, main
 
 
 def fake_import(version: str):
@@ -66,7 +66,7 @@ def test_format_line_adds_what_to_do_only_when_needed() -> None:
 
 def test_checksum_mismatch_fails_the_whole_check(monkeypatch, capsys) -> None:
     problems = ["shakespeare.txt: sha256 differs from MANIFEST.sha256 (the file was changed or is corrupt)"]
-    monkeypatch.setattr("labsupport.data.verify_manifest", lambda: problems)
+    monkeypatch.setattr("labsupport.harness.data.verify_manifest", lambda: problems)
     assert check_data().status == "FAIL"
     assert main([]) == 1
     out = capsys.readouterr().out

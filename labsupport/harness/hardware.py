@@ -8,35 +8,23 @@ that decoding one token at a time sits far below the balance point.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
+from labsupport.harness.measuring import time_callable
+from labsupport.harness.validation import require_float, require_int
+
 __all__ = ["MachineProfile", "matmul_gflops", "copy_bandwidth_gbs", "profile_machine"]
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def matmul_gflops(n: int = 1024, *, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
     """Measured GFLOP/s of an ``n × n`` by ``n × n`` matrix product (``2 n³`` FLOPs)."""
-    if n < 16:
-        raise ValueError(f"n must be at least 16 for a meaningful measurement, got {n}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    n = require_int("n", n, minimum=16)  # smaller products measure Python overhead, not arithmetic
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
-    seconds = _median_seconds(lambda: a @ b, repeats)
+    seconds = time_callable(lambda: a @ b, repeats=repeats)
     return 2 * n**3 / seconds / 1e9
 
 
@@ -45,13 +33,10 @@ def copy_bandwidth_gbs(megabytes: int = 256, *, repeats: int = 5) -> float:
 
     The buffer should be far larger than the CPU caches (the default 256 MB is).
     """
-    if megabytes < 8:
-        raise ValueError(f"use at least 8 MB so the caches do not hide memory, got {megabytes}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    megabytes = require_int("megabytes", megabytes, minimum=8)  # smaller buffers fit in the CPU caches
     src = torch.ones(megabytes * 1_000_000 // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), repeats)
+    seconds = time_callable(lambda: dst.copy_(src), repeats=repeats)
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
@@ -69,8 +54,7 @@ class MachineProfile:
 
     def attainable_gflops(self, intensity: float) -> float:
         """The roofline: ``min(peak FLOP/s, intensity × bandwidth)``."""
-        if intensity <= 0:
-            raise ValueError(f"arithmetic intensity must be positive, got {intensity}")
+        intensity = require_float("intensity", intensity, positive=True)
         return min(self.gflops, intensity * self.bandwidth_gbs)
 
 

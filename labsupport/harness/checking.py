@@ -268,7 +268,7 @@ def _flatten_tensors(value: Any) -> list[torch.Tensor]:
 def _where_in_learner_code(error: BaseException) -> str:
     """The learner's own line that raised, without the rest of the traceback."""
     frames = traceback.extract_tb(error.__traceback__)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the whole labsupport package
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
     mine = [
         f
@@ -342,7 +342,7 @@ def check_function(
     output_names = tuple(output_names)
     cases = list(cases)
     if not cases or not all(isinstance(c, Case) for c in cases):
-        raise TypeError("cases must be a non-empty sequence of labsupport.checking.Case")
+        raise TypeError("cases must be a non-empty sequence of labsupport.harness.checking.Case")
 
     def finish(status: Status, message: str, passed: int) -> CheckResult:
         result = CheckResult(exercise, status, message, passed, len(cases))

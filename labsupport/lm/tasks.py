@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labsupport.harness.validation import require_int, require_positive_int
+
 __all__ = [
     "IGNORE_INDEX",
     "TaskBatch",
@@ -77,14 +79,6 @@ def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Gen
     return torch.Generator().manual_seed(0 if seed is None else int(seed))
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 def make_mqar(
     num_examples: int,
     seq_len: int,
@@ -118,10 +112,10 @@ def make_mqar(
         power_a: exponent of the gap distribution (Zoology's default 0.01).
         generator, seed: the source of randomness (default: seed 0).
     """
-    num_examples = _positive_int("num_examples", num_examples)
-    seq_len = _positive_int("seq_len", seq_len, 4)
-    num_pairs = _positive_int("num_pairs", num_pairs)
-    vocab_size = _positive_int("vocab_size", vocab_size, 4)
+    num_examples = require_positive_int("num_examples", num_examples)
+    seq_len = require_int("seq_len", seq_len, minimum=4)
+    num_pairs = require_positive_int("num_pairs", num_pairs)
+    vocab_size = require_int("vocab_size", vocab_size, minimum=4)
     if 4 * num_pairs > seq_len:
         raise ValueError(
             f"MQAR needs 4 * num_pairs <= seq_len (2 tokens per pair in the context and 2 per "
@@ -182,10 +176,10 @@ def make_selective_copy(
     ``num_tokens`` positions hold markers, and there the targets are the data
     tokens in order. Only those positions are scored.
     """
-    num_examples = _positive_int("num_examples", num_examples)
-    seq_len = _positive_int("seq_len", seq_len, 2)
-    num_tokens = _positive_int("num_tokens", num_tokens)
-    vocab_size = _positive_int("vocab_size", vocab_size, 3)
+    num_examples = require_positive_int("num_examples", num_examples)
+    seq_len = require_int("seq_len", seq_len, minimum=2)
+    num_tokens = require_positive_int("num_tokens", num_tokens)
+    vocab_size = require_int("vocab_size", vocab_size, minimum=3)
     if 2 * num_tokens > seq_len:
         raise ValueError(
             f"selective copying needs 2 * num_tokens <= seq_len; got num_tokens={num_tokens}, "
@@ -225,9 +219,9 @@ def make_needle(
     else; the value comes from the upper half. The last input is the key again,
     and its target, the only scored position, is the value.
     """
-    num_examples = _positive_int("num_examples", num_examples)
-    seq_len = _positive_int("seq_len", seq_len, 4)
-    vocab_size = _positive_int("vocab_size", vocab_size, 4)
+    num_examples = require_positive_int("num_examples", num_examples)
+    seq_len = require_int("seq_len", seq_len, minimum=4)
+    vocab_size = require_int("vocab_size", vocab_size, minimum=4)
     if not isinstance(depth, (int, float)) or not (0.0 <= float(depth) <= 1.0):
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
     if vocab_size % 2:
@@ -275,11 +269,11 @@ class CharCorpus:
     @classmethod
     def from_data(cls, name: str = "shakespeare.txt", *, max_chars: int | None = None) -> CharCorpus:
         """Load a text shipped in ``data/`` (checksummed; see ``data/PROVENANCE.md``)."""
-        from labsupport.data import load_text
+        from labsupport.harness.data import load_text
 
         text = load_text(name)
         if max_chars is not None:
-            text = text[: _positive_int("max_chars", max_chars, 2)]
+            text = text[: require_int("max_chars", max_chars, minimum=2)]
         return cls(text)
 
     @property
@@ -311,8 +305,8 @@ class CharCorpus:
         seed: int | None = None,
     ) -> TaskBatch:
         """Random windows of ``seq_len`` characters; every position is scored (next character)."""
-        batch_size = _positive_int("batch_size", batch_size)
-        seq_len = _positive_int("seq_len", seq_len)
+        batch_size = require_positive_int("batch_size", batch_size)
+        seq_len = require_positive_int("seq_len", seq_len)
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         data = self.train_data if split == "train" else self.val_data

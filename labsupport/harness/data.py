@@ -35,8 +35,9 @@ def _candidates() -> list[Path]:
     found = []
     if os.environ.get(DATA_DIR_ENV_VAR):
         found.append(Path(os.environ[DATA_DIR_ENV_VAR]).expanduser())
-    found.append(Path(__file__).resolve().parent.parent / "data")
-    found.append(Path(__file__).resolve().parent / "_data")
+    package = Path(__file__).resolve().parent.parent  # labsupport/
+    found.append(package.parent / "data")  # a clone of the repository
+    found.append(package / "_data")  # an installed wheel
     found.append(Path.cwd() / "data")
     found.append(Path.cwd().parent / "data")
     return found

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from labsupport.models import KVCache, ShortConv, SoftmaxAttention, TinyLM, count_parameters
+from labsupport.lm.layers import KVCache, ShortConv, SoftmaxAttention
+from labsupport.lm.model import TinyLM, count_parameters
 
 
 def test_softmax_attention_is_causal():

@@ -1,6 +1,6 @@
 """Check the environment the course needs and say what to fix.
 
-Run ``python -m labsupport.envcheck`` (or ``labsupport-check-env``). It prints one
+Run ``python -m labsupport.harness.envcheck`` (or ``labsupport-check-env``). It prints one
 line per requirement — ``OK``, ``WARN`` (works, but not the tested version),
 ``SKIP`` (optional and absent) or ``FAIL`` — and after each failure one line
 saying what to do. The exit status is 1 when a required item fails, else 0.
@@ -141,7 +141,7 @@ def check_jupyterlab_widgets() -> CheckLine:
 def check_data(verify: Callable[[], list[str]] | None = None) -> CheckLine:
     """Every file of ``data/`` matches ``data/MANIFEST.sha256``."""
     if verify is None:
-        from labsupport.data import verify_manifest as verify
+        from labsupport.harness.data import verify_manifest as verify
     problems = verify()
     if not problems:
         return CheckLine("data checksums", "OK", "every file in data/ matches MANIFEST.sha256")
@@ -157,7 +157,7 @@ def check_cpu_threads(threads: int | None = None, budget: int | None = None) -> 
     if threads is None or budget is None:
         import torch
 
-        from labsupport.settings import cpu_budget
+        from labsupport.harness.settings import cpu_budget
 
         threads = torch.get_num_threads() if threads is None else threads
         budget = cpu_budget() if budget is None else budget
@@ -165,7 +165,7 @@ def check_cpu_threads(threads: int | None = None, budget: int | None = None) -> 
     if threads > budget:
         return CheckLine(
             "CPU threads", "WARN", detail,
-            "the chapters call labsupport.settings.configure_torch_threads() to match them; in your own scripts "
+            "the chapters call labsupport.harness.settings.configure_torch_threads() to match them; in your own scripts "
             f"call it too, or set OMP_NUM_THREADS={budget}, or small models run several times slower",
         )
     return CheckLine("CPU threads", "OK", detail)
@@ -192,7 +192,7 @@ def run_checks() -> list[CheckLine]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print every check; return 1 when a required item failed, else 0."""
     argparse.ArgumentParser(
-        prog="python -m labsupport.envcheck",
+        prog="python -m labsupport.harness.envcheck",
         description="Check the course's environment: one OK/WARN/SKIP/FAIL line per requirement.",
     ).parse_args(argv)
     lines = run_checks()

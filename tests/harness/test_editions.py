@@ -1,4 +1,4 @@
-"""labsupport.editions: solution blocks replaced, outputs cleared, marker errors named."""
+"""labsupport.harness.editions: solution blocks replaced, outputs cleared, marker errors named."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from labsupport.editions import (
+from labsupport.harness.editions import (
     SolutionMarkerError,
     find_solution_blocks,
     main,

@@ -1,0 +1,258 @@
+"""Every byte and FLOP formula of the course, in one place.
+
+Memory of what a model keeps per sequence:
+
+* :func:`kv_cache_bytes` — keys and values of softmax attention (grows with the context).
+* :func:`cache_elements_per_token`, :func:`mla_elements_per_token`, :func:`equivalent_kv_groups`,
+  :func:`quantized_bytes_per_element` — what GQA/MQA, MLA and a quantised cache store per token.
+* :func:`recurrent_state_bytes` — the fixed-size state of a linear-attention or state-space layer.
+
+Work:
+
+* :class:`TransformerShape` — FLOPs and bytes moved per token of a dense decoder, for prefill and decode.
+* :func:`chunkwise_flops` — matmul FLOPs of chunkwise linear attention.
+
+And :func:`format_bytes` to print any of them. :data:`KV_PRESETS` and :data:`MODEL_PRESETS`
+hold the shapes of published models.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from labsupport.harness.validation import require_float, require_int, require_positive_int
+
+__all__ = [
+    "KV_PRESETS",
+    "MODEL_PRESETS",
+    "TransformerShape",
+    "cache_elements_per_token",
+    "chunkwise_flops",
+    "equivalent_kv_groups",
+    "format_bytes",
+    "kv_cache_bytes",
+    "mla_elements_per_token",
+    "quantized_bytes_per_element",
+    "recurrent_state_bytes",
+]
+
+
+# --------------------------------------------------------------------------- KV-cache arithmetic
+
+
+def kv_cache_bytes(
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    context: int,
+    bytes_per_element: int = 2,
+    batch: int = 1,
+) -> int:
+    """Bytes of the key/value cache: ``2 · layers · kv_heads · head_dim · context · bytes · batch``.
+
+    The leading 2 counts keys and values. ``bytes_per_element`` is 2 for fp16/bf16,
+    1 for int8, 4 for fp32. Example: LLaMA-2-7B (32 layers, 32 KV heads of
+    dimension 128, fp16) at 256K tokens holds 2**37 bytes, which
+    ``format_bytes`` shows as ``"128 GiB"`` — the "128GB" of the Jamba paper.
+    """
+    layers = require_int("layers", layers, minimum=1)
+    kv_heads = require_int("kv_heads", kv_heads, minimum=1)
+    head_dim = require_int("head_dim", head_dim, minimum=1)
+    context = require_int("context", context, minimum=0)
+    bytes_per_element = require_int("bytes_per_element", bytes_per_element, minimum=1)
+    batch = require_int("batch", batch, minimum=1)
+    return 2 * layers * kv_heads * head_dim * context * bytes_per_element * batch
+
+
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_DECIMAL_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
+
+
+def format_bytes(n: int | float, *, binary: bool = True, digits: int = 3) -> str:
+    """Human-readable byte count.
+
+    Args:
+        n: a non-negative number of bytes.
+        binary: ``True`` (default) uses powers of 1024 with IEC names (KiB, MiB,
+            GiB); ``False`` uses powers of 1000 with SI names (kB, MB, GB).
+            Papers usually write "GB" for what are binary gigabytes: the Jamba
+            paper's "128GB" KV cache for LLaMA-2-7B at 256K tokens is 2**37 bytes
+            = ``"128 GiB"`` here, which would read ``"137 GB"`` in decimal units.
+        digits: significant digits shown (trailing zeros dropped).
+
+    Examples: ``format_bytes(2**37) == "128 GiB"``, ``format_bytes(2**37, binary=False) == "137 GB"``,
+    ``format_bytes(1536) == "1.5 KiB"``, ``format_bytes(10) == "10 B"``.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"n must be a number of bytes, got {type(n).__name__} ({n!r})")
+    if not math.isfinite(n) or n < 0:
+        raise ValueError(f"n must be a finite non-negative number of bytes, got {n}")
+    if not isinstance(binary, bool):
+        raise TypeError(f"binary must be a bool, got {type(binary).__name__}")
+    digits = require_int("digits", digits, minimum=1)
+    base = 1024.0 if binary else 1000.0
+    units = _BINARY_UNITS if binary else _DECIMAL_UNITS
+    value = float(n)
+    unit_index = 0
+    # Promote to the next unit when the *shown* number reaches the base, so that
+    # 1023.9 KiB reads "1 MiB" and never "1024 KiB".
+    while unit_index < len(units) - 1 and float(_significant(value, digits)) >= base:
+        value /= base
+        unit_index += 1
+    if unit_index == 0:
+        return f"{int(round(value))} B"
+    return f"{_significant(value, digits)} {units[unit_index]}"
+
+
+def _significant(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant digits, never in exponent form, trailing zeros dropped."""
+    if value >= 10 ** (digits - 1):
+        return f"{value:.0f}"
+    decimals = digits - 1 - math.floor(math.log10(value)) if value > 0 else 0
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+# --------------------------------------------------------------------------- what a layer keeps per token
+
+
+def cache_elements_per_token(n_kv_heads: int, head_dim: int) -> int:
+    """Cached numbers per token per layer for MHA/GQA/MQA: ``2 · n_kv_heads · head_dim``."""
+    return 2 * require_positive_int("n_kv_heads", n_kv_heads) * require_positive_int("head_dim", head_dim)
+
+
+def mla_elements_per_token(latent_dim: int, rope_dim: int) -> int:
+    """Cached numbers per token per layer for MLA: ``d_c + d_h^R``."""
+    return require_positive_int("latent_dim", latent_dim) + require_int("rope_dim", rope_dim, minimum=0)
+
+
+def equivalent_kv_groups(elements_per_token: float, head_dim: int) -> float:
+    """The number of GQA groups whose cache is as big: ``elements / (2 · head_dim)``."""
+    elements = require_float("elements_per_token", elements_per_token, positive=True)
+    return elements / (2 * require_positive_int("head_dim", head_dim))
+
+
+def quantized_bytes_per_element(bits: int, group: float, scale_bytes: int = 2) -> float:
+    """Average bytes per element: ``bits/8`` plus one (scale, minimum) pair per ``group`` elements."""
+    bits = require_int("bits", bits, minimum=1, maximum=8)
+    group = require_float("group", group, positive=True)
+    return bits / 8 + 2 * require_positive_int("scale_bytes", scale_bytes) / group
+
+
+def recurrent_state_bytes(layers: int, heads: int, d_k: int, d_v: int, *,
+                          bytes_per_element: int = 2, batch: int = 1) -> int:
+    """Bytes of the recurrent state of a model: ``layers × heads × D_k × D_v`` elements per sequence.
+
+    Unlike a KV cache it does not depend on the context length.
+    """
+    values = {"layers": layers, "heads": heads, "d_k": d_k, "d_v": d_v,
+              "bytes_per_element": bytes_per_element, "batch": batch}
+    total = 1
+    for name, value in values.items():
+        total *= require_positive_int(name, value)
+    return total
+
+
+# --------------------------------------------------------------------------- work
+
+
+def chunkwise_flops(batch: int, heads: int, length: int, d_k: int, d_v: int, chunk_size: int) -> dict[str, int]:
+    """Matmul FLOPs of chunkwise linear attention without decay (2 per multiply-add).
+
+    Per chunk of ``C`` tokens: ``Q Kᵀ`` (``2 C² D_k``, computed in full even
+    though the causal mask zeroes half), ``scores · V`` (``2 C² D_v``),
+    ``Kᵀ V`` (``2 C D_k D_v``) and ``Q S`` (``2 C D_k D_v``). Returns the
+    ``executed`` count (what the code multiplies, the last chunk padded), and
+    ``useful``: the same with only the causal half (plus diagonal) of the
+    intra-chunk products and the unpadded length. Element-wise work (masking,
+    the cumulative sum of states) is not counted.
+    """
+    batch, heads, length = (require_positive_int(n, v) for n, v in (("batch", batch), ("heads", heads),
+                                                                   ("length", length)))
+    d_k, d_v, c = (require_positive_int(n, v) for n, v in (("d_k", d_k), ("d_v", d_v), ("chunk_size", chunk_size)))
+    padded = -(-length // c) * c
+    executed = batch * heads * (padded * 2 * c * (d_k + d_v) + padded * 4 * d_k * d_v)
+    useful = batch * heads * (length * (c + 1) * (d_k + d_v) + length * 4 * d_k * d_v)
+    return {"executed": executed, "useful": useful}
+
+
+#: Attention shapes of published models (query heads, KV heads, head dim, attention layers).
+KV_PRESETS: dict[str, dict[str, int]] = {
+    "LLaMA-2-7B (MHA)": {"layers": 32, "q_heads": 32, "kv_heads": 32, "head_dim": 128},
+    "Mistral-7B (GQA)": {"layers": 32, "q_heads": 32, "kv_heads": 8, "head_dim": 128},
+    "Mixtral-8x7B (GQA)": {"layers": 32, "q_heads": 32, "kv_heads": 8, "head_dim": 128},
+    "Jamba (4 attention layers of 32)": {"layers": 4, "q_heads": 32, "kv_heads": 8, "head_dim": 128},
+}
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """The dimensions of a dense decoder, enough to count FLOPs and bytes per token.
+
+    Counting conventions: a matrix product of an ``m × k`` by ``k × n`` costs
+    ``2mkn`` FLOPs; weights are read once per forward pass whatever the batch;
+    layer norms, softmax and activations are ignored (they are small).
+    """
+
+    layers: int
+    d_model: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab: int
+    bytes_per_element: int = 2
+    gated_mlp: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "d_model", "q_heads", "kv_heads", "head_dim", "d_ff", "vocab", "bytes_per_element"):
+            require_positive_int(name, getattr(self, name))
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads={self.q_heads} must be a multiple of kv_heads={self.kv_heads}")
+
+    @property
+    def params_per_layer(self) -> int:
+        attn = self.d_model * self.head_dim * (2 * self.q_heads + 2 * self.kv_heads)
+        mlp = (3 if self.gated_mlp else 2) * self.d_model * self.d_ff
+        return attn + mlp
+
+    @property
+    def params(self) -> int:
+        """Weights used per token: all layers plus the output projection (the input embedding is a lookup)."""
+        return self.layers * self.params_per_layer + self.d_model * self.vocab
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache each token adds, over all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_element
+
+    def flops_per_token(self, context: int) -> float:
+        """FLOPs to process one token that attends to ``context`` positions."""
+        weights = 2 * self.params
+        attention = 4 * self.layers * self.q_heads * self.head_dim * context  # q·k and p·v
+        return float(weights + attention)
+
+    def decode_step(self, context: int, batch: int = 1) -> tuple[float, float]:
+        """(FLOPs, bytes moved) for one decode step of ``batch`` sequences at ``context``."""
+        context, batch = require_positive_int("context", context), require_positive_int("batch", batch)
+        flops = batch * self.flops_per_token(context)
+        moved = self.params * self.bytes_per_element + batch * context * self.kv_bytes_per_token()
+        return flops, float(moved)
+
+    def prefill(self, length: int, batch: int = 1) -> tuple[float, float]:
+        """(FLOPs, bytes moved) to prefill ``batch`` prompts of ``length`` tokens (causal: mean context L/2)."""
+        length, batch = require_positive_int("length", length), require_positive_int("batch", batch)
+        flops = batch * length * self.flops_per_token((length + 1) // 2)
+        moved = self.params * self.bytes_per_element + 2 * batch * length * self.kv_bytes_per_token()
+        return float(flops), float(moved)
+
+
+#: Full shapes for the FLOPs-and-bytes estimate (from the models' published configs).
+MODEL_PRESETS: dict[str, TransformerShape] = {
+    "LLaMA-2-7B": TransformerShape(32, 4096, 32, 32, 128, 11008, 32000),
+    "Mistral-7B": TransformerShape(32, 4096, 32, 8, 128, 14336, 32000),
+}
+
+

@@ -1,0 +1,64 @@
+"""labsupport.harness.costs: byte arithmetic (KV cache, format_bytes)."""
+
+from __future__ import annotations
+
+import time
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from labsupport.harness.costs import format_bytes, kv_cache_bytes
+
+MB = 1_000_000
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def test_kv_cache_bytes_reproduces_the_jamba_papers_llama2_7b_figure() -> None:
+    llama2_7b = kv_cache_bytes(layers=32, kv_heads=32, head_dim=128, context=262_144)
+    assert llama2_7b == 2**37
+    assert format_bytes(llama2_7b) == "128 GiB"
+    assert format_bytes(llama2_7b, binary=False) == "137 GB"
+
+
+def test_kv_cache_bytes_scales_with_every_factor() -> None:
+    base = dict(layers=2, kv_heads=4, head_dim=8, context=16)
+    assert kv_cache_bytes(**base) == 2 * 2 * 4 * 8 * 16 * 2
+    assert kv_cache_bytes(**base, bytes_per_element=1, batch=3) == 2 * 2 * 4 * 8 * 16 * 3
+    assert kv_cache_bytes(**{**base, "context": 0}) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [({"layers": 0}, ValueError), ({"kv_heads": 2.0}, TypeError), ({"context": -1}, ValueError),
+     ({"bytes_per_element": 0}, ValueError), ({"batch": None}, TypeError)],
+)
+def test_kv_cache_bytes_rejects_bad_input(override, error) -> None:
+    with pytest.raises(error):
+        kv_cache_bytes(**{"layers": 1, "kv_heads": 1, "head_dim": 1, "context": 1, **override})
+
+
+@pytest.mark.parametrize(
+    ("n", "kwargs", "text"),
+    [
+        (0, {}, "0 B"),
+        (1023, {}, "1023 B"),
+        (1024, {}, "1 KiB"),
+        (1536, {}, "1.5 KiB"),
+        (1_048_575, {}, "1 MiB"),  # rounds up into the next unit, never "1024 KiB"
+        (4 * MB, {}, "3.81 MiB"),
+        (4 * MB, {"binary": False}, "4 MB"),
+        (999_999, {"binary": False}, "1 MB"),
+        (1500, {"binary": False}, "1.5 kB"),
+        (2**40 * 3, {}, "3 TiB"),
+    ],
+)
+def test_format_bytes(n, kwargs, text) -> None:
+    assert format_bytes(n, **kwargs) == text
+
+
+@pytest.mark.parametrize(("n", "error"), [(-1, ValueError), (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_format_bytes_rejects_bad_input(n, error) -> None:
+    with pytest.raises(error):
+        format_bytes(n)
