@@ -7,17 +7,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import plotly.graph_objects as go
 
 from labsupport.harness.measuring import ScalingResult, fit_power_law
 from labsupport.harness.validation import require_int
 
-if TYPE_CHECKING:
-    from labsupport.lm.training import TrainingHistory
+__all__ = ["HistoryLike", "plot_histories", "plot_scaling"]
 
-__all__ = ["plot_histories", "plot_scaling"]
+
+class HistoryLike(Protocol):
+    """What :func:`plot_histories` reads (``labsupport.lm.training.TrainingHistory`` has it all)."""
+
+    label: str
+    steps: list[int]
+    losses: list[float]
+    eval_steps: list[int]
+    eval_accuracy: list[float]
 
 
 _Y_AXIS_TITLES = {"seconds": "time per call (s)", "peak_bytes": "peak extra memory (bytes)"}
@@ -86,7 +93,7 @@ def plot_scaling(
     return figure
 
 
-def plot_histories(histories: Sequence[TrainingHistory], *, title: str = "Training") -> go.Figure:
+def plot_histories(histories: Sequence[HistoryLike], *, title: str = "Training") -> go.Figure:
     """Loss (left axis, log) and evaluation accuracy (right axis) of several runs."""
     if not histories:
         raise ValueError("plot_histories needs at least one TrainingHistory")
