@@ -1,4 +1,4 @@
-"""labsupport.harness.costs: byte arithmetic (KV cache, format_bytes)."""
+"""labsupport.harness.costs: byte arithmetic (KV cache, format_bytes) and FLOPs and bytes of a decoder (TransformerShape)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from labsupport.harness.costs import format_bytes, kv_cache_bytes
+from labsupport.harness.costs import MODEL_PRESETS, TransformerShape, format_bytes, kv_cache_bytes
 
 MB = 1_000_000
 
@@ -62,3 +62,21 @@ def test_format_bytes(n, kwargs, text) -> None:
 def test_format_bytes_rejects_bad_input(n, error) -> None:
     with pytest.raises(error):
         format_bytes(n)
+
+
+# --------------------------------------------------------------------------- TransformerShape
+
+
+def test_transformer_shape_counts() -> None:
+    llama = MODEL_PRESETS["LLaMA-2-7B"]
+    assert 6.4e9 < llama.params < 6.8e9  # ~6.6B weights used per token (embedding lookup excluded)
+    flops, moved = llama.decode_step(context=1, batch=1)
+    assert 0.9 < flops / moved < 1.1  # about one FLOP per byte at batch 1 in fp16
+    flops64, moved64 = llama.decode_step(context=1, batch=64)
+    assert flops64 / moved64 > 50 * flops / moved * 0.9
+    pf, pm = llama.prefill(4096)
+    assert pf / pm > 1000  # prefill is compute-bound
+    with pytest.raises(ValueError, match="multiple"):
+        TransformerShape(2, 64, 6, 4, 16, 128, 100)
+    with pytest.raises(ValueError):
+        llama.decode_step(0)
