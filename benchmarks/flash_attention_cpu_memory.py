@@ -4,10 +4,10 @@
 
 One head (B=1, H=1), D=64, float32, non-causal. For each N it measures the peak
 extra torch CPU memory (``labsupport.harness.measuring.peak_memory_bytes``) and the
-median time of
+time (``labsupport.harness.measuring.time_callable``: the fastest of 3 calls) of
 
-* naive attention (``labsupport.flash.naive_attention``): materialises the N×N scores;
-* the tiled forward (``labsupport.flash.flash_attention_forward``, 128×128 tiles):
+* naive attention (``labsupport.flash.reference.naive_attention``): materialises the N×N scores;
+* the tiled forward (``labsupport.flash.tiled.flash_attention_forward``, 128×128 tiles):
   holds one tile of scores at a time;
 * torch's own ``scaled_dot_product_attention`` on the CPU, for scale.
 
@@ -28,7 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from labsupport.harness.measuring import fit_power_law, peak_memory_bytes, time_callable  # noqa: E402
-from labsupport.flash import flash_attention_forward, naive_attention  # noqa: E402
+from labsupport.flash.reference import naive_attention  # noqa: E402
+from labsupport.flash.tiled import flash_attention_forward  # noqa: E402
 
 D = 64
 

@@ -112,8 +112,9 @@ def main() -> None:
     import triton
     from triton.testing import do_bench
 
-    from labsupport.flash import flash_attention_backward, flash_attention_forward
-    from labsupport.flash_triton import best_config, triton_flash_backward, triton_flash_forward
+    from labsupport.flash import triton as flash_triton
+    from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
+    from labsupport.flash.triton import best_config, triton_flash_backward, triton_flash_forward
 
     props = torch.cuda.get_device_properties(0)
     info = {
@@ -208,8 +209,6 @@ def main() -> None:
                 del q, k, v
 
     configs = best_config()
-    from labsupport import flash_triton
-
     for name in ("_flash_bwd_dkdv_autotuned", "_flash_bwd_dq_autotuned"):
         cache = getattr(getattr(flash_triton, name, None), "cache", {})
         configs.update({f"{name} {key}": str(cfg) for key, cfg in cache.items()})

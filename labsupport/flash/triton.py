@@ -4,7 +4,7 @@ One program instance owns a block of ``BLOCK_M`` queries of one (batch, head).
 It keeps the query block, the running maximum ``m``, the running sum ``l`` and
 the unnormalised output ``acc`` on chip, streams blocks of ``BLOCK_N`` keys and
 values past them, and writes the output and the logsumexp once at the end:
-exactly :func:`labsupport.flash.flash_attention_forward`, written for a GPU.
+exactly :func:`labsupport.flash.tiled.flash_attention_forward`, written for a GPU.
 
 Three details that matter for speed, each worth a comment in the kernel:
 
@@ -23,10 +23,13 @@ which is how the chapter tests it without a GPU.
 The backward pass (:func:`triton_flash_backward`, and :func:`triton_flash_attention`
 for autograd) follows at the end of the module: one kernel per key block for dK and
 dV, one per query block for dQ, both rebuilding probabilities from the saved
-logsumexp, as :func:`labsupport.flash.flash_attention_backward` does.
+logsumexp, as :func:`labsupport.flash.tiled.flash_attention_backward` does.
 
 This module imports without Triton installed; calling any of its kernels then
-raises a clear error.
+raises a clear error. ``import labsupport.flash`` does not import it (nor
+Triton): import it yourself, after setting ``TRITON_INTERPRET`` if needed::
+
+    from labsupport.flash import triton as flash_triton
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import math
 import os
 
 import torch
+
+from labsupport.harness.validation import require_int, require_qkv, require_tensor
 
 try:  # Triton is optional: the chapter runs without it
     import triton
@@ -208,29 +213,26 @@ if triton is not None:
     )(_flash_fwd_kernel)
 
 
-def _check_inputs(q: object, k: object, v: object) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be (B, H, L, D), got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            "expected q (B, H, Lq, D) and k, v (B, H, Lk, D); got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+#: The dtypes and head dimensions the kernels are written for.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _require_kernel_inputs(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q (B, H, Lq, D)``, ``k, v (B, H, Lk, D)`` in fp16/bf16/fp32, with a head dimension the kernels support."""
+    q, k, v = require_qkv(q, k, v, ndim=4, dtypes=_KERNEL_DTYPES)
     d = q.shape[-1]
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head dimension must be one of 16, 32, 64, 128, 256, got {d}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError("q and k must hold at least one position each")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if d not in _HEAD_DIMS:
+        raise ValueError(f"head dimension must be one of {', '.join(map(str, _HEAD_DIMS))}, got {d}")
+    return q, k, v
+
+
+def _require_block(name: str, value: object) -> int:
+    """A kernel block size: a power of two of at least 16."""
+    value = require_int(name, value, minimum=16)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
 
 
 def triton_flash_forward(
@@ -247,7 +249,7 @@ def triton_flash_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled attention forward with the Triton kernel; returns ``(out, lse)``.
 
-    Same contract as :func:`labsupport.flash.flash_attention_forward` (bottom-right
+    Same contract as :func:`labsupport.flash.tiled.flash_attention_forward` (bottom-right
     causal mask, zeros and ``lse = -inf`` for rows that see no key), for
     ``(B, H, L, D)`` tensors in fp16, bf16 or fp32 with ``D`` in {16, 32, 64, 128, 256}.
 
@@ -260,7 +262,7 @@ def triton_flash_forward(
             "triton_flash_forward needs Triton, which could not be imported "
             f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR}). Install it with `pip install triton`."
         )
-    _check_inputs(q, k, v)
+    q, k, v = _require_kernel_inputs(q, k, v)
     on_cpu = q.device.type == "cpu"
     if on_cpu and not interpreter_enabled():
         raise RuntimeError(
@@ -290,11 +292,8 @@ def triton_flash_forward(
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _flash_fwd_autotuned[grid](*args, HEAD_DIM=d, CAUSAL=bool(causal))
     else:
-        bm = block_m or (16 if on_cpu else 128)
-        bn = block_n or (16 if on_cpu else 64)
-        for name, value in (("block_m", bm), ("block_n", bn)):
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        bm = _require_block("block_m", block_m or (16 if on_cpu else 128))
+        bn = _require_block("block_n", block_n or (16 if on_cpu else 64))
         grid = (triton.cdiv(n_q, bm), batch * heads)
         _flash_fwd_kernel[grid](
             *args, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn,
@@ -537,7 +536,9 @@ def triton_flash_backward(
             "triton_flash_backward needs Triton, which could not be imported "
             f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR}). Install it with `pip install triton`."
         )
-    _check_inputs(q, k, v)
+    q, k, v = _require_kernel_inputs(q, k, v)
+    for name, tensor in (("out", out), ("lse", lse), ("dout", dout)):
+        require_tensor(name, tensor)
     if out.shape != q.shape or dout.shape != q.shape or lse.shape != q.shape[:3]:
         raise ValueError(
             f"expected out and dout of shape {tuple(q.shape)} and lse of shape {tuple(q.shape[:3])}, got "
@@ -572,11 +573,8 @@ def triton_flash_backward(
         _flash_bwd_dq_autotuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)](
             *dq_args, HEAD_DIM=d, CAUSAL=bool(causal))
     else:
-        bm = block_m or (16 if on_cpu else 64)
-        bn = block_n or (16 if on_cpu else 64)
-        for name, value in (("block_m", bm), ("block_n", bn)):
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        bm = _require_block("block_m", block_m or (16 if on_cpu else 64))
+        bn = _require_block("block_n", block_n or (16 if on_cpu else 64))
         _flash_bwd_dkdv_kernel[(triton.cdiv(n_k, bn), batch * heads)](
             *dkdv_args, HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn)
         _flash_bwd_dq_kernel[(triton.cdiv(n_q, bm), batch * heads)](
@@ -605,5 +603,5 @@ def triton_flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
 ) -> torch.Tensor:
     """Differentiable attention through the Triton kernels (forward and backward)."""
-    _check_inputs(q, k, v)
+    _require_kernel_inputs(q, k, v)
     return TritonFlashAttention.apply(q, k, v, bool(causal), scale)

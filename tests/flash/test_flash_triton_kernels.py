@@ -1,4 +1,5 @@
-"""The chapter's Triton kernel, run on the CPU through Triton's interpreter, against the dense reference.
+"""Chapter 01's Triton kernels (labsupport.flash.triton), run on the CPU through Triton's interpreter,
+against the dense reference.
 
 Kept small (a few seconds): the interpreter executes each tile step in numpy.
 """
@@ -12,8 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is f
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from labsupport import flash_triton  # noqa: E402
-from labsupport.flash import causal_mask, naive_attention  # noqa: E402
+from labsupport.flash import triton as flash_triton  # noqa: E402
+from labsupport.flash.reference import causal_mask, naive_attention  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
     not flash_triton.triton_available() or not flash_triton.interpreter_enabled(),
@@ -134,7 +135,7 @@ def test_module_imports_without_triton():
 
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
-        "import labsupport.flash_triton as f\n"
+        "import labsupport.flash.triton as f\n"
         "assert not f.triton_available()\n"
         "try:\n"
         "    f.triton_flash_forward(None, None, None)\n"
@@ -143,5 +144,23 @@ def test_module_imports_without_triton():
         "else:\n"
         "    raise SystemExit('no error')\n"
     )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_backward_refuses_missing_forward_results():
+    if not flash_triton.triton_available():
+        pytest.skip("triton is not installed")
+    q, k, v = qkv(4, 4)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        flash_triton.triton_flash_backward(q, k, v, None, torch.zeros(1, 2, 4), q)
+
+
+def test_package_leaves_triton_unimported():
+    """``import labsupport.flash`` must not import Triton: TRITON_INTERPRET can still be set afterwards."""
+    import subprocess
+    import sys
+
+    code = "import sys, labsupport.flash\nassert 'triton' not in sys.modules, 'labsupport.flash imported triton'\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -1,0 +1,155 @@
+"""Chapter 01's exercise checkers and the seeded cases they run.
+
+* :func:`check_online_softmax_update` — exercise 1, one online-softmax step with values.
+* :func:`check_flash_forward` — exercise 2, the tiled forward pass ``(out, lse)``.
+* :func:`check_flash_backward` — exercise 3, the backward pass by recomputation.
+
+Each compares the learner's function with the reference of
+:mod:`labsupport.flash.reference` / :mod:`labsupport.flash.tiled` through
+:func:`labsupport.harness.checking.check_function`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from labsupport.flash.reference import online_softmax_update
+from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
+from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.numerics import seeded_randn
+
+__all__ = ["check_flash_backward", "check_flash_forward", "check_online_softmax_update"]
+
+
+def _update_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(101)
+    cases = []
+    # first block: m = -inf, l = 0, acc = 0
+    r, c, dv = 4, 5, 3
+    cases.append(Case(
+        "first block (m = -inf, l = 0, acc = 0)",
+        (torch.full((r,), float("-inf"), dtype=torch.float64), torch.zeros(r, dtype=torch.float64),
+         torch.zeros(r, dv, dtype=torch.float64), seeded_randn(gen, r, c) * 3, seeded_randn(gen, c, dv)),
+    ))
+    # a later block where the maximum grows for some rows and not others
+    m = seeded_randn(gen, r) * 2
+    scores = seeded_randn(gen, r, c) * 3
+    cases.append(Case(
+        "later block, the maximum changes in some rows",
+        (m, torch.rand(r, generator=gen, dtype=torch.float64) * 5 + 1, seeded_randn(gen, r, dv), scores,
+         seeded_randn(gen, c, dv)),
+    ))
+    # batched (B, H, R) with large scores (overflow without subtracting the max)
+    b, h = 2, 3
+    cases.append(Case(
+        "batched (B=2, H=3), scores around 500",
+        (seeded_randn(gen, b, h, r) + 500, torch.rand(b, h, r, generator=gen, dtype=torch.float64) + 1,
+         seeded_randn(gen, b, h, r, dv), seeded_randn(gen, b, h, r, c) + 500, seeded_randn(gen, b, h, c, dv)),
+    ))
+    # masked entries (-inf), including a row that is entirely masked so far
+    scores = seeded_randn(gen, r, c)
+    scores[0, :] = float("-inf")
+    scores[1, 2:] = float("-inf")
+    m0 = torch.tensor([float("-inf"), 0.5, 1.0, -1.0], dtype=torch.float64)
+    l0 = torch.tensor([0.0, 2.0, 1.5, 3.0], dtype=torch.float64)
+    acc0 = seeded_randn(gen, r, dv)
+    acc0[0] = 0.0
+    cases.append(Case("masked scores, one row fully masked so far", (m0, l0, acc0, scores, seeded_randn(gen, c, dv))))
+    # non-contiguous inputs (views of transposed storage), float32
+    v_t = seeded_randn(gen, dv, c, dtype=torch.float32).T  # (c, dv) non-contiguous
+    s_t = seeded_randn(gen, c, r, dtype=torch.float32).T
+    cases.append(Case(
+        "float32, non-contiguous scores and v",
+        (seeded_randn(gen, r, dtype=torch.float32), torch.rand(r, generator=gen) + 1,
+         seeded_randn(gen, r, dv, dtype=torch.float32), s_t, v_t),
+    ))
+    return cases
+
+
+def check_online_softmax_update(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(m, l, acc, scores, v) -> (m_new, l_new, acc_new)`` against :func:`online_softmax_update`."""
+    return check_function(
+        fn,
+        online_softmax_update,
+        _update_cases(),
+        exercise="online_softmax_update",
+        atol=1e-6,
+        rtol=1e-5,
+        hint="m_new = max(m, rowmax(scores)); rescale the old l and acc by exp(m - m_new) "
+        "before adding this block; a row that is all -inf so far must stay at l = 0, acc = 0.",
+        output_names=("m_new", "l_new", "acc_new"),
+    )
+
+
+def _attention_cases(with_dout: bool) -> list[Case]:
+    gen = torch.Generator().manual_seed(202)
+    specs = [
+        # name, (B, H, Lq, Lk, D), causal, block_q, block_k, dtype
+        ("not causal, L=37 (not a multiple of the blocks)", (1, 2, 37, 37, 8), False, 16, 8, torch.float64),
+        ("causal, L=40", (2, 1, 40, 40, 8), True, 16, 16, torch.float64),
+        ("causal with uneven blocks, L=33", (1, 2, 33, 33, 4), True, 8, 16, torch.float64),
+        ("causal, Lq=20 > Lk=12: the first 8 rows see no key", (1, 1, 20, 12, 4), True, 8, 8, torch.float64),
+        ("cross attention, Lq=9, Lk=30", (1, 2, 9, 30, 8), False, 4, 16, torch.float64),
+        ("float32, non-contiguous q (a transposed view)", (1, 2, 24, 24, 8), True, 16, 8, torch.float32),
+    ]
+    cases = []
+    for name, (b, h, lq, lk, d), causal, bq, bk, dtype in specs:
+        if "non-contiguous" in name:
+            q = seeded_randn(gen, b, lq, h, d, dtype=dtype).transpose(1, 2)
+        else:
+            q = seeded_randn(gen, b, h, lq, d, dtype=dtype)
+        k = seeded_randn(gen, b, h, lk, d, dtype=dtype)
+        v = seeded_randn(gen, b, h, lk, d, dtype=dtype)
+        kwargs = {"causal": causal, "block_q": bq, "block_k": bk}
+        if with_dout:
+            out, lse = flash_attention_forward(q, k, v, causal=causal, block_q=bq, block_k=bk)
+            dout = seeded_randn(gen, b, h, lq, d, dtype=dtype)
+            cases.append(Case(name, (q, k, v, out, lse, dout), kwargs))
+        else:
+            cases.append(Case(name, (q, k, v), kwargs))
+    return cases
+
+
+def _forward_reference(q, k, v, causal=False, block_q=64, block_k=64):
+    return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def check_flash_forward(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(q, k, v, causal=..., block_q=..., block_k=...) -> (out, lse)``.
+
+    ``out`` must equal dense attention and ``lse`` the row logsumexp of the scaled
+    scores (``-inf`` for a row that sees no key; its output row is zeros).
+    """
+    return check_function(
+        fn,
+        _forward_reference,
+        _attention_cases(with_dout=False),
+        exercise="flash_forward",
+        atol=1e-5,
+        rtol=1e-4,
+        hint="loop over query blocks, then key blocks; with causal=True mask key j > i + (Lk - Lq) "
+        "and skip blocks that are entirely masked; divide by l once at the end and return "
+        "(out, m + log l).",
+        output_names=("out", "lse"),
+    )
+
+
+def _backward_reference(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    return flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(q, k, v, out, lse, dout, causal=..., block_q=..., block_k=...) -> (dq, dk, dv)``."""
+    return check_function(
+        fn,
+        _backward_reference,
+        _attention_cases(with_dout=True),
+        exercise="flash_backward",
+        atol=1e-5,
+        rtol=1e-4,
+        hint="recompute P = exp(scale·QKᵀ - lse) per tile (0 where masked); D = rowsum(dO ⊙ O); "
+        "dS = P ⊙ (dO Vᵀ - D); dQ += dS K·scale, dK += dSᵀ Q·scale, dV += Pᵀ dO.",
+        output_names=("dq", "dk", "dv"),
+    )

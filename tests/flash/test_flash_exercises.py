@@ -1,0 +1,158 @@
+"""Chapter 01 checkers (labsupport.flash.exercises): they pass the references and explain wrong answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labsupport.flash.exercises import check_flash_backward, check_flash_forward, check_online_softmax_update
+from labsupport.flash.reference import causal_mask, online_softmax_update
+from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
+
+
+# --------------------------------------------------------------------------- checkers with wrong answers
+
+
+def run_checker(checker, fn, capsys):
+    result = checker(fn)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    return result, out
+
+
+def ref_update(m, l, acc, scores, v):
+    return online_softmax_update(m, l, acc, scores, v)
+
+
+def wrong_update_no_rescale(m, l, acc, scores, v):
+    m_new = torch.maximum(m, scores.amax(-1))
+    p = torch.exp(scores - m_new[..., None])
+    return m_new, l + p.sum(-1), acc + p @ v
+
+
+def wrong_update_nan_on_masked(m, l, acc, scores, v):
+    m_new = torch.maximum(m, scores.amax(-1))
+    alpha = torch.exp(m - m_new)
+    p = torch.exp(scores - m_new[..., None])
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + p @ v
+
+
+def wrong_update_view(m, l, acc, scores, v):
+    flat = scores.view(-1)  # fails on a non-contiguous tensor
+    return online_softmax_update(m, l, acc, flat.view(scores.shape), v)
+
+
+@pytest.mark.parametrize(
+    "fn,expect",
+    [
+        (lambda m, l, acc, s, v: online_softmax_update(m, l, acc, s, v)[:2], "expected 3 values"),
+        (lambda m, l, acc, s, v: (m, l, acc[..., :1]), "shape"),
+        (lambda m, l, acc, s, v: tuple(t.float() for t in online_softmax_update(m, l, acc, s, v)), "dtype"),
+        (lambda m, l, acc, s, v: None, "None"),
+        (wrong_update_no_rescale, "entries are off"),
+        (wrong_update_nan_on_masked, "NaN"),
+        (wrong_update_view, "view"),
+        (lambda *a: 1 / 0, "ZeroDivisionError"),
+        (lambda *a: (_ for _ in ()).throw(NotImplementedError("your code here")), "not done yet"),
+    ],
+)
+def test_update_checker_explains_wrong_answers(fn, expect, capsys):
+    result, out = run_checker(check_online_softmax_update, fn, capsys)
+    assert not result
+    assert expect in out
+
+
+def test_checkers_pass_the_references(capsys):
+    assert run_checker(check_online_softmax_update, ref_update, capsys)[0]
+    assert run_checker(check_flash_forward, flash_attention_forward, capsys)[0]
+    assert run_checker(check_flash_backward, flash_attention_backward, capsys)[0]
+
+
+def forward_off_by_one(q, k, v, causal=False, block_q=64, block_k=64):
+    # masks j >= i + offset instead of j > i + offset: the diagonal is lost
+    scale = 1 / math.sqrt(q.shape[-1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        i = torch.arange(lq)[:, None]
+        j = torch.arange(lk)[None, :]
+        s = s.masked_fill(j >= i + (lk - lq), float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def forward_dense_nan(q, k, v, causal=False, block_q=64, block_k=64):
+    # dense softmax: a fully masked row becomes NaN
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def forward_view(q, k, v, causal=False, block_q=64, block_k=64):
+    b, h, n, d = q.shape
+    q.view(b, h * n, d)  # fails on the non-contiguous case
+    return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+
+
+@pytest.mark.parametrize(
+    "fn,expect",
+    [
+        (forward_off_by_one, "causal"),
+        (forward_dense_nan, "NaN"),
+        (forward_view, "non-contiguous"),
+        (lambda q, k, v, **kw: flash_attention_forward(q, k, v, **kw)[0], "expected a tuple"),
+        (lambda q, k, v, **kw: (flash_attention_forward(q, k, v, **kw)[0].float(), None), "dtype"),
+        (lambda q, k, v, **kw: (flash_attention_forward(q, k, v, **kw)[0].transpose(-1, -2), None), "shape"),
+        (lambda q, k, v, **kw: None, "None"),
+        (lambda q, k, v, **kw: q.missing, "AttributeError"),
+    ],
+)
+def test_forward_checker_explains_wrong_answers(fn, expect, capsys):
+    result, out = run_checker(check_flash_forward, fn, capsys)
+    assert not result
+    assert expect in out
+
+
+def backward_forgets_d(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    # dS = P * dP, without subtracting D = rowsum(dO * O)
+    scale = 1 / math.sqrt(q.shape[-1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.inf, lse)[..., None])
+    ds = p * (dout @ v.transpose(-1, -2))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, p.transpose(-1, -2) @ dout
+
+
+def backward_dense(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    # autograd through the dense softmax: NaN gradients on fully masked rows
+    with torch.enable_grad():  # the checker runs learners' code under no_grad
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if causal:
+            s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+        o = torch.softmax(s, -1) @ v
+        return torch.autograd.grad(o, (q, k, v), dout)
+
+
+def backward_off_by_one(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    return flash_attention_backward(q, k, v, out, lse, dout, causal=False, block_q=block_q, block_k=block_k)
+
+
+@pytest.mark.parametrize(
+    "fn,expect",
+    [
+        (backward_forgets_d, "output[0] (dq): "),
+        (backward_dense, "NaN"),
+        (backward_off_by_one, "causal"),
+        (lambda *a, **kw: tuple(g.float() for g in flash_attention_backward(*a, **kw)), "dtype"),
+        (lambda *a, **kw: None, "None"),
+        (lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")), "RuntimeError: boom"),
+    ],
+)
+def test_backward_checker_explains_wrong_answers(fn, expect, capsys):
+    result, out = run_checker(check_flash_backward, fn, capsys)
+    assert not result
+    assert expect in out
