@@ -24,24 +24,13 @@ __all__ = [
     "kv_cache_bytes_reference",
 ]
 
-_LAYOUT = "(batch, heads, length, head_dim)"
-
-
-def _require_bhld(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`~labsupport.harness.validation.require_qkv` for 4-d tensors, naming the layout on a bad shape."""
-    try:
-        return require_qkv(q, k, v)
-    except ValueError as error:
-        raise ValueError(f"{error} (attention tensors are {_LAYOUT})") from None
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention, ``(B, H, L, D)`` each → ``(B, H, L, D)``.
 
     ``softmax(q kᵀ / √D + mask) v`` where the mask is −∞ above the diagonal,
     so position ``t`` reads only positions ``0..t``.
     """
-    q, k, v = _require_bhld(q, k, v)
+    q, k, v = require_qkv(q, k, v)
     length = q.shape[-2]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, L, L)
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
@@ -55,7 +44,7 @@ def attention_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     The cache ``(B, H, T, D)`` already holds the new token's own key and value,
     so no mask is needed: every cached position lies in the past (or is now).
     """
-    q_new, k_cache, v_cache = _require_bhld(q_new, k_cache, v_cache)
+    q_new, k_cache, v_cache = require_qkv(q_new, k_cache, v_cache)
     if q_new.shape[-2] != 1:
         raise ValueError(f"q_new must hold one position, shape (B, H, 1, D); got {tuple(q_new.shape)}")
     scores = q_new @ k_cache.transpose(-1, -2) / math.sqrt(q_new.shape[-1])  # (B, H, 1, T)

@@ -141,10 +141,17 @@ def require_qkv(q: object, k: object, v: object, *, ndim: int | None = 4, groupe
         same_value_dim: require ``Dv == D``.
         dtypes: allowed floating-point dtypes; the three must share one.
     """
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        tensor = require_tensor(name, value)
+        if ndim == 4 and tensor.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
+                             f"got shape {tuple(tensor.shape)}")
     q = require_float_tensor("q", q, ndim=ndim, dtypes=dtypes)
     k = require_float_tensor("k", k, ndim=ndim, dtypes=dtypes)
     v = require_float_tensor("v", v, ndim=ndim, dtypes=dtypes)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() == 4:
+        shapes += " (attention tensors are (batch, heads, length, head_dim))"
     if q.dim() < 2 or not (q.dim() == k.dim() == v.dim()):
         raise ValueError(f"q, k, v must be (..., length, head_dim) with the same number of dimensions; got {shapes}")
     if q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
