@@ -78,3 +78,13 @@ def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from labsupport.flash import naive_attention\nimport labsupport.lm.model\n")
     assert _labsupport_imports(bad) == {"flash", "lm"}
+
+
+def test_every_package_is_listed_for_installation() -> None:
+    """A pip or Colab install ships only the packages pyproject.toml names."""
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(config["tool"]["setuptools"]["packages"])
+    on_disk = {"labsupport." + p.parent.name for p in PACKAGE.glob("*/__init__.py")} | {"labsupport"}
+    assert on_disk - listed == set(), f"add {sorted(on_disk - listed)} to [tool.setuptools] packages in pyproject.toml"
