@@ -15,7 +15,7 @@ It prints Markdown tables for ``benchmarks/BENCHMARKS.md``:
    of them alike.
 
    FLOPs are counted as matmul FLOPs only, 2 per multiply-add
-   (:func:`labsupport.linear_attention.chunkwise_flops`): per chunk of C tokens
+   (:func:`labsupport.harness.costs.chunkwise_flops`): per chunk of C tokens
    ``Q Kᵀ`` (2C²D), ``scores·V`` (2C²D), ``Kᵀ V`` (2CD²) and ``Q S`` (2CD²).
    "executed" counts the full C×C intra-chunk products the code computes (half
    is zeroed by the causal mask afterwards); "useful" counts only the causal
@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -51,22 +50,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from labsupport.harness.measuring import fit_power_law  # noqa: E402
-from labsupport.linear_attention import (  # noqa: E402
-    chunkwise_flops,
+from labsupport.harness.costs import chunkwise_flops  # noqa: E402
+from labsupport.harness.measuring import fit_power_law, time_callable  # noqa: E402
+from labsupport.linear_attention.exercises import recurrent_step  # noqa: E402
+from labsupport.linear_attention.fast import _exclusive_prefix_sum, linear_attention_chunkwise_fast  # noqa: E402
+from labsupport.linear_attention.reference import (  # noqa: E402
     linear_attention_chunkwise,
-    linear_attention_chunkwise_fast,
     linear_attention_parallel,
     linear_attention_recurrent,
-    recurrent_step,
-    _exclusive_prefix_sum,
 )
 
 
 def once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Seconds of one call, no warm-up (what a call costs right after other work)."""
+    return time_callable(fn, warmup=0, repeats=1)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, block: int = 3) -> dict[str, float]:
@@ -82,8 +79,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, block: int = 
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            fn()
-            samples[name].append(statistics.median(once(fn) for _ in range(block)))
+            samples[name].append(time_callable(fn, warmup=1, repeats=block, statistic="median"))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

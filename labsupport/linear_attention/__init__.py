@@ -1,0 +1,98 @@
+"""Chapter 03: linear attention and the memory-update view.
+
+Every mechanism of the chapter keeps a fixed-size matrix memory ``S`` of shape
+``(D_k, D_v)`` per head, and differs only in how it *forgets* and how it
+*writes*; :data:`MECHANISMS` is the one registry of them.
+
+==================  ==========================================================================================
+module              holds
+==================  ==========================================================================================
+``reference``       the readable math: feature maps, decays, linear attention with decay (parallel, recurrent,
+                    chunkwise), the delta rule (recurrent, parallel, UT transform, chunkwise), TTT-linear,
+                    ``memory_recurrence`` (the one loop behind them all), the one-token kernels
+``fast``            ``linear_attention_chunkwise_fast``: the chunkwise form arranged for a CPU
+``mechanisms``      THE registry: one ``MechanismSpec`` row per mechanism (forget/write text, feature map,
+                    gates, sequence form, step form), ``MECHANISMS``, ``get_mechanism``
+``mixers``          ``LinearAttentionMixer`` (reads a registry row), ``linear_mixer`` (a ``TinyLM`` factory)
+``widget``          ``memory_decay_data``, ``memory_decay_figure``: the "memory decay" explorer
+``exercises``       ``recurrent_step``, ``chunkwise_step``, ``chunkwise_decay_step``, ``delta_rule_step`` and
+                    their checkers ``check_*``
+==================  ==========================================================================================
+
+The notebook imports the package as ``la``: ``from labsupport import linear_attention as la``.
+Byte and FLOP formulas (``recurrent_state_bytes``, ``chunkwise_flops``) live in
+:mod:`labsupport.harness.costs`.
+"""
+
+from labsupport.linear_attention.exercises import (
+    check_chunkwise_decay_step,
+    check_chunkwise_step,
+    check_delta_rule_step,
+    check_recurrent_step,
+    chunkwise_decay_step,
+    chunkwise_step,
+    delta_rule_step,
+    recurrent_step,
+)
+from labsupport.linear_attention.fast import linear_attention_chunkwise_fast
+from labsupport.linear_attention.mechanisms import (
+    MECHANISMS,
+    FormOptions,
+    MechanismSpec,
+    MemoryInputs,
+    get_mechanism,
+    widget_mechanisms,
+)
+from labsupport.linear_attention.mixers import LinearAttentionMixer, linear_mixer
+from labsupport.linear_attention.reference import (
+    delta_rule_chunkwise,
+    delta_rule_parallel,
+    delta_rule_recurrent,
+    elu_feature_map,
+    linear_attention_chunkwise,
+    linear_attention_parallel,
+    linear_attention_recurrent,
+    memory_recurrence,
+    retnet_log_decay,
+    ttt_inner_loss,
+    ttt_linear,
+    ttt_linear_minibatch,
+    ut_transform,
+)
+from labsupport.linear_attention.widget import MemoryDecayData, memory_decay_data, memory_decay_figure
+
+__all__ = [
+    "MECHANISMS",
+    "FormOptions",
+    "LinearAttentionMixer",
+    "MechanismSpec",
+    "MemoryDecayData",
+    "MemoryInputs",
+    "check_chunkwise_decay_step",
+    "check_chunkwise_step",
+    "check_delta_rule_step",
+    "check_recurrent_step",
+    "chunkwise_decay_step",
+    "chunkwise_step",
+    "delta_rule_chunkwise",
+    "delta_rule_parallel",
+    "delta_rule_recurrent",
+    "delta_rule_step",
+    "elu_feature_map",
+    "get_mechanism",
+    "linear_attention_chunkwise",
+    "linear_attention_chunkwise_fast",
+    "linear_attention_parallel",
+    "linear_attention_recurrent",
+    "linear_mixer",
+    "memory_decay_data",
+    "memory_decay_figure",
+    "memory_recurrence",
+    "recurrent_step",
+    "retnet_log_decay",
+    "ttt_inner_loss",
+    "ttt_linear",
+    "ttt_linear_minibatch",
+    "ut_transform",
+    "widget_mechanisms",
+]

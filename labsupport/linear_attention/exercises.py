@@ -1,0 +1,289 @@
+"""Chapter 03's exercises and their checkers.
+
+The four step functions are the reference solutions of the notebook's
+exercises (and what the library's loops do once per token or per chunk):
+
+* :func:`recurrent_step` — one token of (decayed) linear attention (exercise 1);
+* :func:`chunkwise_step` — one chunk without decay (exercise 2);
+* :func:`delta_rule_step` — one delta-rule write (exercise 3);
+* :func:`chunkwise_decay_step` — one chunk with a scalar decay per head and token (exercise 4).
+
+Each ``check_*`` compares a learner's function with the matching step on
+seeded cases (built by the ``_*_cases`` functions below) through
+:func:`labsupport.harness.checking.check_function`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.numerics import seeded_randn
+from labsupport.harness.validation import require_float_tensor
+from labsupport.linear_attention.reference import delta_rule_update, recurrent_update
+
+__all__ = [
+    "check_chunkwise_decay_step",
+    "check_chunkwise_step",
+    "check_delta_rule_step",
+    "check_recurrent_step",
+    "chunkwise_decay_step",
+    "chunkwise_step",
+    "delta_rule_step",
+    "recurrent_step",
+]
+
+
+# --------------------------------------------------------------------------- step functions (the solutions)
+
+
+def _require_token_inputs(state: object, k: object, v: object, q: object = None) -> None:
+    """One token's ``state (B, H, D_k, D_v)``, ``k (B, H, D_k)``, ``v (B, H, D_v)`` and optionally ``q``."""
+    state = require_float_tensor("state", state)
+    k = require_float_tensor("k", k)
+    v = require_float_tensor("v", v)
+    if state.dim() < 2 or k.shape != (*state.shape[:-2], state.shape[-2]) or v.shape != (*state.shape[:-2], state.shape[-1]):
+        raise ValueError("expected state (B, H, D_k, D_v), k (B, H, D_k) and v (B, H, D_v); got "
+                         f"{tuple(state.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q is not None and (require_float_tensor("q", q).shape != k.shape):
+        raise ValueError(f"q must have the shape of k {tuple(k.shape)}, got {tuple(q.shape)}")
+
+
+def _require_chunk_inputs(state: object, q: object, k: object, v: object) -> None:
+    """One chunk's ``state (B, H, D_k, D_v)``, ``q, k (B, H, C, D_k)`` and ``v (B, H, C, D_v)``."""
+    for name, x in (("state", state), ("q", q), ("k", k), ("v", v)):
+        require_float_tensor(name, x, ndim=4)
+    if q.shape != k.shape or v.shape[:3] != k.shape[:3] or state.shape != (*k.shape[:2], k.shape[-1], v.shape[-1]):
+        raise ValueError("expected state (B, H, D_k, D_v), q and k (B, H, C, D_k), v (B, H, C, D_v); got "
+                         f"{tuple(state.shape)}, {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def recurrent_step(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of (decayed) linear attention: ``S' = α ⊙ S + k vᵀ``, ``o = S'ᵀ q``.
+
+    Args:
+        state: ``(B, H, D_k, D_v)``.
+        q, k: ``(B, H, D_k)``; v: ``(B, H, D_v)``.
+        log_decay: ``None``, ``(B, H)`` (one decay per head) or ``(B, H, D_k)`` (a gate per key dimension).
+
+    Returns:
+        ``(o, new_state)`` with ``o`` of shape ``(B, H, D_v)``.
+    """
+    _require_token_inputs(state, k, v, q=q)
+    if log_decay is not None:
+        log_decay = require_float_tensor("log_decay", log_decay)
+        if log_decay.shape not in (state.shape[:-2], k.shape):
+            raise ValueError(f"log_decay must have shape {tuple(state.shape[:-2])} (one decay per head) or "
+                             f"{tuple(k.shape)} (one per key dimension), got {tuple(log_decay.shape)}")
+    return recurrent_update(state, q, k, v, log_decay)
+
+
+def chunkwise_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of linear attention (no decay, no normaliser).
+
+    ``O = Q S + (Q Kᵀ ⊙ causal) V`` and ``S' = S + Kᵀ V``.
+
+    Args:
+        state: ``(B, H, D_k, D_v)``; q, k: ``(B, H, C, D_k)``; v: ``(B, H, C, D_v)``.
+
+    Returns:
+        ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
+    """
+    _require_chunk_inputs(state, q, k, v)
+    scores = (q @ k.transpose(-1, -2)).tril()
+    out = q @ state + scores @ v
+    return out, state + k.transpose(-1, -2) @ v
+
+
+def chunkwise_decay_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of linear attention with a scalar decay per head and token (RetNet, a scalar gate).
+
+    With ``b_i = Σ_{r ≤ i} log α_r`` the cumulative log-decay from the chunk start
+    (token ``i`` included) and ``b_C`` its last entry::
+
+        O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) V        Γ_ij = exp(b_i − b_j) for j ≤ i, else 0
+        S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V
+
+    This is one chunk of :func:`linear_attention_chunkwise`.
+
+    Args:
+        state: ``(B, H, D_k, D_v)``; q, k: ``(B, H, C, D_k)``; v: ``(B, H, C, D_v)``;
+        log_decay: ``(B, H, C)``, ``<= 0``.
+
+    Returns:
+        ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
+    """
+    _require_chunk_inputs(state, q, k, v)
+    require_float_tensor("log_decay", log_decay, ndim=3)
+    if log_decay.shape != k.shape[:3]:
+        raise ValueError(f"log_decay must have shape (B, H, C) = {tuple(k.shape[:3])}, got {tuple(log_decay.shape)}")
+    c = k.shape[2]
+    b = log_decay.cumsum(-1)  # (B, H, C)
+    causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril()
+    gamma = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    out = (q * b.exp()[..., None]) @ state + ((q @ k.transpose(-1, -2)) * gamma) @ v
+    new_state = b[..., -1:, None].exp() * state + (k * (b[..., -1:] - b).exp()[..., None]).transpose(-1, -2) @ v
+    return out, new_state
+
+
+def delta_rule_step(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One delta-rule write: ``S' = S + β k (v − Sᵀ k)ᵀ`` = ``(I − β k kᵀ) S + β k vᵀ``.
+
+    Args:
+        state: ``(B, H, D_k, D_v)``; k: ``(B, H, D_k)``; v: ``(B, H, D_v)``; beta: ``(B, H)``.
+
+    Returns:
+        the new state, ``(B, H, D_k, D_v)``.
+    """
+    _require_token_inputs(state, k, v)
+    beta = require_float_tensor("beta", beta)
+    if beta.shape != state.shape[:-2]:
+        raise ValueError(f"beta must have shape {tuple(state.shape[:-2])} (one per head), got {tuple(beta.shape)}")
+    return delta_rule_update(state, k, v, beta)
+
+
+# --------------------------------------------------------------------------- checkers
+
+
+def _log_gate(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return F.logsigmoid(torch.randn(*shape, generator=gen, dtype=torch.float64) + 2.0).to(dtype)
+
+
+def _recurrent_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(303)
+    b, h, dk, dv = 2, 3, 4, 5
+
+    def token(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token's q, k (B, H, D_k) and v (B, H, D_v), drawn in that order."""
+        return tuple(seeded_randn(gen, b, h, d, dtype=dtype) for d in (dk, dk, dv))  # type: ignore[return-value]
+
+    cases = [
+        Case("no decay, zero state (first token)", (torch.zeros(b, h, dk, dv, dtype=torch.float64), *token(), None)),
+        Case("no decay, a filled state", (seeded_randn(gen, b, h, dk, dv), *token(), None)),
+        Case("a decay per head, log_decay (B, H)",
+             (seeded_randn(gen, b, h, dk, dv), *token(), _log_gate(gen, b, h))),
+        Case("a gate per key dimension, log_decay (B, H, D_k)",
+             (seeded_randn(gen, b, h, dk, dv), *token(), _log_gate(gen, b, h, dk))),
+        Case("float32, non-contiguous state (a transposed view)",
+             (seeded_randn(gen, b, h, dv, dk, dtype=torch.float32).transpose(-1, -2), *token(torch.float32),
+              _log_gate(gen, b, h, dtype=torch.float32))),
+    ]
+    return cases
+
+
+def check_recurrent_step(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(state, q, k, v, log_decay) -> (o, new_state)`` against :func:`recurrent_step`."""
+    return check_function(
+        fn, recurrent_step, _recurrent_cases(), exercise="recurrent_step", atol=1e-6, rtol=1e-5,
+        hint="decay first (α = exp(log_decay), shaped to multiply the rows of S), then add the outer "
+        "product k vᵀ, then read o = S'ᵀ q with the *new* state; log_decay may be None.",
+    )
+
+
+def _chunk_state_q_k(gen: torch.Generator, b: int, h: int, c: int, dk: int, dv: int, dtype: torch.dtype, *,
+                     zero_state: bool, non_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk checker case's incoming state and its q, k (as transposed views when ``non_contiguous``)."""
+    state = torch.zeros(b, h, dk, dv, dtype=dtype) if zero_state else seeded_randn(gen, b, h, dk, dv, dtype=dtype)
+    if non_contiguous:
+        q = seeded_randn(gen, b, c, h, dk, dtype=dtype).transpose(1, 2)
+        k = seeded_randn(gen, b, h, dk, c, dtype=dtype).transpose(-1, -2)
+    else:
+        q, k = seeded_randn(gen, b, h, c, dk, dtype=dtype), seeded_randn(gen, b, h, c, dk, dtype=dtype)
+    return state, q, k
+
+
+def _chunk_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(404)
+    cases = []
+    for name, (b, h, c, dk, dv), dtype, zero in [
+        ("first chunk, zero state, C=8", (1, 2, 8, 4, 3), torch.float64, True),
+        ("a later chunk, C=6", (2, 2, 6, 5, 4), torch.float64, False),
+        ("a single-token chunk, C=1", (1, 1, 1, 4, 4), torch.float64, False),
+        ("float32, non-contiguous q and k, C=7", (1, 3, 7, 4, 6), torch.float32, False),
+    ]:
+        state, q, k = _chunk_state_q_k(gen, b, h, c, dk, dv, dtype, zero_state=zero,
+                                       non_contiguous="non-contiguous" in name)
+        cases.append(Case(name, (state, q, k, seeded_randn(gen, b, h, c, dv, dtype=dtype))))
+    return cases
+
+
+def check_chunkwise_step(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(state, q, k, v) -> (O, new_state)`` against :func:`chunkwise_step`."""
+    return check_function(
+        fn, chunkwise_step, _chunk_cases(), exercise="chunkwise_step", atol=1e-6, rtol=1e-5,
+        hint="O = Q S (everything before the chunk) + (Q Kᵀ with the causal mask, diagonal included) V; "
+        "then S' = S + Kᵀ V. Use the *old* state for O.",
+    )
+
+
+def _decay_chunk_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(606)
+    cases = []
+    for name, (b, h, c, dk, dv), dtype, zero, gate in [
+        ("first chunk, zero state, no decay (log α = 0), C=5", (1, 2, 5, 4, 3), torch.float64, True, "none"),
+        ("a later chunk, random gates, C=6", (2, 2, 6, 5, 4), torch.float64, False, "random"),
+        ("a single-token chunk, C=1", (1, 1, 1, 4, 4), torch.float64, False, "random"),
+        ("strong decay (α ≈ 0.3), C=8", (1, 2, 8, 3, 5), torch.float64, False, "strong"),
+        ("float32, non-contiguous q and k, C=7", (1, 3, 7, 4, 6), torch.float32, False, "random"),
+    ]:
+        state, q, k = _chunk_state_q_k(gen, b, h, c, dk, dv, dtype, zero_state=zero,
+                                       non_contiguous="non-contiguous" in name)
+        if gate == "none":
+            log_decay = torch.zeros(b, h, c, dtype=dtype)
+        elif gate == "strong":
+            log_decay = torch.full((b, h, c), math.log(0.3), dtype=dtype)
+        else:
+            log_decay = _log_gate(gen, b, h, c, dtype=dtype)
+        cases.append(Case(name, (state, q, k, seeded_randn(gen, b, h, c, dv, dtype=dtype), log_decay)))
+    return cases
+
+
+def check_chunkwise_decay_step(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)`` against :func:`chunkwise_decay_step`."""
+    return check_function(
+        fn, chunkwise_decay_step, _decay_chunk_cases(), exercise="chunkwise_decay_step", atol=1e-6, rtol=1e-5,
+        hint="b = log_decay.cumsum(-1) (token i's own gate included). O = (exp(b)·Q) S + (Q Kᵀ ⊙ Γ) V with "
+        "Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal (mask the exponent with -inf before exp); "
+        "S' = exp(b_C) S + (exp(b_C − b)·K)ᵀ V, b_C the last entry of b. Use the *old* state for O.",
+    )
+
+
+def _delta_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(505)
+    b, h, dk, dv = 2, 2, 6, 3
+    unit = lambda *s: F.normalize(seeded_randn(gen, *s), dim=-1)  # noqa: E731
+    cases = [
+        Case("zero state, β = 1: stores v exactly", (torch.zeros(b, h, dk, dv, dtype=torch.float64), unit(b, h, dk),
+                                                  seeded_randn(gen, b, h, dv), torch.ones(b, h, dtype=torch.float64))),
+        Case("a filled state, random β", (seeded_randn(gen, b, h, dk, dv), unit(b, h, dk), seeded_randn(gen, b, h, dv),
+                                          torch.rand(b, h, generator=gen, dtype=torch.float64))),
+        Case("keys not normalised", (seeded_randn(gen, b, h, dk, dv), seeded_randn(gen, b, h, dk),
+                                     seeded_randn(gen, b, h, dv), torch.rand(b, h, generator=gen, dtype=torch.float64))),
+        Case("float32, non-contiguous state", (seeded_randn(gen, b, h, dv, dk, dtype=torch.float32).transpose(-1, -2),
+                                               unit(b, h, dk).float(), seeded_randn(gen, b, h, dv, dtype=torch.float32),
+                                               torch.rand(b, h, generator=gen))),
+    ]
+    return cases
+
+
+def check_delta_rule_step(fn: Callable[..., object]) -> CheckResult:
+    """Check ``fn(state, k, v, beta) -> new_state`` against :func:`delta_rule_step`."""
+    return check_function(
+        fn, delta_rule_step, _delta_cases(), exercise="delta_rule_step", atol=1e-6, rtol=1e-5,
+        hint="read what the memory returns for k (Sᵀ k, a D_v vector), then add β k (v − Sᵀk)ᵀ; "
+        "β has shape (B, H), so give it a trailing axis before multiplying.",
+    )
