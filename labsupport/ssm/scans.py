@@ -38,6 +38,7 @@ __all__ = [
     "blelloch_scan",
     "chunked_scan",
     "combine",
+    "differentiable_scan",
     "hillis_steele_scan",
     "log_space_scan",
     "sequential_scan",
@@ -238,11 +239,46 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = Non
     return out.reshape(batch, n * c, *rest)[:, :length].to(out_dtype)
 
 
-#: name → scan, in the order the chapter builds them.
+
+
+class _ChunkedScanFunction(torch.autograd.Function):
+    """:func:`chunked_scan` with a hand-written backward, itself a reverse scan.
+
+    With ``g_t = ∂loss/∂h_t`` from above, the total gradient of ``h_t`` obeys the
+    recurrence run backwards in time, ``δ_t = g_t + a_{t+1} δ_{t+1}``; then
+    ``∂loss/∂b_t = δ_t``, ``∂loss/∂a_t = δ_t h_{t−1}`` and ``∂loss/∂h0 = a_0 δ_0``.
+    Autograd through the scan's Python loops would record thousands of slice
+    operations; this records none.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        h = chunked_scan(a, b, h0)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        a, h, h0 = ctx.saved_tensors
+        next_a = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
+        delta = chunked_scan(next_a.flip(1), grad_h.flip(1)).flip(1)
+        previous = torch.cat([(torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None]), h[:, :-1]], dim=1)
+        grad_h0 = None if h0 is None else a[:, 0] * delta[:, 0]
+        return delta * previous, delta, grad_h0
+
+
+def differentiable_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`chunked_scan` for training: the same numbers, with a reverse-scan backward (see above)."""
+    _prepare(a, b, h0)
+    return _ChunkedScanFunction.apply(a, b, h0)
+
+
+#: name → scan, in the order the chapter builds them (``"differentiable"`` is ``"chunked"`` for training).
 SCANS = {
     "sequential": sequential_scan,
     "hillis_steele": hillis_steele_scan,
     "blelloch": blelloch_scan,
     "log_space": log_space_scan,
     "chunked": chunked_scan,
+    "differentiable": differentiable_scan,
 }
