@@ -153,7 +153,7 @@ class MambaMixer(nn.Module):
         """The whole prompt at once; the state is the last ``d_conv − 1`` conv inputs and the SSM state."""
         out, x, state, _ = self._sequence(u)
         keep = self.d_conv - 1
-        tail = x[:, x.shape[1] - keep:] if keep else x[:, :0]
+        tail = x[:, max(0, x.shape[1] - keep):] if keep else x[:, :0]
         conv_state = torch.cat([x.new_zeros(x.shape[0], keep - tail.shape[1], self.d_inner), tail], dim=1)
         return out, (conv_state, state)
 
