@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=65_536)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    scans = {name: fn for name, fn in SCANS.items() if name != "differentiable"}
+    scans = dict(SCANS)
     try:
         from mambapy.pscan import pscan
 

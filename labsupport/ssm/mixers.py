@@ -50,7 +50,7 @@ class MambaMixer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 16, *, expand: int = 2, d_conv: int = 4,
-                 dt_rank: int | None = None, selective: bool = True, gated: bool = True, scan: str = "differentiable",
+                 dt_rank: int | None = None, selective: bool = True, gated: bool = True, scan: str = "chunked",
                  dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
         super().__init__()
         self.d_model = require_positive_int("d_model", d_model)
@@ -188,7 +188,7 @@ class MambaMixer(nn.Module):
 
 
 def mamba_mixer(d_state: int = 16, *, expand: int = 2, d_conv: int = 4, selective: bool = True,
-                gated: bool = True, scan: str = "differentiable") -> MixerFactory:
+                gated: bool = True, scan: str = "chunked") -> MixerFactory:
     """A factory ``(d_model, layer_index) -> MambaMixer`` for :class:`~labsupport.lm.model.TinyLM`."""
     require_positive_int("d_state", d_state)
 

@@ -38,7 +38,6 @@ __all__ = [
     "blelloch_scan",
     "chunked_scan",
     "combine",
-    "differentiable_scan",
     "hillis_steele_scan",
     "log_space_scan",
     "sequential_scan",
@@ -188,6 +187,66 @@ def log_space_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = N
     return h.to(work).to(out_dtype)
 
 
+def _chunked_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk_size: int | None
+                     ) -> torch.Tensor:
+    """The chunked scan's arithmetic, on validated tensors of the working dtype, without autograd."""
+    batch, length, *rest = b.shape
+    c = max(1, round(math.sqrt(length / 2))) if chunk_size is None else chunk_size
+    n = -(-length // c)
+    pad = n * c - length
+    if pad:
+        a = torch.cat([a, a.new_ones(batch, pad, *rest)], dim=1)
+        b = torch.cat([b, b.new_zeros(batch, pad, *rest)], dim=1)
+    a_chunks = a.reshape(batch, n, c, *rest)
+    b_chunks = b.reshape(batch, n, c, *rest)
+    # 1. each chunk's summary (P, h~), every chunk at once; one buffer, updated in place
+    h = b_chunks[:, :, 0].clone()
+    for i in range(1, c):
+        torch.addcmul(b_chunks[:, :, i], a_chunks[:, :, i], h, out=h)
+    p = a_chunks.prod(dim=2)  # one native reduction: the product of each chunk's decays
+    # 2. the state entering each chunk
+    starts = torch.empty_like(h)
+    state = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    for k in range(n):
+        starts[:, k] = state
+        state = torch.addcmul(h[:, k], p[:, k], state)
+    # 3. the loop inside every chunk again, from its true start, written straight into the output
+    out = torch.empty_like(b_chunks)
+    previous = starts
+    for i in range(c):
+        torch.addcmul(b_chunks[:, :, i], a_chunks[:, :, i], previous, out=out[:, :, i])
+        previous = out[:, :, i]
+    return out.reshape(batch, n * c, *rest)[:, :length]
+
+
+class _ChunkedScanFunction(torch.autograd.Function):
+    """The chunked scan with a hand-written backward, itself a reverse scan.
+
+    With ``g_t = ∂loss/∂h_t`` from above, the total gradient of ``h_t`` obeys the
+    recurrence run backwards in time, ``δ_t = g_t + a_{t+1} δ_{t+1}``; then
+    ``∂loss/∂b_t = δ_t``, ``∂loss/∂a_t = δ_t h_{t−1}`` and ``∂loss/∂h0 = a_0 δ_0``.
+    Autograd through the scan's Python loops would record thousands of slice
+    operations (and cannot follow its in-place updates); this records none.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,  # type: ignore[override]
+                chunk_size: int | None) -> torch.Tensor:
+        h = _chunked_forward(a, b, h0, chunk_size)
+        ctx.save_for_backward(a, h, h0)
+        ctx.chunk_size = chunk_size
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):  # type: ignore[override]
+        a, h, h0 = ctx.saved_tensors
+        next_a = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
+        delta = _chunked_forward(next_a.flip(1), grad_h.flip(1), None, ctx.chunk_size).flip(1)
+        previous = torch.cat([(torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None]), h[:, :-1]], dim=1)
+        grad_h0 = None if h0 is None else a[:, 0] * delta[:, 0]
+        return delta * previous, delta, grad_h0, None
+
+
 def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *,
                  chunk_size: int | None = None) -> torch.Tensor:
     """Sequential inside chunks (all chunks at once), then sequential across chunks.
@@ -202,83 +261,29 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = Non
        starting states, writing the output (``C`` more steps).
 
     About ``2C + L/C`` Python steps instead of ``L``; ``C ≈ √(L/2)`` (the default)
-    minimises them, and each step is one fused multiply-add over ``n`` chunks. No
-    division and no logarithm: decays near 0 make ``P`` underflow to exactly 0
-    (the true value), decays near 1 keep the long memory.
+    minimises them. Each step is one fused multiply-add (``addcmul``) over all
+    chunks, written in place: no temporary tensors, so the memory traffic stays
+    close to the loop's. No division and no logarithm: decays near 0 make ``P``
+    underflow to exactly 0 (the true value), decays near 1 keep the long memory.
+    Differentiable: the backward pass is the same scan run in reverse.
     """
-    a, b, h0, out_dtype = _prepare(a, b, h0)
-    batch, length, *rest = b.shape
-    if chunk_size is None:
-        c = max(1, round(math.sqrt(length / 2)))
+    a_, b_, h0_, out_dtype = _prepare(a, b, h0)
+    if chunk_size is not None:
+        chunk_size = require_int("chunk_size", chunk_size, minimum=1)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, h0))
+    if needs_grad:
+        h = _ChunkedScanFunction.apply(a_, b_, h0_, chunk_size)
     else:
-        c = require_int("chunk_size", chunk_size, minimum=1)
-    n = -(-length // c)
-    pad = n * c - length
-    if pad:
-        a = torch.cat([a, a.new_ones(batch, pad, *rest)], dim=1)
-        b = torch.cat([b, b.new_zeros(batch, pad, *rest)], dim=1)
-    a_chunks = a.view(batch, n, c, *rest)
-    b_chunks = b.view(batch, n, c, *rest)
-    # 1. each chunk's summary (P, h~), every chunk at once
-    h = b_chunks[:, :, 0]
-    for i in range(1, c):
-        h = torch.addcmul(b_chunks[:, :, i], a_chunks[:, :, i], h)
-    p = a_chunks.prod(dim=2)  # one native reduction: the product of the chunk's decays
-    # 2. the state entering each chunk
-    starts = []
-    state = torch.zeros_like(b[:, 0]) if h0 is None else h0
-    for k in range(n):
-        starts.append(state)
-        state = torch.addcmul(h[:, k], p[:, k], state)
-    h = torch.stack(starts, dim=1)  # (B, n, *rest)
-    # 3. the loop inside every chunk again, from its true start
-    out = torch.empty_like(b_chunks)
-    for i in range(c):
-        h = torch.addcmul(b_chunks[:, :, i], a_chunks[:, :, i], h)
-        out[:, :, i] = h
-    return out.reshape(batch, n * c, *rest)[:, :length].to(out_dtype)
+        h = _chunked_forward(a_, b_, h0_, chunk_size)
+    return h.to(out_dtype)
 
 
-
-
-class _ChunkedScanFunction(torch.autograd.Function):
-    """:func:`chunked_scan` with a hand-written backward, itself a reverse scan.
-
-    With ``g_t = ∂loss/∂h_t`` from above, the total gradient of ``h_t`` obeys the
-    recurrence run backwards in time, ``δ_t = g_t + a_{t+1} δ_{t+1}``; then
-    ``∂loss/∂b_t = δ_t``, ``∂loss/∂a_t = δ_t h_{t−1}`` and ``∂loss/∂h0 = a_0 δ_0``.
-    Autograd through the scan's Python loops would record thousands of slice
-    operations; this records none.
-    """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        h = chunked_scan(a, b, h0)
-        ctx.save_for_backward(a, h, h0)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
-        a, h, h0 = ctx.saved_tensors
-        next_a = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
-        delta = chunked_scan(next_a.flip(1), grad_h.flip(1)).flip(1)
-        previous = torch.cat([(torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None]), h[:, :-1]], dim=1)
-        grad_h0 = None if h0 is None else a[:, 0] * delta[:, 0]
-        return delta * previous, delta, grad_h0
-
-
-def differentiable_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`chunked_scan` for training: the same numbers, with a reverse-scan backward (see above)."""
-    _prepare(a, b, h0)
-    return _ChunkedScanFunction.apply(a, b, h0)
-
-
-#: name → scan, in the order the chapter builds them (``"differentiable"`` is ``"chunked"`` for training).
+#: name → scan, in the order the chapter builds them.
 SCANS = {
     "sequential": sequential_scan,
     "hillis_steele": hillis_steele_scan,
     "blelloch": blelloch_scan,
     "log_space": log_space_scan,
     "chunked": chunked_scan,
-    "differentiable": differentiable_scan,
 }
