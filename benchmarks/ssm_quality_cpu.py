@@ -2,7 +2,9 @@
 
 Usage::
 
-    python benchmarks/ssm_quality_cpu.py            # about 15 minutes on one core of a 2-core machine
+    python benchmarks/ssm_quality_cpu.py                          # both parts, about 30 minutes on one core
+    python benchmarks/ssm_quality_cpu.py --part copy              # selective copying only
+    python benchmarks/ssm_quality_cpu.py --part mqar --designs "Mamba (d_state 16)"   # one MQAR row
 
 Both experiments train the same TinyLM (2 layers, no MLP, no position table) with equal budgets
 from several seeds, and print one line per design with the mean and range.
@@ -10,7 +12,7 @@ from several seeds, and print one line per design with the mean and range.
 * Selective copying (Mamba paper, Table 1, at laptop scale): sequences of 24 tokens hiding 3 data
   tokens (vocabulary 8) among noise; copy them in order. The same gated Mamba block with its SSM
   time-invariant (S4D-Real, an FFT convolution) or selective (S6). 800 steps, batch 32, lr 5e-3.
-* MQAR (labsupport.lm.probe): 64 tokens, 4 pairs, d_model 32, 300 steps, batch 32, lr 1e-2, two
+* MQAR (labsupport.lm.probe): 64 tokens, 4 pairs, d_model 32, 600 steps, batch 64, lr 1e-2, two
   seeds, through ``probe_seeds``: softmax attention, chapter 03's linear attention and DeltaNet,
   Mamba with d_state 4 and 16 (the Mamba runs dominate the time: a selective scan updates
   ``64 × d_state`` numbers per token and layer).
@@ -18,6 +20,7 @@ from several seeds, and print one line per design with the mean and range.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import time
@@ -45,15 +48,29 @@ def selective_copy(selective: bool, seed: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("copy", "mqar", "both"), default="both")
+    parser.add_argument("--designs", nargs="*", default=None, help="MQAR rows to run (default: all)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, python {sys.version.split()[0]}, "
           f"1 thread, {time.strftime('%Y-%m-%d')}")
+    if args.part in ("copy", "both"):
+        copy_rows()
+    if args.part in ("mqar", "both"):
+        mqar_rows(args.designs)
+
+
+def copy_rows() -> None:
     for selective in (False, True):
         start = time.perf_counter()
         scores = [selective_copy(selective, s) for s in SEEDS]
         name = "selective (S6)" if selective else "time-invariant (S4D)"
         print(f"selective copying | {name:22s} | mean {sum(scores) / len(scores):.1%} | "
               f"range {min(scores):.1%}-{max(scores):.1%} | {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def mqar_rows(only: list[str] | None) -> None:
     try:  # chapter 03 (a benchmark may import any family)
         from labsupport.linear_attention import linear_mixer
     except ImportError:
@@ -64,9 +81,11 @@ def main() -> None:
                "Mamba (d_state 4)": mamba_mixer(4), "Mamba (d_state 16)": mamba_mixer(16)}
     for pairs in (4,):
         for label, mixer in designs.items():
+            if only and label not in only:
+                continue
             start = time.perf_counter()
-            summary = probe_seeds(mixer, MQARProbe(seq_len=64, num_pairs=pairs), steps=300, seeds=(0, 1),
-                                  batch_size=32, d_model=32, positional="none" if label.startswith("Mamba") else "learned",
+            summary = probe_seeds(mixer, MQARProbe(seq_len=64, num_pairs=pairs), steps=600, seeds=(0, 1),
+                                  batch_size=64, d_model=32, positional="none" if label.startswith("Mamba") else "learned",
                                   label=label, progress=False)
             print(f"MQAR {pairs} pairs | {label:22s} | mean {summary.mean:.1%} | range {summary.low:.1%}-"
                   f"{summary.high:.1%} | {time.perf_counter() - start:.0f} s", flush=True)

@@ -4,6 +4,7 @@ Usage::
 
     pip install mambapy==1.2.0      # the comparator only; the course does not depend on it
     python benchmarks/ssm_scans_cpu.py [--max-length 65536]
+    python benchmarks/ssm_scans_cpu.py --headline [--rounds 15]     # L = 4096 only, interleaved rounds
 
 Workload: ``h_t = a_t h_{t-1} + b_t`` over ``(B=1, L, 64 channels, state 16)`` fp32 tensors (a selective
 SSM's scan), ``a`` uniform in [0.5, 1), one torch thread, the fastest of 3 calls after a warm-up.
@@ -35,6 +36,9 @@ LIMITS = {"sequential": 65_536, "hillis_steele": 16_384, "blelloch": 65_536, "lo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-length", type=int, default=65_536)
+    parser.add_argument("--headline", action="store_true",
+                        help="L = 4096 only: sequential, chunked and mambapy, one call of each per round")
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
     scans = dict(SCANS)
@@ -46,6 +50,9 @@ def main() -> None:
         print("# mambapy not installed: its column is skipped (pip install mambapy==1.2.0)")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"python {sys.version.split()[0]}, 1 thread, {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.headline:
+        headline(scans, args.rounds)
+        return
     print("| L | " + " | ".join(scans) + " |")
     print("|---" * (len(scans) + 1) + "|")
     gen = torch.Generator().manual_seed(0)
@@ -70,6 +77,30 @@ def main() -> None:
         print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
         del a, b, reference
         length *= 4
+
+
+def headline(scans: dict, rounds: int) -> None:
+    """L = 4096: every round calls each scan once, in turn, so a busy neighbour slows all of them alike."""
+    import statistics
+
+    names = [n for n in ("sequential", "chunked", "mambapy pscan", "blelloch") if n in scans]
+    gen = torch.Generator().manual_seed(0)
+    a = 0.5 + 0.5 * torch.rand(1, 4096, CHANNELS, STATE, generator=gen)
+    b = torch.randn(1, 4096, CHANNELS, STATE, generator=gen)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for name in names:
+            scans[name](a, b)  # warm-up
+        for _ in range(rounds):
+            for name in names:
+                start = time.perf_counter()
+                scans[name](a, b)
+                times[name].append(time.perf_counter() - start)
+    base = min(times["sequential"])
+    print(f"L = 4096, {rounds} interleaved rounds: fastest / median ms, speed-up of the fastest over the loop's")
+    for name in names:
+        best, median = min(times[name]), statistics.median(times[name])
+        print(f"| {name} | {best * 1e3:.2f} | {median * 1e3:.2f} | {base / best:.1f}× |")
 
 
 if __name__ == "__main__":
