@@ -171,14 +171,11 @@ class MambaMixer(nn.Module):
         x_conv = F.silu((window * self.conv.weight[:, 0, :].t()).sum(1) + self.conv.bias)   # (batch, d_inner)
         if self.selective:
             dt, B, C = self._parameters_from(x_conv)
-        else:
-            dt = self.log_dt.exp().expand_as(x_conv)
-            B, C = self.B, self.C
-        if self.selective:
             y, h = selective_step(h, x_conv, dt, self.A, B, C, self.D)
-        else:
-            h = torch.exp(dt[..., None] * self.A) * h + (dt * x_conv)[..., None] * B
-            y = (h * C).sum(-1) + self.D * x_conv
+        else:  # the same step with Δ, B, C fixed (B, C per channel)
+            dt = self.log_dt.exp().expand_as(x_conv)
+            h = torch.exp(dt[..., None] * self.A) * h + (dt * x_conv)[..., None] * self.B
+            y = (h * self.C).sum(-1) + self.D * x_conv
         out = self._finish(y[:, None], None if z is None else z)
         return out, (window[:, 1:], h)
 
