@@ -110,3 +110,10 @@ def test_bad_inputs() -> None:
         MambaMixer(8, dt_min=0.5, dt_max=0.1)
     with pytest.raises(TypeError, match="d_state must be an int"):
         mamba_mixer(1.5)
+
+
+def test_mamba_state_bytes_formula() -> None:
+    assert mamba_state_bytes(64, 8192, 16, 4) == 64 * 8192 * 19 * 2
+    assert mamba_state_bytes(2, 10, 4, 1, bytes_per_element=4, batch=3) == 2 * 10 * 4 * 4 * 3
+    with pytest.raises(ValueError, match="d_state must be >= 1"):
+        mamba_state_bytes(1, 8, 0)
