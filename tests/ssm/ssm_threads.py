@@ -1,5 +1,8 @@
 """Chapter 04's tests run on one torch thread: their tensors are tiny, and on a busy 2-core machine a second
-thread waiting on the first made single small operations up to 100 times slower."""
+thread waiting on the first made single small operations up to 100 times slower.
+
+Each test module imports :func:`one_torch_thread` (an autouse fixture). This is not a ``conftest.py``: the
+top-level tests import their helpers with ``from conftest import ...``, which a second conftest would shadow."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
