@@ -6,6 +6,7 @@ Memory of what a model keeps per sequence:
 * :func:`cache_elements_per_token`, :func:`mla_elements_per_token`, :func:`equivalent_kv_groups`,
   :func:`quantized_bytes_per_element` — what GQA/MQA, MLA and a quantised cache store per token.
 * :func:`recurrent_state_bytes` — the fixed-size state of a linear-attention or state-space layer.
+* :func:`mamba_state_bytes` — a Mamba layer's decoding state: its SSM state and its convolution window.
 
 Work:
 
@@ -35,6 +36,7 @@ __all__ = [
     "kv_cache_bytes",
     "mla_elements_per_token",
     "quantized_bytes_per_element",
+    "mamba_state_bytes",
     "recurrent_state_bytes",
 ]
 
@@ -154,6 +156,21 @@ def recurrent_state_bytes(layers: int, heads: int, d_k: int, d_v: int, *,
     for name, value in values.items():
         total *= require_positive_int(name, value)
     return total
+
+
+def mamba_state_bytes(layers: int, d_inner: int, d_state: int, d_conv: int = 4, *,
+                      bytes_per_element: int = 2, batch: int = 1) -> int:
+    """Bytes of a Mamba model's decoding state: ``layers × d_inner × (d_state + d_conv − 1)`` elements.
+
+    Each layer keeps the SSM state ``(d_inner, d_state)`` and the last ``d_conv − 1``
+    inputs of its causal convolution; neither depends on the context length.
+    """
+    layers, d_inner, d_state = (require_positive_int(n, v) for n, v in (("layers", layers), ("d_inner", d_inner),
+                                                                        ("d_state", d_state)))
+    d_conv = require_positive_int("d_conv", d_conv)
+    bytes_per_element, batch = require_positive_int("bytes_per_element", bytes_per_element), \
+        require_positive_int("batch", batch)
+    return layers * d_inner * (d_state + d_conv - 1) * bytes_per_element * batch
 
 
 # --------------------------------------------------------------------------- work

@@ -1,0 +1,49 @@
+"""Chapter 04: state-space models and scans, from the continuous ODE to Mamba-2.
+
+==============  ==========================================================================================
+module          holds
+==============  ==========================================================================================
+``scans``       the linear-recurrence scans: sequential, Hillis–Steele, Blelloch, log-space, chunked;
+                the scan operator ``combine`` (the chunked scan has a reverse-scan backward)
+``reference``   discretisation (ZOH, bilinear, exact ODE response), S4D init, kernel and FFT convolution,
+                the selective scan and its one-token step, Mamba-2 / SSD (recurrent, quadratic, chunked)
+``mixers``      ``MambaMixer`` (selective S6 or LTI S4D) for the ``lm`` bench, ``mamba_mixer`` factory
+``widget``      the impulse-response explorer's data and figure
+``exercises``   the chapter's checkers
+==============  ==========================================================================================
+"""
+
+from labsupport.ssm.exercises import check_combine, check_fft_conv, check_selective_step, check_zoh
+from labsupport.ssm.mixers import MambaMixer, mamba_mixer
+from labsupport.ssm.reference import (
+    bilinear,
+    exact_response,
+    fft_causal_conv,
+    lti_recurrence,
+    s4d_init,
+    selective_scan,
+    selective_step,
+    ssd_chunked,
+    ssd_quadratic,
+    ssd_recurrent,
+    ssm_kernel,
+    zoh,
+)
+from labsupport.ssm.scans import (
+    SCANS,
+    blelloch_scan,
+    chunked_scan,
+    combine,
+    hillis_steele_scan,
+    log_space_scan,
+    sequential_scan,
+)
+from labsupport.ssm.widget import ImpulseResponseData, impulse_response_data, impulse_response_figure
+
+__all__ = [
+    "SCANS", "ImpulseResponseData", "MambaMixer", "bilinear", "blelloch_scan", "check_combine", "check_fft_conv",
+    "check_selective_step", "check_zoh", "chunked_scan", "combine", "exact_response",
+    "fft_causal_conv", "hillis_steele_scan", "impulse_response_data", "impulse_response_figure", "log_space_scan",
+    "lti_recurrence", "mamba_mixer", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
+    "ssd_chunked", "ssd_quadratic", "ssd_recurrent", "ssm_kernel", "zoh",
+]

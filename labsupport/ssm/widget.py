@@ -1,0 +1,107 @@
+"""The chapter's explorer: how long an SSM remembers, time-invariant against selective.
+
+:func:`impulse_response_data` computes, for a diagonal SSM with S4D-Real decays
+``A_n = −n`` (Mamba's start) and a step ``Δ``:
+
+* the LTI layer's memory of a token ``l`` steps back, per state ``n``: ``exp(Δ A_n)ˡ`` — the
+  same curve for every input, whatever the token says;
+* a selective layer's memory of the first token, seen at every later position, when one
+  token at position ``event_at`` sets its own ``Δ``: ``"hold"`` (``Δ → 0``: the state passes
+  through unchanged, the token is skipped) or ``"drop"`` (``Δ`` large: the state is reset,
+  the past forgotten), or ``"none"``.
+
+:func:`impulse_response_figure` draws both side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from labsupport.harness.validation import require_choice, require_float, require_int
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+__all__ = ["ImpulseResponseData", "impulse_response_data", "impulse_response_figure"]
+
+EVENTS = ("none", "hold", "drop")
+HOLD_DELTA = 1e-4
+DROP_DELTA = 10.0
+
+
+@dataclass(frozen=True)
+class ImpulseResponseData:
+    """The curves of the explorer.
+
+    Attributes:
+        lags: ``(L,)`` positions ``0 … L−1`` after the remembered token.
+        lti_memory: ``(N, L)`` the LTI layer's ``exp(Δ A_n)ˡ`` per state ``n``.
+        selective_memory: ``(N, L)`` the selective layer's memory of token 0 with the event applied.
+        deltas: ``(L,)`` the selective layer's ``Δ_t`` (the event's token differs).
+        delta, event, event_at: the settings.
+    """
+
+    lags: torch.Tensor
+    lti_memory: torch.Tensor
+    selective_memory: torch.Tensor
+    deltas: torch.Tensor
+    delta: float
+    event: str
+    event_at: int
+
+    def half_life(self, state: int = 0) -> float:
+        """Tokens until the LTI memory of state ``state`` falls to one half: ``ln 2 / (Δ |A_n|)``."""
+        rate = self.delta * (state + 1)
+        return float(torch.log(torch.tensor(2.0)) / rate)
+
+
+def impulse_response_data(delta: float = 0.05, event: str = "hold", *, event_at: int = 20, length: int = 64,
+                          d_state: int = 4) -> ImpulseResponseData:
+    """Memory curves of an LTI and a selective diagonal SSM (see the module docstring)."""
+    delta = require_float("delta", delta, positive=True)
+    require_choice("event", event, EVENTS)
+    length = require_int("length", length, minimum=2)
+    event_at = require_int("event_at", event_at, minimum=1, maximum=length - 1)
+    d_state = require_int("d_state", d_state, minimum=1)
+    A = -torch.arange(1, d_state + 1, dtype=torch.float64)
+    lags = torch.arange(length, dtype=torch.float64)
+    lti = torch.exp(delta * A[:, None] * lags)
+    deltas = torch.full((length,), delta, dtype=torch.float64)
+    deltas[0] = 0.0  # the remembered token itself: memory starts at 1
+    if event == "hold":
+        deltas[event_at:] = HOLD_DELTA
+    elif event == "drop":
+        deltas[event_at] = DROP_DELTA
+    selective = torch.exp(A[:, None] * deltas.cumsum(0))
+    return ImpulseResponseData(lags, lti, selective, deltas, delta, event, event_at)
+
+
+def impulse_response_figure(data: ImpulseResponseData) -> go.Figure:
+    """Two panels: the LTI kernel's decay per state, the selective memory of token 0 with its event."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not isinstance(data, ImpulseResponseData):
+        raise TypeError(f"expected ImpulseResponseData, got {type(data).__name__}")
+    words = {"none": "no special token", "hold": f"tokens from {data.event_at} on hold (Δ→0)",
+             "drop": f"token {data.event_at} drops (Δ large)"}
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[
+        f"LTI: exp(Δ A_n)^l with Δ = {data.delta:.3g}, the same for every input",
+        f"selective: memory of token 0, {words[data.event]}"])
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    lags = data.lags.tolist()
+    for n in range(data.lti_memory.shape[0]):
+        color = colors[n % len(colors)]
+        figure.add_trace(go.Scatter(x=lags, y=data.lti_memory[n].tolist(), name=f"state n={n + 1} (A = −{n + 1})",
+                                    legendgroup=str(n), line={"color": color}), row=1, col=1)
+        figure.add_trace(go.Scatter(x=lags, y=data.selective_memory[n].tolist(), showlegend=False,
+                                    legendgroup=str(n), line={"color": color}), row=1, col=2)
+    if data.event != "none":
+        figure.add_vline(x=data.event_at, line_dash="dot", line_color="gray", row=1, col=2)
+    figure.update_xaxes(title_text="tokens since the remembered one")
+    figure.update_yaxes(title_text="fraction of the token still in the state", range=[0, 1.05], row=1, col=1)
+    figure.update_layout(template="plotly_white", height=380, legend={"orientation": "h", "y": -0.25})
+    return figure

@@ -1,0 +1,97 @@
+"""The chapter's checkers pass the references and fail every kind of wrong answer without a traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labsupport import ssm
+from labsupport.ssm.reference import fft_causal_conv, selective_step, zoh
+from labsupport.ssm.scans import combine
+from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
+
+
+def _not_done(*args):
+    raise NotImplementedError
+
+
+def _raises(*args):
+    raise RuntimeError("boom")
+
+
+def _none(*args):
+    return None
+
+
+CHECKERS = [(ssm.check_zoh, zoh), (ssm.check_combine, combine), (ssm.check_selective_step, selective_step),
+            (ssm.check_fft_conv, fft_causal_conv)]
+
+
+@pytest.mark.parametrize("checker, reference", CHECKERS)
+def test_reference_passes_and_generic_wrong_answers_fail(checker, reference, capsys) -> None:
+    assert checker(reference).passed
+    result = checker(_not_done)
+    assert result.status == "not done"
+    for wrong in (_raises, _none, 42):
+        assert checker(wrong).status == "failed"
+
+    def nan_answer(*args):
+        out = reference(*args)
+        return tuple(torch.full_like(t, float("nan")) for t in out) if isinstance(out, tuple) else out * float("nan")
+
+    def wrong_dtype(*args):
+        out = reference(*args)
+        return tuple(t.to(torch.complex128 if t.is_complex() else torch.float16) for t in out) \
+            if isinstance(out, tuple) else out.half()
+
+    def wrong_shape(*args):
+        out = reference(*args)
+        return tuple(t[..., None] for t in out) if isinstance(out, tuple) else out[..., None]
+
+    for wrong in (nan_answer, wrong_dtype, wrong_shape):
+        assert checker(wrong).status == "failed", wrong.__name__
+    output = capsys.readouterr().out
+    assert "Traceback" not in output and "boom" in output
+
+
+def test_zoh_rejects_euler() -> None:
+    assert not ssm.check_zoh(lambda A, B, d: (1 + d[:, None] * A, d[:, None] * B))
+    assert not ssm.check_zoh(lambda A, B, d: (torch.exp(d[:, None] * A), d[:, None] * B))
+    assert not ssm.check_zoh(lambda A, B, d: ssm.bilinear(A, B, d))
+
+
+def test_combine_rejects_the_reversed_order() -> None:
+    assert not ssm.check_combine(lambda a1, b1, a2, b2: (a1 * a2, a1 * b2 + b1))
+    assert not ssm.check_combine(lambda a1, b1, a2, b2: (a1 * a2, b1 + b2))
+
+
+def test_selective_step_rejects_reading_the_old_state_and_forgetting_d() -> None:
+    def old_state(h, u, delta, A, B, C, D):
+        y = (h * C[:, None]).sum(-1) + D * u
+        return y, torch.exp(delta[..., None] * A) * h + (delta * u)[..., None] * B[:, None]
+
+    def no_skip(h, u, delta, A, B, C, D):
+        y, h_new = selective_step(h, u, delta, A, B, C, None)
+        return y, h_new
+
+    def in_place(h, u, delta, A, B, C, D):
+        y, h_new = selective_step(h, u, delta, A, B, C, D)
+        h.copy_(h_new)
+        return y, h
+
+    assert not ssm.check_selective_step(old_state)
+    assert not ssm.check_selective_step(no_skip)
+    assert ssm.check_selective_step(in_place)  # writing into its own copy of h is harmless
+
+
+def test_fft_conv_rejects_circular_convolution() -> None:
+    def circular(u, kernel):
+        n = u.shape[1]
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(kernel, n=n), n=n)
+        return y.transpose(1, 2)
+
+    def off_by_one(u, kernel):
+        return torch.cat([torch.zeros_like(u[:, :1]), fft_causal_conv(u, kernel)[:, :-1]], dim=1)
+
+    assert not ssm.check_fft_conv(circular)
+    assert not ssm.check_fft_conv(off_by_one)

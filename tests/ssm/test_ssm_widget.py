@@ -1,0 +1,48 @@
+"""The impulse-response explorer's data: LTI memory ignores the input; selective memory holds or drops."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from labsupport.ssm.widget import impulse_response_data, impulse_response_figure
+from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
+
+
+def test_lti_memory_is_the_same_whatever_the_event() -> None:
+    curves = [impulse_response_data(0.05, event).lti_memory for event in ("none", "hold", "drop")]
+    assert all(torch.equal(curves[0], c) for c in curves[1:])
+    assert torch.allclose(curves[0][1], torch.exp(-2 * 0.05 * torch.arange(64, dtype=torch.float64)))
+
+
+def test_hold_keeps_and_drop_forgets() -> None:
+    none = impulse_response_data(0.05, "none", event_at=20)
+    hold = impulse_response_data(0.05, "hold", event_at=20)
+    drop = impulse_response_data(0.05, "drop", event_at=20)
+    assert torch.allclose(none.selective_memory, none.lti_memory)  # no event: a selective SSM with constant Δ is LTI
+    assert float(hold.selective_memory[0, -1]) > 0.9 * float(hold.selective_memory[0, 19])
+    assert float(drop.selective_memory[:, 20:].max()) < 1e-4
+    assert torch.allclose(drop.selective_memory[:, :20], none.selective_memory[:, :20])
+
+
+def test_half_life() -> None:
+    data = impulse_response_data(0.1, "none")
+    assert data.half_life(0) == pytest.approx(math.log(2) / 0.1)
+    memory = float(data.lti_memory[0, round(data.half_life(0))])
+    assert memory == pytest.approx(0.5, abs=0.04)
+
+
+def test_figure_and_bad_input() -> None:
+    figure = impulse_response_figure(impulse_response_data(0.02, "drop", d_state=3))
+    assert isinstance(figure, go.Figure) and len(figure.data) == 6
+    with pytest.raises(ValueError, match="event must be one of"):
+        impulse_response_data(0.05, "forget")
+    with pytest.raises(ValueError, match="delta must be positive"):
+        impulse_response_data(0.0)
+    with pytest.raises(ValueError, match="event_at must be <="):
+        impulse_response_data(0.05, event_at=64, length=64)
+    with pytest.raises(TypeError, match="ImpulseResponseData"):
+        impulse_response_figure(None)
