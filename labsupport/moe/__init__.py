@@ -10,7 +10,7 @@
 * :mod:`~labsupport.moe.exercises` — the chapter's checkers.
 """
 
-from labsupport.moe.dispatch import expert_forward, grouped_matmul, moe_expert_choice, moe_loop, moe_sorted, sort_by_expert
+from labsupport.moe.dispatch import expert_forward, grouped_expert_mlp, moe_expert_choice, moe_loop, moe_sorted, sort_by_expert
 from labsupport.moe.layer import MoELayer, moe_mixer
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
@@ -35,7 +35,7 @@ __all__ = [
     "expert_choice_routing",
     "expert_counts",
     "expert_forward",
-    "grouped_matmul",
+    "grouped_expert_mlp",
     "load_balancing_loss",
     "moe_expert_choice",
     "moe_loop",

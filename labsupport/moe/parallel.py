@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from labsupport.harness.validation import require_int, require_positive_int
-from labsupport.moe.dispatch import grouped_matmul, sort_by_expert
+from labsupport.moe.dispatch import grouped_expert_mlp, sort_by_expert
 from labsupport.moe.layer import MoELayer
 
 __all__ = ["ParallelRun", "expert_parallel_forward", "run_expert_parallel"]
@@ -94,9 +93,8 @@ def expert_parallel_forward(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Ten
     order = torch.argsort(local, stable=True)
     local_counts = torch.bincount(local, minlength=hi - lo).tolist()
     with torch.no_grad():
-        hidden = F.gelu(grouped_matmul(recv_tokens[order], layer.w_up[lo:hi], local_counts)
-                        + layer.b_up[lo:hi][local[order]])
-        answers_sorted = grouped_matmul(hidden, layer.w_down[lo:hi], local_counts) + layer.b_down[lo:hi][local[order]]
+        answers_sorted = grouped_expert_mlp(recv_tokens[order], local_counts, layer.w_up[lo:hi],
+                                            layer.b_up[lo:hi], layer.w_down[lo:hi], layer.b_down[lo:hi])
     answers = torch.empty_like(answers_sorted)
     answers[order] = answers_sorted
     compute += time.perf_counter() - start
