@@ -54,7 +54,10 @@ def dropped_at_capacity(load: torch.Tensor, capacity_factor: float) -> torch.Ten
 
 @torch.no_grad()
 def character_expert_counts(model: nn.Module, tokens: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    """``(vocab, E)``: how often each input token id had each expert as its first choice in layer ``layer``."""
+    """``(vocab, E + n_null)``: how often each input token id had each expert as its first choice in layer ``layer``.
+
+    Columns past ``E`` are the layer's null experts (if any).
+    """
     mixer = model.blocks[layer].channel_mixer  # type: ignore[index,union-attr]
     if not hasattr(mixer, "last_top_expert"):
         raise TypeError(f"layer {layer}'s channel mixer is {type(mixer).__name__}, not a MoELayer")
@@ -63,7 +66,8 @@ def character_expert_counts(model: nn.Module, tokens: torch.Tensor, layer: int =
     model(tokens)
     model.train(was_training)
     chosen = mixer.last_top_expert.reshape(-1)
-    counts = torch.zeros(model.vocab_size, mixer.n_experts, dtype=torch.long)  # type: ignore[union-attr]
+    width = mixer.n_experts + mixer.n_null  # type: ignore[union-attr]
+    counts = torch.zeros(model.vocab_size, width, dtype=torch.long)
     counts.index_put_((tokens.reshape(-1), chosen), torch.ones_like(chosen), accumulate=True)
     return counts
 
