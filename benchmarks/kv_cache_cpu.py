@@ -26,17 +26,17 @@ import platform
 
 import torch
 
-from labsupport.harness.costs import format_bytes
-from labsupport.harness.measuring import fit_power_law, time_callable
-from labsupport.grouped_attention import grouped_decode_step, latent_attention_core
+from labsupport.grouped import grouped_decode_step, latent_attention_core
+from labsupport.harness.costs import cache_elements_per_token, format_bytes, mla_elements_per_token
 from labsupport.harness.hardware import copy_bandwidth_gbs
+from labsupport.harness.measuring import fit_power_law, time_callable
 
 HEADS, HEAD_DIM, LATENT, ROPE = 16, 64, 256, 32
 DESIGNS = {"MHA (16 KV heads)": 16, "GQA (4 KV heads)": 4, "MQA (1 KV head)": 1, "MLA absorbed (d_c=256, d_R=32)": None}
 
 
 def elements_per_token(kv_heads: int | None) -> int:
-    return LATENT + ROPE if kv_heads is None else 2 * kv_heads * HEAD_DIM
+    return mla_elements_per_token(LATENT, ROPE) if kv_heads is None else cache_elements_per_token(kv_heads, HEAD_DIM)
 
 
 def flops_per_token(kv_heads: int | None) -> int:
@@ -74,7 +74,7 @@ def main() -> None:
         seconds = []
         for context in args.contexts:
             step = make_step(kv_heads, context)
-            t = time_callable(step, warmup=2, repeats=args.repeats)
+            t = time_callable(step, warmup=2, repeats=args.repeats, statistic="median")
             seconds.append(t)
             nbytes = elements_per_token(kv_heads) * 4 * context
             rows.append((name, context, elements_per_token(kv_heads), t, nbytes, flops_per_token(kv_heads) / (4 * elements_per_token(kv_heads))))

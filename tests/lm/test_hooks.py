@@ -114,7 +114,7 @@ def test_the_trainer_optimises_the_auxiliary_loss_itself() -> None:
     assert set(auxiliary_losses(model)) == {"blocks.0.channel_mixer.pull_to_one"}
 
     history = train(model, lambda g: make_mqar(8, 32, 4, 64, generator=g), steps=5, lr=1e-2, progress=False)
-    assert 0.0 < float(lonely) < 1.0  # pulled towards 1 by its loss alone
+    assert 0.0 < float(lonely.detach()) < 1.0  # pulled towards 1 by its loss alone
     assert history.aux_losses["blocks.0.channel_mixer.pull_to_one"][0] == pytest.approx(1.0)
 
 

@@ -1,0 +1,103 @@
+"""Chapter 02's exercise checkers, each with its case builder.
+
+* :func:`check_grouped_decode_step` — the GQA decode step against a grouped cache (MHA, GQA, MQA shapes).
+* :func:`check_absorb_mla_weights` — folding ``W_UK`` into the queries and ``W_UV`` into the output.
+* :func:`check_quantize_dequantize` — the asymmetric b-bit round trip, statistics over one dimension.
+
+Each is a thin wrapper over :func:`labsupport.harness.checking.check_function` with the
+references of :mod:`labsupport.grouped.reference` and :mod:`labsupport.grouped.quantization`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from labsupport.grouped.quantization import quantize_dequantize
+from labsupport.grouped.reference import absorb_mla_weights, grouped_decode_step
+from labsupport.harness.checking import Case, CheckResult, check_function
+
+__all__ = ["check_absorb_mla_weights", "check_grouped_decode_step", "check_quantize_dequantize"]
+
+
+def _decode_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(2)
+
+    def case(b: int, h: int, g: int, t: int, d: int, dtype: torch.dtype = torch.float32) -> tuple:
+        return (torch.randn(b, h, 1, d, generator=gen).to(dtype), torch.randn(b, g, t, d, generator=gen).to(dtype),
+                torch.randn(b, g, t, d, generator=gen).to(dtype))
+
+    big = case(1, 4, 2, 6, 8)
+    nc_k = torch.randn(2, 2, 8, 11, generator=gen).transpose(-1, -2)       # (2, 2, 11, 8), non-contiguous
+    return [
+        Case("MHA: 4 query heads, 4 KV heads, 7 cached tokens", case(1, 4, 4, 7, 8)),
+        Case("GQA: 8 query heads share 2 KV heads (4 each), B=2", case(2, 8, 2, 9, 4)),
+        Case("MQA: 6 query heads share 1 KV head", case(1, 6, 1, 5, 8)),
+        Case("one cached token", case(1, 4, 2, 1, 4)),
+        Case("large scores (× 30)", tuple(t * 30 for t in big)),
+        Case("cache stored transposed in memory (non-contiguous)", (torch.randn(2, 6, 1, 8, generator=gen), nc_k,
+                                                                     torch.randn(2, 2, 11, 8, generator=gen))),
+        Case("float64, 12 query heads, 3 KV heads", case(1, 12, 3, 10, 8, torch.float64)),
+    ]
+
+
+def check_grouped_decode_step(fn: Callable[..., torch.Tensor]) -> CheckResult:
+    """Check ``grouped_decode_step(q_new, k_cache, v_cache)`` for MHA, GQA and MQA shapes."""
+    return check_function(
+        fn, grouped_decode_step, _decode_cases(), exercise="GQA decode step", atol=1e-5, rtol=1e-4,
+        hint="query head h reads KV head h // (H // G): consecutive query heads share a KV head "
+             "(repeat_interleave, or reshape q to (B, G, H // G, D); not .repeat, which interleaves the other "
+             "way); scale by 1/sqrt(D); softmax over the cached positions; return (B, H, 1, D).",
+    )
+
+
+def _absorb_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(3)
+
+    def weights(h: int, d_model: int, d_c: int, d_h: int, dtype: torch.dtype = torch.float32) -> tuple:
+        return tuple(torch.randn(*shape, generator=gen).to(dtype) for shape in
+                     ((h, d_model, d_h), (h, d_c, d_h), (h, d_c, d_h), (h, d_h, d_model)))
+
+    return [
+        Case("1 head, d_model=6, d_c=3, d_h=2", weights(1, 6, 3, 2)),
+        Case("4 heads, d_model=16, d_c=8, d_h=4", weights(4, 16, 8, 4)),
+        Case("latent wider than the model: d_model=8, d_c=12, d_h=4", weights(2, 8, 12, 4)),
+        Case("float64, 3 heads", weights(3, 10, 5, 6, torch.float64)),
+    ]
+
+
+def check_absorb_mla_weights(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> CheckResult:
+    """Check ``absorb_mla_weights(w_q, w_uk, w_uv, w_o)`` → ``(w_q_absorbed, w_o_absorbed)``."""
+    return check_function(
+        fn, absorb_mla_weights, _absorb_cases(), exercise="MLA weight absorption", atol=1e-5, rtol=1e-4,
+        output_names=("w_q_absorbed", "w_o_absorbed"),
+        hint="the score q·k = (x W_Q,h)(c W_UK,h)ᵀ = x (W_Q,h W_UK,hᵀ) cᵀ, so w_q_absorbed[h] = w_q[h] @ w_uk[h]ᵀ "
+             "(H, d_model, d_c); the output (p c) W_UV,h W_O,h gives w_o_absorbed[h] = w_uv[h] @ w_o[h] (H, d_c, d_model). "
+             "Batched matmul over the head dimension does every head at once.",
+    )
+
+
+def _quantize_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 2, 16, 8, generator=gen)
+    keys[..., 3] *= 20                                                     # an outlier channel, as KIVI observes
+    values = torch.randn(1, 2, 16, 8, generator=gen)
+    const = torch.full((2, 5), 0.75)
+    return [
+        Case("keys per channel (dim=-2), 2 bits", (keys, 2, -2)),
+        Case("values per token (dim=-1), 4 bits", (values, 4, -1)),
+        Case("8 bits, dim=1 of a (3, 10) matrix", (torch.randn(3, 10, generator=gen) * 5 + 2, 8, 1)),
+        Case("a constant slice (max = min) must come back exactly", (const, 2, -1)),
+        Case("1 bit, float64", (torch.randn(4, 6, generator=gen, dtype=torch.float64), 1, 0)),
+        Case("non-contiguous input", (torch.randn(8, 5, generator=gen).t(), 3, -1)),
+    ]
+
+
+def check_quantize_dequantize(fn: Callable[..., torch.Tensor]) -> CheckResult:
+    """Check ``quantize_dequantize(x, bits, dim)``: asymmetric b-bit round trip, statistics over ``dim``."""
+    return check_function(
+        fn, quantize_dequantize, _quantize_cases(), exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
+        hint="take min and max over `dim` with keepdim=True; scale = (max - min) / (2**bits - 1) (use 1 where it is "
+             "0); codes = round((x - min) / scale) clamped to [0, 2**bits - 1]; return codes * scale + min in x's dtype.",
+    )
