@@ -145,3 +145,15 @@ def test_wrong_width_and_wrong_dense_module_are_refused() -> None:
         MoELayer(8, 4, 2)(torch.randn(2, 3, 5))
     with pytest.raises(TypeError, match="MLP"):
         MoELayer.from_dense(torch.nn.Linear(4, 4))
+
+
+def test_the_cost_formula_counts_the_layers_parameters() -> None:
+    from labsupport.harness.costs import moe_parameters
+
+    for n_shared in (0, 2):
+        layer = MoELayer(16, 8, 2, 24, n_shared=n_shared)
+        formula = moe_parameters(16, 24, 8, 2, n_shared=n_shared)
+        assert layer.parameter_counts() == {"total": formula["total"], "active": formula["active"]}
+        assert formula["total"] == sum(p.numel() for p in layer.parameters())
+    with pytest.raises(ValueError, match="top_k"):
+        moe_parameters(16, 24, 4, 5)
