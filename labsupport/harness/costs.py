@@ -12,6 +12,8 @@ Work:
 
 * :class:`TransformerShape` — FLOPs and bytes moved per token of a dense decoder, for prefill and decode.
 * :func:`chunkwise_flops` — matmul FLOPs of chunkwise linear attention.
+* :func:`moe_parameters` — total and active (per-token) parameters of a mixture-of-experts layer.
+* :func:`expert_parallel_bytes` — bytes an expert-parallel all-to-all moves between processes.
 
 And :func:`format_bytes` to print any of them. :data:`KV_PRESETS` and :data:`MODEL_PRESETS`
 hold the shapes of published models.
@@ -32,9 +34,11 @@ __all__ = [
     "cache_elements_per_token",
     "chunkwise_flops",
     "equivalent_kv_groups",
+    "expert_parallel_bytes",
     "format_bytes",
     "kv_cache_bytes",
     "mla_elements_per_token",
+    "moe_parameters",
     "quantized_bytes_per_element",
     "mamba_state_bytes",
     "recurrent_state_bytes",
@@ -273,3 +277,42 @@ MODEL_PRESETS: dict[str, TransformerShape] = {
 }
 
 
+# --------------------------------------------------------------------------- mixture of experts
+
+
+def moe_parameters(d_model: int, expert_hidden: int, n_experts: int, top_k: int, *,
+                   n_shared: int = 0, bias: bool = True) -> dict[str, int]:
+    """Parameters of a mixture-of-experts layer of MLP experts (``d → h → d``): ``total`` and ``active``.
+
+    ``active`` counts what one token uses: the router (``d · E``), the shared experts
+    and ``top_k`` routed experts. A dense MLP of hidden width ``top_k · h`` has the
+    same active parameters (up to biases) and the same FLOPs per token, ``2 ×``
+    the active weights.
+    """
+    d = require_positive_int("d_model", d_model)
+    h = require_positive_int("expert_hidden", expert_hidden)
+    e = require_positive_int("n_experts", n_experts)
+    k = require_int("top_k", top_k, minimum=1, maximum=e)
+    shared = require_int("n_shared", n_shared, minimum=0)
+    per_expert = 2 * d * h + ((h + d) if bias else 0)
+    shared_params = 0 if shared == 0 else 2 * d * shared * h + ((shared * h + d) if bias else 0)
+    router = d * e
+    return {"total": router + shared_params + e * per_expert,
+            "active": router + shared_params + k * per_expert,
+            "per_expert": per_expert}
+
+
+def expert_parallel_bytes(tokens: int, d_model: int, top_k: int, world_size: int, *,
+                          bytes_per_element: int = 2) -> int:
+    """Bytes of token vectors one process sends to others per MoE layer, dispatch and combine, under uniform routing.
+
+    Each of its ``tokens · top_k`` assignments lands on another process with
+    probability ``(W − 1)/W`` and crosses twice (there and back), ``d_model``
+    elements each way: ``2 · tokens · k · d · b · (W − 1)/W``.
+    """
+    tokens = require_int("tokens", tokens, minimum=0)
+    d = require_positive_int("d_model", d_model)
+    k = require_positive_int("top_k", top_k)
+    w = require_positive_int("world_size", world_size)
+    b = require_positive_int("bytes_per_element", bytes_per_element)
+    return 2 * tokens * k * d * b * (w - 1) // w

@@ -1,0 +1,108 @@
+"""Chapter 06 benchmark: mixture-of-experts dispatch, the MoE layer against a dense FFN, expert-parallel traffic.
+
+Run from the repository root::
+
+    python benchmarks/moe_cpu.py            # about 2 minutes on 2 cores
+    python benchmarks/moe_cpu.py --quick
+
+Prints three tables (one torch thread, minimum of several calls):
+
+1. dispatch: the per-token loop against the sorted grouped-matmul path (same routing, same output);
+2. the MoE layer (8 experts, top-2, expert width h) against a dense FFN of width 2h, the same active
+   parameters and FLOPs per token, forward and forward+backward;
+3. expert parallelism on gloo (127.0.0.1): bytes each rank sends, all-to-all time against expert compute
+   time, for 2 and 4 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from labsupport.harness.costs import expert_parallel_bytes, format_bytes, moe_parameters
+from labsupport.harness.measuring import time_callable
+from labsupport.harness.settings import seed_everything
+from labsupport.lm.layers import MLP
+from labsupport.moe import MoELayer, moe_loop, moe_sorted
+from labsupport.moe.parallel import run_expert_parallel
+
+
+def dispatch_table(tokens: int, d: int, experts: int, k: int, hidden: int) -> None:
+    seed_everything(0)
+    layer = MoELayer(d, experts, k, hidden).eval()
+    x = torch.randn(tokens, d)
+    with torch.no_grad():
+        routing, _, _ = layer.route(x)
+        w = (layer.w_up, layer.b_up, layer.w_down, layer.b_down)
+        loop_s = time_callable(lambda: moe_loop(x, routing, *w), warmup=0, repeats=2)
+        fast_s = time_callable(lambda: moe_sorted(x, routing, *w), repeats=7)
+        err = float((moe_loop(x, routing, *w) - moe_sorted(x, routing, *w)).abs().max())
+    print(f"\n## dispatch, T={tokens}, d={d}, E={experts}, top-{k}, h={hidden}")
+    print("| path | ms | speed-up |\n|---|---|---|")
+    print(f"| per-token loop | {1e3 * loop_s:.1f} | 1.0× |")
+    print(f"| sorted + grouped matmul | {1e3 * fast_s:.2f} | {loop_s / fast_s:.0f}× |")
+    print(f"max |difference| = {err:.1e}")
+
+
+def layer_table(tokens: int, d: int, experts: int, k: int, hidden: int) -> None:
+    seed_everything(0)
+    moe = MoELayer(d, experts, k, hidden, balance="none")
+    dense = MLP(d, expansion=k * hidden // d)
+    x = torch.randn(1, tokens, d)
+    counts = moe_parameters(d, hidden, experts, k)
+
+    def fwd(module):
+        def run():
+            with torch.no_grad():
+                module(x)
+        return run
+
+    def fwd_bwd(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            module(x).square().mean().backward()
+        return run
+
+    print(f"\n## MoE layer vs dense FFN with the same active parameters, T={tokens}, d={d}")
+    print(f"MoE: {experts} experts of width {hidden}, top-{k}: {counts['total']:,} parameters, "
+          f"{counts['active']:,} active; dense FFN width {k * hidden}: "
+          f"{sum(p.numel() for p in dense.parameters()):,} parameters")
+    print("| pass | dense ms | MoE ms | MoE / dense |\n|---|---|---|---|")
+    for name, make in (("forward", fwd), ("forward + backward", fwd_bwd)):
+        dense_s = time_callable(make(dense), repeats=7)
+        moe_s = time_callable(make(moe), repeats=7)
+        print(f"| {name} | {1e3 * dense_s:.1f} | {1e3 * moe_s:.1f} | {moe_s / dense_s:.2f} |")
+
+
+def parallel_table(tokens: int, d: int, experts: int, k: int, hidden: int, worlds: list[int]) -> None:
+    seed_everything(0)
+    layer = MoELayer(d, experts, k, hidden).eval()
+    print(f"\n## expert parallelism on gloo, {tokens} tokens per rank, d={d}, E={experts}, top-{k}, float32")
+    print("| ranks | sent per rank (dispatch + combine) | uniform-routing formula | all-to-all ms | "
+          "expert compute ms |\n|---|---|---|---|---|")
+    for world in worlds:
+        inputs = [torch.randn(tokens, d, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+        run = run_expert_parallel(layer, inputs, repeats=5)
+        sent = (run.total("dispatch_bytes") + run.total("combine_bytes")) / world
+        formula = expert_parallel_bytes(tokens, d, k, world, bytes_per_element=4)
+        comm = max(s["comm_seconds"] for s in run.stats)
+        compute = max(s["compute_seconds"] for s in run.stats)
+        print(f"| {world} | {format_bytes(sent)} | {format_bytes(formula)} | {1e3 * comm:.1f} | {1e3 * compute:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, 1 thread")
+    tokens = 1024 if args.quick else 4096
+    dispatch_table(tokens, 256, 8, 2, 512)
+    layer_table(tokens, 256, 8, 2, 512)
+    parallel_table(tokens, 256, 8, 2, 512, [2] if args.quick else [2, 4])
+
+
+if __name__ == "__main__":
+    main()

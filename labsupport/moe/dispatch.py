@@ -1,0 +1,131 @@
+"""Chapter 06, dispatch and combine: sending tokens to their experts and adding the answers back.
+
+The experts of one layer are MLPs (``Linear → GELU → Linear``, as the bench's
+:class:`~labsupport.lm.layers.MLP`) whose weights are stacked::
+
+    w_up (E, d, h)   b_up (E, h)   w_down (E, h, d)   b_down (E, d)
+
+Three ways to run a routed layer over ``T`` tokens ``x (T, d)``:
+
+* :func:`moe_loop` — the definition: for each token, for each of its active
+  slots, add ``weight · expert(x_t)``. Slow (``T·k`` tiny matmuls), obviously right.
+* :func:`moe_sorted` — the fast path: sort the ``T·k`` assignments by expert so
+  each expert's tokens are one contiguous block, run one matmul per expert on
+  its block (a *grouped* matmul), and scatter-add the weighted answers back
+  with ``index_add_``.
+* :func:`moe_expert_choice` — for expert-choice routing every expert has the same
+  number of tokens, so the grouped matmul is a plain batched ``torch.bmm``.
+
+Why one ``mm`` per expert and not ``torch.nn.functional.grouped_mm``: in torch
+2.13 that op is documented for CUDA bf16; on CPU it refuses float64, needs
+16-byte-aligned strides, and its backward fails, so the chapter sorts and
+loops over the ``E`` experts (not the ``T`` tokens), which keeps every matmul
+large and the Python overhead at ``E`` calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from labsupport.harness.validation import require_float_tensor
+from labsupport.moe.routing import Routing
+
+__all__ = ["expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_loop", "moe_sorted", "sort_by_expert"]
+
+
+def _require_weights(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
+                     w_down: torch.Tensor, b_down: torch.Tensor) -> None:
+    require_float_tensor("x", x, ndim=2)
+    require_float_tensor("w_up", w_up, ndim=3)
+    require_float_tensor("w_down", w_down, ndim=3)
+    n_experts, d, h = w_up.shape
+    expected = {"w_up": (n_experts, x.shape[1], h), "b_up": (n_experts, h),
+                "w_down": (n_experts, h, d), "b_down": (n_experts, d)}
+    for name, tensor in (("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} (experts, ...), got {tuple(tensor.shape)}")
+
+
+def expert_forward(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
+                   w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """One expert MLP on ``x (..., d)``: ``gelu(x W_up + b_up) W_down + b_down``."""
+    return F.gelu(x @ w_up + b_up) @ w_down + b_down
+
+
+def moe_loop(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
+             w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """The definition, one token and one slot at a time: ``y_t = Σ_slots weight · expert(x_t)``.
+
+    A slot with ``active=False`` (dropped, unused, or a null expert) adds nothing.
+    """
+    _require_weights(x, w_up, b_up, w_down, b_down)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(routing.k):
+            if not bool(routing.active[t, slot]):
+                continue
+            e = int(routing.experts[t, slot])
+            y = expert_forward(x[t], w_up[e], b_up[e], w_down[e], b_down[e])
+            out[t] = out[t] + routing.weights[t, slot].to(x.dtype) * y
+    return out
+
+
+def sort_by_expert(routing: Routing, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The active assignments, grouped by expert.
+
+    Returns ``(token, expert, weight, counts)``: for each active assignment in
+    expert order (stable, so tokens keep their order within an expert), the token
+    it comes from, its expert, its weight; and ``counts (E,)`` assignments per expert.
+    """
+    flat_active = routing.active.reshape(-1)
+    token = torch.arange(routing.experts.shape[0], device=routing.experts.device).repeat_interleave(routing.k)
+    token, expert = token[flat_active], routing.experts.reshape(-1)[flat_active]
+    weight = routing.weights.reshape(-1)[flat_active]
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=n_experts)[:n_experts]
+    return token[order], expert[order], weight[order], counts
+
+
+def grouped_expert_mlp(x_sorted: torch.Tensor, counts: list[int], w_up: torch.Tensor, b_up: torch.Tensor,
+                       w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """The experts on their tokens: ``x_sorted (N, d)`` in expert-contiguous blocks of ``counts[e]`` rows.
+
+    A grouped matmul done as one fused ``addmm`` (bias + matmul) per projection and
+    per non-empty expert: no gathered copies of the biases, and empty experts cost nothing.
+    """
+    pieces = []
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            hidden = F.gelu(torch.addmm(b_up[e], x_sorted[start:start + count], w_up[e]))
+            pieces.append(torch.addmm(b_down[e], hidden, w_down[e]))
+            start += count
+    if not pieces:
+        return x_sorted.new_zeros(0, w_down.shape[-1])
+    return torch.cat(pieces)
+
+
+def moe_sorted(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
+               w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """The vectorised layer: sort assignments by expert, one grouped matmul per projection, scatter-add back."""
+    _require_weights(x, w_up, b_up, w_down, b_down)
+    token, _, weight, counts = sort_by_expert(routing, w_up.shape[0])
+    y = grouped_expert_mlp(x[token], counts.tolist(), w_up, b_up, w_down, b_down)
+    return torch.zeros_like(x).index_add_(0, token, y * weight.to(x.dtype)[:, None])
+
+
+def moe_expert_choice(x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,
+                      b_up: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """Expert-choice layer: expert ``e`` processes ``x[tokens[e]]``; answers are added back weighted by ``gates``.
+
+    Every expert holds the same number of tokens, so each projection is one ``torch.bmm``.
+    """
+    _require_weights(x, w_up, b_up, w_down, b_down)
+    n_experts, capacity = tokens.shape
+    picked = x[tokens]                                          # (E, C, d)
+    hidden = F.gelu(torch.bmm(picked, w_up) + b_up[:, None])    # (E, C, h)
+    y = torch.bmm(hidden, w_down) + b_down[:, None]             # (E, C, d)
+    out = torch.zeros_like(x)
+    weighted = (y * gates.to(x.dtype)[..., None]).reshape(n_experts * capacity, -1)
+    return out.index_add(0, tokens.reshape(-1), weighted)

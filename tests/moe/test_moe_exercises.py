@@ -1,0 +1,172 @@
+"""Chapter 06 checkers (labsupport.moe.exercises): they pass the references and explain wrong answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labsupport.moe import routing as r
+from labsupport.moe.exercises import (
+    check_capacity_keep,
+    check_load_balancing_loss,
+    check_top_k_router,
+    check_update_balance_bias,
+    reference_top_k_router,
+)
+
+
+def run(checker, fn, capsys):
+    result = checker(fn)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    return result, out
+
+
+def not_done(*args):
+    raise NotImplementedError
+
+
+def raises(*args):
+    raise RuntimeError("boom")
+
+
+# --------------------------------------------------------------------------- top-k router
+
+TOP_K_WRONG = {
+    "not renormalised (the shortcut)": (lambda z, k: z.softmax(-1).topk(k, -1), "weights"),
+    "wrong shape (T, E)": (lambda z, k: (z.softmax(-1), z.topk(k, -1).indices), "shape"),
+    "float experts": (lambda z, k: (reference_top_k_router(z, k)[0], reference_top_k_router(z, k)[1].double()),
+                      "dtype"),
+    "NaN weights": (lambda z, k: (reference_top_k_router(z, k)[0] * float("nan"), reference_top_k_router(z, k)[1]),
+                    "NaN"),
+    "None": (lambda z, k: None, "None"),
+    "raises": (raises, "RuntimeError"),
+    "k - 1 experts (off by one)": (lambda z, k: reference_top_k_router(z, k + 1) if k < z.shape[1]
+                                   else reference_top_k_router(z, k - 1), "shape"),
+    "smallest first": (lambda z, k: tuple(t.flip(-1) for t in reference_top_k_router(z, k)), "weights"),
+}
+
+
+def test_top_k_router_checker_passes_the_reference(capsys) -> None:
+    result, out = run(check_top_k_router, reference_top_k_router, capsys)
+    assert result and "✅" in out
+
+
+@pytest.mark.parametrize("name", list(TOP_K_WRONG))
+def test_top_k_router_checker_rejects(name, capsys) -> None:
+    fn, word = TOP_K_WRONG[name]
+    result, out = run(check_top_k_router, fn, capsys)
+    assert not result and "❌" in out and word in out, out
+
+
+def test_checkers_say_not_done_yet(capsys) -> None:
+    for checker in (check_top_k_router, check_load_balancing_loss, check_capacity_keep, check_update_balance_bias):
+        result, out = run(checker, not_done, capsys)
+        assert result.status == "not done" and "not done yet" in out
+
+
+# --------------------------------------------------------------------------- load-balancing loss
+
+
+def differentiable_counts(probs, experts):
+    n = probs.shape[1]
+    f = torch.nn.functional.one_hot(probs.argmax(-1), n).double().mean(0) + 0 * probs.sum()
+    soft_f = probs.mean(0)  # "counts" that carry a gradient
+    return n * (f.detach() * probs.mean(0)).sum() + (soft_f - soft_f.detach()).sum() * 3
+
+
+BALANCE_WRONG = {
+    "Mixtral's counting (balanced -> k)": (lambda p, e: r.load_balancing_loss(p, e, convention="mixtral"), "expected"),
+    "forgot the factor N": (lambda p, e: r.load_balancing_loss(p, e) / p.shape[1], "expected"),
+    "gradient through the counts": (differentiable_counts, "gradient"),
+    "NaN": (lambda p, e: r.load_balancing_loss(p, e) * float("nan"), "NaN"),
+    "None": (lambda p, e: None, "None"),
+    "raises": (raises, "RuntimeError"),
+    "counts only the first choice": (lambda p, e: r.load_balancing_loss(p, e[:, :1]), "expected"),
+}
+
+
+def test_balance_checker_passes_the_reference(capsys) -> None:
+    result, _ = run(check_load_balancing_loss, lambda p, e: r.load_balancing_loss(p, e), capsys)
+    assert result
+
+
+@pytest.mark.parametrize("name", list(BALANCE_WRONG))
+def test_balance_checker_rejects(name, capsys) -> None:
+    fn, word = BALANCE_WRONG[name]
+    result, out = run(check_load_balancing_loss, fn, capsys)
+    assert not result and word in out, out
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def token_major(experts, n, capacity):
+    keep = torch.zeros_like(experts, dtype=torch.bool)
+    used = [0] * n
+    for t in range(experts.shape[0]):
+        for s in range(experts.shape[1]):
+            e = int(experts[t, s])
+            if used[e] < capacity:
+                keep[t, s], used[e] = True, used[e] + 1
+    return keep
+
+
+CAPACITY_WRONG = {
+    "token by token (the shortcut)": (token_major, "differ"),
+    "capacity + 1 (off by one)": (lambda e, n, c: r.capacity_keep(e, n, c + 1), "differ"),
+    "keeps everything": (lambda e, n, c: torch.ones_like(e, dtype=torch.bool), "differ"),
+    "int instead of bool": (lambda e, n, c: r.capacity_keep(e, n, c).long(), "dtype"),
+    "transposed (k, T)": (lambda e, n, c: r.capacity_keep(e, n, c).t(), "shape"),
+    "None": (lambda e, n, c: None, "None"),
+    "raises": (raises, "RuntimeError"),
+}
+
+
+def test_capacity_checker_passes_the_reference(capsys) -> None:
+    result, _ = run(check_capacity_keep, r.capacity_keep, capsys)
+    assert result
+
+
+@pytest.mark.parametrize("name", list(CAPACITY_WRONG))
+def test_capacity_checker_rejects(name, capsys) -> None:
+    fn, word = CAPACITY_WRONG[name]
+    result, out = run(check_capacity_keep, fn, capsys)
+    assert not result and word in out, out
+
+
+# --------------------------------------------------------------------------- bias update
+
+
+def in_place(bias, counts, gamma):
+    bias += gamma * torch.sign(counts.to(bias.dtype).mean() - counts.to(bias.dtype))
+    return bias
+
+
+BIAS_WRONG = {
+    "in place (the shortcut)": (in_place, "in place"),
+    "wrong sign": (lambda b, c, g: r.update_balance_bias(b, c, -g), "expected"),
+    "moves by the load, not its sign": (lambda b, c, g: b + g * (c.to(b.dtype).mean() - c.to(b.dtype)), "expected"),
+    "NaN": (lambda b, c, g: r.update_balance_bias(b, c, g) * float("nan"), "NaN"),
+    "None": (lambda b, c, g: None, "None"),
+    "returns the counts' dtype": (lambda b, c, g: r.update_balance_bias(b, c, g).to(c.dtype), "dtype"),
+    "raises": (raises, "RuntimeError"),
+}
+
+
+def test_bias_checker_passes_the_reference(capsys) -> None:
+    result, _ = run(check_update_balance_bias, r.update_balance_bias, capsys)
+    assert result
+
+
+@pytest.mark.parametrize("name", list(BIAS_WRONG))
+def test_bias_checker_rejects(name, capsys) -> None:
+    fn, word = BIAS_WRONG[name]
+    result, out = run(check_update_balance_bias, fn, capsys)
+    assert not result and word in out, out
+
+
+def test_a_checker_given_a_non_function_explains(capsys) -> None:
+    for checker in (check_top_k_router, check_update_balance_bias):
+        result, out = run(checker, 42, capsys)
+        assert not result and "expected a function" in out
