@@ -145,6 +145,12 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, layer: MoELayer, inputs: list[torch.Tensor],
             repeats: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    x = inputs[rank]
+    if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != layer.d_model:
+        # Refuse bad tokens before joining the group: the other ranks then wait in the rendezvous (and are
+        # terminated by the launcher) instead of failing in a collective, so the caller sees this error.
+        raise ValueError(f"rank {rank}: tokens must be a floating-point tensor (..., d_model={layer.d_model}), "
+                         f"got {x.dtype} of shape {tuple(x.shape)}")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     try:
