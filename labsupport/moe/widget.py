@@ -90,9 +90,9 @@ def expert_load_figure(runs: Mapping[str, TrainingHistory], run: str, capacity_f
     load = expert_load(runs[run], layer)
     steps = runs[run].steps or list(range(1, load.shape[0] + 1))
     columns = 3 if char_counts is not None else 2
-    titles = [f"{run}: share of assignments per expert", f"dropped at capacity factor {capacity_factor:g}",
-              "first-choice expert of each character"][:columns]
-    fig = make_subplots(rows=1, cols=columns, subplot_titles=titles, horizontal_spacing=0.08)
+    titles = ["share per expert", f"dropped at capacity {capacity_factor:g}",
+              "first choice per character"][:columns]
+    fig = make_subplots(rows=1, cols=columns, subplot_titles=titles, horizontal_spacing=0.1)
     for e in range(load.shape[1]):
         fig.add_trace(go.Scatter(x=steps, y=load[:, e].tolist(), mode="lines", stackgroup="load",
                                  name=f"expert {e}", legendgroup="experts"), row=1, col=1)
@@ -114,7 +114,8 @@ def expert_load_figure(runs: Mapping[str, TrainingHistory], run: str, capacity_f
     fig.update_yaxes(title_text="share", range=[0, 1], row=1, col=1)
     fig.update_yaxes(title_text="% of assignments dropped", row=1, col=2)
     imbalance = float(load_imbalance(load)[-10:].mean())
-    fig.update_layout(height=420, title=f"Expert load, layer {layer} — {run}: busiest expert at "
+    fig.update_layout(height=520, title=f"Expert load, layer {layer} — {run}<br><sup>busiest expert at "
                       f"{imbalance:.2f}× its fair share over the last 10 steps (1 = balanced, "
-                      f"{load.shape[1]} = collapsed)")
+                      f"{load.shape[1]} = collapsed)</sup>",
+                      legend={"orientation": "h", "y": -0.25}, margin={"t": 90})
     return fig
