@@ -88,9 +88,8 @@ def impulse_response_figure(data: ImpulseResponseData) -> go.Figure:
         raise TypeError(f"expected ImpulseResponseData, got {type(data).__name__}")
     words = {"none": "no special token", "hold": f"tokens from {data.event_at} on hold (Δ→0)",
              "drop": f"token {data.event_at} drops (Δ large)"}
-    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=[
-        f"LTI: exp(Δ A_n)^l with Δ = {data.delta:.3g}, the same for every input",
-        f"selective: memory of token 0, {words[data.event]}"])
+    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.08, subplot_titles=[
+        "LTI: the same kernel for every input", "selective: the input sets Δ"])
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     lags = data.lags.tolist()
     for n in range(data.lti_memory.shape[0]):
@@ -103,5 +102,8 @@ def impulse_response_figure(data: ImpulseResponseData) -> go.Figure:
         figure.add_vline(x=data.event_at, line_dash="dot", line_color="gray", row=1, col=2)
     figure.update_xaxes(title_text="tokens since the remembered one")
     figure.update_yaxes(title_text="fraction of the token still in the state", range=[0, 1.05], row=1, col=1)
-    figure.update_layout(template="plotly_white", height=380, legend={"orientation": "h", "y": -0.25})
+    figure.update_layout(template="plotly_white", height=440, legend={"orientation": "h", "y": -0.25},
+                         margin={"t": 90},
+                         title=f"Memory of token 0 — LTI: exp(Δ A_n)^l with Δ = {data.delta:.3g}<br>"
+                               f"<sup>selective: {words[data.event]}</sup>")
     return figure
