@@ -182,7 +182,7 @@ class DiffusionObjective(MaskedTokenObjective):
 @torch.no_grad()
 def elbo_per_sequence(model: nn.Module, tokens: torch.Tensor, *, samples: int = 16,
                       schedule: str = "linear", generator: torch.Generator | None = None,
-                      where: torch.Tensor | None = None) -> torch.Tensor:
+                      where: torch.Tensor | None = None, max_rows: int = 1024) -> torch.Tensor:
     """Monte-Carlo estimate of the negative ELBO of each sequence, in nats: ``(B,)``.
 
     ``samples`` times ``t`` are stratified over (0, 1] (one uniform draw in each of ``samples`` equal slices,
@@ -191,10 +191,12 @@ def elbo_per_sequence(model: nn.Module, tokens: torch.Tensor, *, samples: int = 
 
     With ``where`` (bool ``(B, L)``), only those positions are ever masked: the result bounds
     ``−log p(x_where | the other positions)``, the conditional likelihood of an infilled span.
+    ``max_rows`` caps the rows of one network call (memory).
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
         raise ValueError(f"tokens must be int64 ids of shape (batch, length); got {_shape_of(tokens)}")
     samples = require_positive_int("samples", samples)
+    max_rows = require_positive_int("max_rows", max_rows)
     require_choice("schedule", schedule, SCHEDULES)
     mask_id = getattr(model, "mask_id", None)
     if not isinstance(mask_id, int):
@@ -204,19 +206,27 @@ def elbo_per_sequence(model: nn.Module, tokens: torch.Tensor, *, samples: int = 
     if where is not None and (not isinstance(where, torch.Tensor) or where.dtype != torch.bool
                               or where.shape != tokens.shape):
         raise ValueError(f"where must be a bool tensor of the tokens' shape {tuple(tokens.shape)}")
+    # All samples of a chunk of sequences go through the network in one batch of at most ~max_rows rows.
+    slices = torch.arange(samples, dtype=torch.float64)
+    t = ((slices[None, :] + torch.rand(b, samples, generator=gen, dtype=torch.float64)) / samples).clamp(min=1e-6)
+    uniform = torch.rand(b, samples, length, generator=gen, dtype=torch.float64)
+    clean = tokens.cpu()
     total = torch.zeros(b, dtype=torch.float64)
-    for s in range(samples):
-        u = torch.rand(b, generator=gen, dtype=torch.float64)
-        t = ((s + u) / samples).clamp(min=1e-6)
-        noisy, masked = mask_tokens(tokens.cpu(), mask_probability(t, schedule),
-                                    mask_id, torch.rand(b, length, generator=gen, dtype=torch.float64))
+    per_chunk = max(1, max_rows // samples)
+    for lo in range(0, b, per_chunk):
+        hi = min(b, lo + per_chunk)
+        rows = clean[lo:hi].repeat_interleave(samples, dim=0)                 # (n·S, L)
+        times = t[lo:hi].reshape(-1)
+        noisy, masked = mask_tokens(rows, mask_probability(times, schedule), mask_id,
+                                    uniform[lo:hi].reshape(-1, length))
         if where is not None:
-            masked = masked & where.cpu()
-            noisy = torch.where(masked, noisy, tokens.cpu())
+            masked = masked & where[lo:hi].cpu().repeat_interleave(samples, dim=0)
+            noisy = torch.where(masked, noisy, rows)
         logits = model(noisy.to(tokens.device)).float().cpu()
         safe = torch.where(masked[..., None], logits, torch.zeros(()))
-        nll = F.cross_entropy(safe.reshape(-1, logits.shape[-1]), tokens.cpu().reshape(-1), reduction="none")
-        total += loss_weight(t, schedule) * (nll.view(b, length) * masked).sum(dim=1).double()
+        nll = F.cross_entropy(safe.reshape(-1, logits.shape[-1]), rows.reshape(-1), reduction="none")
+        weighted = loss_weight(times, schedule) * (nll.view(-1, length) * masked).sum(dim=1).double()
+        total[lo:hi] = weighted.view(hi - lo, samples).sum(dim=1)
     return (total / samples).to(torch.float32)
 
 

@@ -14,6 +14,8 @@ Work:
 * :func:`chunkwise_flops` — matmul FLOPs of chunkwise linear attention.
 * :func:`moe_parameters` — total and active (per-token) parameters of a mixture-of-experts layer.
 * :func:`expert_parallel_bytes` — bytes an expert-parallel all-to-all moves between processes.
+* :func:`denoising_work`, :func:`autoregressive_work` — sequential network calls and positions processed to
+  generate tokens with a masked-diffusion sampler (tokens per step, blocks, block cache) or with a KV cache.
 
 And :func:`format_bytes` to print any of them. :data:`KV_PRESETS` and :data:`MODEL_PRESETS`
 hold the shapes of published models.
@@ -31,6 +33,8 @@ __all__ = [
     "KV_PRESETS",
     "MODEL_PRESETS",
     "TransformerShape",
+    "autoregressive_work",
+    "denoising_work",
     "cache_elements_per_token",
     "chunkwise_flops",
     "equivalent_kv_groups",
@@ -316,3 +320,44 @@ def expert_parallel_bytes(tokens: int, d_model: int, top_k: int, world_size: int
     w = require_positive_int("world_size", world_size)
     b = require_positive_int("bytes_per_element", bytes_per_element)
     return 2 * tokens * k * d * b * (w - 1) // w
+
+
+def denoising_work(prompt: int, new_tokens: int, tokens_per_step: int, *, block_length: int | None = None,
+                   cached: bool = False) -> dict[str, int]:
+    """Work of a masked-diffusion sampler that writes ``new_tokens`` after ``prompt`` given positions.
+
+    Every step is one call of the network on the whole canvas of ``prompt + new_tokens`` positions, and commits
+    ``tokens_per_step`` tokens (``ceil(new_tokens / tokens_per_step)`` steps; with blocks, each block of
+    ``block_length`` positions gets ``ceil(block_length / tokens_per_step)``). With ``cached`` (blocks only),
+    a block's first step is a full pass and its later steps run only the block's positions.
+
+    Returns ``{"steps": sequential network calls, "positions": positions processed, summed over calls}``.
+    """
+    prompt = require_int("prompt", prompt, minimum=0)
+    new = require_positive_int("new_tokens", new_tokens)
+    per_step = require_positive_int("tokens_per_step", tokens_per_step)
+    if cached and block_length is None:
+        raise ValueError("cached=True needs block_length (the cache holds what lies outside the current block)")
+    canvas = prompt + new
+    if block_length is None:
+        steps = -(-new // per_step)
+        return {"steps": steps, "positions": steps * canvas}
+    block = require_positive_int("block_length", block_length)
+    steps = positions = 0
+    for start in range(0, new, block):
+        size = min(block, new - start)
+        block_steps = -(-size // per_step)
+        steps += block_steps
+        positions += canvas + (block_steps - 1) * (size if cached else canvas)
+    return {"steps": steps, "positions": positions}
+
+
+def autoregressive_work(prompt: int, new_tokens: int) -> dict[str, int]:
+    """Work of KV-cached greedy decoding: one prefill call over the prompt, then one call per further token.
+
+    Returns ``{"steps": sequential network calls, "positions": positions processed}`` (``prompt + new − 1``:
+    the last token is never fed back).
+    """
+    prompt = require_positive_int("prompt", prompt)
+    new = require_positive_int("new_tokens", new_tokens)
+    return {"steps": new, "positions": prompt + new - 1}
