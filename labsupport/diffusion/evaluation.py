@@ -67,11 +67,15 @@ def span_nll(model: nn.Module, tokens: torch.Tensor, start: int, end: int, *, sa
 
 
 def span_accuracy(predicted: torch.Tensor, truth: torch.Tensor, start: int, end: int) -> float:
-    """Share of the characters ``[start, end)`` where ``predicted`` equals ``truth`` (both ``(B, L)``)."""
+    """Share of the characters ``[start, end)`` where ``predicted`` equals ``truth``.
+
+    Both are ``(B, ·)`` ids holding at least ``end`` positions (an AR continuation may stop at ``end``).
+    """
     predicted, truth = _require_ids("predicted", predicted), _require_ids("truth", truth)
-    if predicted.shape != truth.shape:
-        raise ValueError(f"predicted {tuple(predicted.shape)} and truth {tuple(truth.shape)} differ in shape")
     start, end = _require_span(truth, start, end)
+    if predicted.shape[0] != truth.shape[0] or predicted.shape[1] < end:
+        raise ValueError(f"predicted {tuple(predicted.shape)} must have truth's batch {truth.shape[0]} and at least "
+                         f"{end} positions")
     return float((predicted[:, start:end] == truth[:, start:end]).float().mean())
 
 

@@ -54,7 +54,10 @@ def test_scores(models) -> None:
     assert ev.unigram_entropy_bits(torch.tensor([5, 5, 5])) == pytest.approx(0.0)
     tokens = torch.randint(0, 6, (2, 10), generator=torch.Generator().manual_seed(2))
     assert ev.judge_nll(ar, tokens, 5) == pytest.approx(float(ev.ar_token_nll(ar, tokens)[:, 4:].mean()))
-    with pytest.raises(ValueError, match="shape"):
-        ev.span_accuracy(guess[:, :3], truth, 1, 2)
+    assert ev.span_accuracy(guess[:, :2], truth, 0, 2) == pytest.approx(3 / 4)  # a continuation may stop at end
+    with pytest.raises(ValueError, match="at least"):
+        ev.span_accuracy(guess[:, :3], truth, 1, 4)
+    with pytest.raises(ValueError, match="batch"):
+        ev.span_accuracy(guess[:1], truth, 1, 2)
     with pytest.raises(ValueError, match="non-empty"):
         ev.unigram_entropy_bits(torch.tensor([], dtype=torch.long))
