@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_choice, require_float_tensor, require_int, require_positive_int
 from labsupport.lm.model import TinyLM
 from labsupport.lm.objectives import MaskedTokenObjective
@@ -111,11 +112,13 @@ def masked_diffusion_loss(logits: torch.Tensor, tokens: torch.Tensor, masked: to
         raise ValueError(f"expected tokens (B, L) and a bool masked (B, L) for logits {tuple(logits.shape)}; got "
                          f"{_shape_of(tokens)} and {_shape_of(masked)}")
     weight = require_float_tensor("weight", weight, ndim=1)
-    # Cross-entropy only where masked (an unmasked position's logits may be -inf off its own token).
-    safe = torch.where(masked[..., None], logits.float(), torch.zeros((), dtype=torch.float32, device=logits.device))
+    # Cross-entropy only where masked (an unmasked position's logits may be -inf off its own token), accumulated
+    # in float32 at least (float64 stays float64).
+    dtype = accumulation_dtype(logits.dtype)
+    safe = torch.where(masked[..., None], logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
     token_loss = F.cross_entropy(safe.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
     token_loss = token_loss.view_as(tokens) * masked
-    return (weight.float() * token_loss.sum(dim=1)).mean() / tokens.shape[1]
+    return (weight.to(dtype) * token_loss.sum(dim=1)).mean() / tokens.shape[1]
 
 
 def subs_logits(logits: torch.Tensor, noisy: torch.Tensor, mask_id: int) -> torch.Tensor:

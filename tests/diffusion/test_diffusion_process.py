@@ -118,3 +118,15 @@ def test_elbo_estimate_refuses_a_model_without_mask_id_and_bad_where() -> None:
     model = p.MaskedDenoiser(3, 8, 1, max_len=4)
     with pytest.raises(ValueError, match="where"):
         p.elbo_per_sequence(model, tokens, where=torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_loss_accumulates_half_precision_in_float32_and_keeps_float64() -> None:
+    logits = torch.randn(2, 8, 6, dtype=torch.float64)
+    tokens = torch.randint(0, 6, (2, 8), generator=torch.Generator().manual_seed(0))
+    masked = torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    weight = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    exact = p.masked_diffusion_loss(logits, tokens, masked, weight)
+    assert exact.dtype == torch.float64
+    for dtype in (torch.float16, torch.bfloat16):
+        low = p.masked_diffusion_loss(logits.to(dtype), tokens, masked, weight)
+        assert low.dtype == torch.float32 and abs(float(low) - float(exact)) < 0.02 * abs(float(exact))
