@@ -98,6 +98,7 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
     grid_value = [[float("nan")] * width for _ in range(lines)]
     grid_given = [[float("nan")] * width for _ in range(lines)]
     xs, ys, labels, colours = [], [], [], []
+    top = 1.0 if colour_by == "confidence" else max(1, trace.steps - 1)
     for i, (char, kind, value) in enumerate(zip(state.text, state.kind, state.value)):
         r, c = divmod(i, width)
         if kind == "committed":
@@ -107,7 +108,12 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
         xs.append(c)
         ys.append(r)
         labels.append(char)
-        colours.append("#9a9a9a" if kind == "masked" else "#111111")
+        if kind == "masked":
+            colours.append("#9a9a9a")
+        elif kind == "committed" and value / top < 0.55:  # dark end of the colour scale: white text
+            colours.append("#ffffff")
+        else:
+            colours.append("#111111")
     fig = make_subplots(rows=2, cols=1, row_heights=[0.68, 0.32], vertical_spacing=0.14,
                         subplot_titles=("the canvas", "mean confidence of the tokens committed at each step"))
     fig.add_trace(go.Heatmap(z=grid_given, colorscale=[[0, "#e4e4e4"], [1, "#e4e4e4"]], showscale=False,
