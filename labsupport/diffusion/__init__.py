@@ -7,6 +7,10 @@
   (semi-autoregressive) decoding, infilling, the autoregressive baseline with its KV cache.
 * :mod:`~labsupport.diffusion.cache` — keys and values outside the current block, reused within it.
 * :mod:`~labsupport.diffusion.checkpoints` — the shipped denoiser and AR model, loaded after a sha256 check.
+* :mod:`~labsupport.diffusion.evaluation` — span likelihoods (exact AR, bound for the denoiser), infilling
+  accuracy, judge NLL and entropy of samples.
+* :mod:`~labsupport.diffusion.widget` — the denoising explorer's data and figure.
+* :mod:`~labsupport.diffusion.exercises` — the chapter's checkers.
 """
 
 from labsupport.diffusion.cache import BlockKVCache
