@@ -131,3 +131,14 @@ def test_loss_accumulates_half_precision_in_float32_and_keeps_float64() -> None:
     for dtype in (torch.float16, torch.bfloat16):
         low = p.masked_diffusion_loss(logits.to(dtype), tokens, masked, weight)
         assert low.dtype == torch.float32 and abs(float(low) - float(exact)) < 0.02 * abs(float(exact))
+
+
+def test_loss_is_finite_at_long_length_in_half_precision() -> None:
+    length = 65_536
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(1, length, 8, generator=gen)).half()
+    tokens = torch.randint(0, 8, (1, length), generator=gen)
+    masked = torch.rand(1, length, generator=gen) < 0.3
+    value = p.masked_diffusion_loss(logits, tokens, masked, torch.tensor([1 / 0.3]))
+    reference = p.masked_diffusion_loss(logits.double(), tokens, masked, torch.tensor([1 / 0.3], dtype=torch.float64))
+    assert math.isfinite(float(value)) and abs(float(value) - float(reference)) < 1e-4 * float(reference)

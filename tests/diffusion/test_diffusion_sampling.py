@@ -170,3 +170,23 @@ def test_ar_generate_greedy_equals_tinylm_generate() -> None:
     assert sampled.shape == (2, 12) and torch.equal(sampled[:, :5], prompt)
     with pytest.raises(TypeError, match="causal TinyLM"):
         s.ar_generate(torch.nn.Identity(), prompt, 3)
+
+
+def test_a_fully_masked_canvas_is_filled(model) -> None:
+    canvas = torch.full((2, LENGTH), VOCAB)
+    for kwargs in (dict(steps=LENGTH), dict(steps=6, block_length=8, cache=True), dict(steps=3, remasking="random")):
+        trace = s.diffusion_sample(model, canvas, **kwargs)
+        assert not bool((trace.tokens == VOCAB).any()) and bool((trace.commit_step >= 0).all())
+
+
+def test_commit_and_schedule_at_long_length() -> None:
+    length = 65_536
+    gen = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, 5, (1, length), generator=gen)
+    canvas[:, ::2] = 5
+    confidence = torch.rand(1, length, generator=gen, dtype=torch.float64).half()  # ties in half precision
+    new, now = s.commit_tokens(canvas, torch.zeros_like(canvas), confidence, torch.tensor([1000]),
+                               torch.ones_like(canvas, dtype=torch.bool), 5)
+    assert int(now.sum()) == 1000 and bool((canvas[now] == 5).all())
+    assert torch.equal(new[canvas != 5], canvas[canvas != 5])
+    assert int(s.transfer_schedule(length // 2, 64).sum()) == length // 2
