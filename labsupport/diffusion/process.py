@@ -185,7 +185,7 @@ class DiffusionObjective(MaskedTokenObjective):
 @torch.no_grad()
 def elbo_per_sequence(model: nn.Module, tokens: torch.Tensor, *, samples: int = 16,
                       schedule: str = "linear", generator: torch.Generator | None = None,
-                      where: torch.Tensor | None = None, max_rows: int = 1024) -> torch.Tensor:
+                      where: torch.Tensor | None = None, max_rows: int = 256) -> torch.Tensor:
     """Monte-Carlo estimate of the negative ELBO of each sequence, in nats: ``(B,)``.
 
     ``samples`` times ``t`` are stratified over (0, 1] (one uniform draw in each of ``samples`` equal slices,
