@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,8 +96,9 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
     state = denoising_state(trace, chars, row=row, step=step, colour_by=colour_by)
     n = len(state.text)
     lines = (n + width - 1) // width
-    grid_value = [[float("nan")] * width for _ in range(lines)]
-    grid_given = [[float("nan")] * width for _ in range(lines)]
+    # Empty cells are None (JSON null), not NaN: a widget's messages must be valid JSON.
+    grid_value: list[list[float | None]] = [[None] * width for _ in range(lines)]
+    grid_given: list[list[float | None]] = [[None] * width for _ in range(lines)]
     xs, ys, labels, colours = [], [], [], []
     top = 1.0 if colour_by == "confidence" else max(1, trace.steps - 1)
     for i, (char, kind, value) in enumerate(zip(state.text, state.kind, state.value)):
@@ -129,7 +131,7 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
                              hoverinfo="skip", showlegend=False), row=1, col=1)
     fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
-    per_step = _mean_confidence_per_step(trace, row)
+    per_step = [None if math.isnan(v) else v for v in _mean_confidence_per_step(trace, row)]
     fig.add_trace(go.Bar(x=list(range(trace.steps)), y=per_step, marker_color=[
         "#d62728" if s == state.step - 1 else "#1f77b4" for s in range(trace.steps)], showlegend=False,
         hovertemplate="step %{x}: %{y:.2f}<extra></extra>"), row=2, col=1)

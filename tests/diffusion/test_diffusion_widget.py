@@ -53,6 +53,10 @@ def test_figure_shows_the_grid_and_the_confidence_bars(trace) -> None:
     assert len(fig.data[2].text) == 20 and "░" in fig.data[2].text
     assert len(fig.data[3].y) == 7
     assert "after 4 of 7 steps" in fig.layout.title.text
+    import json
+
+    data = fig.to_plotly_json()["data"]
+    json.dumps([t.get("z") for t in data] + [t.get("y") for t in data], allow_nan=False)  # widget messages: JSON
     assert visible_char(" ") == "␣" and visible_char("\n") == "⏎"
     summary = trace_summary(trace)
     assert summary["steps"] == 7 and 0 < summary["mean_confidence"] <= 1
