@@ -15,7 +15,7 @@ deterministic algorithms requested). Runs on a CPU with small settings::
 and on a GPU with the shipped ones (the exact command is in data/PROVENANCE.md). Each run writes
 ``<out>/<checkpoint>.safetensors`` (float16 weights, config + settings in the metadata) and
 ``<out>/<kind>_summary.json`` (losses, validation numbers, time, machine). Afterwards copy the files into
-``data/checkpoints/`` and regenerate ``data/MANIFEST.sha256`` (command in data/PROVENANCE.md).
+``data/`` and regenerate ``data/MANIFEST.sha256`` (command in data/PROVENANCE.md).
 
 Needs only torch, safetensors and tqdm (no plotly): it can run on a bare GPU machine.
 """

@@ -1,13 +1,13 @@
 """The shipped checkpoints: a masked-diffusion denoiser and the autoregressive model of the same size.
 
 Both are trained by ``benchmarks/train_diffusion_checkpoints.py`` (settings and losses in
-``data/PROVENANCE.md``) and stored as safetensors under ``data/checkpoints/``: weights in float16 and, in the
+``data/PROVENANCE.md``) and stored as safetensors in ``data/``: weights in float16 and, in the
 file's metadata, the model's shape, the corpus's character set and the training settings. Loading never
 unpickles anything, and it first checks the file's sha256 against ``data/MANIFEST.sha256``: a changed or
 corrupt file is refused with a message that says so.
 
 * :func:`save_checkpoint` — write a model and its metadata (used by the training script).
-* :func:`load_checkpoint` — verify, read and rebuild a model from ``data/checkpoints/<name>``.
+* :func:`load_checkpoint` — verify, read and rebuild a model from ``data/<name>``.
 * :func:`build_model` — the model a metadata record describes.
 """
 
@@ -25,10 +25,8 @@ from labsupport.harness.data import data_dir, read_manifest, sha256_file
 from labsupport.harness.validation import require_choice
 from labsupport.lm.model import TinyLM
 
-__all__ = ["AR_CHECKPOINT", "CHECKPOINT_DIR", "DIFFUSION_CHECKPOINT", "build_model", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["AR_CHECKPOINT", "DIFFUSION_CHECKPOINT", "build_model", "load_checkpoint", "save_checkpoint"]
 
-CHECKPOINT_DIR = "checkpoints"
 DIFFUSION_CHECKPOINT = "diffusion_denoiser.safetensors"
 AR_CHECKPOINT = "diffusion_ar_baseline.safetensors"
 _KINDS = ("diffusion", "autoregressive")
@@ -57,7 +55,7 @@ def save_checkpoint(model: nn.Module, path: Path | str, config: dict[str, Any], 
 
 
 def load_checkpoint(name: str, *, directory: Path | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Verify and load ``data/checkpoints/<name>``: returns ``(model in eval mode, float32; config)``.
+    """Verify and load ``data/<name>``: returns ``(model in eval mode, float32; config)``.
 
     Raises:
         ValueError: ``name`` is not listed in the manifest, or the file's sha256 differs from it (corrupt or
@@ -68,9 +66,9 @@ def load_checkpoint(name: str, *, directory: Path | str | None = None) -> tuple[
         raise TypeError(f"name must be a plain file name such as {DIFFUSION_CHECKPOINT!r}, got {name!r}")
     folder = Path(directory) if directory is not None else data_dir()
     entries = read_manifest(folder)
-    relative = f"{CHECKPOINT_DIR}/{name}"
-    if relative not in entries:
-        shipped = sorted(n.split("/", 1)[1] for n in entries if n.startswith(f"{CHECKPOINT_DIR}/"))
+    relative = name
+    if relative not in entries or not name.endswith(".safetensors"):
+        shipped = sorted(n for n in entries if n.endswith(".safetensors"))
         raise ValueError(f"no checkpoint {name!r} in the manifest of {folder}; shipped checkpoints: {shipped}")
     path = folder / relative
     if not path.is_file():

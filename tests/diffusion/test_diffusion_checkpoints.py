@@ -29,21 +29,21 @@ def test_both_shipped_checkpoints_load_with_their_corpus() -> None:
     assert abs(sizes[0] - sizes[1]) < 0.001 * sizes[1]
     assert all(p.dtype == torch.float32 for p in denoiser.parameters())
     for name in (ck.DIFFUSION_CHECKPOINT, ck.AR_CHECKPOINT):
-        assert (data_dir() / ck.CHECKPOINT_DIR / name).stat().st_size < 4_000_000
+        assert (data_dir() / name).stat().st_size < 4_000_000
 
 
 @pytest.fixture
 def data_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "data"
-    (folder / ck.CHECKPOINT_DIR).mkdir(parents=True)
+    folder.mkdir()
     source = data_dir()
     shutil.copy(source / "MANIFEST.sha256", folder / "MANIFEST.sha256")
-    shutil.copy(source / ck.CHECKPOINT_DIR / ck.DIFFUSION_CHECKPOINT, folder / ck.CHECKPOINT_DIR)
+    shutil.copy(source / ck.DIFFUSION_CHECKPOINT, folder)
     return folder
 
 
 def test_a_flipped_byte_is_refused_before_loading(data_copy: Path) -> None:
-    path = data_copy / ck.CHECKPOINT_DIR / ck.DIFFUSION_CHECKPOINT
+    path = data_copy / ck.DIFFUSION_CHECKPOINT
     ck.load_checkpoint(ck.DIFFUSION_CHECKPOINT, directory=data_copy)  # intact: loads
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -66,9 +66,9 @@ def test_save_then_load_round_trip(tmp_path: Path) -> None:
     config = {"kind": "diffusion", "vocab_size": 5, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}
     model = ck.build_model(config)
     folder = tmp_path / "data"
-    path = folder / ck.CHECKPOINT_DIR / "tiny.safetensors"
+    path = folder / "tiny.safetensors"
     ck.save_checkpoint(model, path, config, dtype=torch.float32)
-    (folder / "MANIFEST.sha256").write_text(f"{sha256_file(path)}  {ck.CHECKPOINT_DIR}/tiny.safetensors\n")
+    (folder / "MANIFEST.sha256").write_text(f"{sha256_file(path)}  tiny.safetensors\n")
     loaded, meta = ck.load_checkpoint("tiny.safetensors", directory=folder)
     assert meta == config
     x = torch.randint(0, 6, (2, 8))
