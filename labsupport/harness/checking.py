@@ -533,6 +533,7 @@ def check_function(
     output_names: Sequence[str] | None = None,
     quiet: bool = False,
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
+    inputs_may_change: bool = False,
 ) -> CheckResult:
     """Compare a learner's function to a reference solution on ``cases``.
 
@@ -549,6 +550,9 @@ def check_function(
         time_budget_s: seconds the learner's function may take on one case
             (``None``: no limit). An overrun fails the check with the time taken
             and the reference's time.
+        inputs_may_change: accept a function that writes into its inputs (each case
+            hands the learner its own copies). By default that fails the check: a
+            caller's tensors must come back as they were.
 
     Returns:
         A :class:`CheckResult`; it is truthy exactly when every case passed.
@@ -652,8 +656,9 @@ def check_function(
         if budget.exceeded:
             return finish("failed", f"{header}\n{inputs}\n   {_too_slow(budget.seconds, reference_s)}", number - 1)
 
-        changed = _first_mutation(list(case.args), given_args, "args") or _first_mutation(
-            dict(case.kwargs), given_kwargs, "kwargs")
+        changed = None if inputs_may_change else (
+            _first_mutation(list(case.args), given_args, "args")
+            or _first_mutation(dict(case.kwargs), given_kwargs, "kwargs"))
         if changed is not None:
             return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(changed, names)}", number - 1)
 
