@@ -80,3 +80,12 @@ def test_transformer_shape_counts() -> None:
         TransformerShape(2, 64, 6, 4, 16, 128, 100)
     with pytest.raises(ValueError):
         llama.decode_step(0)
+
+
+def test_prefill_counts_the_mean_causal_context_rounded_up():
+    # A prompt of L tokens attends to 1, 2, ..., L keys: on average (L + 1) / 2, not L / 2.
+    shape = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256, vocab=100)
+    for length in (1, 5, 8):
+        flops, _ = shape.prefill(length, batch=3)
+        assert flops == 3 * length * shape.flops_per_token((length + 1) // 2)
+    assert shape.prefill(1)[0] > 0 and shape.prefill(1)[0] == shape.flops_per_token(1)
