@@ -36,13 +36,41 @@ from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.numerics import seeded_randn
 from labsupport.harness.validation import require_int, require_qkv
 
-__all__ = ["TileRuleError", "check_triton_attention_kernel", "launch_attention_kernel"]
+__all__ = ["TileRuleError", "check_triton_attention_kernel", "launch_attention_kernel", "triton_or_stand_in"]
 
 EXERCISE = "attention_tile_kernel"
 
 
 class TileRuleError(RuntimeError):
     """A kernel broke the tiling rule: it loaded more than one tile of keys (or queries) at once."""
+
+
+class _StandIn:
+    """Where Triton is missing (macOS, Windows): ``@triton.jit`` leaves the function as it is and any
+    ``tl.<name>`` is a placeholder, so that a cell defining a kernel still runs; the checker then says why
+    the exercise cannot run here."""
+
+    def jit(self, fn: Any = None, **_: Any) -> Any:
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name: str) -> Any:
+        return _StandIn()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Triton is not installed here, so Triton code cannot run on this machine")
+
+
+def triton_or_stand_in() -> tuple[Any, Any]:
+    """``(triton, triton.language)``, or two stand-ins when Triton cannot be imported (see :class:`_StandIn`).
+
+    Set ``TRITON_INTERPRET=1`` before calling this on a machine without a GPU.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:
+        return _StandIn(), _StandIn()
+    return triton, tl
 
 
 def _is_triton_kernel(kernel: object) -> bool:

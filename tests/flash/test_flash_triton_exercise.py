@@ -175,3 +175,28 @@ def test_launch_validates_its_inputs() -> None:
         ex.launch_attention_kernel(solution, *(torch.randn(1, 1, 16, 8) for _ in range(3)))
     with pytest.raises(TypeError, match="triton.jit"):
         ex.launch_attention_kernel(print, q, q, q)
+
+
+def test_the_stand_in_lets_a_kernel_cell_run_without_triton(monkeypatch, capsys) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    fake_triton, fake_tl = ex.triton_or_stand_in()
+
+    @fake_triton.jit
+    def kernel(x_ptr, BLOCK: fake_tl.constexpr):
+        return fake_tl.program_id(0)
+
+    assert callable(kernel)
+    result = ex.check_triton_attention_kernel(kernel)
+    assert result.status == "not done" and "Triton is not installed" in capsys.readouterr().out
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    real_triton, real_tl = ex.triton_or_stand_in()
+    assert real_triton is triton and real_tl is tl
