@@ -69,11 +69,12 @@ def spare_cpus(load: float | None = None) -> int:
     return max(1, min(budget, round(machine_cpus() - load)))
 
 
-def busy_warning(load: float | None = None) -> str | None:
+def busy_warning(load: float | None = None, *, short: bool = False) -> str | None:
     """A plain one-line warning when the load average is above the machine's CPUs, else ``None``.
 
     ``load`` defaults to :func:`load_average`. The warning says what it does to
-    the numbers that follow (slower, noisier timings; unreliable exponents).
+    the numbers that follow (slower, noisier timings; unreliable exponents);
+    ``short=True`` gives a few words only, for a cell that warns several times.
     """
     load = load_average() if load is None else load
     if load is None:
@@ -81,6 +82,8 @@ def busy_warning(load: float | None = None) -> str | None:
     cpus = machine_cpus()
     if load <= cpus:
         return None
+    if short:
+        return f"⚠️ busy machine (load {load:.1f} on {cpus} CPU(s)): timings slower and noisier than the work itself"
     return (
         f"⚠️ this machine is busy: load average {load:.1f} on {cpus} CPU(s), so some thread is always waiting "
         "for a core. Timings below are slower and noisier than the work itself, and fitted exponents may be off; "

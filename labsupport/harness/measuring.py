@@ -182,7 +182,7 @@ def sweep(
     if threads is not None:
         threads = require_int("threads", threads, minimum=1)
 
-    warning = busy_warning()
+    warning = busy_warning(short=True)
     if warning:
         print(f"{label}: {warning}")
     seconds: list[float] = []

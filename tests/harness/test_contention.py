@@ -37,6 +37,8 @@ def test_busy_warning_only_above_the_cpus(two_cpus) -> None:
     assert contention.busy_warning(2.0) is None
     warning = contention.busy_warning(5.1)
     assert warning is not None and "busy" in warning and "5.1" in warning and "2 CPU" in warning
+    short = contention.busy_warning(5.1, short=True)
+    assert short is not None and "busy" in short and len(short) < len(warning)
     two_cpus.setattr(contention, "load_average", lambda: None)  # Windows: no load average, no warning
     assert contention.busy_warning() is None
 
