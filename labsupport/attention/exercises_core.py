@@ -16,7 +16,7 @@ from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 
 __all__ = ["check_largest_batch", "largest_batch_reference"]
 
-GB = 10**9
+GiB = 2**30  # a "24 GB" or "80 GB" accelerator holds 24 or 80 GiB
 
 
 def largest_batch_reference(shape: TransformerShape, memory_bytes: int, context: int) -> int:
@@ -32,10 +32,10 @@ def _cases() -> list[Case]:
                             vocab=100, bytes_per_element=4, gated_mlp=False)
     boundary = tiny.weight_bytes + 3 * 1000 * tiny.kv_bytes_per_token()
     return [
-        Case("LLaMA-2-7B, 24 GB, 4K context", (llama, 24 * GB, 4096)),
-        Case("LLaMA-2-7B, 80 GB, 32K context", (llama, 80 * GB, 32768)),
-        Case("Mistral-7B (GQA, 4x smaller cache), 80 GB, 32K context", (mistral, 80 * GB, 32768)),
-        Case("LLaMA-2-7B on an 8 GB card: the weights alone do not fit", (llama, 8 * GB, 1024)),
+        Case("LLaMA-2-7B, 24 GiB, 4K context", (llama, 24 * GiB, 4096)),
+        Case("LLaMA-2-7B, 80 GiB, 32K context", (llama, 80 * GiB, 32768)),
+        Case("Mistral-7B (GQA, 4x smaller cache), 80 GiB, 32K context", (mistral, 80 * GiB, 32768)),
+        Case("LLaMA-2-7B on an 8 GiB card: the weights alone do not fit", (llama, 8 * GiB, 1024)),
         Case("tiny fp32 model, memory = weights + exactly 3 caches of 1000 tokens", (tiny, boundary, 1000)),
         Case("tiny fp32 model, one byte short of that", (tiny, boundary - 1, 1000)),
     ]

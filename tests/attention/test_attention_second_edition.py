@@ -33,9 +33,9 @@ def test_max_batch_counts_weights_once_and_a_cache_per_sequence() -> None:
     per_seq = 4096 * LLAMA.kv_bytes_per_token()
     assert LLAMA.max_batch(LLAMA.weight_bytes + 5 * per_seq, 4096) == 5
     assert LLAMA.max_batch(LLAMA.weight_bytes + 5 * per_seq - 1, 4096) == 4
-    assert LLAMA.max_batch(24 * 10**9, 4096) == 5 and LLAMA.max_batch(80 * 10**9, 32768) == 3
-    assert MODEL_PRESETS["Mistral-7B"].max_batch(80 * 10**9, 32768) == 15  # GQA: a 4x smaller cache
-    assert LLAMA.max_batch(8 * 10**9, 1024) == 0  # the weights alone do not fit
+    assert LLAMA.max_batch(24 * 2**30, 4096) == 5 and LLAMA.max_batch(80 * 2**30, 32768) == 4
+    assert MODEL_PRESETS["Mistral-7B"].max_batch(80 * 2**30, 32768) == 16  # GQA: a 4x smaller cache
+    assert LLAMA.max_batch(8 * 2**30, 1024) == 0  # the weights alone do not fit
     for bad in (0, -1, "24GB", True):
         with pytest.raises(ValueError):
             LLAMA.max_batch(bad, 1024)
