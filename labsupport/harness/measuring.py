@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_progress
 
 from labsupport.harness.contention import busy_warning
 from labsupport.harness.settings import torch_threads
@@ -164,8 +165,10 @@ def sweep(
     sweep runs on ``threads`` torch threads (default one: comparable across
     machines and unhurt by busy neighbours; ``None`` keeps the current count)
     and prints a plain warning first when the machine is busy
-    (:func:`labsupport.harness.contention.busy_warning`). A ``tqdm.auto``
-    progress bar shows the sizes and disappears when done.
+    (:func:`labsupport.harness.contention.busy_warning`). A one-line text
+    progress bar (on standard output) shows the sizes and ends at 100% with the
+    elapsed time, so that an exported notebook shows a finished bar, not a
+    widget frozen at 0%.
     """
     require_callable("make_fn", make_fn)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
@@ -188,7 +191,9 @@ def sweep(
     seconds: list[float] = []
     peaks: list[int] = []
     with torch_threads(threads if threads is not None else torch.get_num_threads()):
-        for size in tqdm(checked_sizes, desc=label, leave=False):
+        bar = text_progress(checked_sizes, desc=label, file=sys.stdout, leave=True, mininterval=0.5,
+                            bar_format="{desc}: {percentage:3.0f}% |{bar:20}| {n_fmt}/{total_fmt} sizes, {elapsed}")
+        for size in bar:
             fn = make_fn(size)
             require_callable(f"make_fn({size})", fn)
             seconds.append(time_callable(fn, warmup=warmup, repeats=repeats))
