@@ -269,6 +269,42 @@ class TransformerShape:
         moved = self.params * self.bytes_per_element + 2 * batch * length * self.kv_bytes_per_token()
         return float(flops), float(moved)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights used per token (:attr:`params` × ``bytes_per_element``)."""
+        return self.params * self.bytes_per_element
+
+    def flops_split(self, context: int) -> dict[str, float]:
+        """FLOPs of one token attending to ``context`` positions, split three ways.
+
+        * ``"attention"``: the scores ``q·k`` and the weighted sum ``p·v``, ``4 · layers · q_heads · head_dim · context``;
+        * ``"weight matmuls"``: every weight matrix, ``2 × params`` (projections, MLP, output head);
+        * ``"the rest"``: elementwise work, estimated at a few FLOPs per element: softmax (5 per score),
+          layer norms (5 per element, two per layer and one final), the MLP's activation (5 per hidden
+          unit) and residual adds (2 per layer).
+
+        For a whole causal prefill of ``L`` tokens, the mean context is ``(L + 1) / 2`` and attention's
+        FLOPs are linear in the context, so ``flops_split((L + 1) // 2)`` gives the prefill's split.
+        """
+        context = require_positive_int("context", context)
+        attention = 4 * self.layers * self.q_heads * self.head_dim * context
+        weights = 2 * self.params
+        rest = self.layers * (5 * self.q_heads * context + 12 * self.d_model + 5 * self.d_ff) + 5 * self.d_model
+        return {"attention": float(attention), "weight matmuls": float(weights), "the rest": float(rest)}
+
+    def max_batch(self, memory_bytes: int | float, context: int) -> int:
+        """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights.
+
+        ``(memory − weight bytes) // (context × KV bytes per token)``, and 0 when the weights alone do not
+        fit. Activations, the framework's workspace and fragmentation are not counted: a real server fits
+        somewhat fewer.
+        """
+        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float)) or not memory_bytes > 0:
+            raise ValueError(f"memory_bytes must be a positive number, got {memory_bytes!r}")
+        context = require_positive_int("context", context)
+        spare = memory_bytes - self.weight_bytes
+        return 0 if spare <= 0 else int(spare // (context * self.kv_bytes_per_token()))
+
 
 #: Full shapes for the FLOPs-and-bytes estimate (from the models' published configs).
 MODEL_PRESETS: dict[str, TransformerShape] = {
