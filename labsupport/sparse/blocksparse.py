@@ -1,0 +1,169 @@
+"""Block-sparse attention: chapter 01's tiled loop that never touches an empty tile.
+
+Two implementations of one computation, both equal to :func:`~labsupport.sparse.reference.masked_attention`:
+
+* :func:`block_sparse_forward` — the readable tile loop. For each block of queries it visits only the key
+  blocks its :class:`~labsupport.sparse.masks.BlockLayout` marks *partial* or *full*, applies the mask only
+  on partial tiles, and folds each tile in with the online softmax. Work and memory traffic are proportional
+  to the tiles visited, not to ``Lq · Lk``.
+* :func:`block_sparse_attention` — the same skip arranged for a CPU: the visible key blocks of every query
+  block are gathered into one padded list, so a whole group of query blocks runs as a few batched matrix
+  products (Python overhead per group, not per tile). This is the one the chapter times against density.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from labsupport.harness.numerics import accumulation_dtype
+from labsupport.harness.validation import require_positive_int, require_qkv
+from labsupport.sparse.masks import EMPTY, FULL, BlockLayout, block_layout
+from labsupport.sparse.reference import _scale, online_softmax_step, require_mask
+
+__all__ = ["block_sparse_attention", "block_sparse_forward", "gathered_block_indices"]
+
+
+def _layout_for(mask: torch.Tensor, layout: BlockLayout | None, block_q: int, block_k: int) -> BlockLayout:
+    if layout is None:
+        return block_layout(mask, block_q, block_k)
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout (from block_layout), got {type(layout).__name__}")
+    if (layout.lq, layout.lk) != tuple(mask.shape[-2:]):
+        raise ValueError(f"layout is for a {layout.lq}×{layout.lk} mask, the mask is {tuple(mask.shape[-2:])}")
+    return layout
+
+
+def block_sparse_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    layout: BlockLayout | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled attention under a 2-D boolean ``mask`` that skips empty tiles; returns ``(out, lse)``.
+
+    ``layout`` (from :func:`~labsupport.sparse.masks.block_layout` with the same block sizes) may be passed
+    to avoid recomputing it. Rows that see no key give zeros and ``lse = −inf``.
+    """
+    q, k, v = require_qkv(q, k, v, ndim=None, same_value_dim=False)
+    block_q = require_positive_int("block_q", block_q)
+    block_k = require_positive_int("block_k", block_k)
+    mask = require_mask(mask, q.shape[-2], k.shape[-2])
+    if mask.dim() != 2:
+        raise ValueError(f"block_sparse_forward takes one (Lq, Lk) mask shared by all heads, got {tuple(mask.shape)}")
+    layout = _layout_for(mask, layout, block_q, block_k)
+    if (layout.block_q, layout.block_k) != (block_q, block_k):
+        raise ValueError(f"layout has tiles {layout.block_q}×{layout.block_k}, not {block_q}×{block_k}")
+    s = _scale(q, scale)
+    cdt = accumulation_dtype(q.dtype)
+    mask = mask.to(q.device)
+    batch, lq = q.shape[:-2], q.shape[-2]
+    out = torch.zeros(*batch, lq, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.full((*batch, lq), float("-inf"), dtype=cdt, device=q.device)
+    for row in range(layout.kinds.shape[0]):
+        q0, q1 = row * block_q, min((row + 1) * block_q, lq)
+        qi = q[..., q0:q1, :].to(cdt)
+        m = torch.full((*batch, q1 - q0), float("-inf"), dtype=cdt, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(*batch, q1 - q0, v.shape[-1], dtype=cdt, device=q.device)
+        for col in range(layout.kinds.shape[1]):
+            kind = int(layout.kinds[row, col])
+            if kind == EMPTY:  # the whole point: this tile is never read
+                continue
+            k0, k1 = col * block_k, min((col + 1) * block_k, k.shape[-2])
+            scores = (qi @ k[..., k0:k1, :].to(cdt).transpose(-1, -2)) * s
+            if kind != FULL:
+                scores = scores.masked_fill(~mask[q0:q1, k0:k1], float("-inf"))
+            m, l, acc = online_softmax_step(m, l, acc, scores, v[..., k0:k1, :].to(cdt))
+        seen = l > 0
+        safe = torch.where(seen, l, torch.ones_like(l))
+        out[..., q0:q1, :] = acc / safe[..., None]
+        lse[..., q0:q1] = torch.where(seen, m + torch.log(safe), torch.full_like(m, float("-inf")))
+    return out.to(q.dtype), lse
+
+
+def gathered_block_indices(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query block, the key blocks it visits, padded: ``(indices, valid)`` of shape ``(n_q, width)``.
+
+    ``width`` is the largest number of visible key blocks in any row; padding points at block 0 and is
+    marked invalid.
+    """
+    visible = layout.kinds != EMPTY
+    width = max(1, int(visible.sum(dim=1).max()))
+    # stable sort puts visible blocks first, in order
+    order = torch.sort((~visible).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = visible.gather(1, order)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+    layout: BlockLayout | None = None,
+    max_scores: int = 1 << 22,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with gathered key blocks (the CPU-friendly arrangement); returns ``(out, lse)``.
+
+    Query blocks are processed in groups; each group gathers its visible key and value blocks (and the
+    matching mask tiles) into padded ``(group, width · block_k)`` lists and runs one batched
+    ``softmax(Q Kᵀ) V``. ``max_scores`` caps the score elements a group holds (per batch×head), bounding
+    memory at long lengths. Work is proportional to ``width``, the largest number of visible tiles in a row.
+    """
+    q, k, v = require_qkv(q, k, v, ndim=None, same_value_dim=False)
+    block_q = require_positive_int("block_q", block_q)
+    block_k = require_positive_int("block_k", block_k)
+    max_scores = require_positive_int("max_scores", max_scores)
+    mask = require_mask(mask, q.shape[-2], k.shape[-2])
+    if mask.dim() != 2:
+        raise ValueError(f"block_sparse_attention takes one (Lq, Lk) mask shared by all heads, got {tuple(mask.shape)}")
+    layout = _layout_for(mask, layout, block_q, block_k)
+    s = _scale(q, scale)
+    cdt = accumulation_dtype(q.dtype)
+    batch, lq, lk, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    nq, nk = layout.kinds.shape
+    pad_q, pad_k = nq * block_q - lq, nk * block_k - lk
+    qb = (torch.nn.functional.pad(q, (0, 0, 0, pad_q)).to(cdt) * s).reshape(*batch, nq, block_q, d)
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).to(cdt).reshape(*batch, nk, block_k, d)
+    vb = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).to(cdt).reshape(*batch, nk, block_k, dv)
+    mask = mask.to(q.device)
+    if pad_q or pad_k:
+        mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
+    mask_tiles = mask.view(nq, block_q, nk, block_k).permute(0, 2, 1, 3)  # (nq, nk, bq, bk), a view
+    index, valid = gathered_block_indices(layout)
+    full = layout.kinds.gather(1, index) == FULL
+    needs_mask = (~(full & valid)).any(dim=1)  # rows with a partial tile or padding
+    index, valid = index.to(q.device), valid.to(q.device)
+    width = index.shape[1]
+    group = max(1, max_scores // (block_q * width * block_k))
+    out = torch.empty(*batch, nq, block_q, dv, dtype=cdt, device=q.device)
+    lse = torch.empty(*batch, nq, block_q, dtype=cdt, device=q.device)
+    for r0 in range(0, nq, group):
+        rows = slice(r0, min(r0 + group, nq))
+        idx = index[rows]  # (g, width)
+        g = idx.shape[0]
+        keys = kb.index_select(-3, idx.flatten()).reshape(*batch, g, width * block_k, d)
+        values = vb.index_select(-3, idx.flatten()).reshape(*batch, g, width * block_k, dv)
+        scores = qb[..., rows, :, :] @ keys.transpose(-1, -2)  # (..., g, bq, width·bk), scale folded into q
+        if bool(needs_mask[rows].any()):  # full tiles need no mask; skip the work when a group has only those
+            tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], idx]  # (g, width, bq, bk)
+            tile_mask = tile_mask & valid[rows][:, :, None, None]
+            scores.masked_fill_(~tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, width * block_k), float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing: exp(−inf − 0) = 0
+        p = scores.sub_(m).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        seen = total > 0
+        out[..., rows, :, :] = (p @ values) / torch.where(seen, total, torch.ones_like(total))
+        lse[..., rows, :] = torch.where(seen, m + torch.log(total), torch.full_like(m, float("-inf")))[..., 0]
+    out = out.reshape(*batch, nq * block_q, dv)[..., :lq, :]
+    return out.to(q.dtype), lse.reshape(*batch, nq * block_q)[..., :lq]
