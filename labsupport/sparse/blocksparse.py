@@ -17,19 +17,31 @@ import torch
 
 from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_positive_int, require_qkv
-from labsupport.sparse.masks import EMPTY, FULL, BlockLayout, block_layout
+from labsupport.sparse.masks import EMPTY, FULL, BlockLayout, WindowPattern, block_layout
 from labsupport.sparse.reference import _scale, online_softmax_step, require_mask
 
 __all__ = ["block_sparse_attention", "block_sparse_forward", "gathered_block_indices"]
 
 
-def _layout_for(mask: torch.Tensor, layout: BlockLayout | None, block_q: int, block_k: int) -> BlockLayout:
+def _require_mask_or_pattern(mask: object, lq: int, lk: int, where: str) -> torch.Tensor | WindowPattern:
+    if isinstance(mask, WindowPattern):
+        return mask
+    mask = require_mask(mask, lq, lk)
+    if mask.dim() != 2:
+        raise ValueError(f"{where} takes one (Lq, Lk) mask shared by all heads, got {tuple(mask.shape)}")
+    return mask
+
+
+def _layout_for(mask: torch.Tensor | WindowPattern, layout: BlockLayout | None, block_q: int, block_k: int,
+                lq: int, lk: int) -> BlockLayout:
     if layout is None:
+        if isinstance(mask, WindowPattern):
+            return mask.layout(lq, lk, block_q, block_k)
         return block_layout(mask, block_q, block_k)
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout (from block_layout), got {type(layout).__name__}")
-    if (layout.lq, layout.lk) != tuple(mask.shape[-2:]):
-        raise ValueError(f"layout is for a {layout.lq}×{layout.lk} mask, the mask is {tuple(mask.shape[-2:])}")
+    if (layout.lq, layout.lk) != (lq, lk):
+        raise ValueError(f"layout is for a {layout.lq}×{layout.lk} mask, the attention is {lq}×{lk}")
     return layout
 
 
@@ -44,24 +56,25 @@ def block_sparse_forward(
     scale: float | None = None,
     layout: BlockLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled attention under a 2-D boolean ``mask`` that skips empty tiles; returns ``(out, lse)``.
+    """Tiled attention under a 2-D boolean ``mask`` (or a :class:`WindowPattern`) that skips empty tiles.
 
+    Returns ``(out, lse)``.
     ``layout`` (from :func:`~labsupport.sparse.masks.block_layout` with the same block sizes) may be passed
     to avoid recomputing it. Rows that see no key give zeros and ``lse = −inf``.
     """
     q, k, v = require_qkv(q, k, v, ndim=None, same_value_dim=False)
     block_q = require_positive_int("block_q", block_q)
     block_k = require_positive_int("block_k", block_k)
-    mask = require_mask(mask, q.shape[-2], k.shape[-2])
-    if mask.dim() != 2:
-        raise ValueError(f"block_sparse_forward takes one (Lq, Lk) mask shared by all heads, got {tuple(mask.shape)}")
-    layout = _layout_for(mask, layout, block_q, block_k)
+    lq, lk = q.shape[-2], k.shape[-2]
+    mask = _require_mask_or_pattern(mask, lq, lk, "block_sparse_forward")
+    layout = _layout_for(mask, layout, block_q, block_k, lq, lk)
     if (layout.block_q, layout.block_k) != (block_q, block_k):
         raise ValueError(f"layout has tiles {layout.block_q}×{layout.block_k}, not {block_q}×{block_k}")
     s = _scale(q, scale)
     cdt = accumulation_dtype(q.dtype)
-    mask = mask.to(q.device)
-    batch, lq = q.shape[:-2], q.shape[-2]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.to(q.device)
+    batch = q.shape[:-2]
     out = torch.zeros(*batch, lq, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.full((*batch, lq), float("-inf"), dtype=cdt, device=q.device)
     for row in range(layout.kinds.shape[0]):
@@ -77,7 +90,12 @@ def block_sparse_forward(
             k0, k1 = col * block_k, min((col + 1) * block_k, k.shape[-2])
             scores = (qi @ k[..., k0:k1, :].to(cdt).transpose(-1, -2)) * s
             if kind != FULL:
-                scores = scores.masked_fill(~mask[q0:q1, k0:k1], float("-inf"))
+                if isinstance(mask, WindowPattern):
+                    tile = mask.mask_mod(torch.arange(q0, q1, device=q.device)[:, None],
+                                         torch.arange(k0, k1, device=q.device)[None, :], lq, lk)
+                else:
+                    tile = mask[q0:q1, k0:k1]
+                scores = scores.masked_fill(~tile, float("-inf"))
             m, l, acc = online_softmax_step(m, l, acc, scores, v[..., k0:k1, :].to(cdt))
         seen = l > 0
         safe = torch.where(seen, l, torch.ones_like(l))
@@ -123,10 +141,8 @@ def block_sparse_attention(
     block_q = require_positive_int("block_q", block_q)
     block_k = require_positive_int("block_k", block_k)
     max_scores = require_positive_int("max_scores", max_scores)
-    mask = require_mask(mask, q.shape[-2], k.shape[-2])
-    if mask.dim() != 2:
-        raise ValueError(f"block_sparse_attention takes one (Lq, Lk) mask shared by all heads, got {tuple(mask.shape)}")
-    layout = _layout_for(mask, layout, block_q, block_k)
+    mask = _require_mask_or_pattern(mask, q.shape[-2], k.shape[-2], "block_sparse_attention")
+    layout = _layout_for(mask, layout, block_q, block_k, q.shape[-2], k.shape[-2])
     s = _scale(q, scale)
     cdt = accumulation_dtype(q.dtype)
     batch, lq, lk, d, dv = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
@@ -135,10 +151,12 @@ def block_sparse_attention(
     qb = (torch.nn.functional.pad(q, (0, 0, 0, pad_q)).to(cdt) * s).reshape(*batch, nq, block_q, d)
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad_k)).to(cdt).reshape(*batch, nk, block_k, d)
     vb = torch.nn.functional.pad(v, (0, 0, 0, pad_k)).to(cdt).reshape(*batch, nk, block_k, dv)
-    mask = mask.to(q.device)
-    if pad_q or pad_k:
-        mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
-    mask_tiles = mask.view(nq, block_q, nk, block_k).permute(0, 2, 1, 3)  # (nq, nk, bq, bk), a view
+    pattern = mask if isinstance(mask, WindowPattern) else None
+    if pattern is None:
+        mask = mask.to(q.device)
+        if pad_q or pad_k:
+            mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
+        mask_tiles = mask.view(nq, block_q, nk, block_k).permute(0, 2, 1, 3)  # (nq, nk, bq, bk), a view
     index, valid = gathered_block_indices(layout)
     full = layout.kinds.gather(1, index) == FULL
     needs_mask = (~(full & valid)).any(dim=1)  # rows with a partial tile or padding
@@ -155,9 +173,16 @@ def block_sparse_attention(
         values = vb.index_select(-3, idx.flatten()).reshape(*batch, g, width * block_k, dv)
         scores = qb[..., rows, :, :] @ keys.transpose(-1, -2)  # (..., g, bq, width·bk), scale folded into q
         if bool(needs_mask[rows].any()):  # full tiles need no mask; skip the work when a group has only those
-            tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], idx]  # (g, width, bq, bk)
-            tile_mask = tile_mask & valid[rows][:, :, None, None]
-            scores.masked_fill_(~tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, width * block_k), float("-inf"))
+            if pattern is not None:  # evaluate the rule on the gathered absolute indices
+                cols = (idx[:, :, None] * block_k + torch.arange(block_k, device=q.device)).reshape(g, 1, -1)
+                query_rows = torch.arange(r0 * block_q, (r0 + g) * block_q, device=q.device).view(g, block_q, 1)
+                tile_mask = pattern.mask_mod(query_rows, cols, lq, lk)
+                tile_mask &= valid[rows].repeat_interleave(block_k, dim=1)[:, None, :]
+            else:
+                tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], idx]  # (g, w, bq, bk)
+                tile_mask = tile_mask & valid[rows][:, :, None, None]
+                tile_mask = tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, width * block_k)
+            scores.masked_fill_(~tile_mask, float("-inf"))
         m = scores.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing: exp(−inf − 0) = 0
         p = scores.sub_(m).exp_()

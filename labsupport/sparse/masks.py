@@ -14,6 +14,10 @@ pattern is aligned to the *bottom right*, as in chapter 01: query ``i`` of ``Lq`
 
 A :class:`BlockLayout` (:func:`block_layout`) sorts the ``(block_q × block_k)`` tiles of a mask into
 *empty* (skip it), *partial* (compute it and apply the mask) and *full* (compute it, no mask needed).
+
+At long lengths a dense ``(L, L)`` mask does not fit (``L = 65,536`` is 4 GiB of booleans). A
+:class:`WindowPattern` describes sinks + a sliding window by a rule instead — ``mask_mod(rows, cols)``, as
+FlexAttention's ``mask_mod`` does — and computes its block layout from tile corners without forming the mask.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "FULL",
     "PARTIAL",
     "BlockLayout",
+    "WindowPattern",
     "bigbird_mask",
     "block_layout",
     "causal_mask",
@@ -214,3 +219,49 @@ def block_layout(mask: torch.Tensor, block_q: int = 64, block_k: int = 64) -> Bl
     kinds[visible == 0] = EMPTY
     kinds[visible == size] = FULL
     return BlockLayout(kinds, block_q, block_k, lq, lk)
+
+
+@dataclass(frozen=True)
+class WindowPattern:
+    """Sinks + a causal sliding window, described by a rule instead of a stored mask.
+
+    Key ``j`` is visible to query ``i`` (absolute position ``p = i + lk − lq``) when ``0 ≤ p − j`` and
+    (``p − j < window`` or ``j < sinks``): :func:`sink_window_mask` (``sinks = 0``: :func:`sliding_window_mask`).
+    """
+
+    window: int
+    sinks: int = 0
+
+    def __post_init__(self) -> None:
+        require_positive_int("window", self.window)
+        require_int("sinks", self.sinks, minimum=0)
+
+    def mask_mod(self, rows: torch.Tensor, cols: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+        """Visibility of key indices ``cols`` to query indices ``rows`` (broadcast together)."""
+        d = rows + (lk - lq) - cols
+        return (d >= 0) & ((d < self.window) | (cols < self.sinks)) & (cols < lk) & (rows < lq)
+
+    def mask(self, lq: int, lk: int | None = None) -> torch.Tensor:
+        """The dense boolean mask (small lengths only)."""
+        return sink_window_mask(lq, lk, sinks=self.sinks, window=self.window)
+
+    def layout(self, lq: int, lk: int | None, block_q: int = 64, block_k: int = 64) -> BlockLayout:
+        """The block layout from tile corners: ``O(tiles)`` work, no ``(Lq, Lk)`` mask formed."""
+        lq, lk = _lengths(lq, lk)
+        block_q, block_k = require_positive_int("block_q", block_q), require_positive_int("block_k", block_k)
+        nq, nk = -(-lq // block_q), -(-lk // block_k)
+        q0 = torch.arange(nq)[:, None] * block_q
+        q1 = torch.clamp(q0 + block_q, max=lq)
+        k0 = torch.arange(nk)[None, :] * block_k
+        k1 = torch.clamp(k0 + block_k, max=lk)
+        off = lk - lq
+        d_min, d_max = q0 + off - (k1 - 1), (q1 - 1) + off - k0  # p − j takes every value in between
+        any_window = (d_max >= 0) & (d_min < self.window)
+        any_sink = (k0 < self.sinks) & (d_max >= 0)
+        # full: every key is in the past, and every non-sink key is inside the window
+        first_plain = torch.clamp(k0, min=self.sinks)
+        plain_in_window = (k1 <= self.sinks) | ((q1 - 1) + off - first_plain < self.window)
+        kinds = torch.full((nq, nk), PARTIAL, dtype=torch.int8)
+        kinds[~(any_window | any_sink)] = EMPTY
+        kinds[(d_min >= 0) & plain_in_window] = FULL
+        return BlockLayout(kinds, block_q, block_k, lq, lk)
