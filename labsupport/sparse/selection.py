@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from labsupport.harness.costs import nsa_tokens_per_step
 from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_float_tensor, require_positive_int, require_qkv
 
@@ -99,22 +100,9 @@ def quest_token_mask(q: torch.Tensor, keys: torch.Tensor, page: int, n_pages: in
 
 def nsa_token_counts(context: int, *, compress_block: int = 32, compress_stride: int = 16, select_block: int = 64,
                      n_selected: int = 16, window: int = 512) -> dict[str, int]:
-    """Tokens one NSA decode step reads at ``context`` tokens, branch by branch (defaults: the paper's).
-
-    ``compressed``: the number of compression blocks, ``⌊(context − compress_block)/compress_stride⌋ + 1``;
-    ``selected``: ``n_selected · select_block`` (capped at the context); ``window``: ``min(window, context)``.
-    """
-    context = require_positive_int("context", context)
-    compress_block = require_positive_int("compress_block", compress_block)
-    compress_stride = require_positive_int("compress_stride", compress_stride)
-    select_block = require_positive_int("select_block", select_block)
-    n_selected = require_positive_int("n_selected", n_selected)
-    window = require_positive_int("window", window)
-    compressed = 0 if context < compress_block else (context - compress_block) // compress_stride + 1
-    selected = min(context, n_selected * select_block)
-    sliding = min(window, context)
-    return {"compressed": compressed, "selected": selected, "window": sliding,
-            "total": compressed + selected + sliding}
+    """Tokens one NSA decode step reads, by branch: :func:`labsupport.harness.costs.nsa_tokens_per_step`."""
+    return nsa_tokens_per_step(context, compress_block=compress_block, compress_stride=compress_stride,
+                               select_block=select_block, n_selected=n_selected, window=window)
 
 
 @dataclass
