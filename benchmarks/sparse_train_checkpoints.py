@@ -24,34 +24,14 @@ import torch
 from safetensors.torch import save_file
 
 from labsupport.harness.settings import seed_everything
-from labsupport.lm.model import TinyLM
 from labsupport.lm.probe import MQARProbe
 from labsupport.lm.tasks import CharCorpus, TaskBatch
 from labsupport.lm.training import evaluate_perplexity, evaluate_recall, train
-from labsupport.sparse.mixers import sparse_mixer
+from labsupport.sparse.checkpoints import char_model, mqar_model, with_sink_token
 
 CHAR_MODEL = {"d_model": 96, "n_layers": 2, "n_heads": 4}
 MQAR_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "short_conv": 4}
 MQAR_TASK = {"seq_len": 128, "num_pairs": 8, "vocab_size": 128}
-
-
-def char_model(vocab: int) -> TinyLM:
-    return TinyLM(vocab, d_model=CHAR_MODEL["d_model"], n_layers=CHAR_MODEL["n_layers"], max_len=4096,
-                  sequence_mixer=sparse_mixer(CHAR_MODEL["n_heads"]), positional="none")
-
-
-def mqar_model() -> TinyLM:
-    return TinyLM(MQAR_TASK["vocab_size"], d_model=MQAR_MODEL["d_model"], n_layers=MQAR_MODEL["n_layers"],
-                  max_len=4096, sequence_mixer=sparse_mixer(MQAR_MODEL["n_heads"]), channel_mixer=None,
-                  positional="none", short_conv=MQAR_MODEL["short_conv"])
-
-
-def with_sink(batch: TaskBatch, sink_id: int) -> TaskBatch:
-    """Prepend the sink token to every window (dropping the last character, so the length stays)."""
-    sink = torch.full_like(batch.inputs[:, :1], sink_id)
-    inputs = torch.cat([sink, batch.inputs[:, :-1]], dim=1)
-    targets = torch.cat([batch.inputs[:, :1], batch.targets[:, :-1]], dim=1)
-    return TaskBatch(inputs, targets, batch.info)
 
 
 def main() -> None:
@@ -75,14 +55,14 @@ def main() -> None:
         if name in ("char", "sink"):
             sink = name == "sink"
             vocab = corpus.vocab_size + (1 if sink else 0)
-            model = char_model(vocab)
+            model = char_model(vocab, **CHAR_MODEL)
 
             def batches(g: torch.Generator, sink: bool = sink) -> TaskBatch:
                 batch = corpus.sample_batch(args.char_batch, args.char_len, generator=g)
-                return with_sink(batch, corpus.vocab_size) if sink else batch
+                return with_sink_token(batch, corpus.vocab_size) if sink else batch
 
             val = corpus.sample_batch(32, args.char_len, split="val", seed=1234)
-            val = with_sink(val, corpus.vocab_size) if sink else val
+            val = with_sink_token(val, corpus.vocab_size) if sink else val
             history = train(model, batches, steps=args.char_steps, lr=3e-3, seed=args.seed, eval_batch=val,
                             eval_every=args.char_steps, evaluate=evaluate_perplexity, label=name)
             score = {"val_perplexity": history.eval_accuracy[-1]}
@@ -90,7 +70,7 @@ def main() -> None:
                         "batch": args.char_batch, "lr": 3e-3, "sink_token": corpus.vocab_size if sink else -1}
             filename = "sparse_char_lm_sink.safetensors" if sink else "sparse_char_lm.safetensors"
         else:
-            model = mqar_model()
+            model = mqar_model(MQAR_TASK["vocab_size"], **MQAR_MODEL)
             task = MQARProbe(**MQAR_TASK)
             history = train(model, lambda g: task.train_batch(64, g), steps=args.mqar_steps, lr=3e-3, seed=args.seed,
                             eval_batch=task.eval_batch(), eval_every=args.mqar_steps, evaluate=evaluate_recall,

@@ -75,7 +75,8 @@ class SparseAttention(nn.Module):
         self.policy = policy or CachePolicy("full")
         self.static_mask: torch.Tensor | Callable[[int], torch.Tensor] | None = None
         self.last_attention: torch.Tensor | None = None  # (B, H, L, L) when record_attention is True
-        self.record_attention = False
+        self.record_attention = False  # also makes decode caches log which positions each step reads
+        self._last_cache: PolicyKVCache | None = None
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = x.shape
@@ -121,8 +122,11 @@ class SparseAttention(nn.Module):
             raise ValueError(f"decode_step expects one token, shape (batch, 1, d_model); got {tuple(x.shape)}")
         q, k, v = self._split(x)
         if state is None:
-            state = PolicyKVCache(self.policy, x.shape[0], self.n_heads, self.head_dim, dtype=x.dtype, device=x.device)
+            state = PolicyKVCache(self.policy, x.shape[0], self.n_heads, self.head_dim, dtype=x.dtype, device=x.device,
+                                  record=self.record_attention)
         y = state.attend(q, k, v, rotate=self._rotate)
+        if self.record_attention:
+            self._last_cache = state  # for the explorer: which positions each step read
         return self._merge(y), state
 
     def cache_bytes(self, state: PolicyKVCache) -> int:

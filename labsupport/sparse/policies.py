@@ -143,7 +143,7 @@ class PolicyKVCache:
     """
 
     def __init__(self, policy: CachePolicy, batch: int, heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", record: bool = False) -> None:
         if not isinstance(policy, CachePolicy):
             raise TypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
         self.policy = policy
@@ -156,6 +156,8 @@ class PolicyKVCache:
         self.steps = 0
         self.last_attention: torch.Tensor | None = None  # (B, H, C), the previous step's (TOVA)
         self.tokens_read: list[int] = []  # tokens whose K and V each step read (per head)
+        self.record = bool(record)
+        self.read_log: list[torch.Tensor] = []  # with record: positions read at each step, (H, T) bool of sequence 0
 
     @property
     def length(self) -> int:
@@ -215,6 +217,11 @@ class PolicyKVCache:
         attention = torch.softmax(scores, dim=-1)
         out = (attention[:, :, None, :] @ self.values)
         self.tokens_read.append(int(read[0, 0].sum()))
+        if self.record:
+            row = torch.zeros(read.shape[1], position + 1, dtype=torch.bool, device=read.device)
+            heads, slots = torch.nonzero(read[0], as_tuple=True)
+            row[heads, self.positions[0, heads, slots]] = True
+            self.read_log.append(row)
         self.accumulated += attention
         self.last_attention = attention
         self.steps += 1
