@@ -128,7 +128,7 @@ def block_sparse_attention(
     block_k: int = 64,
     scale: float | None = None,
     layout: BlockLayout | None = None,
-    max_scores: int = 1 << 22,
+    max_scores: int = 1 << 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with gathered key blocks (the CPU-friendly arrangement); returns ``(out, lse)``.
 

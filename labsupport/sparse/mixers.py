@@ -77,6 +77,7 @@ class SparseAttention(nn.Module):
         self.last_attention: torch.Tensor | None = None  # (B, H, L, L) when record_attention is True
         self.record_attention = False  # also makes decode caches log which positions each step reads
         self._last_cache: PolicyKVCache | None = None
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, _ = x.shape
@@ -88,7 +89,19 @@ class SparseAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, length, self.d_model))
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return rotate_half_rope(x, positions, base=self.rope_base)
+        """RoPE through a cached cos/sin table (decoding calls this at every step)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        table = self._rope_table
+        if table is None or table[0].shape[0] < needed or table[0].dtype != x.dtype or table[0].device != x.device:
+            size = max(needed, 2 * (table[0].shape[0] if table is not None else 256))
+            adt = torch.float64 if x.dtype == torch.float64 else torch.float32
+            freqs = self.rope_base ** (-torch.arange(0, self.head_dim // 2, dtype=adt, device=x.device) * 2.0 / self.head_dim)
+            angles = torch.arange(size, dtype=adt, device=x.device)[:, None] * freqs
+            table = self._rope_table = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        cos, sin = (t[positions] for t in table)
+        half = self.head_dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
     def _mask(self, length: int, device: torch.device) -> torch.Tensor:
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()

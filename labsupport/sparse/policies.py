@@ -19,9 +19,9 @@ policy      keeps (budget ``n``)
 ``quest``   everything, but each step *reads* only the top ``n / page`` pages by Quest's bound
 ==========  ================================================================================================
 
-Positions for rotary embeddings: ``"original"`` (the token's position in the text) or ``"cache"`` (its rank
-among the kept tokens, as StreamingLLM assigns them: the cache never shows the model a distance it did not
-see in training). Keys are stored un-rotated and rotated at every step, so either works.
+Positions for rotary embeddings: ``"original"`` (the token's position in the text; keys are stored rotated
+once) or ``"cache"`` (its rank among the kept tokens, as StreamingLLM assigns them: the cache never shows the
+model a distance it did not see in training; keys are stored un-rotated and rotated at every step).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def tova_victim(attention: torch.Tensor, positions: torch.Tensor, newest: int) -
 class PolicyKVCache:
     """One attention layer's KV cache under a :class:`CachePolicy`, for ``(batch, heads)`` at once.
 
-    Slots: ``keys, values (B, H, C, D)`` (un-rotated), ``positions (B, H, C)`` (``−1`` = empty) and
+    Slots: ``keys, values (B, H, C, D)``, ``positions (B, H, C)`` (``−1`` = empty) and
     ``accumulated (B, H, C)`` (H2O's statistic). :meth:`attend` runs one decode step.
     """
 
@@ -177,9 +177,7 @@ class PolicyKVCache:
         self.positions, self.accumulated = pad(self.positions, -1), pad(self.accumulated, 0.0)
 
     def _rope_positions(self) -> torch.Tensor:
-        if self.policy.position_mode == "original":
-            return self.positions.clamp(min=0)
-        # rank among the filled slots, in text order
+        """Each slot's rank among the filled slots, in text order (positions inside the cache)."""
         order = torch.where(self.positions >= 0, self.positions, torch.iinfo(torch.int64).max)
         return order.argsort(dim=-1).argsort(dim=-1)
 
@@ -199,11 +197,15 @@ class PolicyKVCache:
         self.accumulated.scatter_(2, slot, torch.zeros_like(slot, dtype=self.accumulated.dtype))
         filled = self.positions >= 0
         keys, query = self.keys, q
-        if rotate is not None:
+        if rotate is not None and self.policy.position_mode == "original":
+            # a token's position never changes: store its key rotated once, rotate only the query
+            new_key = rotate(k, torch.full(k.shape[:-1], position, dtype=torch.long, device=k.device))
+            self.keys.scatter_(2, slot[..., None].expand_as(k), new_key)
+            keys, query = self.keys, rotate(q, torch.full(q.shape[:-1], position, dtype=torch.long, device=q.device))
+        elif rotate is not None:  # positions inside the cache: ranks change as tokens leave, so rotate every step
             rope_pos = self._rope_positions()
             keys = rotate(self.keys, rope_pos)
-            query_pos = rope_pos.gather(2, slot)  # the new token's own position
-            query = rotate(q, query_pos)
+            query = rotate(q, rope_pos.gather(2, slot))  # the new token's own rank
         read = filled
         if self.policy.name == "quest":  # read only the top pages, in text order (the cache never evicts)
             n = self.length
