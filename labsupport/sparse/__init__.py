@@ -25,6 +25,12 @@ The notebook imports the package as ``sparse``: ``from labsupport import sparse`
 decode policies live in :mod:`labsupport.harness.costs`.
 """
 
+from labsupport.sparse.exercises import (
+    check_block_sparse_loop,
+    check_h2o_evict,
+    check_page_upper_bound,
+    check_sink_window_mask,
+)
 from labsupport.sparse.blocksparse import block_sparse_attention, block_sparse_forward, gathered_block_indices
 from labsupport.sparse.masks import (
     EMPTY,
@@ -54,6 +60,7 @@ from labsupport.sparse.mixers import (
 )
 from labsupport.sparse.policies import POLICIES, CachePolicy, PolicyKVCache, h2o_victim, tova_victim
 from labsupport.sparse.reference import masked_attention, online_softmax_step
+from labsupport.sparse.widget import EXPLORER_PATTERNS, ExplorerData, explorer_data, explorer_figure
 from labsupport.sparse.selection import (
     NSAResult,
     nsa_decode,
@@ -65,6 +72,8 @@ from labsupport.sparse.selection import (
 
 __all__ = [
     "EMPTY",
+    "EXPLORER_PATTERNS",
+    "ExplorerData",
     "FULL",
     "PARTIAL",
     "POLICIES",
@@ -79,8 +88,14 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_forward",
     "causal_mask",
+    "check_block_sparse_loop",
+    "check_h2o_evict",
+    "check_page_upper_bound",
+    "check_sink_window_mask",
     "decode_logits",
     "dilated_mask",
+    "explorer_data",
+    "explorer_figure",
     "gathered_block_indices",
     "global_token_mask",
     "h2o_victim",
