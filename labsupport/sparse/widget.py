@@ -9,10 +9,9 @@ the bytes one decode step reads, and whether the needle survives. :func:`explore
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from torch import nn
 
 from labsupport.harness.costs import decode_read_bytes, format_bytes, policy_tokens_per_step
@@ -21,6 +20,9 @@ from labsupport.lm.tasks import IGNORE_INDEX, TaskBatch
 from labsupport.sparse.masks import bigbird_mask, causal_mask, dilated_mask
 from labsupport.sparse.mixers import SparseAttention, decode_logits, set_static_mask
 from labsupport.sparse.policies import CachePolicy
+
+if TYPE_CHECKING:  # plotly is imported when a figure is drawn, so the package imports without it (GPU boxes)
+    import plotly.graph_objects as go
 
 __all__ = ["EXPLORER_PATTERNS", "ExplorerData", "explorer_data", "explorer_figure", "static_pattern_mask"]
 
@@ -137,6 +139,9 @@ def _read_log(layer: SparseAttention) -> list[torch.Tensor]:
 
 def explorer_figure(data: ExplorerData) -> go.Figure:
     """Left: what each query reads (the needle's column marked). Right: the model's real attention map."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     fig = make_subplots(rows=1, cols=2, subplot_titles=["positions read", "real attention (full cache)"],
                         horizontal_spacing=0.08)
     fig.add_trace(go.Heatmap(z=data.read.to(torch.int8).tolist(), colorscale=[[0, "#f4f4f4"], [1, "#1f4e9c"]],
