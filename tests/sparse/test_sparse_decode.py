@@ -194,3 +194,30 @@ def test_policy_guards():
         sparse.set_policy(torch.nn.Linear(2, 2), sparse.CachePolicy())
     with pytest.raises(ValueError, match="even"):
         sparse.SparseAttention(12, 4)
+
+
+def test_per_head_static_masks(model, tokens):
+    """One mask per head: a head restricted to its own position reads only its own value."""
+    length = tokens.shape[1]
+    window = sparse.sliding_window_mask(length, window=4)
+    full = torch.ones(length, length, dtype=torch.bool)
+    same_everywhere = _forward_under(model, tokens, torch.stack([window] * 4))
+    assert rel_err(same_everywhere, _forward_under(model, tokens, window)) < 1e-12
+    mixed = _forward_under(model, tokens, torch.stack([window, full, full, full]))
+    with torch.no_grad():
+        plain = model(tokens)
+    assert rel_err(mixed, plain) > 1e-6 and rel_err(mixed, same_everywhere) > 1e-6
+    with pytest.raises(ValueError, match="static_mask"):
+        _forward_under(model, tokens, torch.ones(3, length, length, dtype=torch.bool)[:, :5])
+
+
+def test_rope_table_matches_the_formula():
+    layer = sparse.SparseAttention(16, 2).double()
+    x = torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    positions = torch.tensor([0, 3, 9, 1000, 2, 2, 5])
+    assert rel_err(layer._rotate(x, positions), sparse.rotate_half_rope(x, positions)) < 1e-12
+    # relative: rotating q and k by the same shift leaves q·k unchanged
+    q, k = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    s1 = (sparse.rotate_half_rope(q, torch.tensor([5, 5])) * sparse.rotate_half_rope(k, torch.tensor([2, 2]))).sum(-1)
+    s2 = (sparse.rotate_half_rope(q, torch.tensor([105, 105])) * sparse.rotate_half_rope(k, torch.tensor([102, 102]))).sum(-1)
+    assert torch.allclose(s1, s2)
