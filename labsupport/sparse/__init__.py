@@ -14,6 +14,7 @@ module             holds
                    Quest), the eviction choices ``h2o_victim``, ``tova_victim``
 ``mixers``         ``SparseAttention`` (RoPE, static masks, policy caches) and ``sparse_mixer`` for ``TinyLM``;
                    ``decode_logits``, ``policy_recall``, ``streaming_perplexity``
+``indexer``        DeepSeek Sparse Attention's ``LightningIndexer``, ``indexer_kl``, ``topk_mask``, ``train_indexer``
 ``checkpoints``    the shipped trained models (``load_checkpoint``)
 ``widget``         the attention-sparsity explorer's data and figure
 ``exercises``      the exercise solutions and their checkers ``check_*``
@@ -32,6 +33,7 @@ from labsupport.sparse.exercises import (
     check_sink_window_mask,
 )
 from labsupport.sparse.blocksparse import block_sparse_attention, block_sparse_forward, gathered_block_indices
+from labsupport.sparse.indexer import LightningIndexer, indexer_kl, topk_mask, train_indexer
 from labsupport.sparse.masks import (
     EMPTY,
     FULL,
@@ -75,6 +77,7 @@ __all__ = [
     "EXPLORER_PATTERNS",
     "ExplorerData",
     "FULL",
+    "LightningIndexer",
     "PARTIAL",
     "POLICIES",
     "BlockLayout",
@@ -99,6 +102,7 @@ __all__ = [
     "gathered_block_indices",
     "global_token_mask",
     "h2o_victim",
+    "indexer_kl",
     "mask_density",
     "masked_attention",
     "nsa_decode",
@@ -116,5 +120,7 @@ __all__ = [
     "sliding_window_mask",
     "sparse_mixer",
     "streaming_perplexity",
+    "topk_mask",
     "tova_victim",
+    "train_indexer",
 ]

@@ -59,8 +59,9 @@ class SparseAttention(nn.Module):
 
     Attributes:
         policy: the decode-time policy (default: the full cache).
-        static_mask: ``None`` (plain causal), a bool ``(L, L)`` mask, or one per head ``(H, L, L)``, used by
-            ``forward``; it is intersected with the causal mask. A callable ``length -> mask`` works too.
+        static_mask: ``None`` (plain causal), a bool ``(L, L)`` mask, one per head ``(H, L, L)``, or one per
+            sequence ``(B, H or 1, L, L)``, used by ``forward``; it is intersected with the causal mask. A callable
+            ``length -> mask`` works too.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, policy: CachePolicy | None = None, rope_base: float = 10_000.0) -> None:
@@ -109,9 +110,9 @@ class SparseAttention(nn.Module):
         if mask is None:
             return causal
         mask = require_tensor("static_mask", mask)
-        if mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (length, length) or mask.dim() not in (2, 3):
-            raise ValueError(f"static_mask must be a bool (L, L) or (H, L, L) tensor for L={length}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (length, length) or mask.dim() not in (2, 3, 4):
+            raise ValueError(f"static_mask must be a bool (L, L), (H, L, L) or (B, H or 1, L, L) tensor for "
+                             f"L={length}, got {mask.dtype} {tuple(mask.shape)}")
         return mask.to(device) & causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -221,3 +221,21 @@ def test_rope_table_matches_the_formula():
     s1 = (sparse.rotate_half_rope(q, torch.tensor([5, 5])) * sparse.rotate_half_rope(k, torch.tensor([2, 2]))).sum(-1)
     s2 = (sparse.rotate_half_rope(q, torch.tensor([105, 105])) * sparse.rotate_half_rope(k, torch.tensor([102, 102]))).sum(-1)
     assert torch.allclose(s1, s2)
+
+
+def test_lightning_indexer_learns_to_imitate_attention():
+    from labsupport.lm.tasks import make_mqar
+    from labsupport.sparse.checkpoints import mqar_model
+
+    torch.manual_seed(0)
+    recall_model = mqar_model(32, d_model=16, n_heads=2).eval()
+    indexer, losses = sparse.train_indexer(recall_model, 1, lambda g: make_mqar(8, 32, 2, 32, generator=g), steps=60)
+    assert losses[-1] < losses[0]
+    x = torch.randn(2, 32, 16)
+    scores = indexer.scores(x)
+    assert scores.shape == (2, 32, 32) and torch.isneginf(scores.triu(1)[..., 0, 1:]).all()
+    chosen = sparse.topk_mask(scores, 4)
+    assert (chosen.sum(dim=-1) <= 4 + 1).all() and chosen.diagonal(dim1=-2, dim2=-1).all()
+    assert not (chosen & ~torch.ones(32, 32, dtype=torch.bool).tril()).any()
+    uniform = torch.full((1, 3, 3), 1.0).tril() / torch.arange(1, 4)[:, None]
+    assert float(sparse.indexer_kl(torch.zeros(1, 3, 3).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf")), uniform)) < 1e-6
