@@ -33,7 +33,7 @@ from labsupport.sparse.exercises import (
     check_sink_window_mask,
 )
 from labsupport.sparse.blocksparse import block_sparse_attention, block_sparse_forward, gathered_block_indices
-from labsupport.sparse.indexer import LightningIndexer, indexer_kl, topk_mask, train_indexer
+from labsupport.sparse.indexer import LightningIndexer, indexer_kl, indexer_selection, topk_mask, train_indexer
 from labsupport.sparse.masks import (
     EMPTY,
     FULL,
@@ -103,6 +103,7 @@ __all__ = [
     "global_token_mask",
     "h2o_victim",
     "indexer_kl",
+    "indexer_selection",
     "mask_density",
     "masked_attention",
     "nsa_decode",

@@ -12,12 +12,14 @@ trained, with the model frozen, to match the dense attention distribution (a KL 
 * :class:`LightningIndexer` — the scorer (:meth:`~LightningIndexer.scores` gives causal ``(B, L, L)`` scores);
 * :func:`indexer_kl` — ``KL(target ‖ softmax(I))`` over the causal keys of every query;
 * :func:`topk_mask` — each query's top-``k`` keys by index score (itself always included);
-* :func:`train_indexer` — fit an indexer to one attention layer of a trained model.
+* :func:`train_indexer` — fit an indexer to one attention layer of a trained model;
+* :func:`indexer_selection` — run a model with each indexed layer reading only its top-``k`` keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from labsupport.harness.validation import require_int, require_positive_int, req
 from labsupport.lm.tasks import TaskBatch
 from labsupport.sparse.mixers import SparseAttention
 
-__all__ = ["LightningIndexer", "indexer_kl", "topk_mask", "train_indexer"]
+__all__ = ["LightningIndexer", "indexer_kl", "indexer_selection", "topk_mask", "train_indexer"]
 
 
 class LightningIndexer(nn.Module):
@@ -108,3 +110,31 @@ def train_indexer(model: nn.Module, layer: int, make_batch: Callable[[torch.Gene
         hook.remove()
         attention.record_attention = False
     return indexer.eval(), losses
+
+
+@contextmanager
+def indexer_selection(model: nn.Module, indexers: Mapping[int, LightningIndexer], k: int) -> Iterator[None]:
+    """Inside the block, sparse layer ``i`` of ``model`` attends only to the top-``k`` keys its indexer picks.
+
+    Each indexed layer gets a forward pre-hook that scores its own input and sets a per-sequence mask
+    ``(B, 1, L, L)``; the masks and hooks are removed on exit.
+    """
+    k = require_positive_int("k", k)
+    layers = [m for m in model.modules() if isinstance(m, SparseAttention)]
+    handles = []
+
+    def select(indexer: LightningIndexer) -> Callable:
+        def hook(module: SparseAttention, inputs: tuple[torch.Tensor, ...]) -> None:
+            with torch.no_grad():
+                module.static_mask = topk_mask(indexer.scores(inputs[0]), k)[:, None]
+        return hook
+
+    try:
+        for index, indexer in indexers.items():
+            handles.append(layers[index].register_forward_pre_hook(select(indexer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index in indexers:
+            layers[index].static_mask = None

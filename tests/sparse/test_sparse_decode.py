@@ -239,3 +239,15 @@ def test_lightning_indexer_learns_to_imitate_attention():
     assert not (chosen & ~torch.ones(32, 32, dtype=torch.bool).tril()).any()
     uniform = torch.full((1, 3, 3), 1.0).tril() / torch.arange(1, 4)[:, None]
     assert float(sparse.indexer_kl(torch.zeros(1, 3, 3).masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf")), uniform)) < 1e-6
+
+
+def test_indexer_selection_with_every_key_is_the_dense_model(model, tokens):
+    indexers = {0: sparse.LightningIndexer(32).double(), 1: sparse.LightningIndexer(32).double()}
+    with torch.no_grad():
+        dense = model(tokens)
+        with sparse.indexer_selection(model, indexers, tokens.shape[1]):
+            every = model(tokens)
+        with sparse.indexer_selection(model, indexers, 2):
+            few = model(tokens)
+    assert rel_err(every, dense) < 1e-6 and rel_err(few, dense) > 1e-4
+    assert all(m.static_mask is None for m in model.modules() if isinstance(m, sparse.SparseAttention))
