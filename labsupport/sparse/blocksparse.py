@@ -17,7 +17,7 @@ import torch
 
 from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_positive_int, require_qkv
-from labsupport.sparse.masks import EMPTY, FULL, BlockLayout, WindowPattern, block_layout
+from labsupport.sparse.masks import EMPTY, FULL, PARTIAL, BlockLayout, WindowPattern, block_layout
 from labsupport.sparse.reference import _scale, online_softmax_step, require_mask
 
 __all__ = ["block_sparse_attention", "block_sparse_forward", "gathered_block_indices"]
@@ -104,18 +104,29 @@ def block_sparse_forward(
     return out.to(q.dtype), lse
 
 
-def gathered_block_indices(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_block_indices(layout: BlockLayout, *, ragged_is_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query block, the key blocks it visits, padded: ``(indices, valid)`` of shape ``(n_q, width)``.
 
-    ``width`` is the largest number of visible key blocks in any row; padding points at block 0 and is
-    marked invalid.
+    Partial blocks come first (so a mask is needed only on the leading columns), then full ones, each in
+    order. ``width`` is the largest number of visible key blocks in any row; padding points at block 0 and is
+    marked invalid. With ``ragged_is_partial``, a full tile in a ragged last key block counts as partial (its
+    padded keys must be masked).
     """
-    visible = layout.kinds != EMPTY
+    kinds = _masking_kinds(layout) if ragged_is_partial else layout.kinds
+    visible = kinds != EMPTY
     width = max(1, int(visible.sum(dim=1).max()))
-    # stable sort puts visible blocks first, in order
-    order = torch.sort((~visible).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    rank = torch.where(kinds == PARTIAL, 0, torch.where(kinds == FULL, 1, 2)).to(torch.int8)
+    order = torch.sort(rank, dim=1, stable=True).indices[:, :width]
     valid = visible.gather(1, order)
     return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _masking_kinds(layout: BlockLayout) -> torch.Tensor:
+    kinds = layout.kinds.clone()
+    if layout.lk % layout.block_k:
+        last = kinds[:, -1]
+        last[last == FULL] = PARTIAL
+    return kinds
 
 
 def block_sparse_attention(
@@ -157,9 +168,8 @@ def block_sparse_attention(
         if pad_q or pad_k:
             mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
         mask_tiles = mask.view(nq, block_q, nk, block_k).permute(0, 2, 1, 3)  # (nq, nk, bq, bk), a view
-    index, valid = gathered_block_indices(layout)
-    full = layout.kinds.gather(1, index) == FULL
-    needs_mask = (~(full & valid)).any(dim=1)  # rows with a partial tile or padding
+    index, valid = gathered_block_indices(layout, ragged_is_partial=True)
+    n_partial = (_masking_kinds(layout) == PARTIAL).sum(dim=1)  # tiles that need a mask lead each row's list
     index, valid = index.to(q.device), valid.to(q.device)
     width = index.shape[1]
     group = max(1, max_scores // (block_q * width * block_k))
@@ -172,17 +182,20 @@ def block_sparse_attention(
         keys = kb.index_select(-3, idx.flatten()).reshape(*batch, g, width * block_k, d)
         values = vb.index_select(-3, idx.flatten()).reshape(*batch, g, width * block_k, dv)
         scores = qb[..., rows, :, :] @ keys.transpose(-1, -2)  # (..., g, bq, width·bk), scale folded into q
-        if bool(needs_mask[rows].any()):  # full tiles need no mask; skip the work when a group has only those
+        pw = int(n_partial[rows].max())
+        if pw:  # the mask only on the leading (partial) tiles; full tiles need none
+            lead = idx[:, :pw]
             if pattern is not None:  # evaluate the rule on the gathered absolute indices
-                cols = (idx[:, :, None] * block_k + torch.arange(block_k, device=q.device)).reshape(g, 1, -1)
+                cols = (lead[:, :, None] * block_k + torch.arange(block_k, device=q.device)).reshape(g, 1, -1)
                 query_rows = torch.arange(r0 * block_q, (r0 + g) * block_q, device=q.device).view(g, block_q, 1)
                 tile_mask = pattern.mask_mod(query_rows, cols, lq, lk)
-                tile_mask &= valid[rows].repeat_interleave(block_k, dim=1)[:, None, :]
             else:
-                tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], idx]  # (g, w, bq, bk)
-                tile_mask = tile_mask & valid[rows][:, :, None, None]
-                tile_mask = tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, width * block_k)
-            scores.masked_fill_(~tile_mask, float("-inf"))
+                tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], lead]  # (g, pw, bq, bk)
+                tile_mask = tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, pw * block_k)
+            scores[..., : pw * block_k].masked_fill_(~tile_mask, float("-inf"))
+        if not bool(valid[rows].all()):  # padding slots of rows with fewer visible tiles
+            padding = ~valid[rows].repeat_interleave(block_k, dim=1)[:, None, :]
+            scores.masked_fill_(padding, float("-inf"))
         m = scores.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing: exp(−inf − 0) = 0
         p = scores.sub_(m).exp_()
