@@ -6,8 +6,9 @@
   ``SparseAttention``) on the shipped Shakespeare corpus, trained on windows of ``--char-len`` characters.
 * ``sparse_char_lm_sink.safetensors`` — the same model and budget, every training window starting with a
   dedicated sink token (id = corpus vocabulary size), as StreamingLLM's "pre-training with a sink token".
-* ``sparse_mqar.safetensors`` — a 2-layer attention model (2 heads, short convolution, no MLP) trained on MQAR,
-  the recall model of the chapter's needle and recall-vs-budget sections.
+* ``sparse_mqar.safetensors`` — a 2-layer attention model (2 heads, short convolution, no MLP) trained on MQAR
+  mixed half and half with needle-in-a-haystack batches at random depths: the recall model of the chapter's
+  needle and recall-vs-budget sections.
 
 Everything is seeded (``--seed``); the settings and the final validation figures go into each file's metadata
 and are printed. ``data/PROVENANCE.md`` records the command that made the shipped files.
@@ -25,13 +26,25 @@ from safetensors.torch import save_file
 
 from labsupport.harness.settings import seed_everything
 from labsupport.lm.probe import MQARProbe
-from labsupport.lm.tasks import CharCorpus, TaskBatch
+from labsupport.lm.tasks import CharCorpus, TaskBatch, make_needle
 from labsupport.lm.training import evaluate_perplexity, evaluate_recall, train
 from labsupport.sparse.checkpoints import char_model, mqar_model, with_sink_token
 
 CHAR_MODEL = {"d_model": 96, "n_layers": 2, "n_heads": 4}
 MQAR_MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 2, "short_conv": 4}
 MQAR_TASK = {"seq_len": 128, "num_pairs": 8, "vocab_size": 128}
+
+
+def recall_batch(task: MQARProbe, batch_size: int, generator: torch.Generator) -> TaskBatch:
+    """Half MQAR, half needle-in-a-haystack at a random depth: pairs must be found wherever they sit.
+
+    Trained on MQAR alone, the model learns that pairs always open the sequence (a positional shortcut) and
+    misses a needle placed later, even with the full cache.
+    """
+    mqar = task.train_batch(batch_size // 2, generator)
+    depth = float(torch.rand((), generator=generator))
+    needle = make_needle(batch_size - batch_size // 2, task.seq_len, depth, task.vocab_size, generator=generator)
+    return TaskBatch(torch.cat([mqar.inputs, needle.inputs]), torch.cat([mqar.targets, needle.targets]))
 
 
 def main() -> None:
@@ -72,11 +85,13 @@ def main() -> None:
         else:
             model = mqar_model(MQAR_TASK["vocab_size"], **MQAR_MODEL)
             task = MQARProbe(**MQAR_TASK)
-            history = train(model, lambda g: task.train_batch(64, g), steps=args.mqar_steps, lr=3e-3, seed=args.seed,
-                            eval_batch=task.eval_batch(), eval_every=args.mqar_steps, evaluate=evaluate_recall,
-                            label="mqar")
-            score = {"val_recall": history.eval_accuracy[-1]}
-            settings = {**MQAR_MODEL, **MQAR_TASK, "steps": args.mqar_steps, "batch": 64, "lr": 3e-3}
+            history = train(model, lambda g: recall_batch(task, 64, g), steps=args.mqar_steps, lr=3e-3,
+                            seed=args.seed, eval_batch=task.eval_batch(), eval_every=args.mqar_steps,
+                            evaluate=evaluate_recall, label="mqar")
+            needle_eval = make_needle(256, MQAR_TASK["seq_len"], 0.5, MQAR_TASK["vocab_size"], seed=4321)
+            score = {"val_recall": history.eval_accuracy[-1], "needle_recall_depth_0.5": evaluate_recall(model, needle_eval)}
+            settings = {**MQAR_MODEL, **MQAR_TASK, "steps": args.mqar_steps, "batch": 64, "lr": 3e-3,
+                        "needle_share": 0.5}
             filename = "sparse_mqar.safetensors"
         settings.update(seed=args.seed, seconds=round(time.perf_counter() - start, 1), **score)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
