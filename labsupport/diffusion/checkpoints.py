@@ -80,7 +80,11 @@ def load_checkpoint(name: str, *, directory: Path | str | None = None) -> tuple[
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        config = json.loads(handle.metadata()["config"])
+        metadata = handle.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path} is not one of chapter 08's checkpoints (no 'config' in its metadata); "
+                             f"they are {DIFFUSION_CHECKPOINT!r} and {AR_CHECKPOINT!r}")
+        config = json.loads(metadata["config"])
         state = {key: handle.get_tensor(key).float() for key in handle.keys()}
     model = build_model(config)
     model.load_state_dict(state, strict=True)

@@ -61,6 +61,17 @@ def test_unlisted_missing_and_odd_names_are_refused(data_copy: Path) -> None:
         ck.load_checkpoint("../shakespeare.txt", directory=data_copy)
 
 
+def test_a_checkpoint_without_our_metadata_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, str(folder / "other.safetensors"))
+    (folder / "MANIFEST.sha256").write_text(f"{sha256_file(folder / 'other.safetensors')}  other.safetensors\n")
+    with pytest.raises(ValueError, match="not one of chapter 08's checkpoints"):
+        ck.load_checkpoint("other.safetensors", directory=folder)
+
+
 def test_save_then_load_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = {"kind": "diffusion", "vocab_size": 5, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}
