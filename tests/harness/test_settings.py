@@ -87,6 +87,40 @@ def test_configure_plotly_detects_front_ends(clean_renderer_env, variable, value
 
 
 @pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [("COLAB_RELEASE_TAG", "release-x", "colab"), ("COLAB_NOTEBOOK_ID", "x", "colab"), ("VSCODE_PID", "42", "vscode")],
+)
+def test_front_end_is_detected_from_the_environment(clean_renderer_env, variable, value, expected) -> None:
+    assert settings.front_end() == "none"
+    clean_renderer_env.setattr(settings, "_running_in_ipykernel", lambda: True)
+    assert settings.front_end() == "jupyter"
+    clean_renderer_env.setenv(variable, value)
+    assert settings.front_end() == expected
+    assert expected in settings.FRONT_ENDS
+
+
+def test_front_end_sees_colab_by_its_module(clean_renderer_env) -> None:
+    import sys
+    import types
+
+    clean_renderer_env.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert settings.front_end() == "colab"
+    assert configure_plotly() == "colab"
+
+
+def test_the_offline_html_renderer_loads_no_script_from_the_network(clean_renderer_env) -> None:
+    import plotly.graph_objects as go
+
+    clean_renderer_env.setenv("PLOTLY_RENDERER", settings.OFFLINE_HTML_RENDERER)
+    assert configure_plotly() == "offline_html"
+    bundle = go.Figure(go.Scatter(y=[1, 3, 2]))._repr_mimebundle_()
+    html = bundle["text/html"]
+    assert list(bundle) == ["text/html"]
+    assert "Plotly.newPlot" in html and '<script type="module">' in html
+    assert "https://" not in html and "cdn" not in html.lower() and "<script src" not in html
+
+
+@pytest.mark.parametrize(
     "files, expected",
     [
         ({"cpu.max": "max 100000\n"}, None),
