@@ -6,8 +6,8 @@
 * :func:`front_end` — which front end runs this kernel: Colab, VS Code,
   Jupyter (JupyterLab, Notebook 7, or a headless run by nbclient/nbval) or none.
 * :func:`configure_plotly` — a plotly renderer chosen by front end (never
-  opening a browser); ``PLOTLY_RENDERER=offline_html`` writes figures as HTML
-  that loads no script from the network (the course book, ``bin/book``).
+  opening a browser); ``LABSUPPORT_PLOTLY_RENDERER=offline_html`` writes figures
+  as HTML that loads no script from the network (the course book, ``bin/book``).
 * :func:`cpu_budget` / :func:`configure_torch_threads` — no more torch threads
   than the CPUs this process may really use (containers such as Binder cap CPU
   time with a cgroup quota that torch does not see).
@@ -30,6 +30,7 @@ __all__ = [
     "FRONT_ENDS",
     "OFFLINE_HTML_RENDERER",
     "QUICK_ENV_VAR",
+    "RENDERER_ENV_VAR",
     "configure_plotly",
     "configure_torch_threads",
     "cpu_budget",
@@ -42,6 +43,9 @@ __all__ = [
 QUICK_ENV_VAR = "LABSUPPORT_QUICK"
 FRONT_ENDS = ("colab", "vscode", "jupyter", "none")
 OFFLINE_HTML_RENDERER = "offline_html"
+# plotly checks PLOTLY_RENDERER against its own renderers when imported, so a renderer
+# registered here (offline_html) is asked for through this variable instead.
+RENDERER_ENV_VAR = "LABSUPPORT_PLOTLY_RENDERER"
 _TRUE_WORDS = frozenset({"1", "true", "yes"})
 
 T = TypeVar("T")
@@ -146,8 +150,8 @@ def _register_offline_html_renderer() -> None:
 def configure_plotly() -> str:
     """Choose plotly's default renderer for the current front end (:func:`front_end`) and return its name.
 
-    * ``PLOTLY_RENDERER`` set: respected as is (``offline_html`` included, see
-      :data:`OFFLINE_HTML_RENDERER`).
+    * ``LABSUPPORT_PLOTLY_RENDERER`` or ``PLOTLY_RENDERER`` set: respected as is
+      (the first may name :data:`OFFLINE_HTML_RENDERER`).
     * Colab: ``"colab"``; VS Code: ``"vscode"`` (its built-in plotly renderer).
     * any other Jupyter kernel (JupyterLab, Notebook 7, nbclient/nbval runs):
       ``"plotly_mimetype+notebook_connected"`` — JupyterLab draws the plotly
@@ -159,7 +163,9 @@ def configure_plotly() -> str:
     import plotly.io as pio
 
     _register_offline_html_renderer()
-    renderer = os.environ.get("PLOTLY_RENDERER") or _RENDERER_BY_FRONT_END[front_end()]
+    renderer = (
+        os.environ.get(RENDERER_ENV_VAR) or os.environ.get("PLOTLY_RENDERER") or _RENDERER_BY_FRONT_END[front_end()]
+    )
     pio.renderers.default = renderer
     return renderer
 

@@ -58,7 +58,7 @@ def test_pick_rejects_values_of_different_kinds() -> None:
 
 @pytest.fixture
 def clean_renderer_env(monkeypatch):
-    for name in ("PLOTLY_RENDERER", "COLAB_RELEASE_TAG", "COLAB_NOTEBOOK_ID", "VSCODE_PID"):
+    for name in ("PLOTLY_RENDERER", "LABSUPPORT_PLOTLY_RENDERER", "COLAB_RELEASE_TAG", "COLAB_NOTEBOOK_ID", "VSCODE_PID"):
         monkeypatch.delenv(name, raising=False)
     saved = pio.renderers.default
     yield monkeypatch
@@ -111,7 +111,7 @@ def test_front_end_sees_colab_by_its_module(clean_renderer_env) -> None:
 def test_the_offline_html_renderer_loads_no_script_from_the_network(clean_renderer_env) -> None:
     import plotly.graph_objects as go
 
-    clean_renderer_env.setenv("PLOTLY_RENDERER", settings.OFFLINE_HTML_RENDERER)
+    clean_renderer_env.setenv(settings.RENDERER_ENV_VAR, settings.OFFLINE_HTML_RENDERER)
     assert configure_plotly() == "offline_html"
     bundle = go.Figure(go.Scatter(y=[1, 3, 2]))._repr_mimebundle_()
     html = bundle["text/html"]
