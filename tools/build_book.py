@@ -113,7 +113,8 @@ def offline_pages(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
       ``offline_html`` renderer: a ``<div>`` and a module script, no plotly.js, no CDN;
     * HTML outputs that only load plotly.js from its CDN (``notebook_connected``'s set-up) go;
     * widget outputs other than the explorers (progress bars) go: without a
-      kernel they would be stale text. An explorer keeps its static figure.
+      kernel they would be stale text. An explorer keeps its static figure;
+    * the solution markers of markdown answers go (they would render as headings).
     """
     import plotly.io as pio
 
@@ -123,6 +124,11 @@ def offline_pages(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
     configure_plotly()
     renderer = pio.renderers[OFFLINE_HTML_RENDERER]
     for cell in notebook.cells:
+        if cell.cell_type == "markdown":  # a solution's markers would render as headings
+            cell.source = "\n".join(
+                line for line in cell.source.splitlines()
+                if not line.strip().startswith(("### BEGIN SOLUTION", "### END SOLUTION"))
+            )
         kept = []
         for output in cell.get("outputs", []):
             data = output.get("data", {})
