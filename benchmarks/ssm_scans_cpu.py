@@ -11,7 +11,9 @@ SSM's scan), ``a`` uniform in [0.5, 1), one torch thread, the fastest of 3 calls
 Each line: length, then milliseconds per scan and the speed-up over the sequential loop. Scans whose
 working set would pass ~1.5 GB at a length are skipped there (Hillis–Steele and the float64 log-space
 scan copy the whole (L, 64, 16) tensor several times). mambapy's ``pscan`` (a Blelloch-style scan in
-PyTorch, arXiv:2312.00752's pure-PyTorch port) runs on the same tensors when installed.
+PyTorch, arXiv:2312.00752's pure-PyTorch port) runs on the same tensors when installed. "native fused" is
+``labsupport.ssm.native.native_scan``, the loop compiled to C++ (built on first use; needs a compiler and
+ninja): one pass over memory, the floor the eager scans are measured against.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import torch
 
 from labsupport.harness.measuring import time_callable
 from labsupport.harness.numerics import rel_err
+from labsupport.ssm.native import native_scan, native_scan_available
 from labsupport.ssm.scans import SCANS
 
 CHANNELS, STATE = 64, 16
 #: the longest length each scan runs at (working set), beyond which it is skipped
 LIMITS = {"sequential": 65_536, "hillis_steele": 16_384, "blelloch": 65_536, "log_space": 8_192,
-          "chunked": 65_536, "mambapy pscan": 65_536}
+          "chunked": 65_536, "native fused": 65_536, "mambapy pscan": 65_536}
 
 
 def main() -> None:
@@ -42,6 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     scans = dict(SCANS)
+    available, reason = native_scan_available()
+    if available:
+        scans["native fused"] = native_scan
+    else:
+        print(f"# the fused native scan is skipped: {reason}")
     try:
         from mambapy.pscan import pscan
 
@@ -83,7 +91,7 @@ def headline(scans: dict, rounds: int) -> None:
     """L = 4096: every round calls each scan once, in turn, so a busy neighbour slows all of them alike."""
     import statistics
 
-    names = [n for n in ("sequential", "chunked", "mambapy pscan", "blelloch") if n in scans]
+    names = [n for n in ("sequential", "chunked", "native fused", "mambapy pscan", "blelloch") if n in scans]
     gen = torch.Generator().manual_seed(0)
     a = 0.5 + 0.5 * torch.rand(1, 4096, CHANNELS, STATE, generator=gen)
     b = torch.randn(1, 4096, CHANNELS, STATE, generator=gen)

@@ -5,6 +5,7 @@ module          holds
 ==============  ==========================================================================================
 ``scans``       the linear-recurrence scans: sequential, Hillis–Steele, Blelloch, log-space, chunked;
                 the scan operator ``combine`` (the chunked scan has a reverse-scan backward)
+``native``      ``native_scan``: the loop compiled to C++ on first use (one pass over memory; forward only)
 ``reference``   discretisation (ZOH, bilinear, exact ODE response), S4D init, kernel and FFT convolution,
                 the selective scan and its one-token step, Mamba-2 / SSD (recurrent, quadratic, chunked)
 ``mixers``      ``MambaMixer`` (selective S6 or LTI S4D) for the ``lm`` bench, ``mamba_mixer`` factory
@@ -15,6 +16,7 @@ module          holds
 
 from labsupport.ssm.exercises import check_combine, check_fft_conv, check_selective_step, check_zoh
 from labsupport.ssm.mixers import MambaMixer, mamba_mixer
+from labsupport.ssm.native import native_scan, native_scan_available
 from labsupport.ssm.reference import (
     bilinear,
     exact_response,
@@ -44,6 +46,6 @@ __all__ = [
     "SCANS", "ImpulseResponseData", "MambaMixer", "bilinear", "blelloch_scan", "check_combine", "check_fft_conv",
     "check_selective_step", "check_zoh", "chunked_scan", "combine", "exact_response",
     "fft_causal_conv", "hillis_steele_scan", "impulse_response_data", "impulse_response_figure", "log_space_scan",
-    "lti_recurrence", "mamba_mixer", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
+    "lti_recurrence", "mamba_mixer", "native_scan", "native_scan_available", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
     "ssd_chunked", "ssd_quadratic", "ssd_recurrent", "ssm_kernel", "zoh",
 ]

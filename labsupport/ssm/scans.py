@@ -49,8 +49,8 @@ def combine(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tens
     return a1 * a2, a2 * b1 + b2
 
 
-def _prepare(a: object, b: object, h0: object | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                 torch.dtype]:
+def prepare_scan_inputs(a: object, b: object, h0: object | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype]:
     """Validate ``(a, b, h0)``; return them in the accumulation dtype, plus the dtype to return."""
     a = require_float_tensor("a", a)
     b = require_float_tensor("b", b)
@@ -86,7 +86,7 @@ def _fold_initial_state(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | Non
 
 def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """``h_t = a_t h_{t-1} + b_t`` one position at a time: the definition every other scan must match."""
-    a, b, h0, out_dtype = _prepare(a, b, h0)
+    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     out = torch.empty_like(b)
     for t in range(b.shape[1]):
@@ -102,7 +102,7 @@ def hillis_steele_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
     Each step does work on every element, so the total is ``O(L log L)``: fewer
     sequential steps than the loop, but more arithmetic.
     """
-    a, b, h0, out_dtype = _prepare(a, b, h0)
+    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
     b = _fold_initial_state(a, b, h0)
     length = b.shape[1]
     offset = 1
@@ -125,7 +125,7 @@ def blelloch_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = No
     down-sweep yields *exclusive* prefixes ``(A_{<t}, h_{t-1})``; one more combine
     with each position's own step makes them inclusive.
     """
-    a, b, h0, out_dtype = _prepare(a, b, h0)
+    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
     b = _fold_initial_state(a, b, h0)
     batch, length, *rest = b.shape
     n = 1 << max(0, math.ceil(math.log2(length)))
@@ -176,7 +176,7 @@ def log_space_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = N
     Needs ``a > 0`` (a decay ``exp(Δ A)`` always is; an ``a`` that underflowed to 0
     is treated as the smallest positive float64).
     """
-    a, b, h0, out_dtype = _prepare(a, b, h0)
+    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
     if bool((a < 0).any()):
         raise ValueError("log_space_scan needs decays a >= 0 (state-space decays exp(ΔA) are positive); "
                          "use another scan for negative a")
@@ -267,7 +267,7 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = Non
     underflow to exactly 0 (the true value), decays near 1 keep the long memory.
     Differentiable: the backward pass is the same scan run in reverse.
     """
-    a_, b_, h0_, out_dtype = _prepare(a, b, h0)
+    a_, b_, h0_, out_dtype = prepare_scan_inputs(a, b, h0)
     if chunk_size is not None:
         chunk_size = require_int("chunk_size", chunk_size, minimum=1)
     needs_grad = torch.is_grad_enabled() and any(
