@@ -109,10 +109,9 @@ def installed(tmp_path_factory) -> Path:
 
 def test_the_wheel_carries_the_package_and_its_data(installed) -> None:
     outside = installed.parent.parent.parent  # the test's scratch folder, not the clone
-    found = json.loads(
-        subprocess.run([str(installed), "-c", CHECK_INSTALL], check=True, capture_output=True, text=True,
-                       cwd=outside, env=clean_env()).stdout
-    )
+    done = subprocess.run([str(installed), "-c", CHECK_INSTALL], capture_output=True, text=True, cwd=outside, env=clean_env())
+    assert done.returncode == 0, f"labsupport or its data did not work from the installed wheel:\n{done.stderr[-2000:]}"
+    found = json.loads(done.stdout)
     venv = installed.parent.parent
     assert Path(found["module"]).is_relative_to(venv), f"labsupport was imported from {found['module']}, not the venv"
     assert Path(found["data"]).is_relative_to(venv), f"the data was found in {found['data']}, not in the installed wheel"
