@@ -138,6 +138,16 @@ def test_no_page_loads_a_script_stylesheet_or_font_from_elsewhere(book) -> None:
     assert found == [], "the book loads from elsewhere:\n" + "\n".join(found[:30])
 
 
+def test_each_chapter_links_to_colab_binder_and_the_repository_of_course_toml(book) -> None:
+    settings = dict(re.findall(r'^(\w+)\s*=\s*"([^"]*)"', (REPO / "course.toml").read_text(), re.M))
+    repository = settings["repository"].removeprefix("https://github.com/")
+    for path in chapter_notebooks():
+        links = parse(book / "html" / "notebooks" / f"{path.stem}.html").links
+        colab = f"https://colab.research.google.com/github/{repository}/blob/{settings['branch']}/notebooks/{path.name}"
+        assert colab in links, f"{path.name}: no Colab launch link {colab}"
+        assert any(link.startswith(f"https://mybinder.org/v2/gh/{repository}/") for link in links), f"{path.name}: no Binder link"
+
+
 def test_the_figures_are_interactive_without_the_network(book) -> None:
     page = (book / "html" / "notebooks" / f"{chapter_notebooks()[0].stem}.html").read_text(encoding="utf-8")
     assert '<script type="module">' in page and "Plotly.newPlot" in page
