@@ -190,7 +190,6 @@ def lab(tmp_path_factory):
     root = scratch / "root"
     root.mkdir()
     port = shots.free_port()
-    shutil.rmtree(SHOTS / "executed", ignore_errors=True)  # never leave a stale chapter for the book test
     SHOTS.mkdir(parents=True, exist_ok=True)
     saved_env = dict(os.environ)
     os.environ.update(LABSUPPORT_QUICK="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
