@@ -17,6 +17,8 @@ module              holds
 ``widget``          ``memory_decay_data``, ``memory_decay_figure``: the "memory decay" explorer
 ``exercises``       ``recurrent_step``, ``chunkwise_step``, ``chunkwise_decay_step``, ``delta_rule_step`` and
                     their checkers ``check_*``
+``exercises_core``  the core exercise: ``gated_delta_chunk_step`` / ``check_gated_delta_chunk_step`` (one chunk
+                    of gated DeltaNet through the UT transform; refuses a loop over the tokens)
 ==================  ==========================================================================================
 
 The notebook imports the package as ``la``: ``from labsupport import linear_attention as la``.
@@ -34,6 +36,7 @@ from labsupport.linear_attention.exercises import (
     delta_rule_step,
     recurrent_step,
 )
+from labsupport.linear_attention.exercises_core import check_gated_delta_chunk_step, gated_delta_chunk_step
 from labsupport.linear_attention.fast import linear_attention_chunkwise_fast
 from labsupport.linear_attention.mechanisms import (
     MECHANISMS,
@@ -71,6 +74,7 @@ __all__ = [
     "check_chunkwise_decay_step",
     "check_chunkwise_step",
     "check_delta_rule_step",
+    "check_gated_delta_chunk_step",
     "check_recurrent_step",
     "chunkwise_decay_step",
     "chunkwise_step",
@@ -79,6 +83,7 @@ __all__ = [
     "delta_rule_recurrent",
     "delta_rule_step",
     "elu_feature_map",
+    "gated_delta_chunk_step",
     "get_mechanism",
     "linear_attention_chunkwise",
     "linear_attention_chunkwise_fast",
