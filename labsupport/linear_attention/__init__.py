@@ -14,7 +14,8 @@ module              holds
 ``mechanisms``      THE registry: one ``MechanismSpec`` row per mechanism (forget/write text, feature map,
                     gates, sequence form, step form), ``MECHANISMS``, ``get_mechanism``
 ``mixers``          ``LinearAttentionMixer`` (reads a registry row), ``linear_mixer`` (a ``TinyLM`` factory)
-``widget``          ``memory_decay_data``, ``memory_decay_figure``: the "memory decay" explorer
+``widget``          ``memory_decay_data``, ``memory_decay_figure``, ``widget_parameters_used``: the "memory
+                    decay" explorer
 ``exercises``       ``recurrent_step``, ``chunkwise_step``, ``chunkwise_decay_step``, ``delta_rule_step`` and
                     their checkers ``check_*``
 ``exercises_core``  the core exercise: ``gated_delta_chunk_step`` / ``check_gated_delta_chunk_step`` (one chunk
@@ -62,7 +63,12 @@ from labsupport.linear_attention.reference import (
     ttt_linear_minibatch,
     ut_transform,
 )
-from labsupport.linear_attention.widget import MemoryDecayData, memory_decay_data, memory_decay_figure
+from labsupport.linear_attention.widget import (
+    MemoryDecayData,
+    memory_decay_data,
+    memory_decay_figure,
+    widget_parameters_used,
+)
 
 __all__ = [
     "MECHANISMS",
@@ -100,4 +106,5 @@ __all__ = [
     "ttt_linear_minibatch",
     "ut_transform",
     "widget_mechanisms",
+    "widget_parameters_used",
 ]
