@@ -53,6 +53,10 @@ def _decode_step_cases(seed: int = 1) -> list[Case]:
         cases.append(Case(f"cache of {t} token{'s' if t > 1 else ''}, B={b}, H={h}, D={d}", (q[:, :, -1:], k, v)))
     big = torch.randn(1, 2, 5, 8, generator=gen) * 40
     cases.append(Case("large scores (× 40)", (big[:, :, -1:], big, big.flip(-2))))
+    q_all = torch.randn(2, 3, 6, 8, generator=gen)
+    k_t = torch.randn(2, 3, 8, 6, generator=gen).transpose(-1, -2)
+    cases.append(Case("q_new a slice of a longer tensor, k_cache stored transposed (both non-contiguous)",
+                      (q_all[:, :, -1:], k_t, torch.randn(2, 3, 6, 8, generator=gen))))
     return cases
 
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from labsupport.harness.costs import TransformerShape, kv_cache_bytes
+from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_qkv
 
 __all__ = [
@@ -28,14 +29,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """Causal softmax attention, ``(B, H, L, D)`` each → ``(B, H, L, D)``.
 
     ``softmax(q kᵀ / √D + mask) v`` where the mask is −∞ above the diagonal,
-    so position ``t`` reads only positions ``0..t``.
+    so position ``t`` reads only positions ``0..t``. Queries, keys and values
+    cover the same ``L`` positions. fp16/bf16 inputs are computed in float32
+    and the output is returned in their dtype.
     """
     q, k, v = require_qkv(q, k, v)
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal_attention needs q, k, v over the same positions (Lq == Lk); got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}. For a query against a cache use "
+                         "attention_decode_step.")
     length = q.shape[-2]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    cdt = accumulation_dtype(q.dtype)
+    scores = q.to(cdt) @ k.to(cdt).transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, L, L)
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return (scores.softmax(dim=-1) @ v.to(cdt)).to(q.dtype)
 
 
 def attention_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -47,8 +55,9 @@ def attention_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     q_new, k_cache, v_cache = require_qkv(q_new, k_cache, v_cache)
     if q_new.shape[-2] != 1:
         raise ValueError(f"q_new must hold one position, shape (B, H, 1, D); got {tuple(q_new.shape)}")
-    scores = q_new @ k_cache.transpose(-1, -2) / math.sqrt(q_new.shape[-1])  # (B, H, 1, T)
-    return scores.softmax(dim=-1) @ v_cache
+    cdt = accumulation_dtype(q_new.dtype)  # fp16/bf16: scores and softmax in float32
+    scores = q_new.to(cdt) @ k_cache.to(cdt).transpose(-1, -2) / math.sqrt(q_new.shape[-1])  # (B, H, 1, T)
+    return (scores.softmax(dim=-1) @ v_cache.to(cdt)).to(q_new.dtype)
 
 
 def kv_cache_bytes_reference(layers: int, kv_heads: int, head_dim: int, context: int,

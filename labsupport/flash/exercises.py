@@ -91,6 +91,8 @@ def _attention_cases(with_dout: bool) -> list[Case]:
         ("causal, L=40", (2, 1, 40, 40, 8), True, 16, 16, torch.float64),
         ("causal with uneven blocks, L=33", (1, 2, 33, 33, 4), True, 8, 16, torch.float64),
         ("causal, Lq=20 > Lk=12: the first 8 rows see no key", (1, 1, 20, 12, 4), True, 8, 8, torch.float64),
+        ("causal, Lq=20 > Lk=12, one 64-wide block: the 8 rows that see no key share a block with rows that do",
+         (1, 2, 20, 12, 4), True, 64, 64, torch.float64),
         ("cross attention, Lq=9, Lk=30", (1, 2, 9, 30, 8), False, 4, 16, torch.float64),
         ("float32, non-contiguous q (a transposed view)", (1, 2, 24, 24, 8), True, 16, 8, torch.float32),
     ]
@@ -109,7 +111,28 @@ def _attention_cases(with_dout: bool) -> list[Case]:
             cases.append(Case(name, (q, k, v, out, lse, dout), kwargs))
         else:
             cases.append(Case(name, (q, k, v), kwargs))
+    cases.append(_tiling_guard_case(gen, with_dout))
     return cases
+
+
+#: The guard case's size: a dense answer holds GUARD_L² scores, a tiled one a 64 × 64 tile at a time.
+GUARD_L, GUARD_D, GUARD_BLOCK = 256, 16, 64
+
+
+def _tiling_guard_case(gen: torch.Generator, with_dout: bool) -> Case:
+    """Causal L=512 in 64-wide blocks, with a cap on the largest tensor: a dense answer is refused."""
+    q, k, v = (seeded_randn(gen, 1, 1, GUARD_L, GUARD_D, dtype=torch.float32) for _ in range(3))
+    kwargs = {"causal": True, "block_q": GUARD_BLOCK, "block_k": GUARD_BLOCK}
+    args: tuple = (q, k, v)
+    if with_dout:
+        out, lse = flash_attention_forward(q, k, v, **kwargs)
+        args = (q, k, v, out, lse, seeded_randn(gen, 1, 1, GUARD_L, GUARD_D, dtype=torch.float32))
+    return Case(
+        f"tiling guard: causal, L={GUARD_L}, {GUARD_BLOCK}-wide blocks, float32", args, kwargs,
+        max_elements=GUARD_L * GUARD_L // 4,
+        max_elements_note=(f"A tiled answer holds one block_q × block_k tile of scores ({GUARD_BLOCK} × {GUARD_BLOCK}) "
+                           f"at a time, never the whole {GUARD_L} × {GUARD_L} score matrix."),
+    )
 
 
 def _forward_reference(q, k, v, causal=False, block_q=64, block_k=64):

@@ -99,7 +99,8 @@ def online_softmax_row(x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[
     """Softmax of a 1-D tensor read ``block`` entries at a time (running max and sum).
 
     Returns the softmax and the list of ``(running max, running sum)`` after each block,
-    so a notebook can show how the two statistics evolve.
+    so a notebook can show how the two statistics evolve. Leading ``-inf`` entries (masked
+    keys) are fine; a row of nothing but ``-inf`` gives zeros, as everywhere in the course.
     """
     require_float_tensor("x", x, ndim=1)
     block = require_positive_int("block", block)
@@ -109,11 +110,14 @@ def online_softmax_row(x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[
     for start in range(0, x.numel(), block):
         chunk = x[start : start + block]
         m_new = torch.maximum(m, chunk.max())
+        # A block of nothing but -inf keeps m = -inf: measure from 0 then, so exp(-inf - 0) = 0, not NaN.
+        m_ref = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
         # rescale the old sum to the new maximum, then add this block's terms
-        l = l * torch.exp(m - m_new) + torch.exp(chunk - m_new).sum()
+        l = l * torch.exp(m - m_ref) + torch.exp(chunk - m_ref).sum()
         m = m_new
         history.append((float(m), float(l)))
-    return torch.exp(x - m) / l, history
+    m_ref = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    return torch.exp(x - m_ref) / torch.where(l > 0, l, torch.ones_like(l)), history
 
 
 def online_softmax_update(

@@ -64,6 +64,9 @@ def _absorb_cases() -> list[Case]:
         Case("4 heads, d_model=16, d_c=8, d_h=4", weights(4, 16, 8, 4)),
         Case("latent wider than the model: d_model=8, d_c=12, d_h=4", weights(2, 8, 12, 4)),
         Case("float64, 3 heads", weights(3, 10, 5, 6, torch.float64)),
+        Case("w_uk and w_o stored transposed in memory (non-contiguous)",
+             (torch.randn(2, 8, 4, generator=gen), torch.randn(2, 4, 6, generator=gen).transpose(-1, -2),
+              torch.randn(2, 6, 4, generator=gen), torch.randn(2, 8, 4, generator=gen).transpose(-1, -2))),
     ]
 
 

@@ -345,6 +345,8 @@ def latent_mixer(n_heads: int, latent_dim: int, rope_dim: int, *, head_dim: int 
     require_positive_int("n_heads", n_heads)
     require_positive_int("latent_dim", latent_dim)
     require_int("rope_dim", rope_dim, minimum=0)
+    if head_dim is not None:
+        require_positive_int("head_dim", head_dim)
 
     def build(d_model: int, layer_index: int) -> nn.Module:
         return LatentAttention(d_model, n_heads, latent_dim, rope_dim, head_dim=head_dim)

@@ -18,7 +18,15 @@ import math
 
 import torch
 
-from labsupport.harness.validation import require_float_tensor, require_positive_int, require_qkv, require_tensor
+from labsupport.harness.numerics import accumulation_dtype, masked_softmax
+from labsupport.harness.validation import (
+    require_float,
+    require_float_tensor,
+    require_int,
+    require_positive_int,
+    require_qkv,
+    require_tensor,
+)
 
 __all__ = [
     "absorb_mla_weights",
@@ -54,16 +62,20 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
 
     ``G = H`` is multi-head attention, ``G = 1`` multi-query attention. Computed from the
     definition (scores, mask, softmax) with the KV heads repeated for their query heads.
+    The causal mask is bottom-right aligned (query ``i`` of ``Lq`` sits at position
+    ``Lk − Lq + i``); with ``Lq > Lk`` the first rows see no key and give zeros.
+    fp16/bf16 inputs are computed in float32 and returned in their dtype.
     """
     n_rep = _require_grouped(q, k, v)
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    cdt = accumulation_dtype(q.dtype)
+    k, v = repeat_kv(k, n_rep).to(cdt), repeat_kv(v, n_rep).to(cdt)
+    scores = q.to(cdt) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
         # query i sits at absolute position lk - lq + i (bottom-right aligned, as in a decode step)
         future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
         scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    return (masked_softmax(scores, dim=-1) @ v).to(q.dtype)
 
 
 def grouped_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -82,10 +94,11 @@ def grouped_decode_step(q_new: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"q_new must hold one position, shape (B, H, 1, D); got {tuple(q_new.shape)}")
     b, heads, _, d = q_new.shape
     groups = k_cache.shape[1]
-    q = q_new.reshape(b, groups, n_rep, d)                               # (B, G, H/G, D)
-    scores = q @ k_cache.transpose(-1, -2) / math.sqrt(d)                # (B, G, H/G, T)
-    out = scores.softmax(dim=-1) @ v_cache                               # (B, G, H/G, D)
-    return out.reshape(b, heads, 1, d)
+    cdt = accumulation_dtype(q_new.dtype)                               # fp16/bf16: in float32
+    q = q_new.reshape(b, groups, n_rep, d).to(cdt)                       # (B, G, H/G, D)
+    scores = q @ k_cache.to(cdt).transpose(-1, -2) / math.sqrt(d)        # (B, G, H/G, T)
+    out = scores.softmax(dim=-1) @ v_cache.to(cdt)                       # (B, G, H/G, D)
+    return out.reshape(b, heads, 1, d).to(q_new.dtype)
 
 
 # ----------------------------------------------------------------------------- MLA
@@ -97,9 +110,12 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, *, base: float = 10000.0) -
     ``rotary(q, m) · rotary(k, n)`` depends on ``m − n`` only.
     """
     require_float_tensor("x", x)
+    base = require_float("base", base, positive=True)
     if x.dim() < 2 or x.shape[-1] % 2:
         raise ValueError(f"rotary needs x of shape (..., L, D) with even D, got shape {tuple(x.shape)}")
     require_tensor("positions", positions, ndim=1)
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be integer or real token positions, got a {positions.dtype} tensor")
     if positions.shape[0] != x.shape[-2]:
         raise ValueError(f"positions must have shape (L,) = ({x.shape[-2]},), got {tuple(positions.shape)}")
     half = x.shape[-1] // 2
@@ -116,16 +132,26 @@ def latent_attention_core(q: torch.Tensor, rows: torch.Tensor, latent_dim: int, 
     Every head reads the same cached rows (a multi-query attention with key width ``d_c + d_R``
     and value width ``d_c``); the heads and query positions are stacked as rows of one matrix
     product so the cache is read once, not once per head. Causal, bottom-right aligned.
-    Returns the attended latents ``(B, H, Lq, d_c)``.
+    Returns the attended latents ``(B, H, Lq, d_c)``. With ``Lq > T`` the first rows see no
+    cached row and give zeros; fp16/bf16 are computed in float32 and returned in their dtype.
     """
+    require_float_tensor("q", q, ndim=4)
+    require_float_tensor("rows", rows, ndim=4)
     b, h, lq, width = q.shape
+    if rows.shape[0] != b or rows.shape[1] != 1 or rows.shape[-1] != width or rows.dtype != q.dtype:
+        raise ValueError(f"expected rows (B, 1, T, d_c + d_R) = ({b}, 1, T, {width}) of q's dtype {q.dtype}; got "
+                         f"{tuple(rows.shape)} {rows.dtype}")
+    latent_dim = require_int("latent_dim", latent_dim, minimum=1, maximum=width)
+    scale = require_float("scale", scale, positive=True)
     lk = rows.shape[-2]
-    scores = (q.reshape(b, 1, h * lq, width) @ rows.transpose(-1, -2)).view(b, h, lq, lk) * scale
+    cdt = accumulation_dtype(q.dtype)
+    rows_c = rows.to(cdt)
+    scores = (q.to(cdt).reshape(b, 1, h * lq, width) @ rows_c.transpose(-1, -2)).view(b, h, lq, lk) * scale
     if lq > 1:
         future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
         scores = scores.masked_fill(future, float("-inf"))
-    p = scores.softmax(dim=-1).reshape(b, 1, h * lq, lk)
-    return (p @ rows[..., :latent_dim]).view(b, h, lq, latent_dim)
+    p = masked_softmax(scores, dim=-1).reshape(b, 1, h * lq, lk)
+    return (p @ rows_c[..., :latent_dim]).view(b, h, lq, latent_dim).to(q.dtype)
 
 
 def absorb_mla_weights(w_q: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, w_o: torch.Tensor

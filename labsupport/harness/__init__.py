@@ -6,12 +6,14 @@ module                    holds
 ``validation``            the input guards (``require_int``, ``require_qkv``, ...): one set for all
 ``numerics``              ``rel_err``, ``assert_close``, ``seeded_randn``, ``accumulation_dtype``
 ``checking``              the exercise-checker engine (``Case``, ``check_function``, ``CheckResult``)
-``measuring``             ``time_callable`` (the one timer), ``peak_memory_bytes``, ``sweep``, ``fit_power_law``
+``measuring``             ``time_callable`` (the one timer), ``peak_memory_bytes``, ``sweep`` (one thread),
+                          ``fit_power_law``, ``exponent_warning``
+``contention``            how busy the machine is: ``busy_warning``, ``spare_cpus``, ``print_measured``
 ``costs``                 every byte and FLOP formula (KV cache, GQA/MLA/quantised caches, states, FLOPs)
 ``plotting``              ``plot_scaling``, ``plot_histories``
 ``widgets``               ``interactive_figure``: ipywidgets + plotly, always leaving a static figure
 ``hardware``              the reader's machine: matmul GFLOP/s, copy bandwidth, the roofline
-``settings``              seeding, quick mode, plotly renderer, torch threads
+``settings``              seeding, quick mode, plotly renderer, torch threads (one by default, ``torch_threads``)
 ``data``                  the shipped data and its checksum manifest
 ``editions``              ``python -m labsupport.harness.editions``: student editions
 ``envcheck``              ``python -m labsupport.harness.envcheck``: one OK/FAIL line per requirement

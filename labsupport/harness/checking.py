@@ -4,15 +4,26 @@ A chapter's checker is a thin wrapper around :func:`check_function`: it builds a
 few seeded random :class:`Case` objects, names the reference solution, and
 picks tolerances. ``check_function`` then
 
-* runs the learner's function and the reference on fresh copies of each case;
-* compares the results (tensors, numbers, or tuples/lists of those) for type,
-  shape, dtype, NaN/inf, and values within ``atol + rtol * |expected|``;
+* runs the learner's function and the reference on fresh copies of each case
+  (copies that keep the strides of the case's tensors, so a non-contiguous
+  input reaches the learner non-contiguous);
+* fails a function that changes its inputs in place, naming the input;
+* compares the results (tensors, numbers — Python or numpy —, or tuples/lists
+  of those) for type, shape, dtype, values within ``atol + rtol * |expected|``,
+  and non-finite entries by kind and position: NaN, +inf and −inf must stand
+  exactly where the answer has them (a NaN where −inf belongs is wrong);
+* stops an answer that runs past a time budget (``time_budget_s`` per case)
+  and says so;
+* with :attr:`Case.max_elements`, records the largest tensor the learner's
+  function creates (:class:`LargestTensorRecorder`) and fails an answer that
+  materialises more, e.g. "a 512×512 score matrix" in a tiling exercise;
 * for cases with ``grad_argnums``, also compares gradients with respect to
   those arguments, pulled back from the same random cotangent;
 * prints a single line on success, a short explanation on failure (which case,
   the input shapes and dtypes, what was expected and what came, where the first
   mismatch is and the relative error), or "not done yet" when the learner's
-  function raises ``NotImplementedError``.
+  function raises ``NotImplementedError`` (naming the unfinished helper when
+  the learner's function is finished but calls one that is not).
 
 It never raises and never shows an internal traceback: a learner should see
 what is wrong with *their* answer, nothing else.
@@ -22,15 +33,29 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
+import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["Case", "CheckResult", "check_function", "describe_value", "STRICT_ENV_VAR"]
+__all__ = [
+    "Case",
+    "CheckResult",
+    "DEFAULT_TIME_BUDGET_S",
+    "LargestTensorRecorder",
+    "STRICT_ENV_VAR",
+    "check_function",
+    "describe_value",
+]
 
 #: When this environment variable is "1" (the test suite sets it), a failed check raises
 #: ``AssertionError`` after printing, so executing a chapter with a broken reference fails.
@@ -39,6 +64,10 @@ STRICT_ENV_VAR = "LABSUPPORT_STRICT_CHECKS"
 Status = Literal["passed", "failed", "not done"]
 
 _NUMBER_TYPES = (int, float, bool)
+
+#: Seconds one case may take in the learner's function before the check stops it (checker cases are small:
+#: the references take milliseconds, so only an answer with a runaway loop gets near this).
+DEFAULT_TIME_BUDGET_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,12 +80,19 @@ class Case:
         kwargs: keyword arguments.
         grad_argnums: positions in ``args`` of floating-point tensors whose
             gradients must also match the reference's.
+        max_elements: when set, the largest tensor the learner's function may
+            create (in elements); an answer that materialises a bigger one fails
+            with its shape named. A tiling exercise sets it below ``Lq · Lk``.
+        max_elements_note: what such a tensor usually is, for the message
+            ("a tiled answer holds one block_q × block_k tile of scores at a time").
     """
 
     name: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     grad_argnums: tuple[int, ...] = ()
+    max_elements: int | None = None
+    max_elements_note: str = ""
 
 
 @dataclass
@@ -114,10 +150,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _clone_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with the same shape *and strides* (``clone`` makes a strided slice contiguous)."""
+    t = t.detach()
+    try:
+        copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        copy.copy_(t)
+        return copy
+    except RuntimeError:  # overlapping strides (an expanded tensor): a plain copy
+        return t.clone()
+
+
 def _clone(value: Any) -> Any:
     """A deep copy of tensors (keeping their strides), tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return _clone_tensor(value)
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     if isinstance(value, list):
@@ -125,6 +172,107 @@ def _clone(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clone(v) for k, v in value.items()}
     return value
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal entries, NaN equal to NaN (what "left unchanged" means for an input)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    equal = a == b
+    if a.is_floating_point() or a.is_complex():
+        equal = equal | (torch.isnan(a) & torch.isnan(b))
+    return bool(equal.all())
+
+
+def _first_mutation(before: Any, after: Any, label: str) -> str | None:
+    """The name of the first input whose tensor was changed in place, or None."""
+    if isinstance(before, torch.Tensor):
+        if isinstance(after, torch.Tensor) and not _same_bits(before, after.detach()):
+            return label
+        return None
+    if isinstance(before, (tuple, list)):
+        for i, (b, a) in enumerate(zip(before, after)):
+            found = _first_mutation(b, a, f"{label}[{i}]")
+            if found:
+                return found
+    if isinstance(before, dict):
+        for key in before:
+            found = _first_mutation(before[key], after.get(key), f"{label}[{key!r}]")
+            if found:
+                return found
+    return None
+
+
+class LargestTensorRecorder(TorchDispatchMode):
+    """Records the largest tensor created by the torch operations run inside it.
+
+    Views (a transpose, a slice, an ``expand``) share their input's memory and are
+    not counted; everything an operation allocates is, including what autograd's
+    backward creates. Use it as a context manager::
+
+        with LargestTensorRecorder() as rec:
+            out = my_attention(q, k, v)
+        rec.largest_shape  # e.g. (1, 1, 512, 512): the whole score matrix
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest_elements = 0
+        self.largest_shape: tuple[int, ...] = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs or {}))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest_elements:
+                if t.untyped_storage().data_ptr() in inputs:
+                    continue  # a view of an input, or an in-place result: nothing new was allocated
+                self.largest_elements = t.numel()
+                self.largest_shape = tuple(t.shape)
+        return out
+
+
+class _OutOfTime(BaseException):
+    """Raised (from a timer signal) when the learner's function overruns its time budget."""
+
+
+class _TimeBudget:
+    """Interrupts the code inside after ``seconds`` where a timer signal can (Unix, main thread).
+
+    Elsewhere (Windows, a worker thread) nothing interrupts; :attr:`elapsed` is still measured so
+    the check can fail an overrun afterwards.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.elapsed = 0.0
+        self._armed = False
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        raise _OutOfTime()
+
+    def __enter__(self) -> _TimeBudget:
+        self._start = time.perf_counter()
+        if (self.seconds is not None and hasattr(signal, "setitimer")
+                and threading.current_thread() is threading.main_thread()):
+            self._previous = signal.signal(signal.SIGALRM, self._expire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self._armed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+        self.elapsed = time.perf_counter() - self._start
+
+    @property
+    def exceeded(self) -> bool:
+        return self.seconds is not None and self.elapsed > self.seconds
 
 
 def _argument_names(fn: Callable[..., Any], count: int) -> list[str]:
@@ -182,17 +330,38 @@ def _none_hint(got: Any) -> str:
     return " Did you forget a `return` statement?" if got is None else ""
 
 
+def _as_number(got: Any) -> float | None:
+    """``got`` as a float when it is a number: Python, numpy (``np.int64``, ``np.float32``), or a 1-element tensor/array."""
+    if isinstance(got, torch.Tensor):
+        return float(got.detach().double().item()) if got.numel() == 1 else None
+    if isinstance(got, numbers.Real):  # int, float, bool, and numpy's scalar types
+        return float(got)
+    if type(got).__module__ == "numpy" and getattr(got, "size", None) == 1:  # a numpy array of one number
+        try:
+            return float(got)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _kind(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    return "finite"
+
+
 def _compare_number(expected: float, got: Any, where: str, atol: float, rtol: float) -> None:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got_value = float(got.detach().double().item())
-    elif isinstance(got, _NUMBER_TYPES):
-        got_value = float(got)
-    else:
+    got_value = _as_number(got)
+    if got_value is None:
         raise _Mismatch(
             f"{where}: expected a number, got {describe_value(got)}.{_none_hint(got)}"
         )
-    if math.isnan(got_value) and not math.isnan(expected):
-        raise _Mismatch(f"{where}: expected {expected:.6g}, got NaN.")
+    if _kind(expected) != "finite" or _kind(got_value) != "finite":
+        if _kind(expected) != _kind(got_value):
+            raise _Mismatch(f"{where}: expected {expected:.6g}, got {got_value:.6g}.")
+        return
     if abs(got_value - expected) > atol + rtol * abs(expected):
         raise _Mismatch(f"{where}: expected {expected:.6g}, got {got_value:.6g}.")
 
@@ -232,12 +401,35 @@ def _compare_tensor(
     unexpected = bad_got & ~bad_exp
     if bool(unexpected.any()):
         index = tuple(int(i) for i in unexpected.nonzero()[0])
-        kind = "NaN" if bool(torch.isnan(got64[index])) else "inf"
+        value = got64[index]
+        if bool(torch.isnan(value)):
+            kind = "NaN"
+        else:
+            kind = "inf" if value.is_complex() else ("+inf" if float(value) > 0 else "-inf")
         raise _Mismatch(
             f"{where}: {int(unexpected.sum())} entries are NaN/inf where the answer is finite; "
             f"first at index {index} ({kind}). Look for exp() of large numbers, 0/0, or "
             "a fully masked row."
         )
+    if not exp64.is_complex():
+        # Non-finite entries must match by kind: NaN, +inf and -inf are three different answers.
+        def code(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(torch.isnan(x), 1, torch.where(x == math.inf, 2, torch.where(x == -math.inf, 3, 0)))
+
+        exp_code, got_code = code(exp64), code(got64)
+        wrong_kind = (exp_code != got_code) & bad_exp
+        if bool(wrong_kind.any()):
+            index = tuple(int(i) for i in wrong_kind.nonzero()[0])
+            names = {0: "a finite value", 1: "NaN", 2: "+inf", 3: "-inf"}
+            got_text = names[int(got_code[index])]
+            if got_text == "a finite value":
+                got_text = f"{got64[index].item():.6g}"
+            raise _Mismatch(
+                f"{where}: {int(wrong_kind.sum())} of {exp.numel()} entries should be "
+                f"{names[int(exp_code[index])]} and are not; first at index {index}: expected "
+                f"{names[int(exp_code[index])]}, got {got_text}. A row that sees no key has output 0 and "
+                "logsumexp -inf (never NaN)."
+            )
     diff = (got64 - exp64).abs()
     diff = torch.where(bad_exp & bad_got, torch.zeros_like(diff), diff)
     tolerance = atol + rtol * exp64.abs()
@@ -282,13 +474,39 @@ def _where_in_learner_code(error: BaseException) -> str:
     return f" (raised at `{line}`, in {frame.name})" if line else f" (raised in {frame.name})"
 
 
+def _unfinished(error: NotImplementedError, learner_fn: Any) -> tuple[bool, str | None]:
+    """Whether ``error`` means "not done yet", and the unfinished helper's name when it is not ``learner_fn``.
+
+    A ``NotImplementedError`` raised inside torch (an operation missing for a dtype) is a real
+    error, not an unfinished exercise.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    if not frames:
+        return True, None
+    innermost = frames[-1]
+    if os.path.abspath(innermost.filename).startswith(torch_dir):
+        return False, None
+    if os.path.abspath(innermost.filename).startswith(here):
+        return True, None
+    own = getattr(learner_fn, "__code__", None)
+    own_name = getattr(learner_fn, "__name__", None)
+    if own is not None and innermost.filename == own.co_filename and innermost.name == own.co_name:
+        return True, None
+    if innermost.name == own_name or innermost.name == "<lambda>":
+        return True, None
+    return True, innermost.name
+
+
 def _gradients(
-    fn: Callable[..., Any], case: Case, cotangent_seed: int
+    fn: Callable[..., Any], case: Case, cotangent_seed: int, args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[Any, list[torch.Tensor | None]]:
-    args = list(_clone(case.args))
+    args = list(_clone(case.args)) if args is None else args
     for i in case.grad_argnums:
         args[i] = args[i].detach().clone().requires_grad_(True)
-    kwargs = _clone(dict(case.kwargs))
+    kwargs = _clone(dict(case.kwargs)) if kwargs is None else kwargs
     out = fn(*args, **kwargs)
     tensors = [t for t in _flatten_tensors(out) if t.is_floating_point() and t.requires_grad]
     if not tensors:
@@ -314,6 +532,8 @@ def check_function(
     hint: str | None = None,
     output_names: Sequence[str] | None = None,
     quiet: bool = False,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
+    inputs_may_change: bool = False,
 ) -> CheckResult:
     """Compare a learner's function to a reference solution on ``cases``.
 
@@ -327,6 +547,13 @@ def check_function(
         output_names: names of the elements when the answer is a tuple, so that a
             mismatch reads ``output[1] (lse)`` rather than ``output[1]``.
         quiet: return the result without printing it.
+        time_budget_s: seconds the learner's function may take on one case
+            (``None``: no limit), or 100 times the reference's time if that is more.
+            An overrun is stopped (on Unix, in the main thread) and fails the check
+            with the budget and the reference's time.
+        inputs_may_change: accept a function that writes into its inputs (each case
+            hands the learner its own copies). By default that fails the check: a
+            caller's tensors must come back as they were.
 
     Returns:
         A :class:`CheckResult`; it is truthy exactly when every case passed.
@@ -343,6 +570,9 @@ def check_function(
     cases = list(cases)
     if not cases or not all(isinstance(c, Case) for c in cases):
         raise TypeError("cases must be a non-empty sequence of labsupport.harness.checking.Case")
+    if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, numbers.Real)
+                                      or not time_budget_s > 0):
+        raise TypeError(f"time_budget_s must be a positive number of seconds or None, got {time_budget_s!r}")
 
     def finish(status: Status, message: str, passed: int) -> CheckResult:
         result = CheckResult(exercise, status, message, passed, len(cases))
@@ -368,12 +598,14 @@ def check_function(
         inputs = f"   inputs  {_describe_inputs(case, names)}"
         seed = 1234 + number
         try:
+            started = time.perf_counter()
             if case.grad_argnums:
                 expected, expected_grads = _gradients(reference_fn, case, seed)
             else:
                 with torch.no_grad():
                     expected = reference_fn(*_clone(case.args), **_clone(dict(case.kwargs)))
                 expected_grads = []
+            reference_s = time.perf_counter() - started
         except Exception as error:  # a bug in the checker, not the learner's fault
             return finish(
                 "failed",
@@ -382,27 +614,61 @@ def check_function(
                 number - 1,
             )
 
+        given_args, given_kwargs = list(_clone(case.args)), _clone(dict(case.kwargs))
+        recorder = LargestTensorRecorder() if case.max_elements is not None else None
+        # The budget is never tighter than 100 times the reference's own time, so a machine
+        # that is slow for everyone (a busy CI runner, Binder) does not fail a correct answer.
+        budget = _TimeBudget(None if time_budget_s is None else max(float(time_budget_s), 100 * reference_s))
         try:
-            if case.grad_argnums:
-                got, got_grads = _gradients(learner_fn, case, seed)
-            else:
-                with torch.no_grad():
-                    got = learner_fn(*_clone(case.args), **_clone(dict(case.kwargs)))
-                got_grads = []
-        except NotImplementedError:
-            return finish(
-                "not done",
-                f"⏳ {exercise}: not done yet. Replace `raise NotImplementedError` with your "
-                "code, run that cell, then run this check again.",
-                number - 1,
-            )
+            with budget:
+                with recorder if recorder is not None else _no_context():
+                    if case.grad_argnums:
+                        got, got_grads = _gradients(learner_fn, case, seed, given_args, given_kwargs)
+                    else:
+                        with torch.no_grad():
+                            got = learner_fn(*given_args, **given_kwargs)
+                        got_grads = []
+        except _OutOfTime:
+            return finish("failed", f"{header}\n{inputs}\n   {_too_slow(budget.seconds, reference_s)}", number - 1)
+        except NotImplementedError as error:
+            unfinished, helper = _unfinished(error, learner_fn)
+            if unfinished and helper:
+                return finish(
+                    "not done",
+                    f"⏳ {exercise}: not done yet: your function calls `{helper}`, which still raises "
+                    f"NotImplementedError. Finish `{helper}` (and run its cell), then run this check again.",
+                    number - 1,
+                )
+            if unfinished:
+                return finish(
+                    "not done",
+                    f"⏳ {exercise}: not done yet. Replace `raise NotImplementedError` with your "
+                    "code, run that cell, then run this check again.",
+                    number - 1,
+                )
+            return finish("failed", f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
+                          f"{_where_in_learner_code(error)}." + (f"\n   hint    {hint}" if hint else ""), number - 1)
         except Exception as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            detail = f"{type(error).__name__}: {message}" if message else type(error).__name__
             return finish(
                 "failed",
-                f"{header}\n{inputs}\n   your function raised {detail}"
+                f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
                 f"{_where_in_learner_code(error)}."
+                + (f"\n   hint    {hint}" if hint else ""),
+                number - 1,
+            )
+        if budget.exceeded:
+            return finish("failed", f"{header}\n{inputs}\n   {_too_slow(budget.seconds, reference_s)}", number - 1)
+
+        changed = None if inputs_may_change else (
+            _first_mutation(list(case.args), given_args, "args")
+            or _first_mutation(dict(case.kwargs), given_kwargs, "kwargs"))
+        if changed is not None:
+            return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(changed, names)}", number - 1)
+
+        if recorder is not None and recorder.largest_elements > case.max_elements:  # type: ignore[operator]
+            return finish(
+                "failed",
+                f"{header}\n{inputs}\n   {_too_big_message(recorder, case)}"
                 + (f"\n   hint    {hint}" if hint else ""),
                 number - 1,
             )
@@ -435,6 +701,50 @@ def check_function(
 
     noun = "case" if len(cases) == 1 else "cases"
     return finish("passed", f"✅ {exercise}: passed {len(cases)} {noun}.", len(cases))
+
+
+class _no_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _summarise(error: BaseException) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _too_slow(seconds: float | None, reference_s: float) -> str:
+    return (
+        f"your function took longer than {seconds:g} s on this case (the reference takes {reference_s:.3g} s), "
+        "so the check stopped it. Look for a Python loop over single entries where one tensor operation "
+        "would do, or a loop that never ends."
+    )
+
+
+def _mutation_message(changed: str, names: list[str]) -> str:
+    name = changed
+    if changed.startswith("args["):
+        index = int(changed[5:changed.index("]")])
+        name = (names[index] if index < len(names) else f"argument {index}") + changed[changed.index("]") + 1:]
+    elif changed.startswith("kwargs["):
+        name = changed[len("kwargs["):].split("]")[0].strip("'\"")
+    return (
+        f"your function changed its input `{name}` in place. Leave the inputs as they came and return new "
+        f"tensors: write `{name} = {name} * a + b`, not `{name} *= a`, `{name}[...] = ...` or `{name}.add_(...)`."
+    )
+
+
+def _too_big_message(recorder: LargestTensorRecorder, case: Case) -> str:
+    shape = recorder.largest_shape
+    matrix = f" (a {shape[-2]}×{shape[-1]} matrix per head)" if len(shape) >= 2 else ""
+    note = f" {case.max_elements_note}" if case.max_elements_note else ""
+    return (
+        f"your function materialised a tensor of shape {shape}{matrix}, {recorder.largest_elements:,} elements; "
+        f"on this case an answer needs no tensor above {case.max_elements:,} elements.{note}"
+    )
 
 
 def _detach(value: Any) -> Any:

@@ -14,6 +14,8 @@ Work:
 * :func:`chunkwise_flops` — matmul FLOPs of chunkwise linear attention.
 * :func:`moe_parameters` — total and active (per-token) parameters of a mixture-of-experts layer.
 * :func:`expert_parallel_bytes` — bytes an expert-parallel all-to-all moves between processes.
+* :func:`nsa_tokens_per_step`, :func:`policy_tokens_per_step`, :func:`decode_read_bytes` — what one decode
+  step of sparse attention reads (NSA's branches, a KV policy's budget, bytes with page metadata).
 
 And :func:`format_bytes` to print any of them. :data:`KV_PRESETS` and :data:`MODEL_PRESETS`
 hold the shapes of published models.
@@ -32,6 +34,7 @@ __all__ = [
     "MODEL_PRESETS",
     "TransformerShape",
     "cache_elements_per_token",
+    "decode_read_bytes",
     "chunkwise_flops",
     "equivalent_kv_groups",
     "expert_parallel_bytes",
@@ -39,6 +42,8 @@ __all__ = [
     "kv_cache_bytes",
     "mla_elements_per_token",
     "moe_parameters",
+    "nsa_tokens_per_step",
+    "policy_tokens_per_step",
     "quantized_bytes_per_element",
     "mamba_state_bytes",
     "recurrent_state_bytes",
@@ -269,6 +274,42 @@ class TransformerShape:
         moved = self.params * self.bytes_per_element + 2 * batch * length * self.kv_bytes_per_token()
         return float(flops), float(moved)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights used per token (:attr:`params` × ``bytes_per_element``)."""
+        return self.params * self.bytes_per_element
+
+    def flops_split(self, context: int) -> dict[str, float]:
+        """FLOPs of one token attending to ``context`` positions, split three ways.
+
+        * ``"attention"``: the scores ``q·k`` and the weighted sum ``p·v``, ``4 · layers · q_heads · head_dim · context``;
+        * ``"weight matmuls"``: every weight matrix, ``2 × params`` (projections, MLP, output head);
+        * ``"the rest"``: elementwise work, estimated at a few FLOPs per element: softmax (5 per score),
+          layer norms (5 per element, two per layer and one final), the MLP's activation (5 per hidden
+          unit) and residual adds (2 per layer).
+
+        For a whole causal prefill of ``L`` tokens, the mean context is ``(L + 1) / 2`` and attention's
+        FLOPs are linear in the context, so ``flops_split((L + 1) // 2)`` gives the prefill's split.
+        """
+        context = require_positive_int("context", context)
+        attention = 4 * self.layers * self.q_heads * self.head_dim * context
+        weights = 2 * self.params
+        rest = self.layers * (5 * self.q_heads * context + 12 * self.d_model + 5 * self.d_ff) + 5 * self.d_model
+        return {"attention": float(attention), "weight matmuls": float(weights), "the rest": float(rest)}
+
+    def max_batch(self, memory_bytes: int | float, context: int) -> int:
+        """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights.
+
+        ``(memory − weight bytes) // (context × KV bytes per token)``, and 0 when the weights alone do not
+        fit. Activations, the framework's workspace and fragmentation are not counted: a real server fits
+        somewhat fewer.
+        """
+        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float)) or not memory_bytes > 0:
+            raise ValueError(f"memory_bytes must be a positive number, got {memory_bytes!r}")
+        context = require_positive_int("context", context)
+        spare = memory_bytes - self.weight_bytes
+        return 0 if spare <= 0 else int(spare // (context * self.kv_bytes_per_token()))
+
 
 #: Full shapes for the FLOPs-and-bytes estimate (from the models' published configs).
 MODEL_PRESETS: dict[str, TransformerShape] = {
@@ -316,3 +357,59 @@ def expert_parallel_bytes(tokens: int, d_model: int, top_k: int, world_size: int
     w = require_positive_int("world_size", world_size)
     b = require_positive_int("bytes_per_element", bytes_per_element)
     return 2 * tokens * k * d * b * (w - 1) // w
+
+
+# --------------------------------------------------------------------------- sparse attention at decode time
+
+
+def nsa_tokens_per_step(context: int, *, compress_block: int = 32, compress_stride: int = 16, select_block: int = 64,
+                        n_selected: int = 16, window: int = 512) -> dict[str, int]:
+    """Tokens one NSA decode step reads at ``context`` tokens, by branch (defaults: the NSA paper's settings).
+
+    ``compressed`` = number of compression blocks ``⌊(context − block)/stride⌋ + 1`` (0 below one block),
+    ``selected`` = ``min(context, n_selected · select_block)``, ``window`` = ``min(window, context)``.
+    The paper's figure (2,048 / 2,560 / 3,584 / 5,632 at 8K–64K) is ``context/16 + 1,536``, one more
+    than this count of compression blocks.
+    """
+    context = require_positive_int("context", context)
+    block = require_positive_int("compress_block", compress_block)
+    stride = require_positive_int("compress_stride", compress_stride)
+    chosen = require_positive_int("n_selected", n_selected) * require_positive_int("select_block", select_block)
+    window = require_positive_int("window", window)
+    compressed = 0 if context < block else (context - block) // stride + 1
+    selected, sliding = min(context, chosen), min(window, context)
+    return {"compressed": compressed, "selected": selected, "window": sliding,
+            "total": compressed + selected + sliding}
+
+
+def decode_read_bytes(tokens: int, *, layers: int, kv_heads: int, head_dim: int, bytes_per_element: int = 2,
+                      pages: int = 0, batch: int = 1) -> int:
+    """Bytes of cache one decode step reads: keys and values of ``tokens`` tokens, plus page metadata.
+
+    ``2 · layers · kv_heads · head_dim · bytes · (tokens + pages) · batch``: each of ``pages`` pages
+    costs a key-sized minimum and maximum (Quest), the same as one token's key and value.
+    """
+    tokens = require_int("tokens", tokens, minimum=0)
+    pages = require_int("pages", pages, minimum=0)
+    per_token = 2 * require_positive_int("layers", layers) * require_positive_int("kv_heads", kv_heads)
+    per_token *= require_positive_int("head_dim", head_dim) * require_positive_int("bytes_per_element", bytes_per_element)
+    return per_token * (tokens + pages) * require_positive_int("batch", batch)
+
+
+def policy_tokens_per_step(policy: str, context: int, budget: int, *, page: int = 16) -> dict[str, int]:
+    """Tokens a decode step reads (and pages of metadata it scans) at ``context`` tokens under a KV policy.
+
+    ``full``: every token. ``window``, ``sinks``, ``h2o``, ``tova``: ``min(budget, context)`` (the cache
+    is bounded). ``quest``: the top ``budget / page`` pages of ``page`` tokens, after scanning the
+    minimum/maximum of every page (``⌈context / page⌉`` pages).
+    """
+    if policy not in ("full", "window", "sinks", "h2o", "tova", "quest"):
+        raise ValueError(f"policy must be one of full, window, sinks, h2o, tova, quest; got {policy!r}")
+    context = require_positive_int("context", context)
+    budget = require_int("budget", budget, minimum=0)
+    page = require_positive_int("page", page)
+    if policy == "full":
+        return {"tokens": context, "pages": 0}
+    if policy == "quest":
+        return {"tokens": min(context, (budget // page) * page), "pages": -(-context // page)}
+    return {"tokens": min(budget, context), "pages": 0}

@@ -152,5 +152,14 @@ def load_text(name: str = "shakespeare.txt") -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is listed in {MANIFEST_NAME} but missing")
     if sha256_file(path) != entries[name]:
-        raise ValueError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file was changed or is corrupt")
+        raw = path.read_bytes()
+        if b"\r\n" in raw and hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest() == entries[name]:
+            raise ValueError(
+                f"{path}: its line endings were converted to Windows CRLF (git's core.autocrlf), so its sha256 "
+                f"differs from {MANIFEST_NAME} although the text is intact. Fix: delete the file and run "
+                "`git checkout -- data` (the repository's .gitattributes keeps data/ byte-exact), or clone again "
+                "after `git config --global core.autocrlf input`."
+            )
+        raise ValueError(f"{path}: sha256 differs from {MANIFEST_NAME}; the file was changed or is corrupt "
+                         "(download or clone the course again)")
     return path.read_text(encoding="utf-8")

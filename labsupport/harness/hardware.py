@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from labsupport.harness.measuring import time_callable
+from labsupport.harness.settings import torch_threads
 from labsupport.harness.validation import require_float, require_int
 
 __all__ = ["MachineProfile", "matmul_gflops", "copy_bandwidth_gbs", "profile_machine"]
@@ -58,6 +59,16 @@ class MachineProfile:
         return min(self.gflops, intensity * self.bandwidth_gbs)
 
 
-def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256) -> MachineProfile:
-    """Measure fp32 matmul GFLOP/s and copy bandwidth (about a second on a laptop)."""
-    return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
+def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256, threads: int | None = None) -> MachineProfile:
+    """Measure fp32 matmul GFLOP/s and copy bandwidth (about a second on a laptop).
+
+    ``threads``: the torch threads to measure on (``None``: the current count).
+    A roofline only describes timings taken on the same number of threads, at
+    the same time: measure the peaks in the cell that times the work, with the
+    sweep's ``threads`` (one by default).
+    """
+    if threads is None:
+        return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
+    threads = require_int("threads", threads, minimum=1)
+    with torch_threads(threads):
+        return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))

@@ -8,6 +8,11 @@ exponent ("softmax attention is quadratic in length"). The pieces:
   runs, above the level at its start (see its docstring for the method and limits).
 * :func:`sweep` — run a family of callables over sizes, giving a :class:`ScalingResult`.
 * :func:`fit_power_law` — exponent and prefactor of ``value ≈ prefactor · size**exponent``.
+* :func:`exponent_warning` — a plain warning when a fitted exponent cannot be right.
+
+Every sweep runs on one torch thread by default and warns when the machine is
+busy (:mod:`labsupport.harness.contention`): the numbers a chapter prints must
+hold on the reader's machine, quiet or shared.
 
 Plots of these live in :mod:`labsupport.harness.plotting`; byte and FLOP formulas
 in :mod:`labsupport.harness.costs`.
@@ -18,14 +23,17 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_progress
 
+from labsupport.harness.contention import busy_warning
+from labsupport.harness.settings import torch_threads
 from labsupport.harness.validation import (
     require_callable,
     require_choice,
@@ -35,6 +43,7 @@ from labsupport.harness.validation import (
 
 __all__ = [
     "ScalingResult",
+    "exponent_warning",
     "fit_power_law",
     "peak_memory_bytes",
     "sweep",
@@ -140,8 +149,9 @@ def sweep(
     memory: bool = False,
     warmup: int = 1,
     repeats: int = 3,
+    threads: int | None = 1,
 ) -> ScalingResult:
-    """Time (and optionally measure memory of) ``make_fn(size)()`` for each size.
+    """Time (and optionally measure memory of) ``make_fn(size)()`` for each size, on one torch thread.
 
     ``make_fn(size)`` builds the inputs once and returns a zero-argument callable
     that does the work to measure, so set-up cost stays out of the timing::
@@ -151,7 +161,14 @@ def sweep(
             return lambda: x.softmax(-1)
         result = sweep(make, [256, 512, 1024], label="softmax")
 
-    A ``tqdm.auto`` progress bar shows the sizes and disappears when done.
+    Each time is the fastest of ``repeats`` calls (:func:`time_callable`). The
+    sweep runs on ``threads`` torch threads (default one: comparable across
+    machines and unhurt by busy neighbours; ``None`` keeps the current count)
+    and prints a plain warning first when the machine is busy
+    (:func:`labsupport.harness.contention.busy_warning`). A one-line text
+    progress bar (on standard output) shows the sizes and ends at 100% with the
+    elapsed time, so that an exported notebook shows a finished bar, not a
+    widget frozen at 0%.
     """
     require_callable("make_fn", make_fn)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
@@ -165,15 +182,23 @@ def sweep(
         raise TypeError(f"memory must be a bool, got {type(memory).__name__}")
     warmup = require_int("warmup", warmup, minimum=0)
     repeats = require_int("repeats", repeats, minimum=1)
+    if threads is not None:
+        threads = require_int("threads", threads, minimum=1)
 
+    warning = busy_warning(short=True)
+    if warning:
+        print(f"{label}: {warning}")
     seconds: list[float] = []
     peaks: list[int] = []
-    for size in tqdm(checked_sizes, desc=label, leave=False):
-        fn = make_fn(size)
-        require_callable(f"make_fn({size})", fn)
-        seconds.append(time_callable(fn, warmup=warmup, repeats=repeats))
-        if memory:
-            peaks.append(peak_memory_bytes(fn))
+    with torch_threads(threads if threads is not None else torch.get_num_threads()):
+        bar = text_progress(checked_sizes, desc=label, file=sys.stdout, leave=True, mininterval=0.5,
+                            bar_format="{desc}: {percentage:3.0f}% |{bar:20}| {n_fmt}/{total_fmt} sizes, {elapsed}")
+        for size in bar:
+            fn = make_fn(size)
+            require_callable(f"make_fn({size})", fn)
+            seconds.append(time_callable(fn, warmup=warmup, repeats=repeats))
+            if memory:
+                peaks.append(peak_memory_bytes(fn))
     return ScalingResult(label, checked_sizes, seconds, peaks if memory else None)
 
 
@@ -213,3 +238,40 @@ def fit_power_law(
     exponent = sxy / sxx
     prefactor = math.exp(mean_y - exponent * mean_x)
     return exponent, prefactor
+
+
+# Time (or bytes) of real work never falls as the work grows, and nothing the course measures grows faster than
+# cubically; outside this range a fitted exponent is noise (a busy machine, sizes dominated by fixed overhead).
+_PLAUSIBLE_EXPONENTS = (0.0, 3.5)
+
+
+def exponent_warning(label: str, exponent: float, *, expected: float | None = None,
+                     tolerance: float = 0.5) -> str | None:
+    """A plain warning when a fitted exponent is implausible, else ``None``.
+
+    Implausible means outside [0, 3.5] (cost that falls as the work grows, or
+    grows faster than cubically), or, when ``expected`` is given (e.g. 2 for
+    softmax attention's prefill), more than ``tolerance`` away from it. The
+    warning names the usual causes: a busy machine, or sizes so small that fixed
+    overhead dominates.
+    """
+    if not isinstance(label, str):
+        raise TypeError(f"label must be a str, got {type(label).__name__}")
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or math.isnan(exponent):
+        raise ValueError(f"exponent must be a number, got {exponent!r}")
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, (int, float))):
+        raise TypeError(f"expected must be a number or None, got {expected!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    low, high = _PLAUSIBLE_EXPONENTS
+    if expected is not None and abs(exponent - expected) > tolerance:
+        problem = f"the fitted exponent {exponent:.2f} is far from the expected {expected:g}"
+    elif not low <= exponent <= high:
+        problem = f"the fitted exponent {exponent:.2f} is implausible (outside {low:g} to {high:g})"
+    else:
+        return None
+    return (
+        f"⚠️ {label}: {problem}. Usual causes: a busy machine (other programs took the cores during some calls) "
+        "or sizes so small that fixed overhead hides the growth; rerun the cell, or on a quieter machine, "
+        "before reading the slope."
+    )

@@ -4,6 +4,16 @@
 * :func:`assert_close` — :func:`rel_err` below a tolerance, or an ``AssertionError`` saying by how much.
 * :func:`seeded_randn` — a standard-normal tensor from a given generator (the cases of checkers and tests).
 * :func:`accumulation_dtype` — the dtype to accumulate in: float64 stays, everything else goes to float32.
+* :func:`masked_softmax` — a softmax whose fully masked slices give zeros instead of NaN.
+
+Two conventions hold for every attention form of the course (softmax, tiled, grouped, latent, cached):
+
+* **Low precision.** fp16 and bf16 inputs are computed in float32 — scores, softmax, running
+  statistics, recurrent states — and the output is cast back to the input dtype. A logsumexp is
+  returned in float32 (float64 for float64 inputs).
+* **Fully masked rows.** A query that may see no key at all (causal with more queries than keys,
+  the bottom-right-aligned mask leaving the first ``Lq − Lk`` rows empty) has output **zeros** and
+  logsumexp **−inf**, never NaN. ``tests/test_masked_rows.py`` holds every form to it.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import torch
 
 from labsupport.harness.validation import require_float, require_int, require_tensor
 
-__all__ = ["accumulation_dtype", "assert_close", "rel_err", "seeded_randn"]
+__all__ = ["accumulation_dtype", "assert_close", "masked_softmax", "rel_err", "seeded_randn"]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -64,3 +74,18 @@ def seeded_randn(generator: torch.Generator, *shape: int, dtype: torch.dtype = t
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for every other floating dtype (fp16/bf16 accumulate in fp32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def masked_softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` after subtracting the maximum; a slice that is entirely ``-inf`` gives zeros.
+
+    ``torch.softmax`` gives NaN on such a slice (``exp(-inf - (-inf))``); this is the
+    fully-masked-row convention of the module docstring. Computed in the dtype of ``scores``
+    (pass float32 scores for fp16/bf16 work). Differentiable.
+    """
+    scores = require_tensor("scores", scores)
+    peak = scores.amax(dim=dim, keepdim=True)
+    peak = torch.where(torch.isinf(peak) & (peak < 0), torch.zeros_like(peak), peak)
+    e = torch.exp(scores - peak)
+    total = e.sum(dim=dim, keepdim=True)
+    return e / torch.where(total == 0, torch.ones_like(total), total)

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 import plotly.graph_objects as go
 
-from labsupport.harness.measuring import ScalingResult, fit_power_law
+from labsupport.harness.measuring import ScalingResult, exponent_warning, fit_power_law
 from labsupport.harness.validation import require_int
 
 __all__ = ["HistoryLike", "plot_histories", "plot_scaling"]
@@ -37,6 +37,7 @@ def plot_scaling(
     y: Literal["seconds", "peak_bytes"] = "seconds",
     fit_tail: int | None = None,
     x_title: str = "size",
+    expected_slopes: Mapping[str, float] | None = None,
 ) -> go.Figure:
     """Log-log plot of cost against size, one line per result, fitted slope in each legend entry.
 
@@ -46,9 +47,13 @@ def plot_scaling(
         y: ``"seconds"`` or ``"peak_bytes"`` (needs results measured with ``memory=True``).
         fit_tail: passed to :func:`fit_power_law` as ``tail`` (capped at each curve's length).
         x_title: the x-axis title, e.g. ``"sequence length L (tokens)"``.
+        expected_slopes: the slope each curve should have, by label (e.g.
+            ``{"softmax attention": 2.0}``); a fitted slope more than 0.5 away is warned about.
 
     A slope of 1 means linear growth, 2 quadratic. Curves whose values include
-    zeros (e.g. no extra memory) are drawn without a fitted slope.
+    zeros (e.g. no extra memory) are drawn without a fitted slope. A slope that
+    cannot be right (negative, above 3.5, or far from ``expected_slopes``) is
+    printed as a plain warning (:func:`labsupport.harness.measuring.exponent_warning`).
     """
     if isinstance(results, ScalingResult):
         results = [results]
@@ -65,6 +70,13 @@ def plot_scaling(
         raise ValueError(f"y must be one of {sorted(_Y_AXIS_TITLES)}, got {y!r}")
     if fit_tail is not None:
         require_int("fit_tail", fit_tail, minimum=2)
+    if expected_slopes is None:
+        expected_slopes = {}
+    if not isinstance(expected_slopes, Mapping):
+        raise TypeError(f"expected_slopes must be a dict of label -> slope, got {type(expected_slopes).__name__}")
+    unknown = sorted(set(expected_slopes) - {result.label for result in results})
+    if unknown:
+        raise ValueError(f"expected_slopes names curves that are not plotted: {unknown}")
 
     figure = go.Figure()
     for result in results:
@@ -82,6 +94,9 @@ def plot_scaling(
             tail = None if fit_tail is None else min(fit_tail, len(result.sizes))
             exponent, _ = fit_power_law(result.sizes, values, tail=tail)
             name = f"{result.label} (slope {exponent:.2f})"
+            warning = exponent_warning(result.label, exponent, expected=expected_slopes.get(result.label))
+            if warning:
+                print(warning)
         figure.add_trace(go.Scatter(x=list(result.sizes), y=list(values), mode="lines+markers", name=name))
     figure.update_layout(
         title=title,

@@ -17,6 +17,8 @@ import numbers
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +33,7 @@ __all__ = [
     "pick",
     "quick_mode",
     "seed_everything",
+    "torch_threads",
 ]
 
 QUICK_ENV_VAR = "LABSUPPORT_QUICK"
@@ -144,17 +147,45 @@ def cpu_budget(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, available)
 
 
-def configure_torch_threads(max_threads: int | None = None) -> int:
-    """Lower torch's intra-op threads to :func:`cpu_budget` (and ``max_threads``); return the count.
+def configure_torch_threads(max_threads: int | None = 1) -> int:
+    """Set torch's intra-op threads for the worst case, one, unless more are asked for and free; return the count.
 
-    torch starts one thread per visible core. Where a container grants fewer
-    CPUs than it shows (Binder, many CI and cloud notebooks), the extra threads
-    wait on each other and small operations slow down several-fold; the same
-    happens when another busy program shares the cores. Never raises the count.
+    The default is **one thread**. torch starts one thread per visible core, and
+    its threads wait on each other whenever another program shares those cores
+    (Binder, a lab server, a laptop compiling in the background): chapter 00 took
+    29 s alone and 728 s beside two busy neighbours on 2 threads of a 2-core
+    machine, but 35 s and 39 s on 1 thread. One thread costs a little on a quiet
+    machine (large matrix products up to about ``cpu_budget()`` times slower, most
+    of the course's small models hardly at all) and saves a collapse on a busy one.
+
+    ``max_threads`` asks for more (``None``: as many as granted). It is granted
+    only up to :func:`cpu_budget` and up to the CPUs nobody else is using now
+    (:func:`labsupport.harness.contention.spare_cpus`, from the load average):
+    on a busy machine the answer stays one. Chapter 00 measures what the choice
+    costs on the reader's machine.
     """
     if max_threads is not None and (isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1):
         raise ValueError(f"max_threads must be a positive int or None, got {max_threads!r}")
-    target = min(torch.get_num_threads(), cpu_budget(), max_threads or torch.get_num_threads())
+    from labsupport.harness.contention import spare_cpus
+
+    target = 1 if max_threads == 1 else min(cpu_budget(), spare_cpus(), max_threads or cpu_budget())
     if target != torch.get_num_threads():
         torch.set_num_threads(target)
     return torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """Run a block on exactly ``threads`` torch threads (capped by :func:`cpu_budget`), then restore the count.
+
+    ``with torch_threads(1): ...`` is how every timing sweep runs: one thread
+    is comparable from machine to machine and unhurt by busy neighbours.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(threads, cpu_budget()))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import require_positive_int
 from labsupport.linear_attention.reference import _pad_to_chunks, _require_qkv
 
@@ -52,10 +53,19 @@ def linear_attention_chunkwise_fast(q: torch.Tensor, k: torch.Tensor, v: torch.T
     the chunk states from a blocked prefix sum, and ``Q S`` added into the
     intra-chunk output by ``baddbmm_`` instead of a separate sum. Used by
     ``benchmarks/linear_attention_cpu.py``; the tests prove it equals the
-    reference forms.
+    reference forms. It is forward-only (its in-place steps cannot be differentiated):
+    for gradients use :func:`~.reference.linear_attention_chunkwise`. fp16/bf16 inputs
+    are computed in float32 and returned in their dtype.
     """
     q, k, v = _require_qkv(q, k, v)
     chunk = require_positive_int("chunk_size", chunk_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "linear_attention_chunkwise_fast is forward-only (it works in place, which autograd cannot follow); "
+            "use linear_attention_chunkwise for gradients, or call this one under torch.no_grad()"
+        )
+    dtype = q.dtype
+    q, k, v = (t.to(accumulation_dtype(dtype)) for t in (q, k, v))
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     n = -(-length // chunk)
@@ -68,4 +78,4 @@ def linear_attention_chunkwise_fast(q: torch.Tensor, k: torch.Tensor, v: torch.T
     writes = torch.matmul(kc.mT, vc).view(b * h, n, dk * dv)
     before = _exclusive_prefix_sum(writes).view(b * h * n, dk, dv)
     out = torch.matmul(scores, vc).baddbmm_(qc, before)
-    return out.view(b, h, n * chunk, dv)[:, :, :length]
+    return out.view(b, h, n * chunk, dv)[:, :, :length].to(dtype)

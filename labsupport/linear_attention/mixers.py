@@ -149,6 +149,8 @@ def linear_mixer(mechanism: str, n_heads: int = 4, *, chunk_size: int = 64,
                  ttt_mini_batch: int = 16) -> Callable[[int, int], nn.Module]:
     """A ``TinyLM`` sequence-mixer factory building a :class:`LinearAttentionMixer` in every layer."""
     get_mechanism(mechanism)
+    for name, value in (("n_heads", n_heads), ("chunk_size", chunk_size), ("ttt_mini_batch", ttt_mini_batch)):
+        require_positive_int(name, value)
 
     def build(d_model: int, layer_index: int) -> nn.Module:
         return LinearAttentionMixer(d_model, n_heads, mechanism=mechanism, chunk_size=chunk_size,

@@ -13,6 +13,14 @@ Conventions
   of keys, as in Katharopoulos et al. The normaliser is computed as one more
   value column of ones, so with ``return_state=True`` a normalised state has
   ``D_v + 1`` columns, the last being ``z``.
+* Low precision: fp16 and bf16 inputs are computed in float32 (states,
+  normalisers, decays and the UT transform's triangular solve) and the
+  outputs and final state come back in the input dtype, as production kernels
+  do (:func:`labsupport.harness.numerics.accumulation_dtype`). Gates,
+  writing strengths and initial states must have the dtype of ``q``.
+* Ratios of decays are always formed as ``exp`` of a difference of
+  cumulative log-decays, never as a quotient of two exponentials, which
+  underflow to 0/0 under strong gates.
 * The same computation comes in three forms: ``*_parallel`` (an ``L × L``
   matrix, like softmax attention), ``*_recurrent`` (a loop over tokens with a
   fixed-size state) and ``*_chunkwise`` (parallel inside chunks of ``C``
@@ -40,6 +48,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from labsupport.harness.numerics import accumulation_dtype
 from labsupport.harness.validation import (
     require_choice,
     require_float,
@@ -80,6 +89,12 @@ def _require_qkv(q: object, k: object, v: object) -> tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+def _require_same_dtype(name: str, tensor: torch.Tensor, like: torch.Tensor) -> None:
+    if tensor.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of q, k, v ({str(like.dtype).removeprefix('torch.')}), got "
+                        f"{str(tensor.dtype).removeprefix('torch.')}; convert it with .to(q.dtype)")
+
+
 def _require_log_decay(log_decay: object, k: torch.Tensor, *, vector_ok: bool = True) -> torch.Tensor | None:
     """``None``, or a log-decay ``<= 0`` of shape ``(B, H, L)`` (or ``(B, H, L, D_k)`` when ``vector_ok``)."""
     if log_decay is None:
@@ -90,9 +105,10 @@ def _require_log_decay(log_decay: object, k: torch.Tensor, *, vector_ok: bool = 
     if tuple(log_decay.shape) not in shapes:
         allowed = " or ".join(str(s) for s in shapes)
         raise ValueError(f"log_decay must have shape {allowed} (B, H, L[, D_k]), got {tuple(log_decay.shape)}")
-    if bool((log_decay > 0).any()):
+    _require_same_dtype("log_decay", log_decay, k)
+    if bool((log_decay > 0).any()) or bool(torch.isnan(log_decay).any()):
         raise ValueError("log_decay must be <= 0 (a decay factor α = exp(log_decay) in (0, 1])")
-    return log_decay.to(k.dtype)
+    return log_decay
 
 
 def _require_beta(beta: object, k: torch.Tensor, name: str = "beta") -> torch.Tensor:
@@ -102,17 +118,28 @@ def _require_beta(beta: object, k: torch.Tensor, name: str = "beta") -> torch.Te
     beta = require_float_tensor(name, beta)
     if tuple(beta.shape) != tuple(k.shape[:3]):
         raise ValueError(f"{name} must be a float or have shape (B, H, L) = {tuple(k.shape[:3])}, got {tuple(beta.shape)}")
-    return beta.to(k.dtype)
+    _require_same_dtype(name, beta, k)
+    return beta
 
 
-def _require_state(state: object, b: int, h: int, dk: int, dv: int, like: torch.Tensor) -> torch.Tensor:
-    """An initial state ``(B, H, D_k, D_v)`` in the dtype of ``like``; zeros when ``None``."""
+def _require_state(state: object, b: int, h: int, dk: int, dv: int, like: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An initial state ``(B, H, D_k, D_v)`` of ``dtype`` (the inputs' dtype), as ``like.dtype``; zeros when ``None``."""
     if state is None:
         return like.new_zeros(b, h, dk, dv)
     state = require_float_tensor("initial_state", state, ndim=4)
     if tuple(state.shape) != (b, h, dk, dv):
         raise ValueError(f"initial_state must have shape (B, H, D_k, D_v) = {(b, h, dk, dv)}, got {tuple(state.shape)}")
+    if state.dtype != (dtype or like.dtype):
+        raise TypeError(f"initial_state must have the dtype of q, k, v ({str(dtype or like.dtype).removeprefix('torch.')}),"
+                        f" got {str(state.dtype).removeprefix('torch.')}")
     return state.to(like.dtype)
+
+
+def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors in the accumulation dtype of the first (fp16/bf16 → float32); ``None`` stays ``None``."""
+    cdt = accumulation_dtype(tensors[0].dtype)  # type: ignore[union-attr]
+    return [None if t is None else t.to(cdt) for t in tensors]
 
 
 def _augment(v: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -224,8 +251,10 @@ def linear_attention_parallel(
     """
     q, k, v = _require_qkv(q, k, v)
     log_decay = _require_log_decay(log_decay, k)
+    dtype = q.dtype
+    q, k, v, log_decay = _upcast(q, k, v, log_decay)
     scores = _decay_matrix(log_decay, q, k)
-    return _finish(scores @ _augment(v, normalize), normalize, eps)
+    return _finish(scores @ _augment(v, normalize), normalize, eps).to(dtype)
 
 
 def linear_attention_recurrent(
@@ -250,16 +279,18 @@ def linear_attention_recurrent(
     """
     q, k, v = _require_qkv(q, k, v)
     log_decay = _require_log_decay(log_decay, k)
+    dtype = q.dtype
+    q, k, v, log_decay = _upcast(q, k, v, log_decay)
     va = _augment(v, normalize)
     b, h, length, dk = k.shape
-    state = _require_state(initial_state, b, h, dk, va.shape[-1], k)
+    state = _require_state(initial_state, b, h, dk, va.shape[-1], k, dtype)
     outs = []
     for t in range(length):
         step_decay = None if log_decay is None else log_decay[:, :, t]
         out, state = recurrent_update(state, q[:, :, t], k[:, :, t], va[:, :, t], step_decay)
         outs.append(out)
-    out = _finish(torch.stack(outs, dim=2), normalize, eps)
-    return (out, state) if return_state else out
+    out = _finish(torch.stack(outs, dim=2), normalize, eps).to(dtype)
+    return (out, state.to(dtype)) if return_state else out
 
 
 def linear_attention_chunkwise(
@@ -297,10 +328,12 @@ def linear_attention_chunkwise(
     q, k, v = _require_qkv(q, k, v)
     log_decay = _require_log_decay(log_decay, k)
     chunk = require_positive_int("chunk_size", chunk_size)
+    dtype = q.dtype
+    q, k, v, log_decay = _upcast(q, k, v, log_decay)
     va = _augment(v, normalize)
     b, h, length, dk = k.shape
     dv = va.shape[-1]
-    state0 = _require_state(initial_state, b, h, dk, dv, k)
+    state0 = _require_state(initial_state, b, h, dk, dv, k, dtype)
     n = -(-length // chunk)
     qc = _pad_to_chunks(q, chunk).view(b, h, n, chunk, dk)
     kc = _pad_to_chunks(k, chunk).view(b, h, n, chunk, dk)
@@ -339,8 +372,8 @@ def linear_attention_chunkwise(
         before = torch.stack(befores, dim=2)
         out = q_in @ before + scores @ vc
         final = state
-    out = _finish(out.reshape(b, h, n * chunk, dv)[:, :, :length], normalize, eps)
-    return (out, final) if return_state else out
+    out = _finish(out.reshape(b, h, n * chunk, dv)[:, :, :length], normalize, eps).to(dtype)
+    return (out, final.to(dtype)) if return_state else out
 
 
 # --------------------------------------------------------------------------- delta rule
@@ -373,16 +406,18 @@ def delta_rule_recurrent(
     q, k, v = _require_qkv(q, k, v)
     beta = _require_beta(beta, k)
     log_decay = _require_log_decay(log_decay, k, vector_ok=False)
+    dtype = q.dtype
+    q, k, v, beta, log_decay = _upcast(q, k, v, beta, log_decay)
     b, h, length, dk = k.shape
-    state = _require_state(initial_state, b, h, dk, v.shape[-1], k)
+    state = _require_state(initial_state, b, h, dk, v.shape[-1], k, dtype)
     outs = []
     for t in range(length):
         if log_decay is not None:
             state = log_decay[:, :, t].exp()[..., None, None] * state
         state = delta_rule_update(state, k[:, :, t], v[:, :, t], beta[:, :, t])
         outs.append((q[:, :, t, :, None] * state).sum(dim=-2))
-    out = torch.stack(outs, dim=2)
-    return (out, state) if return_state else out
+    out = torch.stack(outs, dim=2).to(dtype)
+    return (out, state.to(dtype)) if return_state else out
 
 
 def delta_rule_parallel(
@@ -425,18 +460,22 @@ def ut_transform(
     beta = require_float_tensor("beta", beta)
     if k.dim() < 2 or beta.shape != k.shape[:-1]:
         raise ValueError(f"expected k (..., C, D_k) and beta (..., C); got {tuple(k.shape)} and {tuple(beta.shape)}")
+    if log_decay_cumsum is not None:
+        log_decay_cumsum = require_float_tensor("log_decay_cumsum", log_decay_cumsum)
+        if log_decay_cumsum.shape != beta.shape:
+            raise ValueError(f"log_decay_cumsum must have shape {tuple(beta.shape)}, got {tuple(log_decay_cumsum.shape)}")
+    dtype = k.dtype
+    k, beta, log_decay_cumsum = _upcast(k, beta, log_decay_cumsum)  # the solve needs float32 or float64
     c = k.shape[-2]
     gram = k @ k.transpose(-1, -2)
     if log_decay_cumsum is not None:
-        if log_decay_cumsum.shape != beta.shape:
-            raise ValueError(f"log_decay_cumsum must have shape {tuple(beta.shape)}, got {tuple(log_decay_cumsum.shape)}")
         strict = torch.ones(c, c, dtype=torch.bool, device=k.device).tril(-1)
         diff = (log_decay_cumsum[..., :, None] - log_decay_cumsum[..., None, :]).masked_fill(~strict, float("-inf"))
         gram = gram * diff.exp()
     a = (beta[..., :, None] * gram).tril(-1)
     eye = torch.eye(c, dtype=k.dtype, device=k.device)
     rhs = torch.diag_embed(beta)
-    return torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    return torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True).to(dtype)
 
 
 def delta_rule_chunkwise(
@@ -466,9 +505,11 @@ def delta_rule_chunkwise(
     beta = _require_beta(beta, k)
     log_decay = _require_log_decay(log_decay, k, vector_ok=False)
     chunk = require_positive_int("chunk_size", chunk_size)
+    dtype = q.dtype
+    q, k, v, beta, log_decay = _upcast(q, k, v, beta, log_decay)
     b, h, length, dk = k.shape
     dv = v.shape[-1]
-    state = _require_state(initial_state, b, h, dk, dv, k)
+    state = _require_state(initial_state, b, h, dk, dv, k, dtype)
     n = -(-length // chunk)
     qc = _pad_to_chunks(q, chunk).view(b, h, n, chunk, dk)
     kc = _pad_to_chunks(k, chunk).view(b, h, n, chunk, dk)
@@ -488,14 +529,17 @@ def delta_rule_chunkwise(
     u = t @ vc
     scores = (qc @ kc.transpose(-1, -2)) * decay_mask
     q_in = qc * gamma[..., None]
-    k_out = kc * (gamma[..., -1:] / gamma)[..., None]
+    if g is None:
+        k_out = kc
+    else:  # exp(b_C - b_i), never exp(b_C) / exp(b_i): both underflow to 0 under strong gates (0/0 = NaN)
+        k_out = kc * (g[..., -1:] - g).exp()[..., None]
     outs = []
     for i in range(n):
         pseudo = u[:, :, i] - w[:, :, i] @ state
         outs.append(q_in[:, :, i] @ state + scores[:, :, i] @ pseudo)
         state = gamma[:, :, i, -1, None, None] * state + k_out[:, :, i].transpose(-1, -2) @ pseudo
-    out = torch.stack(outs, dim=2).reshape(b, h, n * chunk, dv)[:, :, :length]
-    return (out, state) if return_state else out
+    out = torch.stack(outs, dim=2).reshape(b, h, n * chunk, dv)[:, :, :length].to(dtype)
+    return (out, state.to(dtype)) if return_state else out
 
 
 # --------------------------------------------------------------------------- test-time training
@@ -511,6 +555,12 @@ def ttt_inner_loss(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     state = require_float_tensor("state", state, ndim=4)
     k = require_float_tensor("k", k, ndim=3)
     v = require_float_tensor("v", v, ndim=3)
+    b, h, dk, dv = state.shape
+    if tuple(k.shape) != (b, h, dk) or tuple(v.shape) != (b, h, dv):
+        raise ValueError(f"expected state (B, H, D_k, D_v), k (B, H, D_k) = {(b, h, dk)} and v (B, H, D_v) = "
+                         f"{(b, h, dv)}; got state {tuple(state.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (state.dtype == k.dtype == v.dtype):
+        raise TypeError(f"state, k and v must share one dtype, got {state.dtype}, {k.dtype}, {v.dtype}")
     prediction = (k[..., :, None] * state).sum(dim=-2)
     return 0.5 * (prediction - v).pow(2).sum()
 
@@ -549,8 +599,10 @@ def ttt_linear(
     q, k, v = _require_qkv(q, k, v)
     eta = _require_beta(lr, k, "lr")
     mini_batch = require_positive_int("mini_batch", mini_batch)
+    dtype = q.dtype
+    q, k, v, eta = _upcast(q, k, v, eta)
     b, h, length, dk = k.shape
-    state = _require_state(initial_state, b, h, dk, v.shape[-1], k)
+    state = _require_state(initial_state, b, h, dk, v.shape[-1], k, dtype)
     outs = []
     for start in range(0, length, mini_batch):
         stop = min(length, start + mini_batch)
@@ -568,8 +620,8 @@ def ttt_linear(
         inner = state[:, :, None] - steps
         outs.append((q[:, :, start:stop, :, None] * inner).sum(dim=-2))
         state = inner[:, :, -1]
-    out = torch.cat(outs, dim=2)
-    return (out, state) if return_state else out
+    out = torch.cat(outs, dim=2).to(dtype)
+    return (out, state.to(dtype)) if return_state else out
 
 
 def ttt_linear_minibatch(
@@ -597,8 +649,10 @@ def ttt_linear_minibatch(
     q, k, v = _require_qkv(q, k, v)
     eta = _require_beta(lr, k, "lr")
     mini_batch = require_positive_int("mini_batch", mini_batch)
+    dtype = q.dtype
+    q, k, v, eta = _upcast(q, k, v, eta)
     b, h, length, dk = k.shape
-    state = _require_state(initial_state, b, h, dk, v.shape[-1], k)
+    state = _require_state(initial_state, b, h, dk, v.shape[-1], k, dtype)
     outs = []
     for start in range(0, length, mini_batch):
         stop = min(length, start + mini_batch)
@@ -606,8 +660,8 @@ def ttt_linear_minibatch(
         scaled_errors = eb[..., None] * (kb @ state - vb)  # diag(η) (K S_0 − V)
         outs.append(qb @ state - (qb @ kb.transpose(-1, -2)).tril() @ scaled_errors)
         state = state - kb.transpose(-1, -2) @ scaled_errors
-    out = torch.cat(outs, dim=2)
-    return (out, state) if return_state else out
+    out = torch.cat(outs, dim=2).to(dtype)
+    return (out, state.to(dtype)) if return_state else out
 
 
 # --------------------------------------------------------------------------- the unified update
@@ -633,6 +687,8 @@ def memory_recurrence(
     require_choice("rule", rule, ("add", "delta"))
     log_decay = _require_log_decay(log_decay, k)
     beta = _require_beta(beta, k)
+    dtype = q.dtype
+    q, k, v, log_decay, beta = _upcast(q, k, v, log_decay, beta)
     b, h, length, dk = k.shape
     state = k.new_zeros(b, h, dk, v.shape[-1])
     outs = []
@@ -644,4 +700,4 @@ def memory_recurrence(
         target = vt - (kt[..., :, None] * state).sum(dim=-2) if rule == "delta" else vt
         state = state + kt[..., :, None] * (bt * target)[..., None, :]
         outs.append((q[:, :, t, :, None] * state).sum(dim=-2))
-    return torch.stack(outs, dim=2)
+    return torch.stack(outs, dim=2).to(dtype)

@@ -86,6 +86,9 @@ class SoftmaxAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SoftmaxAttention expects activations (batch, length, d_model={self.d_model}), got {shape}")
         b, length, _ = x.shape
         q, k, v = self.qkv(x).split(self.d_model, dim=-1)
         shape = (b, length, self.n_heads, self.head_dim)

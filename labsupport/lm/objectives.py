@@ -32,11 +32,16 @@ class Objective(Protocol):
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored positions (targets != −100)."""
+    """Mean cross-entropy over the scored positions (targets != −100); refuses a batch with none."""
     if logits.dim() != 3 or logits.shape[:2] != targets.shape:
         raise ValueError(
             f"expected logits (B, L, V) and targets (B, L); got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
+    if targets.dtype != torch.long:
+        raise TypeError(f"targets must be token ids of dtype int64 (torch.long), got {targets.dtype}")
+    if not bool((targets != IGNORE_INDEX).any()):
+        raise ValueError(f"every target is {IGNORE_INDEX} (ignored): there is no position to score, and the mean "
+                         "over none would be NaN; make sure each batch holds at least one scored target")
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 

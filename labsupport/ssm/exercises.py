@@ -91,6 +91,7 @@ def check_selective_step(fn: Callable[..., object]) -> CheckResult:
     """Exercise: one selective-SSM token ``(h, u, delta, A, B, C, D) → (y, new h)``."""
     return check_function(fn, selective_step, _selective_cases(), exercise="selective-scan step",
                           atol=1e-5, rtol=1e-5, output_names=("y", "h"),
+                          inputs_may_change=True,  # writing the new state into h (a decode loop's own buffer) is fine
                           hint="h_new = exp(Δ A) h + (Δ u) B for every channel (Δ, u are per channel, B per state), "
                                "then y = Σ_n C_n h_new + D u — read the new state, not the old one.")
 

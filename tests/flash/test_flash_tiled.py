@@ -125,3 +125,18 @@ def test_bad_input_raises_clear_errors(call, error):
     q, k, v = qkv(lq=10)
     with pytest.raises(error):
         call(q, k, v)
+
+
+def test_backward_with_fully_masked_rows_inside_one_block():
+    # Lq=20 > Lk=12, causal: rows 0..7 see no key, and with 64-wide blocks they share a tile with rows that do.
+    # Without the guard on lse = -inf, exp(S - lse) is exp(-inf + inf) = NaN there.
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, 20, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 12, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn(1, 2, 20, 4, generator=gen, dtype=torch.float64)
+    out, lse = flash_attention_forward(q, k, v, causal=True, block_q=64, block_k=64)
+    grads = flash_attention_backward(q, k, v, out, lse, dout, causal=True, block_q=64, block_k=64)
+    expected = torch.autograd.grad(naive_attention(q, k, v, causal=True), (q, k, v), dout)
+    for got, want in zip(grads, expected):
+        assert bool(torch.isfinite(got).all())
+        assert torch.allclose(got, want, atol=1e-10)

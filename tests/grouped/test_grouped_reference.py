@@ -91,3 +91,14 @@ def test_rotary_scores_depend_only_on_relative_position() -> None:
     assert max(s) - min(s) < 1e-12
     with pytest.raises(ValueError, match="even"):
         ga.rotary(torch.randn(2, 3), torch.arange(2))
+
+
+def test_grouped_attention_aligns_its_causal_mask_bottom_right():
+    # With fewer queries than keys (a chunk of new tokens after a cached prefix), query i sits at position
+    # Lk - Lq + i and sees every key up to there; a top-left mask would hide most of the prefix.
+    from labsupport.flash.reference import naive_attention
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 3, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 7, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = naive_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), causal=True)
+    assert torch.allclose(ga.grouped_attention(q, k, v, causal=True), expected, atol=1e-12)

@@ -248,3 +248,135 @@ def test_strict_mode_raises_on_failure_only(monkeypatch):
         raise NotImplementedError
 
     assert check_function(todo, reference_causal_scores, make_cases(), exercise="s", quiet=True).status == "not done"
+
+
+# ----------------------------------------------------------------------------- issue 12: checkers that cannot be fooled
+
+
+def _lse_reference(x: torch.Tensor) -> torch.Tensor:
+    """Row logsumexp; a row of -inf gives -inf."""
+    return torch.logsumexp(x, dim=-1)
+
+
+def _lse_cases() -> list[Case]:
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[1] = float("-inf")
+    return [Case("row 1 fully masked", (x,))]
+
+
+@pytest.mark.parametrize("wrong", [float("nan"), float("inf")])
+def test_non_finite_values_are_compared_by_kind(wrong):
+    def learner(x):
+        out = _lse_reference(x)
+        out[1] = wrong
+        return out
+
+    assert check_function(_lse_reference, _lse_reference, _lse_cases(), exercise="lse", quiet=True)
+    result = check_function(learner, _lse_reference, _lse_cases(), exercise="lse", quiet=True)
+    assert result.status == "failed"
+    assert "expected -inf, got " + ("NaN" if wrong != wrong else "+inf") in result.message
+
+
+def test_non_finite_numbers_are_compared_by_kind():
+    ref = lambda x: float("-inf")  # noqa: E731
+    cases = [Case("x", (1,))]
+    assert check_function(ref, ref, cases, exercise="n", quiet=True)
+    assert not check_function(lambda x: float("nan"), ref, cases, exercise="n", quiet=True)
+    assert not check_function(lambda x: float("inf"), ref, cases, exercise="n", quiet=True)
+
+
+def test_an_input_changed_in_place_is_named():
+    def learner(q, k):
+        out = reference_causal_scores(q, k)
+        k.mul_(2.0)  # correct output, but the caller's k is spoiled
+        return out
+
+    result = check_function(learner, reference_causal_scores, make_cases(), exercise="m", quiet=True)
+    assert result.status == "failed"
+    assert "changed its input `k` in place" in result.message
+
+
+def test_an_in_place_update_of_a_nan_input_is_caught_and_an_untouched_nan_is_not():
+    x = torch.tensor([1.0, float("nan"), 3.0])
+    ref = lambda x: x * 2  # noqa: E731
+    assert check_function(ref, ref, [Case("nan", (x,))], exercise="m", quiet=True)
+
+    def learner(x):
+        return x.mul_(2)
+
+    assert not check_function(learner, ref, [Case("nan", (x,))], exercise="m", quiet=True)
+
+
+def test_a_strided_slice_reaches_the_learner_with_its_strides():
+    big = torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(1))
+    q = big[:, :, -1:]  # (2, 4, 1, 8) with the strides of `big`: not contiguous
+    assert not q.is_contiguous()
+    seen = {}
+
+    def learner(x):
+        seen["stride"] = x.stride()
+        return x * 2
+
+    check_function(learner, lambda x: x * 2, [Case("slice", (q,))], exercise="s", quiet=True)
+    assert seen["stride"] == q.stride()
+
+
+def test_a_slow_answer_is_stopped_with_a_clear_message():
+    import time
+
+    def slow(q, k):
+        time.sleep(3)
+        return reference_causal_scores(q, k)
+
+    started = time.perf_counter()
+    result = check_function(slow, reference_causal_scores, make_cases(), exercise="t", quiet=True,
+                            time_budget_s=0.3)
+    assert time.perf_counter() - started < 2.5  # interrupted, not waited for
+    assert result.status == "failed"
+    assert "longer than 0.3 s" in result.message and "Traceback" not in result.message
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    cases = [Case("a", (3, 4))]
+    assert check_function(lambda a, b: np.int64(a * b), lambda a, b: a * b, cases, exercise="np", quiet=True)
+    assert check_function(lambda a, b: np.float32(a / b), lambda a, b: a / b, cases, exercise="np", quiet=True,
+                          rtol=1e-6)
+    assert not check_function(lambda a, b: np.int64(a * b + 1), lambda a, b: a * b, cases, exercise="np",
+                              quiet=True)
+
+
+def _unfinished_helper(x):
+    raise NotImplementedError("your code here")
+
+
+def test_an_unfinished_helper_is_named():
+    def learner(q, k):
+        return _unfinished_helper(q @ k.transpose(-1, -2))
+
+    result = check_function(learner, reference_causal_scores, make_cases(), exercise="h", quiet=True)
+    assert result.status == "not done"
+    assert "`_unfinished_helper`" in result.message
+
+
+def test_a_dense_answer_to_a_tiling_case_is_caught():
+    q = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(2))
+
+    def reference(q, k):  # never holds more than 16 x 64 scores
+        blocks = []
+        for i in range(0, 64, 16):
+            scores = (q[:, i:i + 16] @ k.transpose(-1, -2)).masked_fill(
+                torch.ones(16, 64, dtype=torch.bool).triu(i + 1), float("-inf"))
+            blocks.append(scores.sum(-1))
+        return torch.cat(blocks, dim=1)
+
+    def dense(q, k):
+        return reference_causal_scores(q, k).sum(-1)
+
+    case = Case("L=64", (q, q.clone()), max_elements=2 * 64 * 16, max_elements_note="one block of 16 rows at a time.")
+    ok = check_function(reference, reference, [case], exercise="d", quiet=True)
+    assert ok, ok.message
+    result = check_function(dense, reference, [case], exercise="d", quiet=True)
+    assert result.status == "failed"
+    assert "materialised a tensor of shape (1, 64, 64)" in result.message
+    assert "a 64×64 matrix" in result.message

@@ -80,3 +80,26 @@ def test_transformer_shape_counts() -> None:
         TransformerShape(2, 64, 6, 4, 16, 128, 100)
     with pytest.raises(ValueError):
         llama.decode_step(0)
+
+
+def test_prefill_counts_the_mean_causal_context_rounded_up():
+    # A prompt of L tokens attends to 1, 2, ..., L keys: on average (L + 1) / 2, not L / 2.
+    shape = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256, vocab=100)
+    for length in (1, 5, 8):
+        flops, _ = shape.prefill(length, batch=3)
+        assert flops == 3 * length * shape.flops_per_token((length + 1) // 2)
+    assert shape.prefill(1)[0] > 0 and shape.prefill(1)[0] == shape.flops_per_token(1)
+
+
+def test_sparse_decode_formulas():
+    from labsupport.harness.costs import decode_read_bytes, nsa_tokens_per_step, policy_tokens_per_step
+
+    assert [nsa_tokens_per_step(s)["total"] + 1 for s in (8192, 16384, 32768, 65536)] == [2048, 2560, 3584, 5632]
+    assert nsa_tokens_per_step(16) == {"compressed": 0, "selected": 16, "window": 16, "total": 32}
+    assert policy_tokens_per_step("full", 1000, 64) == {"tokens": 1000, "pages": 0}
+    assert policy_tokens_per_step("h2o", 1000, 64) == {"tokens": 64, "pages": 0}
+    assert policy_tokens_per_step("window", 10, 64) == {"tokens": 10, "pages": 0}
+    assert policy_tokens_per_step("quest", 1000, 70, page=16) == {"tokens": 64, "pages": 63}
+    assert decode_read_bytes(100, layers=2, kv_heads=4, head_dim=8, pages=10) == 2 * 2 * 4 * 8 * 2 * 110
+    with pytest.raises(ValueError, match="policy"):
+        policy_tokens_per_step("lru", 10, 4)

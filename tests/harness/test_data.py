@@ -97,3 +97,15 @@ def test_data_dir_finds_package_data_of_an_installed_wheel(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert data_dir() == (package / "_data").resolve()
     assert verify_manifest() == []
+
+
+def test_crlf_line_endings_get_an_error_that_says_how_to_fix_them(data_copy) -> None:
+    path = data_copy / "shakespeare.txt"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))  # what core.autocrlf=true does on Windows
+    with pytest.raises(ValueError, match="line endings were converted.*git checkout -- data"):
+        load_text()
+
+
+def test_gitattributes_keeps_the_data_byte_exact() -> None:
+    attributes = (REPO_DATA.parent / ".gitattributes").read_text(encoding="utf-8")
+    assert "data/** -text" in attributes

@@ -17,3 +17,24 @@ def test_hardware_probes_are_positive_and_validate():
         matmul_gflops(4)
     with pytest.raises(ValueError):
         m.attainable_gflops(0)
+
+
+def test_profile_machine_measures_on_the_threads_asked_and_restores_them(monkeypatch):
+    import torch
+
+    from labsupport.harness import hardware, settings
+
+    seen = []
+    monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+    monkeypatch.setattr(hardware, "matmul_gflops", lambda n: seen.append(torch.get_num_threads()) or 10.0)
+    monkeypatch.setattr(hardware, "copy_bandwidth_gbs", lambda mb: seen.append(torch.get_num_threads()) or 5.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        profile = hardware.profile_machine(threads=1)
+        assert seen == [1, 1] and profile.balance_flops_per_byte == 2.0
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads"):
+            hardware.profile_machine(threads=0)
+    finally:
+        torch.set_num_threads(before)

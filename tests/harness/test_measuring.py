@@ -172,3 +172,67 @@ def test_fit_power_law_tail_ignores_overhead_dominated_small_sizes() -> None:
 def test_fit_power_law_rejects_bad_input(sizes, values, kwargs, error) -> None:
     with pytest.raises(error):
         fit_power_law(sizes, values, **kwargs)
+
+
+# --------------------------------------------------------------------------- one thread, busy machines, implausible fits
+
+
+def test_sweep_runs_on_one_thread_and_restores_the_count(monkeypatch) -> None:
+    from labsupport.harness import settings
+
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+        torch.set_num_threads(2)
+
+        def make(n):
+            seen.append(torch.get_num_threads())
+            return lambda: None
+
+        sweep(make, [1, 2], label="threads", repeats=1, warmup=0)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        sweep(make, [1], label="threads", repeats=1, warmup=0, threads=None)
+        assert seen[-1] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sweep_warns_plainly_on_a_busy_machine(monkeypatch, capsys) -> None:
+    from labsupport.harness import contention
+
+    monkeypatch.setattr(contention, "machine_cpus", lambda: 2)
+    monkeypatch.setattr(contention, "load_average", lambda: 5.0)
+    sweep(lambda n: (lambda: None), [1], label="busy run", repeats=1, warmup=0)
+    out = capsys.readouterr().out
+    assert "busy run" in out and "busy" in out and "5.0" in out
+    monkeypatch.setattr(contention, "load_average", lambda: 0.3)
+    sweep(lambda n: (lambda: None), [1], label="quiet run", repeats=1, warmup=0)
+    out = capsys.readouterr().out
+    assert "busy" not in out
+    assert "quiet run: 100%" in out and "1/1 sizes" in out  # a finished text bar, not a widget frozen at 0%
+
+
+@pytest.mark.parametrize(
+    ("exponent", "expected", "warned"),
+    [(2.1, None, False), (2.1, 2.0, False), (-0.34, None, True), (0.2, 2.0, True), (4.2, None, True), (1.4, 2.0, True)],
+)
+def test_exponent_warning_flags_implausible_fits(exponent, expected, warned) -> None:
+    from labsupport.harness.measuring import exponent_warning
+
+    message = exponent_warning("tiled", exponent, expected=expected)
+    assert (message is not None) is warned
+    if warned:
+        assert "tiled" in message and f"{exponent:.2f}" in message and "busy" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"exponent": float("nan")}, ValueError), ({"exponent": "2"}, ValueError),
+     ({"exponent": 2.0, "expected": "2"}, TypeError), ({"exponent": 2.0, "tolerance": 0}, ValueError)],
+)
+def test_exponent_warning_rejects_bad_input(kwargs, error) -> None:
+    from labsupport.harness.measuring import exponent_warning
+
+    with pytest.raises(error):
+        exponent_warning("x", **kwargs)

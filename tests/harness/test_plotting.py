@@ -44,8 +44,21 @@ def test_plot_scaling_draws_curves_with_zeros_without_a_slope() -> None:
         ([ScalingResult("a", [1, 2], [1.0])], {"title": "t"}, ValueError),
         ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": None}, TypeError),
         ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "fit_tail": 1}, ValueError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "expected_slopes": {"b": 2.0}}, ValueError),
+        ([ScalingResult("a", [1, 2], [1.0, 2.0])], {"title": "t", "expected_slopes": [2.0]}, TypeError),
     ],
 )
 def test_plot_scaling_rejects_bad_input(results, kwargs, error) -> None:
     with pytest.raises(error):
         plot_scaling(results, **kwargs)
+
+
+def test_plot_scaling_warns_plainly_about_implausible_slopes(capsys) -> None:
+    falling = ScalingResult("tiled", [64, 128, 256], [4e-3, 3e-3, 2.5e-3])  # exponent -0.34, seen on a busy machine
+    flat = ScalingResult("softmax", [64, 128, 256], [1e-3, 1.2e-3, 1.3e-3])
+    good = ScalingResult("dense", [64, 128, 256], [1e-3, 4e-3, 16e-3])
+    plot_scaling([falling, flat, good], title="t", expected_slopes={"softmax": 2.0, "dense": 2.0})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 2
+    assert "tiled" in lines[0] and "-0.3" in lines[0]
+    assert "softmax" in lines[1] and "expected 2" in lines[1]

@@ -127,3 +127,48 @@ def test_configure_torch_threads_only_lowers(monkeypatch) -> None:
             settings.configure_torch_threads(max_threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_configure_torch_threads_defaults_to_one_thread(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+        torch.set_num_threads(2)
+        assert settings.configure_torch_threads() == 1  # the worst case on shared cores
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("load", "expected"), [(0.1, 2), (1.2, 1), (6.0, 1)])
+def test_configure_torch_threads_grants_more_only_on_an_idle_machine(monkeypatch, load, expected) -> None:
+    from labsupport.harness import contention
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+        monkeypatch.setattr(contention, "machine_cpus", lambda: 2)
+        monkeypatch.setattr(contention, "load_average", lambda: load)
+        torch.set_num_threads(1)
+        assert settings.configure_torch_threads(max_threads=4) == expected
+        assert settings.configure_torch_threads(max_threads=None) == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_threads_sets_and_restores(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+        torch.set_num_threads(2)
+        with settings.torch_threads(1) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), settings.torch_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2  # restored after an error too
+        for bad in (0, 1.0, True, None):
+            with pytest.raises(ValueError, match="threads"), settings.torch_threads(bad):
+                pass
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,50 @@
+"""Chapter 00's second-edition exercise: the largest batch that fits in an accelerator's memory.
+
+* :func:`largest_batch_reference` — the answer, from :meth:`labsupport.harness.costs.TransformerShape.max_batch`.
+* :func:`check_largest_batch` — the checker, over published shapes, a GQA model, weights that do not fit
+  at all, and a memory size exactly on a boundary.
+
+Kept apart from :mod:`labsupport.attention.exercises` (the first edition's checkers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
+
+__all__ = ["check_largest_batch", "largest_batch_reference"]
+
+GiB = 2**30  # a "24 GB" or "80 GB" accelerator holds 24 or 80 GiB
+
+
+def largest_batch_reference(shape: TransformerShape, memory_bytes: int, context: int) -> int:
+    """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights."""
+    if not isinstance(shape, TransformerShape):
+        raise TypeError(f"shape must be a TransformerShape, got {type(shape).__name__}")
+    return shape.max_batch(memory_bytes, context)
+
+
+def _cases() -> list[Case]:
+    llama, mistral = MODEL_PRESETS["LLaMA-2-7B"], MODEL_PRESETS["Mistral-7B"]
+    tiny = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
+                            vocab=100, bytes_per_element=4, gated_mlp=False)
+    boundary = tiny.weight_bytes + 3 * 1000 * tiny.kv_bytes_per_token()
+    return [
+        Case("LLaMA-2-7B, 24 GiB, 4K context", (llama, 24 * GiB, 4096)),
+        Case("LLaMA-2-7B, 80 GiB, 32K context", (llama, 80 * GiB, 32768)),
+        Case("Mistral-7B (GQA, 4x smaller cache), 80 GiB, 32K context", (mistral, 80 * GiB, 32768)),
+        Case("LLaMA-2-7B on an 8 GiB card: the weights alone do not fit", (llama, 8 * GiB, 1024)),
+        Case("tiny fp32 model, memory = weights + exactly 3 caches of 1000 tokens", (tiny, boundary, 1000)),
+        Case("tiny fp32 model, one byte short of that", (tiny, boundary - 1, 1000)),
+    ]
+
+
+def check_largest_batch(fn: Callable[..., object]) -> CheckResult:
+    """Check ``largest_batch(shape, memory_bytes, context) -> int`` against :func:`largest_batch_reference`."""
+    return check_function(
+        fn, largest_batch_reference, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
+        hint="the weights are stored once, whatever the batch; every sequence needs its own cache for all of "
+             "its tokens; part of a sequence does not fit, and a model whose weights do not fit serves none.",
+    )
