@@ -14,9 +14,12 @@ module              holds
 ``mechanisms``      THE registry: one ``MechanismSpec`` row per mechanism (forget/write text, feature map,
                     gates, sequence form, step form), ``MECHANISMS``, ``get_mechanism``
 ``mixers``          ``LinearAttentionMixer`` (reads a registry row), ``linear_mixer`` (a ``TinyLM`` factory)
-``widget``          ``memory_decay_data``, ``memory_decay_figure``: the "memory decay" explorer
+``widget``          ``memory_decay_data``, ``memory_decay_figure``, ``widget_parameters_used``: the "memory
+                    decay" explorer
 ``exercises``       ``recurrent_step``, ``chunkwise_step``, ``chunkwise_decay_step``, ``delta_rule_step`` and
                     their checkers ``check_*``
+``exercises_core``  the core exercise: ``gated_delta_chunk_step`` / ``check_gated_delta_chunk_step`` (one chunk
+                    of gated DeltaNet through the UT transform; refuses a loop over the tokens)
 ==================  ==========================================================================================
 
 The notebook imports the package as ``la``: ``from labsupport import linear_attention as la``.
@@ -34,6 +37,7 @@ from labsupport.linear_attention.exercises import (
     delta_rule_step,
     recurrent_step,
 )
+from labsupport.linear_attention.exercises_core import check_gated_delta_chunk_step, gated_delta_chunk_step
 from labsupport.linear_attention.fast import linear_attention_chunkwise_fast
 from labsupport.linear_attention.mechanisms import (
     MECHANISMS,
@@ -59,7 +63,12 @@ from labsupport.linear_attention.reference import (
     ttt_linear_minibatch,
     ut_transform,
 )
-from labsupport.linear_attention.widget import MemoryDecayData, memory_decay_data, memory_decay_figure
+from labsupport.linear_attention.widget import (
+    MemoryDecayData,
+    memory_decay_data,
+    memory_decay_figure,
+    widget_parameters_used,
+)
 
 __all__ = [
     "MECHANISMS",
@@ -71,6 +80,7 @@ __all__ = [
     "check_chunkwise_decay_step",
     "check_chunkwise_step",
     "check_delta_rule_step",
+    "check_gated_delta_chunk_step",
     "check_recurrent_step",
     "chunkwise_decay_step",
     "chunkwise_step",
@@ -79,6 +89,7 @@ __all__ = [
     "delta_rule_recurrent",
     "delta_rule_step",
     "elu_feature_map",
+    "gated_delta_chunk_step",
     "get_mechanism",
     "linear_attention_chunkwise",
     "linear_attention_chunkwise_fast",
@@ -95,4 +106,5 @@ __all__ = [
     "ttt_linear_minibatch",
     "ut_transform",
     "widget_mechanisms",
+    "widget_parameters_used",
 ]

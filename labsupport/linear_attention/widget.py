@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from labsupport.harness.validation import require_choice, require_float, require_int, require_positive_int
 from labsupport.linear_attention.mechanisms import MECHANISMS, widget_mechanisms
 
-__all__ = ["MemoryDecayData", "memory_decay_data", "memory_decay_figure"]
+__all__ = ["MemoryDecayData", "memory_decay_data", "memory_decay_figure", "widget_parameters_used"]
 
 
 @dataclass
@@ -46,6 +46,16 @@ class MemoryDecayData:
     d_key: int
     decay: float
     beta: float
+
+
+def widget_parameters_used(mechanism: str) -> dict[str, bool]:
+    """Which of the widget's two parameters ``mechanism`` reads: ``{"decay": ..., "beta": ...}``.
+
+    ``decay`` is read by the mechanisms that forget by age (RetNet, GLA, gated DeltaNet), ``beta`` by the
+    delta rules. A widget disables the controls of the parameters a mechanism ignores.
+    """
+    spec = MECHANISMS[require_choice("mechanism", mechanism, widget_mechanisms())]
+    return {"decay": spec.decay != "none", "beta": spec.rule == "delta"}
 
 
 def memory_decay_data(
@@ -130,6 +140,9 @@ def memory_decay_figure(data: MemoryDecayData) -> "go.Figure":  # noqa: F821 - p
     fig.update_yaxes(title_text="state after token t", autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="tokens written", row=1, col=2)
     fig.update_yaxes(title_text="‖Sᵀk − v‖ / ‖v‖", rangemode="tozero", row=1, col=2)
+    used = widget_parameters_used(data.mechanism)
+    decay = f"decay={data.decay:g}" if used["decay"] else "no decay"
+    beta = f"β={data.beta:g}" if used["beta"] else "β not used (additive write)"
     fig.update_layout(height=420, legend=dict(orientation="h", y=-0.25, x=0.55),
-                      title=f"{data.mechanism}: decay={data.decay:g}, β={data.beta:g}, d_key={data.d_key}")
+                      title=f"{data.mechanism}: {decay}, {beta}, d_key={data.d_key}")
     return fig

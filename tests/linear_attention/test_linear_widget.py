@@ -51,3 +51,20 @@ def test_memory_decay_data_errors():
         la.memory_decay_data("linear", length=0)
     with pytest.raises(TypeError, match="MemoryDecayData"):
         la.memory_decay_figure("not data")
+
+
+def test_widget_parameters_used_match_what_the_data_reads():
+    """A parameter marked unused does not change the data; one marked used does (so its control may be disabled)."""
+    from labsupport.linear_attention.widget import widget_parameters_used
+
+    for mechanism in la.widget_mechanisms():
+        used = widget_parameters_used(mechanism)
+        base = la.memory_decay_data(mechanism, decay=0.9, beta=0.5, length=24, d_key=8)
+        other_decay = la.memory_decay_data(mechanism, decay=0.6, beta=0.5, length=24, d_key=8)
+        other_beta = la.memory_decay_data(mechanism, decay=0.9, beta=0.9, length=24, d_key=8)
+        assert used["decay"] == (not torch.equal(base.recall_error, other_decay.recall_error)), mechanism
+        assert used["beta"] == (not torch.equal(base.recall_error, other_beta.recall_error)), mechanism
+        title = la.memory_decay_figure(base).layout.title.text
+        assert ("no decay" in title) == (not used["decay"]) and ("β not used" in title) == (not used["beta"])
+    with pytest.raises(ValueError, match="mechanism"):
+        widget_parameters_used("ttt")
