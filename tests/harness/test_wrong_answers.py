@@ -37,7 +37,7 @@ def test_each_checker_passes_its_own_reference(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(data=st.data())
 def test_no_wrong_answer_passes(name, data):
