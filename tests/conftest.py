@@ -28,6 +28,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "notebooks: executes whole notebooks (slow); deselect with -m 'not notebooks'")
+    config.addinivalue_line("markers", "browser: runs chapters in JupyterLab in headless Chromium; deselect with -m 'not browser'")
+    config.addinivalue_line("markers", "book: builds the course book (quick mode); deselect with -m 'not book'")
+    config.addinivalue_line("markers", "wheel: builds a wheel, installs it in a fresh venv, runs a chapter; deselect with -m 'not wheel'")
 
 
 @pytest.fixture(autouse=True)

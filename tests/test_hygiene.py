@@ -79,5 +79,12 @@ def test_readme_names_the_two_commands() -> None:
     assert "bash bin/test" in readme
 
 
+def test_readme_documents_the_workspace_the_book_and_the_browser_test() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for needed in ("my-notebooks/", "bash bin/lab --instructor", "bash bin/book", "tests/test_browser.py",
+                   "course.toml", "python tools/course_repository.py", '-m "not browser"'):
+        assert needed in readme, f"README.md should mention {needed!r}"
+
+
 def test_data_manifest_is_intact() -> None:
     assert verify_manifest(REPO / "data") == []

@@ -11,11 +11,13 @@ module                    holds
 ``contention``            how busy the machine is: ``busy_warning``, ``spare_cpus``, ``print_measured``
 ``costs``                 every byte and FLOP formula (KV cache, GQA/MLA/quantised caches, states, FLOPs)
 ``plotting``              ``plot_scaling``, ``plot_histories``
-``widgets``               ``interactive_figure``: ipywidgets + plotly, always leaving a static figure
+``widgets``               ``interactive_figure``: ipywidgets + plotly in every front end, a static fallback
 ``hardware``              the reader's machine: matmul GFLOP/s, copy bandwidth, the roofline
-``settings``              seeding, quick mode, plotly renderer, torch threads (one by default, ``torch_threads``)
+``settings``              seeding, quick mode, front end and plotly renderer, torch threads (one by default,
+                          ``torch_threads``)
 ``data``                  the shipped data and its checksum manifest
 ``editions``              ``python -m labsupport.harness.editions``: student editions
+``workspace``             ``python -m labsupport.harness.workspace``: a learner's workspace (``bin/lab``)
 ``envcheck``              ``python -m labsupport.harness.envcheck``: one OK/FAIL line per requirement
 ========================  ==========================================================================
 

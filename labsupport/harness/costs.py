@@ -16,6 +16,8 @@ Work:
 * :func:`expert_parallel_bytes` — bytes an expert-parallel all-to-all moves between processes.
 * :func:`nsa_tokens_per_step`, :func:`policy_tokens_per_step`, :func:`decode_read_bytes` — what one decode
   step of sparse attention reads (NSA's branches, a KV policy's budget, bytes with page metadata).
+* :func:`denoising_work`, :func:`autoregressive_work` — sequential network calls and positions processed to
+  generate tokens with a masked-diffusion sampler (tokens per step, blocks, block cache) or with a KV cache.
 
 And :func:`format_bytes` to print any of them. :data:`KV_PRESETS` and :data:`MODEL_PRESETS`
 hold the shapes of published models.
@@ -33,6 +35,8 @@ __all__ = [
     "KV_PRESETS",
     "MODEL_PRESETS",
     "TransformerShape",
+    "autoregressive_work",
+    "denoising_work",
     "cache_elements_per_token",
     "decode_read_bytes",
     "chunkwise_flops",
@@ -413,3 +417,44 @@ def policy_tokens_per_step(policy: str, context: int, budget: int, *, page: int 
     if policy == "quest":
         return {"tokens": min(context, (budget // page) * page), "pages": -(-context // page)}
     return {"tokens": min(budget, context), "pages": 0}
+
+
+def denoising_work(prompt: int, new_tokens: int, tokens_per_step: int, *, block_length: int | None = None,
+                   cached: bool = False) -> dict[str, int]:
+    """Work of a masked-diffusion sampler that writes ``new_tokens`` after ``prompt`` given positions.
+
+    Every step is one call of the network on the whole canvas of ``prompt + new_tokens`` positions, and commits
+    ``tokens_per_step`` tokens (``ceil(new_tokens / tokens_per_step)`` steps; with blocks, each block of
+    ``block_length`` positions gets ``ceil(block_length / tokens_per_step)``). With ``cached`` (blocks only),
+    a block's first step is a full pass and its later steps run only the block's positions.
+
+    Returns ``{"steps": sequential network calls, "positions": positions processed, summed over calls}``.
+    """
+    prompt = require_int("prompt", prompt, minimum=0)
+    new = require_positive_int("new_tokens", new_tokens)
+    per_step = require_positive_int("tokens_per_step", tokens_per_step)
+    if cached and block_length is None:
+        raise ValueError("cached=True needs block_length (the cache holds what lies outside the current block)")
+    canvas = prompt + new
+    if block_length is None:
+        steps = -(-new // per_step)
+        return {"steps": steps, "positions": steps * canvas}
+    block = require_positive_int("block_length", block_length)
+    steps = positions = 0
+    for start in range(0, new, block):
+        size = min(block, new - start)
+        block_steps = -(-size // per_step)
+        steps += block_steps
+        positions += canvas + (block_steps - 1) * (size if cached else canvas)
+    return {"steps": steps, "positions": positions}
+
+
+def autoregressive_work(prompt: int, new_tokens: int) -> dict[str, int]:
+    """Work of KV-cached greedy decoding: one prefill call over the prompt, then one call per further token.
+
+    Returns ``{"steps": sequential network calls, "positions": positions processed}`` (``prompt + new − 1``:
+    the last token is never fed back).
+    """
+    prompt = require_positive_int("prompt", prompt)
+    new = require_positive_int("new_tokens", new_tokens)
+    return {"steps": new, "positions": prompt + new - 1}

@@ -3,8 +3,11 @@
 * :func:`seed_everything` — seed Python's ``random``, numpy and torch in one call.
 * :func:`quick_mode` / :func:`pick` — smaller sizes when ``LABSUPPORT_QUICK=1``
   (the test suite executes the notebooks and the student editions that way).
-* :func:`configure_plotly` — a plotly renderer that works in JupyterLab, Colab,
-  VS Code and in headless execution (nbclient, nbval), never opening a browser.
+* :func:`front_end` — which front end runs this kernel: Colab, VS Code,
+  Jupyter (JupyterLab, Notebook 7, or a headless run by nbclient/nbval) or none.
+* :func:`configure_plotly` — a plotly renderer chosen by front end (never
+  opening a browser); ``LABSUPPORT_PLOTLY_RENDERER=offline_html`` writes figures
+  as HTML that loads no script from the network (the course book, ``bin/book``).
 * :func:`cpu_budget` / :func:`configure_torch_threads` — no more torch threads
   than the CPUs this process may really use (containers such as Binder cap CPU
   time with a cgroup quota that torch does not see).
@@ -26,10 +29,14 @@ import numpy as np
 import torch
 
 __all__ = [
+    "FRONT_ENDS",
+    "OFFLINE_HTML_RENDERER",
     "QUICK_ENV_VAR",
+    "RENDERER_ENV_VAR",
     "configure_plotly",
     "configure_torch_threads",
     "cpu_budget",
+    "front_end",
     "pick",
     "quick_mode",
     "seed_everything",
@@ -37,6 +44,11 @@ __all__ = [
 ]
 
 QUICK_ENV_VAR = "LABSUPPORT_QUICK"
+FRONT_ENDS = ("colab", "vscode", "jupyter", "none")
+OFFLINE_HTML_RENDERER = "offline_html"
+# plotly checks PLOTLY_RENDERER against its own renderers when imported, so a renderer
+# registered here (offline_html) is asked for through this variable instead.
+RENDERER_ENV_VAR = "LABSUPPORT_PLOTLY_RENDERER"
 _TRUE_WORDS = frozenset({"1", "true", "yes"})
 
 T = TypeVar("T")
@@ -88,12 +100,62 @@ def _running_in_ipykernel() -> bool:
     return shell is not None and type(shell).__module__.startswith("ipykernel.")
 
 
-def configure_plotly() -> str:
-    """Choose plotly's default renderer for the current front end and return its name.
+def front_end() -> str:
+    """Which front end runs this code: one of :data:`FRONT_ENDS`.
 
-    * ``PLOTLY_RENDERER`` set: respected as is.
-    * Colab (``COLAB_RELEASE_TAG``/``COLAB_NOTEBOOK_ID``): ``"colab"``.
-    * VS Code (``VSCODE_PID``): ``"vscode"``.
+    * ``"colab"``: Google Colab (``google.colab`` imported, or its environment
+      variables ``COLAB_RELEASE_TAG`` / ``COLAB_NOTEBOOK_ID``);
+    * ``"vscode"``: a kernel started by VS Code (``VSCODE_PID``);
+    * ``"jupyter"``: any other Jupyter kernel — JupyterLab, Notebook 7, or a
+      headless run (nbclient, nbval, the book build), which cannot be told apart
+      from inside the kernel;
+    * ``"none"``: no kernel (a plain script, pytest).
+    """
+    if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ or "COLAB_NOTEBOOK_ID" in os.environ:
+        return "colab"
+    if "VSCODE_PID" in os.environ:
+        return "vscode"
+    if _running_in_ipykernel():
+        return "jupyter"
+    return "none"
+
+
+_RENDERER_BY_FRONT_END = {
+    "colab": "colab",
+    "vscode": "vscode",
+    "jupyter": "plotly_mimetype+notebook_connected",
+    "none": "json",
+}
+
+
+def _register_offline_html_renderer() -> None:
+    """Register :data:`OFFLINE_HTML_RENDERER`: a figure as an HTML ``<div>`` plus a module script, no plotly.js.
+
+    The page that shows it must load plotly.js itself (the course book ships a
+    local copy); ``type="module"`` defers the drawing until that script has run.
+    """
+    import plotly.io as pio
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class OfflineHtmlRenderer(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict: dict) -> dict:
+            html = pio.to_html(
+                fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False, validate=False
+            )
+            for plain in ('<script type="text/javascript">', "<script>"):
+                html = html.replace(plain, '<script type="module">')
+            return {"text/html": html}
+
+    if OFFLINE_HTML_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_HTML_RENDERER] = OfflineHtmlRenderer()
+
+
+def configure_plotly() -> str:
+    """Choose plotly's default renderer for the current front end (:func:`front_end`) and return its name.
+
+    * ``LABSUPPORT_PLOTLY_RENDERER`` or ``PLOTLY_RENDERER`` set: respected as is
+      (the first may name :data:`OFFLINE_HTML_RENDERER`).
+    * Colab: ``"colab"``; VS Code: ``"vscode"`` (its built-in plotly renderer).
     * any other Jupyter kernel (JupyterLab, Notebook 7, nbclient/nbval runs):
       ``"plotly_mimetype+notebook_connected"`` — JupyterLab draws the plotly
       mime bundle; the HTML part (plotly.js from its CDN, not embedded) keeps
@@ -103,16 +165,10 @@ def configure_plotly() -> str:
     """
     import plotly.io as pio
 
-    if os.environ.get("PLOTLY_RENDERER"):
-        renderer = os.environ["PLOTLY_RENDERER"]
-    elif "COLAB_RELEASE_TAG" in os.environ or "COLAB_NOTEBOOK_ID" in os.environ:
-        renderer = "colab"
-    elif "VSCODE_PID" in os.environ:
-        renderer = "vscode"
-    elif _running_in_ipykernel():
-        renderer = "plotly_mimetype+notebook_connected"
-    else:
-        renderer = "json"
+    _register_offline_html_renderer()
+    renderer = (
+        os.environ.get(RENDERER_ENV_VAR) or os.environ.get("PLOTLY_RENDERER") or _RENDERER_BY_FRONT_END[front_end()]
+    )
     pio.renderers.default = renderer
     return renderer
 

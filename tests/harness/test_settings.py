@@ -58,7 +58,7 @@ def test_pick_rejects_values_of_different_kinds() -> None:
 
 @pytest.fixture
 def clean_renderer_env(monkeypatch):
-    for name in ("PLOTLY_RENDERER", "COLAB_RELEASE_TAG", "COLAB_NOTEBOOK_ID", "VSCODE_PID"):
+    for name in ("PLOTLY_RENDERER", "LABSUPPORT_PLOTLY_RENDERER", "COLAB_RELEASE_TAG", "COLAB_NOTEBOOK_ID", "VSCODE_PID"):
         monkeypatch.delenv(name, raising=False)
     saved = pio.renderers.default
     yield monkeypatch
@@ -84,6 +84,40 @@ def test_configure_plotly_detects_front_ends(clean_renderer_env, variable, value
     clean_renderer_env.setenv(variable, value)
     assert configure_plotly() == expected
     assert pio.renderers.default == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [("COLAB_RELEASE_TAG", "release-x", "colab"), ("COLAB_NOTEBOOK_ID", "x", "colab"), ("VSCODE_PID", "42", "vscode")],
+)
+def test_front_end_is_detected_from_the_environment(clean_renderer_env, variable, value, expected) -> None:
+    assert settings.front_end() == "none"
+    clean_renderer_env.setattr(settings, "_running_in_ipykernel", lambda: True)
+    assert settings.front_end() == "jupyter"
+    clean_renderer_env.setenv(variable, value)
+    assert settings.front_end() == expected
+    assert expected in settings.FRONT_ENDS
+
+
+def test_front_end_sees_colab_by_its_module(clean_renderer_env) -> None:
+    import sys
+    import types
+
+    clean_renderer_env.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert settings.front_end() == "colab"
+    assert configure_plotly() == "colab"
+
+
+def test_the_offline_html_renderer_loads_no_script_from_the_network(clean_renderer_env) -> None:
+    import plotly.graph_objects as go
+
+    clean_renderer_env.setenv(settings.RENDERER_ENV_VAR, settings.OFFLINE_HTML_RENDERER)
+    assert configure_plotly() == "offline_html"
+    bundle = go.Figure(go.Scatter(y=[1, 3, 2]))._repr_mimebundle_()
+    html = bundle["text/html"]
+    assert list(bundle) == ["text/html"]
+    assert "Plotly.newPlot" in html and '<script type="module">' in html
+    assert "https://" not in html and "cdn" not in html.lower() and "<script src" not in html
 
 
 @pytest.mark.parametrize(

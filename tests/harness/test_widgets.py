@@ -84,18 +84,89 @@ def shown(monkeypatch) -> list[object]:
     return displayed
 
 
-def test_in_a_notebook_it_displays_live_view_static_figure_and_caption_once(shown) -> None:
+def test_in_a_notebook_the_explorer_is_one_output_with_the_static_figure_as_its_fallback(shown) -> None:
     explorer = make_explorer(static_caption="Snapshot for readers without widgets.")
-    assert len(shown) == 3
-    live_bundle, static, caption = shown
-    assert "application/vnd.jupyter.widget-view+json" in live_bundle
-    assert "static figure below" in live_bundle["text/plain"]
-    assert static is explorer.static_figure
-    assert caption.data == "Snapshot for readers without widgets."
+    assert len(shown) == 1  # never a second, separate static figure (JupyterLab would show the figure twice)
+    [bundle] = shown
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["y"] == [0, 2, 4]  # the static figure, as a fallback
+    assert "Snapshot for readers without widgets." in bundle["text/plain"]
     explorer._ipython_display_()  # the cell's last expression: nothing shown again
-    assert len(shown) == 3
+    assert len(shown) == 1
     explorer.show()
-    assert len(shown) == 6
+    assert len(shown) == 2
+
+
+def test_the_fallback_html_carries_the_figure_and_its_caption(shown) -> None:
+    import plotly.io as pio
+
+    saved = pio.renderers.default
+    pio.renderers.default = "plotly_mimetype+notebook_connected"
+    try:
+        make_explorer()
+    finally:
+        pio.renderers.default = saved
+    html = shown[0]["text/html"]
+    assert "Plotly" in html and "Static snapshot of “Lines”" in html and "slope=2" in html
+
+
+@pytest.mark.parametrize(("front_end", "mode"), [("jupyter", "live"), ("none", "live"), ("colab", "redraw"), ("vscode", "redraw")])
+def test_the_mode_follows_the_front_end(monkeypatch, front_end, mode) -> None:
+    monkeypatch.setattr(widgets, "front_end", lambda: front_end)
+    explorer = make_explorer()
+    assert explorer.mode == mode
+    assert isinstance(explorer.figure, go.FigureWidget) == (mode == "live")
+    assert (explorer.output is None) == (mode == "live")
+
+
+def figures_in(output: ipywidgets.Output) -> list[dict]:
+    """The plotly figures an Output widget shows (as plotly's JSON)."""
+    return [item["data"]["application/vnd.plotly.v1+json"] for item in output.outputs]
+
+
+def test_fallback_redraws_a_plain_figure_in_an_output_on_each_control_change(monkeypatch) -> None:
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    explorer = make_explorer(mode="redraw")
+    assert type(explorer.figure) is go.Figure
+    assert not any(isinstance(w, go.FigureWidget) for w in explorer.widget.children)  # only core widgets
+    assert explorer.output in explorer.widget.children
+    assert [f["data"][0]["y"] for f in figures_in(explorer.output)] == [[0, 2, 4]]
+    explorer.controls["slope"].value = 5  # as if the learner dragged the slider
+    [figure] = figures_in(explorer.output)  # one figure: the old one is replaced, not added to
+    assert figure["data"][0]["y"] == [0, 5, 10] and figure["layout"]["title"]["text"] == "slope 5"
+    explorer.controls["kind"].value = "bar"
+    [figure] = figures_in(explorer.output)
+    assert figure["data"][0]["type"] == "bar"
+    assert list(explorer.static_figure.data[0].y) == [0, 2, 4]  # the snapshot stays at the defaults
+    assert explorer.update(slope=13) is False  # an error keeps the last good figure
+    [figure] = figures_in(explorer.output)
+    assert figure["data"][0]["type"] == "bar" and figure["data"][0]["y"] == [5, 5, 5]
+    assert "13 is unlucky" in explorer.messages.outputs[0]["text"]
+
+
+def test_fallback_uses_the_front_ends_renderer(monkeypatch) -> None:
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", "colab")
+    explorer = make_explorer(mode="redraw")
+    [item] = explorer.output.outputs
+    assert "text/html" in item["data"] and "application/vnd.plotly.v1+json" not in item["data"]
+
+
+def test_fallback_in_a_notebook_is_one_output_too(shown, monkeypatch) -> None:
+    monkeypatch.setattr(widgets, "front_end", lambda: "colab")
+    explorer = make_explorer()
+    [bundle] = shown
+    assert explorer.mode == "redraw"
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["y"] == [0, 2, 4]
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_explorer(mode="static")
 
 
 def test_outside_a_notebook_nothing_is_displayed(monkeypatch) -> None:

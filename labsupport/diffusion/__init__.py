@@ -1,0 +1,84 @@
+"""Chapter 08: masked diffusion language models — denoise many tokens at once.
+
+* :mod:`~labsupport.diffusion.process` — the masking schedule, the forward process, the ``1/t``-weighted loss,
+  the SUBS denoiser, the device-aware objective, a Monte-Carlo ELBO.
+* :mod:`~labsupport.diffusion.exact` — a vocabulary and length small enough to enumerate: exact NLL and ELBO.
+* :mod:`~labsupport.diffusion.sampling` — transfer schedule, low-confidence / random remasking, block
+  (semi-autoregressive) decoding, infilling, the autoregressive baseline with its KV cache.
+* :mod:`~labsupport.diffusion.cache` — keys and values outside the current block, reused within it.
+* :mod:`~labsupport.diffusion.checkpoints` — the shipped denoiser and AR model, loaded after a sha256 check.
+* :mod:`~labsupport.diffusion.evaluation` — span likelihoods (exact AR, bound for the denoiser), infilling
+  accuracy, judge NLL and entropy of samples.
+* :mod:`~labsupport.diffusion.widget` — the denoising explorer's data and figure.
+* :mod:`~labsupport.diffusion.exercises` — the chapter's checkers.
+"""
+
+from labsupport.diffusion.cache import BlockKVCache
+from labsupport.diffusion.checkpoints import (
+    AR_CHECKPOINT,
+    DIFFUSION_CHECKPOINT,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from labsupport.diffusion.exact import (
+    ToyRecord,
+    all_sequences,
+    elbo_by_mask_sets,
+    masked_log_probs,
+    order_bounds,
+    toy_distribution,
+    train_toy,
+)
+from labsupport.diffusion.process import (
+    SCHEDULES,
+    DiffusionObjective,
+    MaskedDenoiser,
+    elbo_per_sequence,
+    loss_weight,
+    mask_probability,
+    mask_tokens,
+    masked_diffusion_loss,
+    subs_logits,
+)
+from labsupport.diffusion.sampling import (
+    REMASKING,
+    SampleTrace,
+    ar_generate,
+    commit_tokens,
+    diffusion_sample,
+    infill_canvas,
+    transfer_schedule,
+)
+
+__all__ = [
+    "AR_CHECKPOINT",
+    "DIFFUSION_CHECKPOINT",
+    "REMASKING",
+    "SCHEDULES",
+    "BlockKVCache",
+    "DiffusionObjective",
+    "MaskedDenoiser",
+    "SampleTrace",
+    "ToyRecord",
+    "all_sequences",
+    "ar_generate",
+    "build_model",
+    "commit_tokens",
+    "diffusion_sample",
+    "elbo_by_mask_sets",
+    "elbo_per_sequence",
+    "infill_canvas",
+    "load_checkpoint",
+    "loss_weight",
+    "mask_probability",
+    "mask_tokens",
+    "masked_diffusion_loss",
+    "masked_log_probs",
+    "order_bounds",
+    "save_checkpoint",
+    "subs_logits",
+    "toy_distribution",
+    "train_toy",
+    "transfer_schedule",
+]

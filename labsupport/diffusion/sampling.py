@@ -1,0 +1,226 @@
+"""Samplers: turn a canvas of ``[MASK]`` tokens into text in a fixed number of denoising steps.
+
+A canvas is ``(B, L)`` ids in which the positions to generate hold ``mask_id`` and every other position is
+given (a prompt, the two ends of an infilling task). Each step runs the denoiser on the whole canvas, predicts
+every masked token, and **commits** some of them; a committed token is never changed again.
+
+* :func:`transfer_schedule` — how many tokens each step commits (LLaDA's linear schedule).
+* :func:`commit_tokens` — one step's commit: the ``k`` most confident predictions (low-confidence remasking)
+  or ``k`` random ones (random remasking), among the masked positions a step may touch.
+* :func:`diffusion_sample` — the whole loop, optionally semi-autoregressive (blocks left to right, BD3-LM /
+  LLaDA style) with a cache of everything outside the current block (:mod:`labsupport.diffusion.cache`).
+* :func:`infill_canvas` — mask the middle of sequences, keeping both ends.
+* :func:`ar_generate` — the autoregressive baseline: prefill, then one token per step from the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from labsupport.harness.validation import require_choice, require_float, require_int, require_positive_int
+from labsupport.diffusion.cache import BlockKVCache
+from labsupport.lm.model import TinyLM
+
+__all__ = [
+    "REMASKING",
+    "SampleTrace",
+    "ar_generate",
+    "commit_tokens",
+    "diffusion_sample",
+    "infill_canvas",
+    "transfer_schedule",
+]
+
+#: Which masked predictions a step commits: the most confident, or random ones.
+REMASKING = ("low_confidence", "random")
+
+
+def transfer_schedule(n_masked: int, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of ``steps`` steps, ``(steps,)`` int64 summing to ``n_masked``.
+
+    Every step gets ``n_masked // steps`` tokens, and the first ``n_masked % steps`` steps one more
+    (LLaDA's linear schedule: the same number of tokens per step, the remainder early).
+    """
+    n_masked = require_int("n_masked", n_masked, minimum=0)
+    steps = require_positive_int("steps", steps)
+    base, extra = divmod(n_masked, steps)
+    counts = torch.full((steps,), base, dtype=torch.long)
+    counts[:extra] += 1
+    return counts
+
+
+def commit_tokens(canvas: torch.Tensor, predicted: torch.Tensor, confidence: torch.Tensor, counts: torch.Tensor,
+                  allowed: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit, in each row ``b``, the ``counts[b]`` highest-``confidence`` masked positions where ``allowed``.
+
+    Returns the new canvas and the bool ``(B, L)`` of positions committed now. Positions that are not masked
+    are never touched, whatever their confidence.
+    """
+    candidates = (canvas == mask_id) & allowed
+    score = torch.where(candidates, confidence.float(), float("-inf"))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.arange(canvas.shape[1], device=canvas.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    commit = candidates & (rank < counts[:, None])
+    return torch.where(commit, predicted, canvas), commit
+
+
+@dataclass
+class SampleTrace:
+    """What a sampler did.
+
+    Attributes:
+        tokens: the final ``(B, L)`` ids.
+        commit_step: ``(B, L)`` the step (from 0) at which each position was committed; −1 where given.
+        confidence: ``(B, L)`` the probability the model gave each committed token when committing it
+            (1 where given).
+        frames: the canvas after each step (``steps`` tensors of ``(B, L)``) when recorded.
+        forward_tokens: positions the network processed, summed over steps (the work done).
+        steps: sequential denoiser calls.
+    """
+
+    tokens: torch.Tensor
+    commit_step: torch.Tensor
+    confidence: torch.Tensor
+    frames: list[torch.Tensor] = field(default_factory=list)
+    forward_tokens: int = 0
+    steps: int = 0
+
+
+def _block_spans(masked: torch.Tensor, block_length: int | None) -> list[tuple[int, int]]:
+    length = masked.shape[1]
+    if block_length is None:
+        return [(0, length)]
+    spans = [(s, min(s + block_length, length)) for s in range(0, length, block_length)]
+    return [(s, e) for s, e in spans if bool(masked[:, s:e].any())]
+
+
+@torch.no_grad()
+def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, remasking: str = "low_confidence",
+                     block_length: int | None = None, cache: bool = False, temperature: float = 0.0,
+                     generator: torch.Generator | None = None, record: bool = False) -> SampleTrace:
+    """Fill every ``mask_id`` of ``canvas`` in ``steps`` denoising steps.
+
+    Args:
+        model: a denoiser with ``mask_id`` (a :class:`~labsupport.diffusion.process.MaskedDenoiser`).
+        canvas: ``(B, L)`` ids; positions to generate hold ``mask_id``. All rows must hold the same number of
+            masks in every block (true for the course's prompt and infilling canvases).
+        steps: denoiser calls in all; with blocks they are shared out over the blocks (at least one each).
+        remasking: ``"low_confidence"`` commits the most probable predictions first; ``"random"`` commits
+            random masked positions (each with its predicted token).
+        block_length: ``None`` for one block over the whole canvas; otherwise blocks of this many positions
+            are filled left to right (semi-autoregressive), each in its share of the steps.
+        cache: with blocks, compute keys and values of every position outside the current block once per block
+            and run only the block's positions at its later steps (approximate: they go stale).
+        temperature: 0 takes the most probable token (greedy); above 0 samples from the tempered softmax.
+        generator: randomness of sampling and of random remasking (a fixed default seed when ``None``).
+        record: keep the canvas after every step (for the widget).
+    """
+    mask_id = getattr(model, "mask_id", None)
+    if not isinstance(mask_id, int):
+        raise TypeError("model must carry an int attribute mask_id (a MaskedDenoiser)")
+    if not isinstance(canvas, torch.Tensor) or canvas.dim() != 2 or canvas.dtype != torch.long:
+        raise ValueError(f"canvas must be int64 ids of shape (batch, length); got "
+                         f"{canvas.dtype if isinstance(canvas, torch.Tensor) else type(canvas).__name__}")
+    steps = require_positive_int("steps", steps)
+    require_choice("remasking", remasking, REMASKING)
+    if block_length is not None:
+        block_length = require_positive_int("block_length", block_length)
+    if cache and block_length is None:
+        raise ValueError("cache=True needs block_length: the cache holds everything outside the current block")
+    temperature = require_float("temperature", temperature, minimum=0.0)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = canvas.device
+    x = canvas.clone()
+    masked0 = x == mask_id
+    spans = _block_spans(masked0, block_length)
+    for s, e in spans:
+        per_row = masked0[:, s:e].sum(dim=1)
+        if bool((per_row != per_row[0]).any()):
+            raise ValueError(f"every row must hold the same number of masks in positions {s}..{e - 1}; "
+                             f"got {per_row.tolist()}")
+    if spans and steps < len(spans):
+        raise ValueError(f"steps={steps} is fewer than the {len(spans)} blocks to fill; give each block a step")
+    block_steps = transfer_schedule(steps, max(1, len(spans))).tolist() if spans else []
+    commit_step = torch.full(x.shape, -1, dtype=torch.long, device=device)
+    confidence = torch.ones(x.shape, dtype=torch.float32, device=device)
+    trace = SampleTrace(x, commit_step, confidence)
+    step = 0
+    for (s, e), n_steps in zip(spans, block_steps):
+        counts = transfer_schedule(int(masked0[0, s:e].sum()), n_steps)
+        kv = None
+        for k in range(n_steps):
+            if cache and kv is not None:
+                logits = kv.window(x[:, s:e], s)                     # the block only, against cached keys
+                trace.forward_tokens += x[:, s:e].numel()
+            elif cache:
+                kv = BlockKVCache(model)
+                logits = kv.refresh(x)[:, s:e]                       # one full pass fills the cache
+                trace.forward_tokens += x.numel()
+            else:
+                logits = model(x)[:, s:e]
+                trace.forward_tokens += x.numel()
+            probs = logits.float().softmax(dim=-1)                   # (B, e - s, V)
+            if temperature == 0.0:
+                predicted = probs.argmax(dim=-1)
+            else:
+                tempered = (logits.float() / temperature).softmax(dim=-1)
+                predicted = torch.multinomial(tempered.reshape(-1, tempered.shape[-1]).cpu(), 1,
+                                              generator=gen).view(probs.shape[:2]).to(device)
+            p_pred = probs.gather(-1, predicted[..., None]).squeeze(-1)
+            if remasking == "low_confidence":
+                score = p_pred
+            else:
+                score = torch.rand(p_pred.shape, generator=gen).to(device)
+            block, now = commit_tokens(x[:, s:e], predicted, score, counts[k].expand(x.shape[0]).to(device),
+                                       torch.ones_like(predicted, dtype=torch.bool), mask_id)
+            x[:, s:e] = block
+            commit_step[:, s:e][now] = step
+            confidence[:, s:e][now] = p_pred[now]
+            if record:
+                trace.frames.append(x.clone())
+            step += 1
+    trace.tokens, trace.steps = x, step
+    return trace
+
+
+def infill_canvas(tokens: torch.Tensor, start: int, end: int, mask_id: int) -> torch.Tensor:
+    """``tokens`` with positions ``start .. end − 1`` replaced by ``mask_id`` (both ends kept)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError("tokens must be int64 ids of shape (batch, length)")
+    start = require_int("start", start, minimum=0)
+    end = require_int("end", end, minimum=start + 1, maximum=tokens.shape[1])
+    canvas = tokens.clone()
+    canvas[:, start:end] = require_int("mask_id", mask_id, minimum=0)
+    return canvas
+
+
+@torch.no_grad()
+def ar_generate(model: TinyLM, prompt: torch.Tensor, new_tokens: int, *, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The autoregressive baseline: prefill ``prompt (B, P)``, then ``new_tokens`` cached decode steps.
+
+    Returns ``(B, P + new_tokens)``. Temperature 0 is greedy; above 0 samples from the tempered softmax.
+    """
+    if not isinstance(model, TinyLM):
+        raise TypeError(f"model must be a causal TinyLM, got {type(model).__name__}")
+    new_tokens = require_int("new_tokens", new_tokens, minimum=0)
+    temperature = require_float("temperature", temperature, minimum=0.0)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    logits, states = model.prefill(prompt)
+    out = [prompt]
+    position = prompt.shape[1]
+    for i in range(new_tokens):
+        if temperature == 0.0:
+            token = logits.argmax(dim=-1)
+        else:
+            token = torch.multinomial((logits.float() / temperature).softmax(-1).cpu(), 1,
+                                      generator=gen).squeeze(1).to(prompt.device)
+        out.append(token[:, None])
+        if i + 1 < new_tokens:
+            logits, states = model.decode_step(token, states, position)
+            position += 1
+    return torch.cat(out, dim=1)

@@ -1,0 +1,182 @@
+"""Chapter 08 checkers (labsupport.diffusion.exercises): they pass the references and explain wrong answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labsupport.diffusion import process, sampling
+from labsupport.diffusion.exercises import (
+    check_diffusion_loss,
+    check_low_confidence_commit,
+    check_mask_tokens,
+    check_transfer_schedule,
+    reference_diffusion_loss,
+    reference_low_confidence_commit,
+)
+from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
+
+
+def run(checker, fn, capsys):
+    result = checker(fn)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out
+    return result, out
+
+
+def not_done(*args):
+    raise NotImplementedError
+
+
+def raises(*args):
+    raise RuntimeError("boom")
+
+
+def generic_wrong_answers(checker, capsys) -> None:
+    result, out = run(checker, not_done, capsys)
+    assert result.status == "not done" and "not done yet" in out
+    result, out = run(checker, raises, capsys)
+    assert not result and "RuntimeError: boom" in out
+    result, out = run(checker, None, capsys)
+    assert not result and "expected a function" in out
+    result, out = run(checker, lambda *a: None, capsys)
+    assert not result
+
+
+# --------------------------------------------------------------------------- mask_tokens
+
+def test_mask_tokens_checker(capsys) -> None:
+    result, out = run(check_mask_tokens, process.mask_tokens, capsys)
+    assert result and "passed" in out
+    generic_wrong_answers(check_mask_tokens, capsys)
+
+    def inverted(tokens, mask_prob, mask_id, uniform):  # masks with probability 1 - t
+        masked = uniform >= mask_prob[:, None]
+        return tokens.masked_fill(masked, mask_id), masked
+
+    def one_t(tokens, mask_prob, mask_id, uniform):  # the first sequence's t for everyone
+        masked = uniform < mask_prob[0]
+        return tokens.masked_fill(masked, mask_id), masked
+
+    def in_place(tokens, mask_prob, mask_id, uniform):
+        masked = uniform < mask_prob[:, None]
+        tokens[masked] = mask_id
+        return tokens, masked
+
+    def float_mask(tokens, mask_prob, mask_id, uniform):
+        noisy, masked = process.mask_tokens(tokens, mask_prob, mask_id, uniform)
+        return noisy, masked.float()
+
+    def wrong_shape(tokens, mask_prob, mask_id, uniform):
+        noisy, masked = process.mask_tokens(tokens, mask_prob, mask_id, uniform)
+        return noisy[:, :-1], masked
+
+    for wrong in (inverted, one_t, float_mask, wrong_shape):
+        result, _ = run(check_mask_tokens, wrong, capsys)
+        assert not result, wrong.__name__
+    result, out = run(check_mask_tokens, in_place, capsys)
+    assert not result and "in place" in out
+
+
+# --------------------------------------------------------------------------- diffusion_loss
+
+def ce(logits, tokens):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none").view_as(tokens)
+
+
+def test_diffusion_loss_checker(capsys) -> None:
+    result, out = run(check_diffusion_loss, reference_diffusion_loss, capsys)
+    assert result and "passed" in out
+    generic_wrong_answers(check_diffusion_loss, capsys)
+
+    def unweighted(logits, tokens, masked, t):  # the plain masked-LM loss: not a bound
+        return (ce(logits, tokens) * masked).sum() / masked.sum()
+
+    def by_mask_count(logits, tokens, masked, t):
+        return ((ce(logits, tokens) * masked).sum(1) / t / masked.sum(1)).mean()
+
+    def every_position(logits, tokens, masked, t):
+        return (ce(logits, tokens).sum(1) / t).mean() / tokens.shape[1]
+
+    def times_t(logits, tokens, masked, t):
+        return ((ce(logits, tokens) * masked).sum(1) * t).mean() / tokens.shape[1]
+
+    def no_gradient(logits, tokens, masked, t):
+        return reference_diffusion_loss(logits.detach(), tokens, masked, t)
+
+    def nan_answer(logits, tokens, masked, t):
+        return torch.tensor(float("nan"), dtype=logits.dtype)
+
+    for wrong in (unweighted, by_mask_count, every_position, times_t, no_gradient, nan_answer):
+        result, _ = run(check_diffusion_loss, wrong, capsys)
+        assert not result, wrong.__name__
+
+
+# --------------------------------------------------------------------------- transfer_schedule
+
+def test_transfer_schedule_checker(capsys) -> None:
+    result, out = run(check_transfer_schedule, sampling.transfer_schedule, capsys)
+    assert result and "passed" in out
+    generic_wrong_answers(check_transfer_schedule, capsys)
+
+    def remainder_last(n, steps):
+        return sampling.transfer_schedule(n, steps).flip(0)
+
+    def floats(n, steps):
+        return sampling.transfer_schedule(n, steps).double()
+
+    def floor_only(n, steps):  # drops the remainder: some masks never get committed
+        return torch.full((steps,), n // steps, dtype=torch.long)
+
+    def as_list(n, steps):
+        return sampling.transfer_schedule(n, steps).tolist()
+
+    for wrong in (remainder_last, floats, floor_only, as_list):
+        result, _ = run(check_transfer_schedule, wrong, capsys)
+        assert not result, wrong.__name__
+
+
+# --------------------------------------------------------------------------- low_confidence_commit
+
+def test_low_confidence_commit_checker(capsys) -> None:
+    result, out = run(check_low_confidence_commit, reference_low_confidence_commit, capsys)
+    assert result and "passed" in out
+    generic_wrong_answers(check_low_confidence_commit, capsys)
+
+    def over_all_positions(canvas, logits, mask_id, k):  # ranks committed positions too
+        conf, pred = logits.softmax(-1).max(-1)
+        top = conf.topk(k if k <= canvas.shape[1] else canvas.shape[1], dim=1).indices
+        out = canvas.clone()
+        out.scatter_(1, top, pred.gather(1, top))
+        return out
+
+    def least_confident(canvas, logits, mask_id, k):
+        conf, pred = logits.softmax(-1).max(-1)
+        return reference_low_confidence_commit(canvas, -logits, mask_id, k)
+
+    def in_place(canvas, logits, mask_id, k):
+        new = reference_low_confidence_commit(canvas, logits, mask_id, k)
+        canvas.copy_(new)
+        return canvas
+
+    def fill_everything(canvas, logits, mask_id, k):
+        pred = logits.argmax(-1)
+        return torch.where(canvas == mask_id, pred, canvas)
+
+    def off_by_one(canvas, logits, mask_id, k):
+        return reference_low_confidence_commit(canvas, logits, mask_id, k + 1)
+
+    for wrong in (over_all_positions, least_confident, fill_everything, off_by_one):
+        result, _ = run(check_low_confidence_commit, wrong, capsys)
+        assert not result, wrong.__name__
+    result, out = run(check_low_confidence_commit, in_place, capsys)
+    assert not result and "in place" in out
+
+
+@pytest.mark.parametrize("checker", [check_mask_tokens, check_diffusion_loss, check_transfer_schedule,
+                                     check_low_confidence_commit])
+def test_strict_mode_raises_on_a_wrong_answer(checker, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("LABSUPPORT_STRICT_CHECKS", "1")
+    with pytest.raises(AssertionError):
+        checker(raises)

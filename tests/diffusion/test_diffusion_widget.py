@@ -1,0 +1,62 @@
+"""labsupport.diffusion.widget: the explorer's data and its figure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labsupport.diffusion import MaskedDenoiser, diffusion_sample
+from labsupport.diffusion.widget import denoising_figure, denoising_state, trace_summary, visible_char
+from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
+
+CHARS = list("abcdefg \n")
+
+
+@pytest.fixture(scope="module")
+def trace():
+    torch.manual_seed(0)
+    model = MaskedDenoiser(len(CHARS), 16, 1, max_len=20).eval()
+    canvas = torch.randint(0, len(CHARS), (2, 20), generator=torch.Generator().manual_seed(0))
+    canvas[:, 6:] = model.mask_id
+    return diffusion_sample(model, canvas, steps=7, record=True)
+
+
+def test_state_counts_given_committed_and_masked(trace) -> None:
+    start = denoising_state(trace, CHARS, step=0)
+    assert start.kind.count("given") == 6 and start.masked_left == 14
+    assert all(math.isnan(v) for v in start.value)
+    middle = denoising_state(trace, CHARS, step=3)
+    assert middle.kind.count("committed") == 2 + 2 + 2  # 14 masks in 7 steps: 2 per step
+    end = denoising_state(trace, CHARS)
+    assert end.masked_left == 0 and end.step == 7
+    conf = [v for v, k in zip(end.value, end.kind) if k == "committed"]
+    assert all(0 < v <= 1 for v in conf)
+    steps = denoising_state(trace, CHARS, colour_by="step")
+    assert sorted({v for v, k in zip(steps.value, steps.kind) if k == "committed"}) == list(range(7))
+
+
+def test_state_refuses_bad_arguments(trace) -> None:
+    with pytest.raises(ValueError, match="step"):
+        denoising_state(trace, CHARS, step=8)
+    with pytest.raises(ValueError, match="colour_by"):
+        denoising_state(trace, CHARS, colour_by="age")
+    with pytest.raises(TypeError, match="SampleTrace"):
+        denoising_state("trace", CHARS)
+
+
+def test_figure_shows_the_grid_and_the_confidence_bars(trace) -> None:
+    fig = denoising_figure(trace, CHARS, step=4, width=8)
+    kinds = [t.type for t in fig.data]
+    assert kinds == ["heatmap", "heatmap", "scatter", "bar"]
+    assert len(fig.data[2].text) == 20 and "░" in fig.data[2].text
+    assert len(fig.data[3].y) == 7
+    assert "after 4 of 7 steps" in fig.layout.title.text
+    import json
+
+    data = fig.to_plotly_json()["data"]
+    json.dumps([t.get("z") for t in data] + [t.get("y") for t in data], allow_nan=False)  # widget messages: JSON
+    assert visible_char(" ") == "␣" and visible_char("\n") == "⏎"
+    summary = trace_summary(trace)
+    assert summary["steps"] == 7 and 0 < summary["mean_confidence"] <= 1

@@ -1,0 +1,155 @@
+"""The course book (``bash bin/book`` = tools/build_book.py): every chapter and figure in it, nothing loaded from elsewhere.
+
+The book is built once for this module, in quick mode, into a temporary
+folder. When the browser test (tests/test_browser.py, which runs earlier in
+the same session) has left every chapter executed by JupyterLab in
+``.screenshots/browser/executed/``, those are used (``--executed``) instead of
+running each chapter a second time; otherwise the build executes them itself.
+Skipped, with a one-line reason, when the book's tools (requirements-dev.txt)
+are missing; deselect with ``-m 'not book'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import REPO, chapter_notebooks
+
+pytestmark = pytest.mark.book
+
+EXECUTED_BY_BROWSER = REPO / ".screenshots" / "browser" / "executed"
+EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)  # http://, https://, //cdn..., any scheme with //
+CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])([^'")\s]+)""", re.I)
+
+
+def _why_no_book_tools() -> str | None:
+    missing = [m for m in ("sphinx", "myst_nb", "sphinx_book_theme") if importlib.util.find_spec(m) is None]
+    return f"book test skipped: {', '.join(missing)} not installed (pip install -r requirements-dev.txt)" if missing else None
+
+
+def executed_by_browser_is_current(path: Path) -> bool:
+    """Did the browser test leave this chapter executed, from its current source?"""
+    executed = EXECUTED_BY_BROWSER / path.name
+    if not executed.is_file():
+        return False
+    source = nbformat.read(executed, as_version=4).metadata.get("course_source_sha256")
+    return source == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory) -> Path:
+    reason = _why_no_book_tools()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("book")
+    command = [sys.executable, str(REPO / "tools" / "build_book.py"), "--quick", "--out", str(out)]
+    if all(executed_by_browser_is_current(path) for path in chapter_notebooks()):
+        command += ["--executed", str(EXECUTED_BY_BROWSER)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, f"the book did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out
+
+
+class Loads(HTMLParser):
+    """Every script, stylesheet, font, image or frame a page loads, and the page's figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[str] = []
+        self.figures = 0
+        self.links: list[str] = []
+        self._in_style = False
+        self.styles: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag in ("script", "img", "iframe", "source", "embed") and a.get("src"):
+            self.loads.append(a["src"])
+        if tag == "link" and a.get("href") and set((a.get("rel") or "").split()) & {"stylesheet", "preload", "modulepreload", "icon", "prefetch"}:
+            self.loads.append(a["href"])
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        if tag == "div" and "plotly-graph-div" in (a.get("class") or ""):
+            self.figures += 1
+        self._in_style = tag == "style"
+        if a.get("style"):
+            self.styles.append(a["style"])
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.styles.append(data)
+
+
+def parse(path: Path) -> Loads:
+    page = Loads()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def figures_in(notebook: nbformat.NotebookNode) -> int:
+    """Plotly figures among a notebook's outputs (an explorer's static figure included)."""
+    return sum(
+        "application/vnd.plotly.v1+json" in output.get("data", {})
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+    )
+
+
+def test_every_chapter_has_a_page_with_all_its_figures(book) -> None:
+    html = book / "html"
+    index = parse(html / "index.html")
+    for path in chapter_notebooks():
+        page_path = html / "notebooks" / f"{path.stem}.html"
+        assert page_path.is_file(), f"{path.name}: no page in the book"
+        assert any(link.endswith(f"notebooks/{path.stem}.html") for link in index.links), f"{path.name}: not in the contents"
+        executed = nbformat.read(book / "src" / "notebooks" / path.name, as_version=4)
+        expected = figures_in(executed)
+        page = parse(page_path)
+        assert expected >= 1, f"{path.name}: the executed chapter has no plotly figure"
+        assert page.figures == expected, f"{path.name}: {expected} figures in the executed chapter, {page.figures} in its page"
+        text = page_path.read_text(encoding="utf-8")
+        assert text.count('class="static-caption"') >= 1, f"{path.name}: no explorer's static figure in the page"
+        assert "Traceback (most recent call last)" not in text, f"{path.name}: an error output in the page"
+    assert (html / "_static" / "plotly.min.js").is_file() and (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+
+
+def test_no_page_loads_a_script_stylesheet_or_font_from_elsewhere(book) -> None:
+    html = book / "html"
+    found = []
+    for page_path in sorted(html.rglob("*.html")):
+        page = parse(page_path)
+        found += [f"{page_path.relative_to(html)}: {url}" for url in page.loads if EXTERNAL.match(url)]
+        found += [
+            f"{page_path.relative_to(html)}: {url} (inline style)"
+            for style in page.styles for url in CSS_URL.findall(style) if EXTERNAL.match(url)
+        ]
+    for css in sorted(html.rglob("*.css")):
+        found += [f"{css.relative_to(html)}: {url}" for url in CSS_URL.findall(css.read_text(encoding="utf-8", errors="replace")) if EXTERNAL.match(url)]
+    assert found == [], "the book loads from elsewhere:\n" + "\n".join(found[:30])
+
+
+def test_each_chapter_links_to_colab_binder_and_the_repository_of_course_toml(book) -> None:
+    settings = dict(re.findall(r'^(\w+)\s*=\s*"([^"]*)"', (REPO / "course.toml").read_text(), re.M))
+    repository = settings["repository"].removeprefix("https://github.com/")
+    for path in chapter_notebooks():
+        links = parse(book / "html" / "notebooks" / f"{path.stem}.html").links
+        colab = f"https://colab.research.google.com/github/{repository}/blob/{settings['branch']}/notebooks/{path.name}"
+        assert colab in links, f"{path.name}: no Colab launch link {colab}"
+        assert any(link.startswith(f"https://mybinder.org/v2/gh/{repository}/") for link in links), f"{path.name}: no Binder link"
+
+
+def test_the_figures_are_interactive_without_the_network(book) -> None:
+    page = (book / "html" / "notebooks" / f"{chapter_notebooks()[0].stem}.html").read_text(encoding="utf-8")
+    assert '<script type="module">' in page and "Plotly.newPlot" in page
+    assert "cdn.plot.ly" not in page and "require.config" not in page
+    assert re.search(r'<script[^>]+src="[./]*_static/plotly\.min\.js', page), "plotly.js is not loaded from the book"
