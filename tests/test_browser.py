@@ -152,7 +152,11 @@ def figure_state(handle) -> str:
 
 
 def move_sliders(page, out_dir: Path) -> list[dict]:
-    """Press → three times on the first slider of every explorer; report whether its figure changed."""
+    """Press → three times on the first enabled slider of every explorer; report whether its figure changed.
+
+    A slider an explorer has disabled (a parameter the chosen setting ignores, e.g. chapter 03's decay for plain
+    linear attention) cannot change the figure, so the next slider is tried, up to four of them.
+    """
     results = []
     areas = page.locator(
         ".jp-OutputArea-child > .jp-OutputArea-output:has(.plot-container):has(.widget-slider)"
@@ -160,17 +164,20 @@ def move_sliders(page, out_dir: Path) -> list[dict]:
     for index in range(areas.count()):
         area = areas.nth(index)
         area.scroll_into_view_if_needed()
-        before = figure_state(area)
-        handle = area.locator(".widget-slider .noUi-handle").first
-        handle.click()
-        for _ in range(3):
-            page.keyboard.press("ArrowRight")
-            page.wait_for_timeout(250)
         changed = False
-        for _ in range(20):  # the kernel redraws; give it up to 10 s on a busy machine
-            page.wait_for_timeout(500)
-            if figure_state(area) != before:
-                changed = True
+        handles = area.locator(".widget-slider .noUi-handle")
+        for which in range(min(handles.count(), 4)):
+            before = figure_state(area)
+            handles.nth(which).click()
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")
+                page.wait_for_timeout(250)
+            for _ in range(20):  # the kernel redraws; give it up to 10 s on a busy machine
+                page.wait_for_timeout(500)
+                if figure_state(area) != before:
+                    changed = True
+                    break
+            if changed:
                 break
         area.screenshot(path=str(out_dir / f"slider_{index:02d}.png"))
         title = area.locator("b").first.inner_text() if area.locator("b").count() else f"explorer {index + 1}"
