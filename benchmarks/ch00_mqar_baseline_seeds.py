@@ -16,20 +16,22 @@ recall at every evaluation step, the first step at which recall passed 99%, and 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import platform
 import statistics
-import sys
 import time
+
+import grid_runner  # benchmarks/grid_runner.py: the pool, the JSONL file, --resume and --only
 
 SEEDS = (0, 1, 2, 3, 4)
 STEPS, EVAL_EVERY, LR = 400, 40, 6e-3
 PAIRS = (2, 4, 8, 12, 16)
 
 
-def run(seed: int) -> dict:
+def run(job: tuple[int]) -> dict:
+    """One seed's training run; returns its row for the JSONL file."""
     import torch
+
+    (seed,) = job
 
     torch.set_num_threads(1)
     from labsupport.lm.probe import MQARProbe, probe
@@ -66,23 +68,15 @@ def summarise(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=min(len(SEEDS), max(1, (mp.cpu_count() or 2) - 1)))
-    parser.add_argument("--out", default="ch00_mqar.jsonl")
-    parser.add_argument("--summarise", metavar="JSONL", help="print the tables from a finished run's file")
+    grid_runner.add_arguments(parser, "ch00_mqar.jsonl", default_workers=min(len(SEEDS), max(1, (mp.cpu_count() or 2) - 1)))
     args = parser.parse_args()
     if args.summarise:
-        with open(args.summarise) as handle:
-            summarise([json.loads(line) for line in handle if line.strip()])
+        summarise(grid_runner.read_rows(args.summarise))
         return
-    print(f"# {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, {args.workers} "
-          f"worker processes of 1 thread, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = []
-    with mp.get_context("spawn").Pool(args.workers) as pool, open(args.out, "w") as out:
-        for row in pool.imap_unordered(run, SEEDS):
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"seed {row['seed']}: recall {row['recall']:.1%} ({row['seconds']:.0f} s)", flush=True)
+    rows = grid_runner.run_grid(args, [(seed,) for seed in SEEDS], run, key=lambda row: f"seed {row['seed']}",
+                                describe=lambda job: f"seed {job[0]}",
+                                report=lambda row: f"seed {row['seed']}: recall {row['recall']:.1%} "
+                                                   f"({row['seconds']:.0f} s)")
     summarise(rows)
 
 

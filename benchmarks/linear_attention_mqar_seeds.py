@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/linear_attention_mqar_seeds.py --workers 31 --out linear_mqar_seeds.jsonl   # ~7 min, 32 cores
+    python benchmarks/linear_attention_mqar_seeds.py --workers 31 --out linear_mqar_seeds.jsonl   # ~13 min, 32 cores
     python benchmarks/linear_attention_mqar_seeds.py --summarise linear_mqar_seeds.jsonl          # the table again
     python benchmarks/linear_attention_mqar_seeds.py --summarise linear_mqar_seeds.jsonl --python # for the notebook
 
@@ -18,13 +18,11 @@ pairs {4, 8, 16} × seeds {0, 1, 2} = 126 runs. The summary gives the median and
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
+
+import grid_runner  # benchmarks/grid_runner.py: the pool, the JSONL file, --resume and --only
 
 MECHANISMS = ("softmax", "linear", "retnet", "gla", "deltanet", "gated_deltanet", "ttt")
 WIDTHS = (32, 64)
@@ -90,32 +88,27 @@ def as_python(rows: list[dict]) -> None:
     print("}")
 
 
+def _describe(job: tuple[str, int, int, int]) -> str:
+    mechanism, width, pairs, seed = job
+    return f"{mechanism} width {width} pairs {pairs} seed {seed}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
-    parser.add_argument("--out", default="linear_mqar_seeds.jsonl")
-    parser.add_argument("--summarise", metavar="JSONL", help="print the table from a finished run's file")
+    grid_runner.add_arguments(parser, "linear_mqar_seeds.jsonl")
     parser.add_argument("--python", action="store_true", help="with --summarise: print the notebook's literal")
     args = parser.parse_args()
     if args.summarise:
-        with open(args.summarise) as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
-        (as_python if args.python else summarise)(rows)
+        (as_python if args.python else summarise)(grid_runner.read_rows(args.summarise))
         return
-    print(f"# {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, {args.workers} "
-          f"worker processes of 1 thread, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     # the slowest runs first (GLA's per-dimension gates, the wider model), so the last wave holds short runs
     order = {"gla": 0, "ttt": 1, "gated_deltanet": 2, "deltanet": 3, "retnet": 4, "linear": 5, "softmax": 6}
     jobs = sorted(((m, w, p, s) for m in MECHANISMS for w in WIDTHS for p in PAIRS for s in SEEDS),
                   key=lambda job: (order[job[0]], -job[1]))
-    rows = []
-    with mp.get_context("spawn").Pool(args.workers) as pool, open(args.out, "w") as out:
-        for row in pool.imap_unordered(run, jobs):
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"{row['mechanism']:15s} width {row['width']} pairs {row['pairs']:2d} seed {row['seed']}: "
-                  f"recall {row['recall']:.1%} ({row['seconds']:.0f} s)", flush=True)
+    rows = grid_runner.run_grid(
+        args, jobs, run, key=lambda r: _describe((r["mechanism"], r["width"], r["pairs"], r["seed"])),
+        describe=_describe, report=lambda r: f"{_describe((r['mechanism'], r['width'], r['pairs'], r['seed']))}: "
+                                             f"recall {r['recall']:.1%} ({r['seconds']:.0f} s)")
     summarise(rows)
     as_python(rows)
 

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/ssm_mqar_grid.py --workers 30 --out mqar_grid.jsonl     # about 8 minutes on 32 cores
     python benchmarks/ssm_mqar_grid.py --summarise mqar_grid.jsonl            # the table again, from the file
+    python benchmarks/ssm_mqar_grid.py --only 'd_state 16' --resume --out mqar_grid.jsonl   # add missing rows
 
 Every run is one ``labsupport.lm.probe.probe`` call (one torch thread per worker process): a 2-layer TinyLM
 of width 32 with a short convolution and no MLP, 64 tokens, batch 64, 600 steps, warm-up + cosine schedule.
@@ -16,13 +17,11 @@ three seeds, with that mean and the range — so every design gets the same budg
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
-import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
+
+import grid_runner  # benchmarks/grid_runner.py: the pool, the JSONL file, --resume and --only
 
 DESIGNS = ("Mamba (d_state 16)", "Mamba (d_state 4)", "softmax attention", "ch03 linear attention",
            "ch03 DeltaNet")
@@ -85,28 +84,24 @@ def summarise(rows: list[dict]) -> None:
         print(f"| {design} | {state_numbers(design):,} | " + " | ".join(cells) + " |")
 
 
+def _describe(job: tuple[str, int, float, int]) -> str:
+    design, pairs, lr, seed = job
+    return f"{design} pairs {pairs} lr {lr:g} seed {seed}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
-    parser.add_argument("--out", default="mqar_grid.jsonl")
-    parser.add_argument("--summarise", metavar="JSONL", help="print the table from a finished run's file")
+    grid_runner.add_arguments(parser, "mqar_grid.jsonl")
     args = parser.parse_args()
     if args.summarise:
-        with open(args.summarise) as handle:
-            summarise([json.loads(line) for line in handle if line.strip()])
+        summarise(grid_runner.read_rows(args.summarise))
         return
-    print(f"# {platform.processor() or platform.machine()}, python {sys.version.split()[0]}, {args.workers} "
-          f"worker processes of 1 thread, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     # the slow Mamba runs first, so the pool's last wave holds short runs
     jobs = [(d, p, lr, s) for d in DESIGNS for p in PAIRS for lr in LRS for s in SEEDS]
-    rows = []
-    with mp.get_context("spawn").Pool(args.workers) as pool, open(args.out, "w") as out:
-        for row in pool.imap_unordered(run, jobs):
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"{row['design']:22s} pairs {row['pairs']} lr {row['lr']:g} seed {row['seed']}: "
-                  f"recall {row['recall']:.1%} ({row['seconds']:.0f} s)", flush=True)
+    rows = grid_runner.run_grid(
+        args, jobs, run, key=lambda r: _describe((r["design"], r["pairs"], r["lr"], r["seed"])),
+        describe=_describe, report=lambda r: f"{_describe((r['design'], r['pairs'], r['lr'], r['seed']))}: "
+                                             f"recall {r['recall']:.1%} ({r['seconds']:.0f} s)")
     summarise(rows)
 
 
