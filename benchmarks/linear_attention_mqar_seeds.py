@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/linear_attention_mqar_seeds.py --workers 31 --out linear_mqar_seeds.jsonl   # ~13 min, 32 cores
+    python benchmarks/linear_attention_mqar_seeds.py --workers 31 --out linear_mqar_seeds.jsonl   # ~17 min, 32 cores
     python benchmarks/linear_attention_mqar_seeds.py --summarise linear_mqar_seeds.jsonl          # the table again
     python benchmarks/linear_attention_mqar_seeds.py --summarise linear_mqar_seeds.jsonl --python # for the notebook
 
@@ -69,7 +69,7 @@ def summarise(rows: list[dict]) -> None:
             for pairs in PAIRS:
                 scores = groups.get((width, mechanism, pairs))
                 cells.append("—" if not scores else f"{statistics.median(scores):.1%} "
-                             f"({min(scores):.0%}–{max(scores):.0%}, {len(scores)} seeds)")
+                             f"({min(scores):.1%}–{max(scores):.1%}, {len(scores)} seeds)")
             print(f"| {width} | {mechanism} | " + " | ".join(cells) + " |")
 
 
