@@ -176,7 +176,7 @@ def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
         rtol=1e-4,
         hint="rebuild each tile's probabilities from the saved lse (0 where masked, and for a row with "
         "lse = -inf), compute the D term once from dO and O, and check the scale in dQ and dK; walk the "
-        "same tiles as the forward pass. Section 7's equations and the tiered hints above the exercise "
-        "go step by step.",
+        "same tiles as the forward pass. Section 7's equations give each gradient; tiered hints are above "
+        "the exercise.",
         output_names=("dq", "dk", "dv"),
     )

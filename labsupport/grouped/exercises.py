@@ -104,5 +104,6 @@ def check_quantize_dequantize(fn: Callable[..., torch.Tensor]) -> CheckResult:
         fn, quantize_dequantize, _quantize_cases(), exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
         hint="the statistics are taken over `dim` (keepdim=True), so each slice has its own grid of 2**bits "
              "levels from its minimum to its maximum; compare your scale, rounding and clamp with the exercise's "
-             "statement, and check that a constant slice comes back exactly and the result keeps x's dtype.",
+             "statement, and check that a constant slice comes back exactly and the result keeps x's dtype. Tiered "
+             "hints are above the exercise.",
     )
