@@ -1,20 +1,46 @@
-"""Pytest set-up for the whole repository: the notebook runs under nbval.
+"""Root-level pytest set-up, loaded whatever paths are given (tests/, notebooks/ or both).
 
-nbval waits a hard-coded 5 s for each output message once a cell has finished
-(it has no option for it; see computationalmodelling/nbval#136 and #231). On a
-busy 2-core CI machine a long training cell with progress bars can exceed that
-and fail although it ran correctly. Give every nbval cell a generous wait
-instead; a cell that really hangs is still stopped by ``--nbval-cell-timeout``.
+The test helpers themselves live in ``tests/conftest.py``; this file only tells pytest-xdist how to share the
+work between processes when ``bin/test`` runs two of them (``-n 2``):
+
+* every test file stays whole on one worker — a notebook's nbval cells share one kernel — and the book test
+  runs on the browser test's worker, after it, because it reuses the chapters the browser test executed;
+* the long files start first (longest first balances two workers best).
 """
 
 from __future__ import annotations
 
 import pytest
 
-NBVAL_OUTPUT_TIMEOUT_S = 120
+_SAME_WORKER_AS = {"tests/test_static_book.py": "tests/test_browser.py"}
+_LONG_FIRST = ("tests/test_browser.py", "tests/test_static_book.py", "tests/test_notebooks.py", "notebooks/",
+               "tests/test_wheel.py")
+
+
+def _work_unit(nodeid: str) -> str:
+    """The file a test belongs to, as the scheduler groups it."""
+    path = nodeid.split("::")[0]
+    return _SAME_WORKER_AS.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's file-by-file scheduler, with the book test joined to the browser test's unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return FileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if type(item).__name__ == "IPyNbCell" and hasattr(item, "output_timeout"):
-            item.output_timeout = NBVAL_OUTPUT_TIMEOUT_S
+    if not hasattr(config, "workerinput"):  # a plain run: keep pytest's order
+        return
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, prefix in enumerate(_LONG_FIRST) if path.startswith(prefix)), len(_LONG_FIRST))
+
+    items.sort(key=rank)  # stable, and the same in every worker: the order inside each file is kept

@@ -33,28 +33,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "wheel: builds a wheel, installs it in a fresh venv, runs a chapter; deselect with -m 'not wheel'")
 
 
-# Run in parallel (bin/test passes ``-n 2 --dist loadgroup``), every test file stays whole on one worker: a
-# notebook's nbval cells share one kernel, and the book test reuses the chapters the browser test executed, so
-# those two files share a worker and run in that order. The long files go first (longest first balances best).
-_SHARED_WORKER = {"tests/test_browser.py": "browser-then-book", "tests/test_static_book.py": "browser-then-book"}
-_LONG_FIRST = ("browser-then-book", "tests/test_notebooks.py", "notebooks/", "tests/test_wheel.py")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not hasattr(config, "workerinput"):  # a plain run: keep pytest's order, no groups
-        return
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(path, path)))
-
-    def rank(item: pytest.Item) -> int:
-        group = _SHARED_WORKER.get(item.nodeid.split("::")[0], item.nodeid)
-        return next((i for i, prefix in enumerate(_LONG_FIRST) if group.startswith(prefix)), len(_LONG_FIRST))
-
-    items.sort(key=rank)  # stable: the order inside each file is kept
-
-
 @pytest.fixture(autouse=True)
 def _lenient_checkers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unit tests feed checkers wrong answers on purpose: never let strict mode raise there."""

@@ -165,6 +165,7 @@ def probe(
     label: str = "model",
     progress: bool = True,
     build: Callable[[], nn.Module] | None = None,
+    stop_at: float | None = None,
 ) -> ProbeResult:
     """Train a small model around ``sequence_mixer`` on ``task`` for ``steps`` steps and score it.
 
@@ -178,6 +179,9 @@ def probe(
         eval_every: evaluations during training (default: once, at the end).
         build: build the model yourself instead (called after seeding); the other
             model arguments are then ignored.
+        stop_at: for a recall task, stop at the first evaluation (every ``eval_every`` steps) whose recall
+            reaches this fraction; ``steps`` is then the cap. Same schedule as the full run, so a stopped run
+            equals the full run up to that step. ``result.history.steps[-1]`` is where it stopped.
 
     Returns:
         A :class:`ProbeResult`: recall (fraction) or perplexity on the task's held-out batch.
@@ -194,10 +198,12 @@ def probe(
                        sequence_mixer=sequence_mixer, channel_mixer=channel_mixer, n_heads=n_heads,
                        short_conv=short_conv, positional=positional)
     eval_batch = task.eval_batch()
+    if stop_at is not None and task.metric != "recall":
+        raise ValueError(f"stop_at works for recall tasks (higher is better); this task reports {task.metric}")
     evaluate = evaluate_recall if task.metric == "recall" else evaluate_perplexity
     history = train(model, lambda g: task.train_batch(batch_size, g), steps=steps, lr=lr, seed=seed,
                     eval_batch=eval_batch, eval_every=steps if eval_every is None else eval_every,
-                    evaluate=evaluate, label=label, progress=progress)
+                    evaluate=evaluate, label=label, progress=progress, stop_at=stop_at)
     return ProbeResult(label, task.metric, history.eval_accuracy[-1], model, history, seed)
 
 

@@ -158,6 +158,7 @@ def train(
     evaluate: Callable[[nn.Module, TaskBatch], float] = evaluate_recall,
     label: str = "model",
     progress: bool = True,
+    stop_at: float | None = None,
 ) -> TrainingHistory:
     """Train ``model`` for ``steps`` steps on batches from ``make_batch(generator)``.
 
@@ -183,8 +184,15 @@ def train(
             :func:`evaluate_recall`) every ``eval_every`` steps (default: 10 times
             per run) and at the end; its objective loss is recorded too.
         progress: show a ``tqdm.auto`` progress bar.
+        stop_at: stop after the first evaluation whose score (``evaluate``, higher is better) reaches this
+            value — "train to convergence" with ``steps`` as the cap. The learning-rate schedule is still the
+            one of a ``steps``-long run, so a stopped run is exactly the first part of the full run.
     """
     steps = require_positive_int("steps", steps)
+    if stop_at is not None:
+        stop_at = require_float("stop_at", stop_at)
+        if eval_batch is None:
+            raise ValueError("stop_at needs an eval_batch to evaluate on; pass one, or leave stop_at=None")
     require_callable("make_batch", make_batch)
     require_callable("objective", objective)
     require_callable("evaluate", evaluate)
@@ -246,6 +254,8 @@ def train(
                 history.eval_loss.append(float(objective(model, eval_batch, eval_generator)))
                 model.train()
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", recall=f"{history.eval_accuracy[-1]:.2f}")
+            if stop_at is not None and history.eval_accuracy[-1] >= stop_at:
+                break
     bar.close()
     model.eval()
     history.seconds = time.perf_counter() - start

@@ -60,3 +60,24 @@ def test_probe_scores_perplexity_on_a_character_corpus() -> None:
 def test_probe_rejects_bad_input(call, error) -> None:
     with pytest.raises(error):
         call()
+
+
+def test_stop_at_cuts_the_same_run_short_and_only_when_reached() -> None:
+    full = probe("attention", TASK, steps=12, d_model=16, eval_every=4, progress=False)
+    stopped = probe("attention", TASK, steps=12, d_model=16, eval_every=4, progress=False, stop_at=0.0)
+    assert stopped.history.steps[-1] == 4 and stopped.history.eval_steps == [4]
+    assert stopped.history.losses == full.history.losses[:4]  # the same schedule: a prefix of the full run
+    assert stopped.score == full.history.eval_accuracy[0]
+    never = probe("attention", TASK, steps=12, d_model=16, eval_every=4, progress=False, stop_at=1.5)
+    assert never.history.steps[-1] == 12 and never.history.losses == full.history.losses
+
+
+def test_stop_at_is_refused_where_it_cannot_work() -> None:
+    corpus = CharLMProbe(CharCorpus.from_data("shakespeare.txt", max_chars=5_000), seq_len=16, eval_examples=4)
+    with pytest.raises(ValueError, match="stop_at works for recall tasks"):
+        probe("attention", corpus, steps=2, d_model=16, progress=False, stop_at=0.5)
+    model = TinyLM(64, d_model=16, n_layers=1, max_len=32, sequence_mixer="attention", channel_mixer=None)
+    with pytest.raises(ValueError, match="stop_at needs an eval_batch"):
+        train(model, lambda g: make_mqar(8, 32, 4, 64, generator=g), steps=2, progress=False, stop_at=0.5)
+    with pytest.raises((TypeError, ValueError), match="stop_at"):
+        probe("attention", TASK, steps=2, d_model=16, progress=False, stop_at="high")
