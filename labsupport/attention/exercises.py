@@ -98,10 +98,10 @@ def check_attention_decode_step(fn: Callable[..., object]) -> CheckResult:
     return check_function(
         fn, attention_decode_step, _decode_step_cases(), exercise="decode step with a KV cache",
         atol=1e-5, rtol=1e-4,
-        hint="scale the scores by 1/sqrt(head_dim) (q_new.shape[-1], not the cache length); the single query "
-             "needs no mask, since every cached key is in its past; softmax over the cached positions (the last "
-             "dimension). Careful: F.scaled_dot_product_attention(..., is_causal=True) aligns its mask to the "
-             "top-left, so with one query it would see only the first key.",
+        hint="this is the last row of the causal attention of section 1; the usual slips are the scale (it "
+             "depends on the head dimension, not on the cache length) and the axis the softmax normalises. "
+             "F.scaled_dot_product_attention(..., is_causal=True) aligns its mask to the top-left, so with one "
+             "query it would see only the first key. Tiered hints are above the exercise.",
     )
 
 

@@ -77,8 +77,9 @@ def check_online_softmax_update(fn: Callable[..., object]) -> CheckResult:
         exercise="online_softmax_update",
         atol=1e-6,
         rtol=1e-5,
-        hint="m_new = max(m, rowmax(scores)); rescale the old l and acc by exp(m - m_new) "
-        "before adding this block; a row that is all -inf so far must stay at l = 0, acc = 0.",
+        hint="everything built against the old maximum (l and acc alike) is off by the same factor once "
+        "the maximum moves: repair both before adding this block; a row that is all -inf so far must stay at "
+        "l = 0, acc = 0 (section 2's reference point). Tiered hints are above the exercise.",
         output_names=("m_new", "l_new", "acc_new"),
     )
 
@@ -152,9 +153,10 @@ def check_flash_forward(fn: Callable[..., object]) -> CheckResult:
         exercise="flash_forward",
         atol=1e-5,
         rtol=1e-4,
-        hint="loop over query blocks, then key blocks; with causal=True mask key j > i + (Lk - Lq) "
-        "and skip blocks that are entirely masked; divide by l once at the end and return "
-        "(out, m + log l).",
+        hint="query blocks outside, key blocks inside, each tile folded in by your online_softmax_update; "
+        "with causal=True skip the hidden tiles and mask the diagonal ones (the exercise states both "
+        "conditions, bottom-right aligned); normalise once at the end, and give a row that saw no key a zero "
+        "output and lse = -inf. Tiered hints are above the exercise.",
         output_names=("out", "lse"),
     )
 
@@ -172,7 +174,9 @@ def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
         exercise="flash_backward",
         atol=1e-5,
         rtol=1e-4,
-        hint="recompute P = exp(scale·QKᵀ - lse) per tile (0 where masked); D = rowsum(dO ⊙ O); "
-        "dS = P ⊙ (dO Vᵀ - D); dQ += dS K·scale, dK += dSᵀ Q·scale, dV += Pᵀ dO.",
+        hint="rebuild each tile's probabilities from the saved lse (0 where masked, and for a row with "
+        "lse = -inf), compute the D term once from dO and O, and check the scale in dQ and dK; walk the "
+        "same tiles as the forward pass. Section 7's equations give each gradient; tiered hints are above "
+        "the exercise.",
         output_names=("dq", "dk", "dv"),
     )

@@ -47,8 +47,8 @@ def check_grouped_decode_step(fn: Callable[..., torch.Tensor]) -> CheckResult:
     return check_function(
         fn, grouped_decode_step, _decode_cases(), exercise="GQA decode step", atol=1e-5, rtol=1e-4,
         hint="query head h reads KV head h // (H // G): consecutive query heads share a KV head "
-             "(repeat_interleave, or reshape q to (B, G, H // G, D); not .repeat, which interleaves the other "
-             "way); scale by 1/sqrt(D); softmax over the cached positions; return (B, H, 1, D).",
+             "(tensor.repeat tiles the heads the other way round); apart from that it is ordinary scaled "
+             "attention of one query over the cached positions. Tiered hints are above the exercise.",
     )
 
 
@@ -75,9 +75,10 @@ def check_absorb_mla_weights(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]
     return check_function(
         fn, absorb_mla_weights, _absorb_cases(), exercise="MLA weight absorption", atol=1e-5, rtol=1e-4,
         output_names=("w_q_absorbed", "w_o_absorbed"),
-        hint="the score q·k = (x W_Q,h)(c W_UK,h)ᵀ = x (W_Q,h W_UK,hᵀ) cᵀ, so w_q_absorbed[h] = w_q[h] @ w_uk[h]ᵀ "
-             "(H, d_model, d_c); the output (p c) W_UV,h W_O,h gives w_o_absorbed[h] = w_uv[h] @ w_o[h] (H, d_c, d_model). "
-             "Batched matmul over the head dimension does every head at once.",
+        hint="each absorbed matrix is a product of two of the given weights (one of them transposed): write "
+             "the score and head h's output as chains of products and regroup them, as section 3 did on "
+             "activations; the results are (H, d_model, d_c) and (H, d_c, d_model). Tiered hints are above the "
+             "exercise.",
     )
 
 
@@ -101,6 +102,8 @@ def check_quantize_dequantize(fn: Callable[..., torch.Tensor]) -> CheckResult:
     """Check ``quantize_dequantize(x, bits, dim)``: asymmetric b-bit round trip, statistics over ``dim``."""
     return check_function(
         fn, quantize_dequantize, _quantize_cases(), exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
-        hint="take min and max over `dim` with keepdim=True; scale = (max - min) / (2**bits - 1) (use 1 where it is "
-             "0); codes = round((x - min) / scale) clamped to [0, 2**bits - 1]; return codes * scale + min in x's dtype.",
+        hint="the statistics are taken over `dim` (keepdim=True), so each slice has its own grid of 2**bits "
+             "levels from its minimum to its maximum; compare your scale, rounding and clamp with the exercise's "
+             "statement, and check that a constant slice comes back exactly and the result keeps x's dtype. Tiered "
+             "hints are above the exercise.",
     )

@@ -189,8 +189,10 @@ def check_recurrent_step(fn: Callable[..., object]) -> CheckResult:
     """Check ``fn(state, q, k, v, log_decay) -> (o, new_state)`` against :func:`recurrent_step`."""
     return check_function(
         fn, recurrent_step, _recurrent_cases(), exercise="recurrent_step", atol=1e-6, rtol=1e-5,
-        hint="decay first (α = exp(log_decay), shaped to multiply the rows of S), then add the outer "
-        "product k vᵀ, then read o = S'ᵀ q with the *new* state; log_decay may be None.",
+        hint="the order is forget, write, read: the output reads the *new* state; α multiplies the rows of "
+        "S, so give it trailing axes to match (B, H, D_k, D_v); log_decay may be None. Tiered hints are above "
+        "the exercise.",
+        output_names=("o", "new_state"),
     )
 
 
@@ -225,8 +227,10 @@ def check_chunkwise_step(fn: Callable[..., object]) -> CheckResult:
     """Check ``fn(state, q, k, v) -> (O, new_state)`` against :func:`chunkwise_step`."""
     return check_function(
         fn, chunkwise_step, _chunk_cases(), exercise="chunkwise_step", atol=1e-6, rtol=1e-5,
-        hint="O = Q S (everything before the chunk) + (Q Kᵀ with the causal mask, diagonal included) V; "
-        "then S' = S + Kᵀ V. Use the *old* state for O.",
+        hint="the output has two parts: what earlier chunks left in the state (read with the *old* state) "
+        "and the chunk's own pairs, where token i sees tokens j ≤ i, itself included; the new state adds "
+        "every pair of the chunk. Tiered hints are above the exercise.",
+        output_names=("O", "new_state"),
     )
 
 
@@ -256,9 +260,11 @@ def check_chunkwise_decay_step(fn: Callable[..., object]) -> CheckResult:
     """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)`` against :func:`chunkwise_decay_step`."""
     return check_function(
         fn, chunkwise_decay_step, _decay_chunk_cases(), exercise="chunkwise_decay_step", atol=1e-6, rtol=1e-5,
-        hint="b = log_decay.cumsum(-1) (token i's own gate included). O = (exp(b)·Q) S + (Q Kᵀ ⊙ Γ) V with "
-        "Γ_ij = exp(b_i − b_j) for j ≤ i and 0 above the diagonal (mask the exponent with -inf before exp); "
-        "S' = exp(b_C) S + (exp(b_C − b)·K)ᵀ V, b_C the last entry of b. Use the *old* state for O.",
+        hint="every decay factor is a difference of one cumulative sum of log_decay (token i's own gate "
+        "included); four things decay: the old state as each token reads it, each earlier pair as token i "
+        "reads it, each pair until the end of the chunk, and the old state into S'. Mask the exponent "
+        "above the diagonal with -inf before exp. Tiered hints are above the exercise.",
+        output_names=("O", "new_state"),
     )
 
 
@@ -284,6 +290,7 @@ def check_delta_rule_step(fn: Callable[..., object]) -> CheckResult:
     """Check ``fn(state, k, v, beta) -> new_state`` against :func:`delta_rule_step`."""
     return check_function(
         fn, delta_rule_step, _delta_cases(), exercise="delta_rule_step", atol=1e-6, rtol=1e-5,
-        hint="read what the memory returns for k (Sᵀ k, a D_v vector), then add β k (v − Sᵀk)ᵀ; "
-        "β has shape (B, H), so give it a trailing axis before multiplying.",
+        hint="first read what the memory currently returns for k (a D_v vector, from the *old* state), then "
+        "write the correction towards v along k, weighted by β; β has shape (B, H), so give it a trailing "
+        "axis before multiplying. Tiered hints are above the exercise.",
     )
