@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbformat
@@ -31,6 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: runs chapters in JupyterLab in headless Chromium; deselect with -m 'not browser'")
     config.addinivalue_line("markers", "book: builds the course book (quick mode); deselect with -m 'not book'")
     config.addinivalue_line("markers", "wheel: builds a wheel, installs it in a fresh venv, runs a chapter; deselect with -m 'not wheel'")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Every test runs on one torch thread (a test that needs more sets it and restores it): the tensors here are
+    tiny, and on a busy 2-core machine a second thread waiting on the first made single small operations up to 100
+    times slower. ``bin/test`` also exports ``OMP_NUM_THREADS=1`` for its two worker processes."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from labsupport.diffusion.process import MaskedDenoiser
 from labsupport.harness.data import data_dir, sha256_file
 from labsupport.lm.model import TinyLM
 from labsupport.lm.tasks import CharCorpus
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def test_both_shipped_checkpoints_load_with_their_corpus() -> None:

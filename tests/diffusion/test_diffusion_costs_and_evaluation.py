@@ -9,7 +9,6 @@ from labsupport.diffusion import MaskedDenoiser, diffusion_sample
 from labsupport.diffusion import evaluation as ev
 from labsupport.harness.costs import autoregressive_work, denoising_work
 from labsupport.lm.model import TinyLM
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def test_denoising_work_matches_what_the_sampler_counts() -> None:

@@ -10,7 +10,6 @@ import torch
 
 from labsupport.diffusion import exact as ex
 from labsupport.diffusion.process import MaskedDenoiser, elbo_per_sequence
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from labsupport.diffusion.exercises import (
     reference_diffusion_loss,
     reference_low_confidence_commit,
 )
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def run(checker, fn, capsys):

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from labsupport.diffusion import process as p
 from labsupport.lm.objectives import MaskedTokenObjective
 from labsupport.lm.tasks import TaskBatch
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def test_schedules_start_unmasked_end_masked_and_weight_is_minus_alpha_dot_over_one_minus_alpha() -> None:

@@ -8,7 +8,6 @@ import torch
 from labsupport.diffusion import BlockKVCache, MaskedDenoiser
 from labsupport.diffusion import sampling as s
 from labsupport.lm.model import TinyLM
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 VOCAB, LENGTH = 9, 24
 

@@ -9,7 +9,6 @@ import torch
 
 from labsupport.diffusion import MaskedDenoiser, diffusion_sample
 from labsupport.diffusion.widget import denoising_figure, denoising_state, trace_summary, visible_char
-from diffusion_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 CHARS = list("abcdefg \n")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 from labsupport import sparse
 from labsupport.sparse import exercises as ex

@@ -5,7 +5,6 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 import torch
-from sparse_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 from labsupport import sparse
 from labsupport.harness.costs import decode_read_bytes

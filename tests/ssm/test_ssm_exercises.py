@@ -8,7 +8,6 @@ import torch
 from labsupport import ssm
 from labsupport.ssm.reference import fft_causal_conv, selective_step, zoh
 from labsupport.ssm.scans import combine
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def _not_done(*args):

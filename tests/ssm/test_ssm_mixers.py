@@ -11,7 +11,6 @@ from labsupport.lm.contracts import CacheReport, DecodingMixer, SequenceMixer
 from labsupport.lm.model import TinyLM
 from labsupport.ssm.mixers import MambaMixer, mamba_mixer
 from labsupport.ssm.scans import SCANS
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 @pytest.mark.parametrize("selective", [True, False])

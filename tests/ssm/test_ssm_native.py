@@ -12,7 +12,6 @@ import torch
 from labsupport.harness.numerics import rel_err
 from labsupport.ssm.native import native_scan, native_scan_available
 from labsupport.ssm.scans import sequential_scan
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 AVAILABLE, REASON = native_scan_available()
 needs_build = pytest.mark.skipif(not AVAILABLE, reason=f"fused native scan not buildable: {REASON}")

@@ -12,7 +12,6 @@ from labsupport.harness.measuring import fit_power_law
 from labsupport.harness.numerics import rel_err
 from labsupport.ssm import reference as ref
 from labsupport.ssm.scans import SCANS
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 GEN_SEED = 0
 

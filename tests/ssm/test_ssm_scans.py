@@ -7,7 +7,6 @@ import torch
 
 from labsupport.harness.numerics import rel_err
 from labsupport.ssm.scans import SCANS, chunked_scan, combine, log_space_scan, sequential_scan
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 PARALLEL = [name for name in SCANS if name != "sequential"]
 

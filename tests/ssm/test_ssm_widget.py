@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from labsupport.ssm.widget import impulse_response_data, impulse_response_figure
-from ssm_threads import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def test_lti_memory_is_the_same_whatever_the_event() -> None:
