@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from labsupport.harness.costs import nsa_tokens_per_step
-from labsupport.harness.numerics import accumulation_dtype
+from labsupport.harness.numerics import accumulation_dtype, masked_softmax
 from labsupport.harness.validation import require_float_tensor, require_positive_int, require_qkv
 
 __all__ = [
@@ -119,8 +119,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     scores = (q[..., None, :] @ k.transpose(-1, -2))[..., 0, :] * scale  # (..., T)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)
+    p = masked_softmax(scores, dim=-1)  # the course's convention for a row that sees no key: zeros, not NaN
     return (p[..., None, :] @ v)[..., 0, :], p
 
 
