@@ -404,8 +404,9 @@ def policy_tokens_per_step(policy: str, context: int, budget: int, *, page: int 
     """Tokens a decode step reads (and pages of metadata it scans) at ``context`` tokens under a KV policy.
 
     ``full``: every token. ``window``, ``sinks``, ``h2o``, ``tova``: ``min(budget, context)`` (the cache
-    is bounded). ``quest``: the top ``budget / page`` pages of ``page`` tokens, after scanning the
-    minimum/maximum of every page (``⌈context / page⌉`` pages).
+    is bounded). ``quest``: the top ``budget / page`` pages, after scanning the minimum/maximum of every
+    page (``⌈context / page⌉`` pages); the newest page, always among them, holds only the tokens written so
+    far (``context − page · (⌈context / page⌉ − 1)``).
     """
     if policy not in ("full", "window", "sinks", "h2o", "tova", "quest"):
         raise ValueError(f"policy must be one of full, window, sinks, h2o, tova, quest; got {policy!r}")
@@ -415,7 +416,10 @@ def policy_tokens_per_step(policy: str, context: int, budget: int, *, page: int 
     if policy == "full":
         return {"tokens": context, "pages": 0}
     if policy == "quest":
-        return {"tokens": min(context, (budget // page) * page), "pages": -(-context // page)}
+        pages = -(-context // page)
+        read = min(max(1, budget // page), pages)
+        newest = context - page * (pages - 1)
+        return {"tokens": (read - 1) * page + newest, "pages": pages}
     return {"tokens": min(budget, context), "pages": 0}
 
 

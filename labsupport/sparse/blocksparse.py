@@ -42,6 +42,9 @@ def _layout_for(mask: torch.Tensor | WindowPattern, layout: BlockLayout | None, 
         raise TypeError(f"layout must be a BlockLayout (from block_layout), got {type(layout).__name__}")
     if (layout.lq, layout.lk) != (lq, lk):
         raise ValueError(f"layout is for a {layout.lq}×{layout.lk} mask, the attention is {lq}×{lk}")
+    if (layout.block_q, layout.block_k) != (block_q, block_k):
+        raise ValueError(f"layout has tiles {layout.block_q}×{layout.block_k}, the call asks for {block_q}×{block_k}: "
+                         "build it with block_layout(mask, block_q, block_k) using the same sizes")
     return layout
 
 
@@ -68,8 +71,6 @@ def block_sparse_forward(
     lq, lk = q.shape[-2], k.shape[-2]
     mask = _require_mask_or_pattern(mask, lq, lk, "block_sparse_forward")
     layout = _layout_for(mask, layout, block_q, block_k, lq, lk)
-    if (layout.block_q, layout.block_k) != (block_q, block_k):
-        raise ValueError(f"layout has tiles {layout.block_q}×{layout.block_k}, not {block_q}×{block_k}")
     s = _scale(q, scale)
     cdt = accumulation_dtype(q.dtype)
     if isinstance(mask, torch.Tensor):
@@ -147,6 +148,10 @@ def block_sparse_attention(
     matching mask tiles) into padded ``(group, width · block_k)`` lists and runs one batched
     ``softmax(Q Kᵀ) V``. ``max_scores`` caps the score elements a group holds (per batch×head), bounding
     memory at long lengths. Work is proportional to ``width``, the largest number of visible tiles in a row.
+
+    Differentiable: when autograd records (an input requires grad), the scores are updated out of place, so
+    the backward pass is autograd's through the gathered products (it keeps every group's probabilities, not
+    a recomputation as chapter 01's backward does); without autograd they are updated in place.
     """
     q, k, v = require_qkv(q, k, v, ndim=None, same_value_dim=False)
     block_q = require_positive_int("block_q", block_q)
@@ -168,6 +173,7 @@ def block_sparse_attention(
         if pad_q or pad_k:
             mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q))
         mask_tiles = mask.view(nq, block_q, nk, block_k).permute(0, 2, 1, 3)  # (nq, nk, bq, bk), a view
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     index, valid = gathered_block_indices(layout, ragged_is_partial=True)
     n_partial = (_masking_kinds(layout) == PARTIAL).sum(dim=1)  # tiles that need a mask lead each row's list
     index, valid = index.to(q.device), valid.to(q.device)
@@ -192,13 +198,18 @@ def block_sparse_attention(
             else:
                 tile_mask = mask_tiles[torch.arange(r0, r0 + g, device=q.device)[:, None], lead]  # (g, pw, bq, bk)
                 tile_mask = tile_mask.permute(0, 2, 1, 3).reshape(g, block_q, pw * block_k)
-            scores[..., : pw * block_k].masked_fill_(~tile_mask, float("-inf"))
+            if in_place:
+                scores[..., : pw * block_k].masked_fill_(~tile_mask, float("-inf"))
+            else:
+                rest = torch.zeros(*tile_mask.shape[:-1], scores.shape[-1] - pw * block_k, dtype=torch.bool,
+                                   device=q.device)
+                scores = scores.masked_fill(torch.cat([~tile_mask, rest], dim=-1), float("-inf"))
         if not bool(valid[rows].all()):  # padding slots of rows with fewer visible tiles
             padding = ~valid[rows].repeat_interleave(block_k, dim=1)[:, None, :]
-            scores.masked_fill_(padding, float("-inf"))
-        m = scores.amax(dim=-1, keepdim=True)
+            scores = scores.masked_fill_(padding, float("-inf")) if in_place else scores.masked_fill(padding, float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True).detach()  # any shift gives the same softmax: no gradient needed
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see nothing: exp(−inf − 0) = 0
-        p = scores.sub_(m).exp_()
+        p = scores.sub_(m).exp_() if in_place else torch.exp(scores - m)
         total = p.sum(dim=-1, keepdim=True)
         seen = total > 0
         out[..., rows, :, :] = (p @ values) / torch.where(seen, total, torch.ones_like(total))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,8 @@ from labsupport.lm.model import TinyLM
 from labsupport.lm.tasks import TaskBatch
 from labsupport.sparse.mixers import sparse_mixer
 
-__all__ = ["CHECKPOINTS", "Checkpoint", "char_model", "load_checkpoint", "mqar_model", "with_sink_token"]
+__all__ = ["CHECKPOINTS", "Checkpoint", "char_model", "load_checkpoint", "load_checkpoint_file", "mqar_model",
+           "with_sink_token"]
 
 CHECKPOINTS = {
     "char": "sparse_char_lm.safetensors",
@@ -66,9 +68,7 @@ class Checkpoint:
 
 
 def load_checkpoint(name: str) -> Checkpoint:
-    """Load ``"char"``, ``"char_sink"`` or ``"mqar"`` from ``data/`` after checking its sha256 (eval mode)."""
-    from safetensors.torch import load_file
-
+    """Load a shipped model (a key of :data:`CHECKPOINTS`) from ``data/`` after checking its sha256 (eval mode)."""
     require_choice("name", name, tuple(CHECKPOINTS))
     folder = data_dir()
     filename = CHECKPOINTS[name]
@@ -79,15 +79,40 @@ def load_checkpoint(name: str) -> Checkpoint:
                                 "run benchmarks/sparse_train_checkpoints.py to make it")
     if sha256_file(path) != expected:
         raise ValueError(f"{path}: sha256 differs from the manifest; the file was changed or is corrupt")
-    from safetensors import safe_open
+    return load_checkpoint_file(path, name)
 
+
+def load_checkpoint_file(path: str | Path, name: str) -> Checkpoint:
+    """Build the model its ``settings`` metadata describes and load the file's tensors into it (no sha256 check).
+
+    ``name`` picks the architecture (``"mqar"``: :func:`mqar_model`, else :func:`char_model`). A file whose
+    settings disagree with its tensors (another width, a missing or extra tensor) raises a ``ValueError``
+    naming the first tensor that differs, rather than torch's ``load_state_dict`` error.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
-        settings = json.loads(handle.metadata()["settings"])
-    if name == "mqar":
-        model = mqar_model(settings["vocab_size"], d_model=settings["d_model"], n_layers=settings["n_layers"],
-                           n_heads=settings["n_heads"], short_conv=settings["short_conv"])
-    else:
-        model = char_model(settings["vocab_size"], d_model=settings["d_model"], n_layers=settings["n_layers"],
-                           n_heads=settings["n_heads"])
-    model.load_state_dict(load_file(str(path)))
+        metadata = handle.metadata() or {}
+    if "settings" not in metadata:
+        raise ValueError(f"{path}: no 'settings' in the safetensors metadata; it was not written by "
+                         "benchmarks/sparse_train_checkpoints.py")
+    settings = json.loads(metadata["settings"])
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads") + (("short_conv",) if name == "mqar" else ())
+    missing = [key for key in shape_keys if key not in settings]
+    if missing:
+        raise ValueError(f"{path}: settings lack {missing}")
+    shape = {key: settings[key] for key in shape_keys if key != "vocab_size"}
+    model = (mqar_model if name == "mqar" else char_model)(settings["vocab_size"], **shape)
+    tensors = load_file(str(path))
+    wanted = model.state_dict()
+    for key in sorted(set(wanted) | set(tensors)):
+        if key not in tensors or key not in wanted:
+            where = "missing from the file" if key not in tensors else "in the file but not in the model"
+            raise ValueError(f"{path}: tensor {key!r} is {where}; the settings {shape} describe another model")
+        if tensors[key].shape != wanted[key].shape:
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, but the settings "
+                             f"{shape} (vocab_size {settings['vocab_size']}) give {tuple(wanted[key].shape)}")
+    model.load_state_dict(tensors)
     return Checkpoint(name, model.eval(), settings)

@@ -58,21 +58,32 @@ class LightningIndexer(nn.Module):
 
 def indexer_kl(index_scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over queries of ``KL(target ‖ softmax(index_scores))``; both ``(B, L, L)``, causal."""
+    index_scores = require_tensor("index_scores", index_scores, ndim=3)
+    target = require_tensor("target", target, ndim=3)
+    if index_scores.shape != target.shape:
+        raise ValueError(f"index_scores and target must have the same shape (B, L, L); got "
+                         f"{tuple(index_scores.shape)} and {tuple(target.shape)}")
     log_p = torch.log_softmax(index_scores, dim=-1)
     terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - log_p), torch.zeros_like(target))
     return terms.sum(dim=-1).mean()
 
 
 def topk_mask(index_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Each query's ``k`` highest-scoring causal keys, itself included: a bool ``(B, L, L)``."""
+    """Each query's ``k`` highest-scoring causal keys, itself included: a bool ``(B, L, L)``.
+
+    Causal by construction: keys after the query are never chosen, whatever their scores (finite or not).
+    """
     index_scores = require_tensor("index_scores", index_scores, ndim=3)
     k = require_positive_int("k", k)
     length = index_scores.shape[-1]
+    if index_scores.shape[-2] != length:
+        raise ValueError(f"index_scores must be square (B, L, L), one row per query; got {tuple(index_scores.shape)}")
+    causal = torch.ones(length, length, dtype=torch.bool, device=index_scores.device).tril()
     diagonal = torch.eye(length, dtype=torch.bool, device=index_scores.device)
-    boosted = index_scores.masked_fill(diagonal, float("inf"))
-    top = boosted.topk(min(k, length), dim=-1).indices
-    chosen = torch.zeros_like(boosted, dtype=torch.bool).scatter_(-1, top, True)
-    return chosen & torch.isfinite(index_scores) | diagonal
+    ranked = index_scores.masked_fill(~causal, float("-inf")).masked_fill(diagonal, float("inf"))
+    top = ranked.topk(min(k, length), dim=-1).indices
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+    return chosen & causal & ~torch.isneginf(ranked)
 
 
 def train_indexer(model: nn.Module, layer: int, make_batch: Callable[[torch.Generator], TaskBatch], *,

@@ -110,20 +110,26 @@ def global_token_mask(length: int, *, global_tokens: int, causal: bool = True) -
     return mask & causal_mask(length) if causal else mask
 
 
-def random_block_mask(length: int, *, block: int, per_row: int, seed: int = 0, causal: bool = True) -> torch.Tensor:
+def random_block_mask(length: int, *, block: int, per_row: int, seed: int = 0, causal: bool = True,
+                      exclude: torch.Tensor | None = None) -> torch.Tensor:
     """BigBird's random part: each query block reads ``per_row`` key blocks drawn at random.
 
     Causal: drawn among the blocks strictly before the diagonal (fewer when there are fewer), and the
-    result is intersected with the causal mask. Deterministic for a given ``seed``.
+    result is intersected with the causal mask. ``exclude`` (a bool ``(n_blocks, n_blocks)``) names blocks a
+    row must not draw (BigBird draws outside its window and global blocks). Deterministic for a given ``seed``.
     """
     length = require_positive_int("length", length)
     block = require_positive_int("block", block)
     per_row = require_int("per_row", per_row, minimum=0)
     gen = torch.Generator().manual_seed(require_int("seed", seed))
     n_blocks = -(-length // block)
+    if exclude is not None and (not isinstance(exclude, torch.Tensor) or exclude.shape != (n_blocks, n_blocks)):
+        raise ValueError(f"exclude must be a bool tensor ({n_blocks}, {n_blocks}), one flag per block pair")
     chosen = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
     for r in range(n_blocks):
         candidates = torch.arange(r) if causal else torch.arange(n_blocks)
+        if exclude is not None:
+            candidates = candidates[~exclude[r, candidates]]
         if len(candidates) == 0:
             continue
         take = candidates[torch.randperm(len(candidates), generator=gen)[:per_row]]
@@ -137,19 +143,26 @@ def bigbird_mask(length: int, *, block: int = 64, window_blocks: int = 3, random
     """BigBird: ``global_blocks`` global blocks, a sliding window of ``window_blocks`` blocks, random blocks.
 
     The window is counted in blocks around the query's block (``window_blocks = 3``: its own block and
-    one on each side; causal: its own block and the ``window_blocks − 1`` before it).
+    one on each side; causal: its own block and the ``window_blocks − 1`` before it). The random blocks are
+    drawn outside the window and global blocks, as BigBird's code does, so each adds keys of its own.
     """
     block = require_positive_int("block", block)
     window_blocks = require_positive_int("window_blocks", window_blocks)
     length = require_positive_int("length", length)
+    global_blocks = require_int("global_blocks", global_blocks, minimum=0)
     blocks = torch.arange(length) // block
     gap = blocks[:, None] - blocks[None, :]
     if causal:
         window = (gap >= 0) & (gap < window_blocks)
     else:
         window = gap.abs() <= window_blocks // 2
+    n_blocks = -(-length // block)
+    b = torch.arange(n_blocks)
+    block_gap = b[:, None] - b[None, :]
+    taken = ((block_gap >= 0) & (block_gap < window_blocks)) if causal else (block_gap.abs() <= window_blocks // 2)
+    taken |= (b[None, :] < global_blocks) | (b[:, None] < global_blocks)
     mask = window | global_token_mask(length, global_tokens=min(length, global_blocks * block), causal=causal)
-    mask |= random_block_mask(length, block=block, per_row=random_blocks, seed=seed, causal=causal)
+    mask |= random_block_mask(length, block=block, per_row=random_blocks, seed=seed, causal=causal, exclude=taken)
     return mask & causal_mask(length) if causal else mask
 
 

@@ -14,8 +14,9 @@ policy      keeps (budget ``n``)
 ``sinks``   the first ``sinks`` tokens + the ``n − sinks`` most recent (StreamingLLM, arXiv:2309.17453)
 ``h2o``     the ``recent`` most recent + the "heavy hitters" with the largest attention accumulated over
             all steps so far (H2O, arXiv:2306.14048); the victim is :func:`h2o_victim`
-``tova``    evicts the token the *current* query attends to least (TOVA, Oren et al., arXiv:2401.06104);
-            the victim is :func:`tova_victim`
+``tova``    evicts the token the *current* query attends to least, averaged over the layer's heads, the
+            same token from every head (TOVA, Oren et al., arXiv:2401.06104; ``tova_per_head=True``: each
+            head its own); the victim is :func:`tova_victim`
 ``quest``   everything, but each step *reads* only the top ``n / page`` pages by Quest's bound
 ==========  ================================================================================================
 
@@ -55,6 +56,7 @@ class CachePolicy:
         page: page size in tokens (``quest``).
         positions: ``"original"`` or ``"cache"`` (default: ``"cache"`` for ``window`` and ``sinks``,
             ``"original"`` otherwise).
+        tova_per_head: ``tova`` only: each head evicts its own token instead of the head-averaged choice.
     """
 
     name: str = "full"
@@ -63,6 +65,7 @@ class CachePolicy:
     recent: int | None = None
     page: int = 16
     positions: str | None = None
+    tova_per_head: bool = False
 
     def __post_init__(self) -> None:
         require_choice("name", self.name, POLICIES)
@@ -128,11 +131,37 @@ def h2o_victim(accumulated: torch.Tensor, positions: torch.Tensor, newest: int, 
     return torch.where(candidate.any(dim=-1), by_score, oldest)
 
 
-def tova_victim(attention: torch.Tensor, positions: torch.Tensor, newest: int) -> torch.Tensor:
-    """TOVA's eviction choice: the filled slot, other than the newest token's, that the current query attends least."""
+def tova_victim(attention: torch.Tensor, positions: torch.Tensor, newest: int, *, per_head: bool = False) -> torch.Tensor:
+    """TOVA's eviction choice: the filled slot, other than the newest token's, that the current query attends least.
+
+    TOVA (Oren et al., arXiv:2401.06104) averages the current query's attention over the heads of a layer and
+    drops the same token from every head (the authors' code, ``src/tova_cache.py``, takes the mean over
+    dimension 1, the heads). ``per_head=True`` is the variant that lets each head drop its own token.
+
+    Args:
+        attention: ``(B, H, C)`` the current query's attention over the slots.
+        positions: ``(B, H, C)`` int64 token positions, ``−1`` for an empty slot; with ``per_head=False`` the
+            heads must hold the same tokens in the same slots (as a TOVA cache does).
+        newest: position of the token that is never evicted (the one the query belongs to).
+
+    Returns:
+        ``(B, H)`` int64 slot indices (with ``per_head=False``, one slot repeated over the heads).
+    """
     require_float_tensor("attention", attention)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be an int64 tensor shaped like attention, got {type(positions).__name__}")
+    if positions.shape != attention.shape or positions.dim() != 3:
+        raise ValueError(f"positions must have the shape of attention, (B, H, C) = {tuple(attention.shape)}; "
+                         f"got {tuple(positions.shape)}")
+    newest = require_int("newest", newest)
     candidate = (positions >= 0) & (positions != newest)
-    return torch.where(candidate, attention, torch.full_like(attention, float("inf"))).argmin(dim=-1)
+    if per_head:
+        return torch.where(candidate, attention, torch.full_like(attention, float("inf"))).argmin(dim=-1)
+    if not torch.equal(positions, positions[:, :1].expand_as(positions)):
+        raise ValueError("per_head=False needs every head to hold the same tokens in the same slots")
+    mean = attention.mean(dim=1)  # (B, C), averaged over the heads as in the paper
+    victim = torch.where(candidate[:, 0], mean, torch.full_like(mean, float("inf"))).argmin(dim=-1)
+    return victim[:, None].expand(attention.shape[0], attention.shape[1])
 
 
 class PolicyKVCache:
@@ -183,6 +212,12 @@ class PolicyKVCache:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotate: Rotation | None = None) -> torch.Tensor:
         """One decode step: ``q, k, v (B, H, 1, D)`` of the new token (un-rotated) → output ``(B, H, 1, D)``."""
+        b, h, d = self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1]
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            require_float_tensor(name, t)
+            if tuple(t.shape) != (b, h, 1, d):
+                raise ValueError(f"attend runs one token per step: {name} must be (B, H, 1, D) = {(b, h, 1, d)}, "
+                                 f"got {tuple(t.shape)}; feed a prompt one token at a time")
         position = self.steps
         if self.policy.bounded and self.length >= self.policy.budget:
             self._evict(position)  # make room first: a step never reads more than `budget` tokens
@@ -236,7 +271,8 @@ class PolicyKVCache:
         if name == "h2o":
             victim = h2o_victim(self.accumulated, self.positions, incoming, self.policy.recent_kept)
         elif name == "tova":
-            victim = tova_victim(self.last_attention, self.positions, incoming - 1)
+            victim = tova_victim(self.last_attention, self.positions, incoming - 1,
+                                 per_head=self.policy.tova_per_head)
         else:  # window / sinks: the oldest token that is not a sink
             protected = self.positions < (self.policy.sinks if name == "sinks" else 0)
             age = self.positions.masked_fill((self.positions < 0) | protected, big)

@@ -84,6 +84,14 @@ def quest_token_mask(q: torch.Tensor, keys: torch.Tensor, page: int, n_pages: in
     """
     page = require_positive_int("page", page)
     n_pages = require_positive_int("n_pages", n_pages)
+    q = require_float_tensor("q", q)
+    keys = require_float_tensor("keys", keys)
+    if keys.shape[:-2] != q.shape[:-1] or keys.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q (..., D) and keys (..., T, D) must agree; got {tuple(q.shape)} and {tuple(keys.shape)}")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
+                              or valid.shape != keys.shape[:-1]):
+        got = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"valid must be a bool tensor (..., T) = {tuple(keys.shape[:-1])}, one flag per key; got {got}")
     kmin, kmax = page_bounds(keys, page, valid)
     scores = page_upper_bound(q, kmin, kmax)  # (..., P)
     scores[..., -1] = float("inf")  # the newest page is always read

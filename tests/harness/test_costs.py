@@ -99,7 +99,8 @@ def test_sparse_decode_formulas():
     assert policy_tokens_per_step("full", 1000, 64) == {"tokens": 1000, "pages": 0}
     assert policy_tokens_per_step("h2o", 1000, 64) == {"tokens": 64, "pages": 0}
     assert policy_tokens_per_step("window", 10, 64) == {"tokens": 10, "pages": 0}
-    assert policy_tokens_per_step("quest", 1000, 70, page=16) == {"tokens": 64, "pages": 63}
+    # 4 pages read: 3 full ones and the newest, which holds 1000 − 62·16 = 8 tokens so far
+    assert policy_tokens_per_step("quest", 1000, 70, page=16) == {"tokens": 56, "pages": 63}
     assert decode_read_bytes(100, layers=2, kv_heads=4, head_dim=8, pages=10) == 2 * 2 * 4 * 8 * 2 * 110
     with pytest.raises(ValueError, match="policy"):
         policy_tokens_per_step("lru", 10, 4)

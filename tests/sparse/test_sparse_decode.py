@@ -83,8 +83,21 @@ def test_h2o_and_tova_victims():
     assert sparse.h2o_victim(accumulated, positions, 5, 3).tolist() == [1]
     # everything recent: the oldest goes
     assert sparse.h2o_victim(accumulated, positions, 5, 10).tolist() == [0]
-    attention = torch.tensor([[0.3, 0.2, 0.4, 0.05, 0.05, 0.0]])
-    assert sparse.tova_victim(attention, positions, 4).tolist() == [3]  # slot 4 is the newest: protected
+    attention = torch.tensor([[[0.3, 0.2, 0.4, 0.05, 0.05, 0.0]]])
+    assert sparse.tova_victim(attention, positions[None], 4).tolist() == [[3]]  # slot 4 is the newest: protected
+
+
+def test_tova_averages_over_heads_as_its_paper_does():
+    positions = torch.tensor([[0, 1, 2, 3]]).expand(1, 2, 4)
+    # head 0 attends least to slot 0, head 1 least to slot 2; averaged, slot 1 is the least attended
+    attention = torch.tensor([[[0.00, 0.10, 0.50, 0.40], [0.50, 0.10, 0.00, 0.40]]])
+    assert sparse.tova_victim(attention, positions, 3).tolist() == [[1, 1]]
+    assert sparse.tova_victim(attention, positions, 3, per_head=True).tolist() == [[0, 2]]
+    cache = sparse.PolicyKVCache(sparse.CachePolicy("tova", budget=4), batch=1, heads=3, head_dim=4)
+    torch.manual_seed(0)
+    for _ in range(12):
+        cache.attend(*(torch.randn(1, 3, 1, 4) for _ in range(3)))
+    assert torch.equal(cache.positions, cache.positions[:, :1].expand_as(cache.positions))  # one choice per layer
 
 
 # --------------------------------------------------------------------------- the mixer and its caches
