@@ -1,6 +1,6 @@
 """Chapter 06: mixture of experts — routing, load balancing, capacity, expert parallelism.
 
-* :mod:`~labsupport.moe.routing` — top-k / top-p / expert-choice routing, the load-balancing
+* :mod:`~labsupport.moe.routing` — top-k (three gating conventions) / top-p / expert-choice routing, the load-balancing
   loss (both top-k conventions), the router z-loss, capacity and dropping, the bias update.
 * :mod:`~labsupport.moe.dispatch` — the per-token loop, the sorted grouped-matmul fast path,
   the expert-choice batched path.
@@ -14,12 +14,15 @@ from labsupport.moe.dispatch import expert_forward, grouped_expert_mlp, moe_expe
 from labsupport.moe.layer import MoELayer, moe_mixer
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
+    GATES,
     Routing,
     capacity_keep,
     expert_capacity,
     expert_choice_routing,
     expert_counts,
+    expected_experts_touched,
     load_balancing_loss,
+    router_entropy,
     router_z_loss,
     top_k_routing,
     top_p_routing,
@@ -28,12 +31,14 @@ from labsupport.moe.routing import (
 
 __all__ = [
     "BALANCE_CONVENTIONS",
+    "GATES",
     "MoELayer",
     "Routing",
     "capacity_keep",
     "expert_capacity",
     "expert_choice_routing",
     "expert_counts",
+    "expected_experts_touched",
     "expert_forward",
     "grouped_expert_mlp",
     "load_balancing_loss",
@@ -41,6 +46,7 @@ __all__ = [
     "moe_loop",
     "moe_mixer",
     "moe_sorted",
+    "router_entropy",
     "router_z_loss",
     "sort_by_expert",
     "top_k_routing",

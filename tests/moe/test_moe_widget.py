@@ -15,23 +15,38 @@ from labsupport.moe.widget import (
     expert_load,
     expert_load_figure,
     load_imbalance,
+    most_imbalanced_layer,
 )
 
 
-def history(counts: list[list[float]], label: str = "run") -> TrainingHistory:
+def history(counts: list[list[float]], label: str = "run", layer: int = 0) -> TrainingHistory:
     h = TrainingHistory(label=label)
     h.steps = list(range(1, len(counts) + 1))
-    h.metrics["blocks.0.channel_mixer.tokens_per_expert"] = counts
+    h.metrics[f"blocks.{layer}.channel_mixer.tokens_per_expert"] = counts
+    h.metrics[f"blocks.{layer}.channel_mixer.assignment_budget"] = [float(sum(c)) for c in counts]
     return h
 
 
 def test_load_imbalance_and_drops_from_recorded_counts() -> None:
-    load = expert_load(history([[25, 25, 25, 25], [100, 0, 0, 0], [40, 40, 10, 10]]))
+    h = history([[25, 25, 25, 25], [100, 0, 0, 0], [40, 40, 10, 10]])
+    load = expert_load(h)
     assert torch.allclose(load.sum(1), torch.ones(3, dtype=torch.float64))
     assert load_imbalance(load).tolist() == pytest.approx([1.0, 4.0, 1.6])
     # capacity factor 1: each expert keeps a quarter of the assignments
-    assert dropped_at_capacity(load, 1.0).tolist() == pytest.approx([0.0, 0.75, 0.3])
-    assert dropped_at_capacity(load, 4.0).tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert dropped_at_capacity(h, 1.0).tolist() == pytest.approx([0.0, 0.75, 0.3])
+    assert dropped_at_capacity(h, 4.0).tolist() == pytest.approx([0.0, 0.0, 0.0])
+    # null experts took 40 of a budget of 140: the capacity is still sized from the budget (35 slots)
+    h.metrics["blocks.0.channel_mixer.assignment_budget"] = [140.0] * 3
+    assert dropped_at_capacity(h, 1.0).tolist() == pytest.approx([0.0, 65 / 140, 10 / 140])
+
+
+def test_the_figure_defaults_to_the_most_imbalanced_layer() -> None:
+    h = history([[25, 25, 25, 25], [30, 20, 25, 25]])
+    h.metrics.update(history([[70, 10, 10, 10], [80, 10, 5, 5]], layer=1).metrics)
+    assert most_imbalanced_layer(h) == 1
+    fig = expert_load_figure({"run": h}, "run", 1.0)
+    assert "layer 1" in fig.layout.title.text
+    assert fig.layout.width is None  # takes the notebook's width
 
 
 def test_expert_load_names_the_missing_metric() -> None:
@@ -57,7 +72,9 @@ def test_figure_has_a_panel_per_view_and_a_trace_per_expert_and_run() -> None:
     fig = expert_load_figure(runs, "b", 1.0, char_counts=torch.tensor([[1, 0], [0, 0], [2, 3]]),
                              characters=["x", "y", "\n"])
     kinds = [t.type for t in fig.data]
-    assert kinds.count("scatter") == 2 + 2 and kinds.count("heatmap") == 1
+    assert kinds.count("scatter") == 2 + 2 * 2 and kinds.count("heatmap") == 1
+    imbalance_lines = [t for t in fig.data if t.xaxis == "x2"]
+    assert [t.name for t in imbalance_lines] == ["a", "b"] and list(imbalance_lines[1].y) == [2.0, 2.0]
     assert list(fig.data[-1].y) == ["x", "\\n"]
     assert "2.00×" in fig.layout.title.text
     with pytest.raises(KeyError, match="unknown run"):
