@@ -7,6 +7,8 @@ Memory of what a model keeps per sequence:
   :func:`quantized_bytes_per_element` — what GQA/MQA, MLA and a quantised cache store per token.
 * :func:`recurrent_state_bytes` — the fixed-size state of a linear-attention or state-space layer.
 * :func:`mamba_state_bytes` — a Mamba layer's decoding state: its SSM state and its convolution window.
+* :func:`mixer_state_numbers` — one layer's decode state in numbers, by kind, in Based's conventions
+  (attention ``2·d·L``, window ``2·d·w``, SSM ``2·d·N``, linear attention ``heads·d_k·d_v``): chapter 07's frontier.
 
 Work:
 
@@ -51,6 +53,7 @@ __all__ = [
     "quantized_bytes_per_element",
     "mamba_state_bytes",
     "recurrent_state_bytes",
+    "mixer_state_numbers",
 ]
 
 
@@ -462,3 +465,34 @@ def autoregressive_work(prompt: int, new_tokens: int) -> dict[str, int]:
     prompt = require_positive_int("prompt", prompt)
     new = require_positive_int("new_tokens", new_tokens)
     return {"steps": new, "positions": prompt + new - 1}
+
+
+# --------------------------------------------------------------------------- one layer's state, by kind (chapter 07)
+
+
+def mixer_state_numbers(kind: str, *, context: int, kv_width: int = 0, window: int | None = None,
+                        d_inner: int = 0, d_state: int = 0, heads: int = 0, d_k: int = 0, d_v: int = 0) -> int:
+    """Numbers one sequence-mixer layer keeps for one sequence after ``context`` tokens (Based's conventions).
+
+    * ``"attention"`` — ``kv_width · context``: ``kv_width`` numbers cached per token (``2·d`` for multi-head
+      attention, ``2 · n_kv_heads · head_dim`` for GQA/MQA, ``d_c + d_R`` for MLA);
+    * ``"window"`` — ``kv_width · min(context, window)``: a sliding window (sinks included in ``window``), or
+      any policy whose cache is bounded by ``window`` tokens;
+    * ``"ssm"`` — ``d_inner · d_state`` (Mamba's ``2·d·N`` with ``d_inner = 2d``), whatever the context;
+    * ``"linear"`` — ``heads · d_k · d_v``, whatever the context.
+
+    Multiply by the bytes per element (2 for bf16) for bytes. Small context-independent extras (a convolution
+    window, a normaliser row) are left out, as Based leaves them out.
+    """
+    if kind not in ("attention", "window", "ssm", "linear"):
+        raise ValueError(f"kind must be one of 'attention', 'window', 'ssm', 'linear'; got {kind!r}")
+    context = require_int("context", context, minimum=0)
+    if kind == "attention":
+        return require_positive_int("kv_width", kv_width) * context
+    if kind == "window":
+        if window is None:
+            raise ValueError("kind='window' needs window= (the most tokens the cache holds)")
+        return require_positive_int("kv_width", kv_width) * min(context, require_positive_int("window", window))
+    if kind == "ssm":
+        return require_positive_int("d_inner", d_inner) * require_positive_int("d_state", d_state)
+    return require_positive_int("heads", heads) * require_positive_int("d_k", d_k) * require_positive_int("d_v", d_v)

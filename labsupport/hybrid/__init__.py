@@ -1,0 +1,31 @@
+"""Chapter 07: hybrids and the recall–cost frontier. The one package (with the capstone) that imports families.
+
+==============  ===============================================================================================
+module          holds
+==============  ===============================================================================================
+``registry``    THE registry of every sequence mixer of the course: ``MixerSpec`` rows (name, family, factory
+                ``(d_model, layer_index)``, decodes or not, state numbers against context), ``register`` (one
+                call for a reader's own mixer), ``get``, ``names``, ``specs``, ``families``, ``held_bytes``
+``ssd``         ``SSDMixer`` / ``ssd_mixer``: a Mamba-2 (SSD) block around chapter 04's SSD forms
+==============  ===============================================================================================
+
+Chapters 09 and 10 reach other families' mixers only through :mod:`labsupport.hybrid.registry`.
+"""
+
+from labsupport.hybrid import registry
+from labsupport.hybrid.registry import MixerSpec, families, get, held_bytes, names, register, specs, unregister
+from labsupport.hybrid.ssd import SSDMixer, ssd_mixer
+
+__all__ = [
+    "MixerSpec",
+    "SSDMixer",
+    "families",
+    "get",
+    "held_bytes",
+    "names",
+    "register",
+    "registry",
+    "specs",
+    "ssd_mixer",
+    "unregister",
+]
