@@ -1,6 +1,6 @@
 """Chapter 05 on a GPU: the course's block-sparse Triton kernel against FlexAttention with the same block mask.
 
-    python3 benchmarks/sparse_attention_gpu.py --out DIR        # needs a CUDA GPU, triton, torch >= 2.5
+    python3 benchmarks/sparse_attention_gpu.py [--out DIR]      # needs a CUDA GPU, triton, torch >= 2.5; exits 0 without
 
 A causal sliding window of ``--window`` (default 1,024) at L ∈ {8K, 32K}, fp16, B = 1, 16 heads, head
 dimension 64 and 128. Times are medians of ``triton.testing.do_bench`` (CUDA events). Compared in one run:
@@ -20,20 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for the results")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--configs", type=int, default=5, help="how many of the tile configurations to try")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: this benchmark needs one and a Triton install; nothing was measured "
+              "(the CPU benchmark is benchmarks/sparse_attention_cpu.py)")
+        return
     import triton
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -15,13 +15,16 @@ synchronised around each. Without a GPU the script says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
 
-from labsupport.harness.numerics import rel_err
-from labsupport.ssm.reference import ssd_chunked, ssd_recurrent
+import torch  # noqa: E402
+
+from labsupport.harness.numerics import rel_err  # noqa: E402
+from labsupport.ssm.reference import ssd_chunked, ssd_recurrent  # noqa: E402
 
 HEADS, HEAD_DIM, STATE = 8, 64, 64
 
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256])
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("# no CUDA GPU: the GPU part is skipped")
+        print("no CUDA GPU: this benchmark needs one; nothing was measured (the CPU scans are benchmarks/ssm_scans_cpu.py)")
         return
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 products, so the two forms agree to fp32 accuracy
     dev = torch.device("cuda")

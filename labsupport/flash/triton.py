@@ -14,7 +14,9 @@ Three details that matter for speed, each worth a comment in the kernel:
   to every query of the block, run without any mask; only the few *diagonal*
   blocks that cross the mask's edge pay for it. Blocks entirely in the future are
   never visited.
-* Block sizes, warps and pipeline depth are autotuned on the GPU.
+* Block sizes, warps and pipeline depth are autotuned on the GPU, among a few candidates
+  per head dimension (:func:`candidate_configs`), once per *bucket* of lengths (the next
+  power of two, :func:`length_bucket`): a new length in a tuned bucket costs nothing.
 
 The same kernel runs on a CPU under Triton's interpreter (set
 ``TRITON_INTERPRET=1`` before ``triton`` is first imported): slowly, but exactly,
@@ -59,6 +61,8 @@ __all__ = [
     "triton_flash_attention",
     "TritonFlashAttention",
     "best_config",
+    "length_bucket",
+    "candidate_configs",
 ]
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
@@ -74,6 +78,64 @@ def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+def length_bucket(n: int) -> int:
+    """The autotuner's key for a length: the next power of two (at least 16).
+
+    Tuning once per bucket instead of once per exact length: a batch of 3,000 tokens reuses
+    the configuration measured for 4,096 instead of compiling and timing every candidate again.
+    """
+    n = require_int("n", n, minimum=1)
+    return max(16, 1 << (n - 1).bit_length())
+
+
+# Autotuning candidates per head dimension, (outer block, inner block, warps, stages). The
+# register file bounds what pays off: the accumulator is BLOCK_M × D fp32 values spread over
+# the warps, so D = 128 wants 8 warps for 128-row blocks, and D = 256 small tiles and shallow
+# pipelines (each stage holds a K and a V tile in shared memory).
+_FWD_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    16: ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 2)),
+    32: ((64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 2)),
+    64: ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 4, 2)),
+    128: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3)),
+    256: ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 1), (128, 64, 8, 1)),
+}
+# backward, (outer, inner, warps, stages): outer = keys (dK/dV kernel) or queries (dQ kernel)
+_BWD_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    16: ((64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)),
+    32: ((64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)),
+    64: ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),
+    128: ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2)),
+    256: ((64, 32, 4, 1), (32, 32, 4, 1), (64, 32, 8, 2)),
+}
+
+
+def candidate_configs(head_dim: int, *, backward: bool = False) -> tuple[tuple[int, int, int, int], ...]:
+    """The (outer block, inner block, warps, stages) the autotuner tries for ``head_dim``."""
+    table = _BWD_CANDIDATES if backward else _FWD_CANDIDATES
+    if head_dim not in table:
+        raise ValueError(f"head dimension must be one of {', '.join(map(str, table))}, got {head_dim}")
+    return table[head_dim]
+
+
+if triton is not None:
+
+    def _all_configs(table: dict, outer: str, inner: str) -> list:
+        """Every candidate of every head dimension, once; the pruner keeps one head dimension's."""
+        seen = sorted({c for cands in table.values() for c in cands})
+        return [triton.Config({outer: o, inner: i}, num_warps=w, num_stages=st) for o, i, w, st in seen]
+
+    def _pruner(table: dict, outer: str, inner: str, bucket_arg: str):
+        """An ``early_config_prune``: one head dimension's candidates, no outer block longer than the bucket."""
+        def prune(configs, named_args, **kwargs):
+            head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+            bucket = kwargs.get(bucket_arg, named_args.get(bucket_arg, 1 << 30))
+            wanted = set(table.get(head_dim, table[64]))
+            kept = [c for c in configs
+                    if (c.kwargs[outer], c.kwargs[inner], c.num_warps, c.num_stages) in wanted]
+            short = [c for c in kept if c.kwargs[outer] <= bucket]  # no 128-row blocks for 40 queries
+            return short or kept or configs
+        return prune
 
 if triton is not None:
 
@@ -131,6 +193,7 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         n_heads, n_queries, n_keys, qk_scale,
+        q_bucket, k_bucket,  # unused in the body: the autotuner's key (next powers of two of the lengths)
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -186,30 +249,10 @@ if triton is not None:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < n_queries)
         tl.store(LSE + pid_bh * n_queries + offs_m, lse, mask=offs_m < n_queries)
 
-    def _configs() -> list:
-        configs = []
-        for block_m in (64, 128):
-            for block_n in (32, 64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3, 4):
-                        if block_m == 64 and warps == 8:
-                            continue
-                        configs.append(
-                            triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
-                                          num_warps=warps, num_stages=stages)
-                        )
-        return configs
-
-    def _prune(configs, named_args, **kwargs):
-        # a head dimension of 128 with 128x128 tiles needs too many registers to pay off
-        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-        kept = [c for c in configs if not (head_dim >= 128 and c.kwargs["BLOCK_N"] == 128 and c.num_stages > 2)]
-        return kept or configs
-
     _flash_fwd_autotuned = triton.autotune(
-        configs=_configs(),
-        key=["n_queries", "n_keys", "HEAD_DIM", "CAUSAL"],
-        prune_configs_by={"early_config_prune": _prune},
+        configs=_all_configs(_FWD_CANDIDATES, "BLOCK_M", "BLOCK_N"),
+        key=["q_bucket", "k_bucket", "HEAD_DIM", "CAUSAL"],  # tensor dtypes are added by Triton
+        prune_configs_by={"early_config_prune": _pruner(_FWD_CANDIDATES, "BLOCK_M", "BLOCK_N", "q_bucket")},
     )(_flash_fwd_kernel)
 
 
@@ -285,7 +328,7 @@ def triton_flash_forward(
     args = (
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, n_q, n_k, sm_scale * _LOG2E,
+        heads, n_q, n_k, sm_scale * _LOG2E, length_bucket(n_q), length_bucket(n_k),
     )
     autotune = not on_cpu and block_m is None and block_n is None
     if autotune:
@@ -367,6 +410,7 @@ if triton is not None:
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         n_heads, n_queries, n_keys, qk_scale, sm_scale,
+        q_bucket, k_bucket,  # the autotuner's key only
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -453,6 +497,7 @@ if triton is not None:
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         n_heads, n_queries, n_keys, qk_scale, sm_scale,
+        q_bucket, k_bucket,  # the autotuner's key only
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -493,23 +538,15 @@ if triton is not None:
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
-    def _bwd_configs(outer: str, inner: str) -> list:
-        configs = []
-        for outer_size in (64, 128):
-            for inner_size in (32, 64):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        configs.append(triton.Config({outer: outer_size, inner: inner_size},
-                                                     num_warps=warps, num_stages=stages))
-        return configs
-
-    _bwd_key = ["n_queries", "n_keys", "HEAD_DIM", "CAUSAL"]
-    _flash_bwd_dkdv_autotuned = triton.autotune(configs=_bwd_configs("BLOCK_N", "BLOCK_M"), key=_bwd_key)(
-        _flash_bwd_dkdv_kernel
-    )
-    _flash_bwd_dq_autotuned = triton.autotune(configs=_bwd_configs("BLOCK_M", "BLOCK_N"), key=_bwd_key)(
-        _flash_bwd_dq_kernel
-    )
+    _bwd_key = ["q_bucket", "k_bucket", "HEAD_DIM", "CAUSAL"]
+    _flash_bwd_dkdv_autotuned = triton.autotune(
+        configs=_all_configs(_BWD_CANDIDATES, "BLOCK_N", "BLOCK_M"), key=_bwd_key,
+        prune_configs_by={"early_config_prune": _pruner(_BWD_CANDIDATES, "BLOCK_N", "BLOCK_M", "k_bucket")},
+    )(_flash_bwd_dkdv_kernel)
+    _flash_bwd_dq_autotuned = triton.autotune(
+        configs=_all_configs(_BWD_CANDIDATES, "BLOCK_M", "BLOCK_N"), key=_bwd_key,
+        prune_configs_by={"early_config_prune": _pruner(_BWD_CANDIDATES, "BLOCK_M", "BLOCK_N", "q_bucket")},
+    )(_flash_bwd_dq_kernel)
 
 
 def triton_flash_backward(
@@ -562,7 +599,7 @@ def triton_flash_backward(
     common = (
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
     )
-    scalars = (heads, n_q, n_k, sm_scale * _LOG2E, sm_scale)
+    scalars = (heads, n_q, n_k, sm_scale * _LOG2E, sm_scale, length_bucket(n_q), length_bucket(n_k))
     dkdv_args = (q, k, v, dout, lse2, delta, dk, dv, *common, *dk.stride(), *scalars)
     dq_args = (q, k, v, dout, lse2, delta, dq, *common, *dq.stride(), *scalars)
     if dk.stride() != dv.stride():

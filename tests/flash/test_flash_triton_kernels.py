@@ -164,3 +164,86 @@ def test_package_leaves_triton_unimported():
     code = "import sys, labsupport.flash\nassert 'triton' not in sys.modules, 'labsupport.flash imported triton'\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_length_bucket_is_the_next_power_of_two():
+    assert [flash_triton.length_bucket(n) for n in (1, 16, 17, 3000, 4096, 4097)] == [16, 16, 32, 4096, 4096, 8192]
+    with pytest.raises(ValueError):
+        flash_triton.length_bucket(0)
+
+
+def test_candidate_configs_are_few_and_fit_the_head_dimension():
+    for d in (16, 32, 64, 128, 256):
+        for backward in (False, True):
+            cands = flash_triton.candidate_configs(d, backward=backward)
+            assert 2 <= len(cands) <= 6
+    # the widest head dimension never gets 128 x 64 tiles with a deep pipeline
+    assert all(not (o >= 128 and i >= 64 and st > 1) for o, i, _, st in flash_triton.candidate_configs(256))
+    with pytest.raises(ValueError, match="head dimension"):
+        flash_triton.candidate_configs(48)
+
+
+@needs_interpreter
+def test_autotuner_tunes_once_per_length_bucket_and_prunes_per_head_dim(monkeypatch):
+    """A new length in a tuned bucket reuses the tuned configuration: nothing is benchmarked again."""
+    tuner = flash_triton._flash_fwd_autotuned
+    benched: list = []
+
+    def fake_bench(*args, config, **kwargs):  # the autotuner's timing step, counted instead of run
+        benched.append(config)
+        return [1.0 + 0.01 * len(benched)] * 3
+
+    monkeypatch.setattr(tuner, "_bench", fake_bench)
+    monkeypatch.setattr(tuner, "cache", {})
+
+    def launch(n, d=32, causal=False):
+        q, k, v = qkv(n, n, d=d)
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3])
+        args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), q.shape[1], n, n,
+                flash_triton._LOG2E / d ** 0.5, flash_triton.length_bucket(n), flash_triton.length_bucket(n))
+        grid = lambda meta: (-(-n // meta["BLOCK_M"]), q.shape[0] * q.shape[1])  # noqa: E731
+        tuner[grid](*args, HEAD_DIM=d, CAUSAL=causal)
+        ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+        assert rel(out, ref) < 1e-5
+
+    launch(100)                      # bucket 128: tunes
+    first = len(benched)
+    wanted = {(o, i, w, st) for o, i, w, st in flash_triton.candidate_configs(32) if o <= 128}
+    assert first == len(wanted)      # only this head dimension's candidates were timed
+    launch(120)                      # same bucket, new length: no re-tuning
+    assert len(benched) == first
+    launch(130)                      # next bucket: tunes again
+    assert len(benched) == 2 * first
+
+
+@needs_interpreter
+@pytest.mark.parametrize("warp_specialize", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lq,lk,d", [(40, 40, 16), (20, 12, 32), (9, 30, 16), (33, 50, 64)])
+def test_tma_kernel_matches_dense(causal, lq, lk, d, warp_specialize):
+    from labsupport.flash import tma
+
+    q, k, v = qkv(lq, lk, d=d)
+    out, lse = tma.tma_flash_forward(q, k, v, causal=causal, warp_specialize=warp_specialize)
+    base_out, base_lse = flash_triton.triton_flash_forward(q, k, v, causal=causal)
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    assert not torch.isnan(out).any()
+    assert rel(out, ref) < 1e-5
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(base_lse))
+    finite = torch.isfinite(base_lse)
+    assert float((lse[finite] - base_lse[finite]).abs().max()) < 1e-5
+    if causal and lq > lk:  # rows that see no key: zeros
+        assert torch.equal(out[..., : lq - lk, :], torch.zeros_like(out[..., : lq - lk, :]))
+
+
+@needs_interpreter
+def test_tma_kernel_bf16_and_refuses_strided_inputs():
+    from labsupport.flash import tma
+
+    q, k, v = qkv(24, 24, dtype=torch.bfloat16)
+    out, _ = tma.tma_flash_forward(q, k, v, causal=True)
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=True)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="contiguous"):
+        tma.tma_flash_forward(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
