@@ -9,11 +9,12 @@ module             holds
 ``blocksparse``    ``block_sparse_forward`` (the readable tile loop that skips empty tiles) and
                    ``block_sparse_attention`` (the same skip with gathered key blocks, the CPU fast path)
 ``selection``      Quest's ``page_bounds`` / ``page_upper_bound`` / ``quest_token_mask``; NSA's ``nsa_decode``
-                   and ``nsa_token_counts``
+                   and ``nsa_token_counts``; MoBA-style ``block_select_mask``
 ``policies``       decode-time KV policies: ``CachePolicy``, ``PolicyKVCache`` (full, window, sinks, H2O, TOVA,
-                   Quest), the eviction choices ``h2o_victim``, ``tova_victim``
+                   Quest, SnapKV), the eviction choices ``h2o_victim``, ``tova_victim``
 ``mixers``         ``SparseAttention`` (RoPE, static masks, policy caches) and ``sparse_mixer`` for ``TinyLM``;
                    ``decode_logits``, ``policy_recall``, ``streaming_perplexity``
+``prefill``        dynamic sparse prefill: MInference's ``vertical_slash_mask`` and ``vertical_slash_selection``
 ``indexer``        DeepSeek Sparse Attention's ``LightningIndexer``, ``indexer_kl``, ``topk_mask``, ``train_indexer``
 ``checkpoints``    the shipped trained models (``load_checkpoint``)
 ``widget``         the attention-sparsity explorer's data and figure
@@ -27,10 +28,13 @@ decode policies live in :mod:`labsupport.harness.costs`.
 """
 
 from labsupport.sparse.exercises import (
+    check_block_select,
     check_block_sparse_loop,
     check_h2o_evict,
     check_page_upper_bound,
     check_sink_window_mask,
+    check_streaming_step,
+    check_tova_evict,
 )
 from labsupport.sparse.blocksparse import block_sparse_attention, block_sparse_forward, gathered_block_indices
 from labsupport.sparse.indexer import LightningIndexer, indexer_kl, indexer_selection, topk_mask, train_indexer
@@ -61,10 +65,12 @@ from labsupport.sparse.mixers import (
     streaming_perplexity,
 )
 from labsupport.sparse.policies import POLICIES, CachePolicy, PolicyKVCache, h2o_victim, tova_victim
+from labsupport.sparse.prefill import vertical_slash_mask, vertical_slash_selection
 from labsupport.sparse.reference import masked_attention, online_softmax_step
 from labsupport.sparse.widget import EXPLORER_PATTERNS, ExplorerData, explorer_data, explorer_figure
 from labsupport.sparse.selection import (
     NSAResult,
+    block_select_mask,
     nsa_decode,
     nsa_token_counts,
     page_bounds,
@@ -87,14 +93,18 @@ __all__ = [
     "SparseAttention",
     "WindowPattern",
     "bigbird_mask",
+    "block_select_mask",
     "block_layout",
     "block_sparse_attention",
     "block_sparse_forward",
     "causal_mask",
+    "check_block_select",
     "check_block_sparse_loop",
     "check_h2o_evict",
     "check_page_upper_bound",
     "check_sink_window_mask",
+    "check_streaming_step",
+    "check_tova_evict",
     "decode_logits",
     "dilated_mask",
     "explorer_data",
@@ -124,4 +134,6 @@ __all__ = [
     "topk_mask",
     "tova_victim",
     "train_indexer",
+    "vertical_slash_mask",
+    "vertical_slash_selection",
 ]

@@ -3,12 +3,21 @@
 * exercise 1 — :func:`check_sink_window_mask`: StreamingLLM's mask (sinks + a sliding window, bottom-right causal);
 * exercise 2 — :func:`check_page_upper_bound`: Quest's page bound;
 * exercise 3 — :func:`check_h2o_evict`: one H2O eviction;
-* exercise 4 — :func:`check_block_sparse_loop`: the tiled loop that skips empty tiles.
+* exercise 4 — :func:`check_block_sparse_loop`: the tiled loop that skips empty tiles;
+* :func:`check_streaming_step`: StreamingLLM's cache step — evict the oldest non-sink, write the new token, then
+  number the kept tokens inside the cache;
+* :func:`check_block_select`: MoBA / NSA-style block selection (mean-pooled block keys, top-n, own block);
+* :func:`check_tova_evict`: one TOVA eviction, averaged over the layer's heads as in its paper.
+
+(The notebook uses the last four and the H2O step; the mask and Quest-bound checkers stay for the
+library's tests and older workspaces.)
 
 Each checker runs the learner's function against the library's on seeded cases through
 :func:`labsupport.harness.checking.check_function`. Exercise 4's cases poison the key blocks that no query
 may read with NaN, so a dense answer (which multiplies them by zero probabilities) fails; a NaN logsumexp
-where ``−inf`` belongs fails too.
+where ``−inf`` belongs fails too; and one case caps the largest tensor the answer may create below the
+``Lq × Lk`` score matrix, so a dense answer that cleans the NaN away fails as well. No hint prints a formula:
+the tiered hints in the notebook do.
 """
 
 from __future__ import annotations
@@ -21,16 +30,19 @@ import torch
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.numerics import seeded_randn
 from labsupport.sparse.blocksparse import block_sparse_forward
-from labsupport.sparse.masks import EMPTY, block_layout, sink_window_mask, sliding_window_mask
-from labsupport.sparse.policies import h2o_victim
-from labsupport.sparse.selection import page_upper_bound
+from labsupport.sparse.masks import EMPTY, FULL, PARTIAL, BlockLayout, block_layout, sink_window_mask, sliding_window_mask
+from labsupport.sparse.policies import h2o_victim, tova_victim
+from labsupport.sparse.selection import block_select_mask, page_upper_bound
 
 __all__ = [
     "block_sparse_loop",
+    "check_block_select",
     "check_block_sparse_loop",
     "check_h2o_evict",
     "check_page_upper_bound",
     "check_sink_window_mask",
+    "check_streaming_step",
+    "check_tova_evict",
     "h2o_evict",
 ]
 
@@ -53,8 +65,8 @@ def check_sink_window_mask(fn: Callable[..., Any]) -> CheckResult:
         Case("more sinks than keys", (5, 5, 8, 2)),
     ]
     return check_function(fn, _mask_reference, cases, exercise="sink_window_mask",
-                          hint="query i sits at position p = i + (lk − lq); key j is visible when j ≤ p and "
-                               "(p − j < window or j < sinks). Return a torch.bool tensor.")
+                          hint="mind the alignment when lq < lk (queries are the last positions) and causality of "
+                               "the sinks themselves; return a torch.bool tensor. Tiered hints are above the exercise.")
 
 
 # --------------------------------------------------------------------------- exercise 2: Quest's bound
@@ -80,8 +92,8 @@ def _bound_cases() -> list[Case]:
 def check_page_upper_bound(fn: Callable[..., Any]) -> CheckResult:
     """Check ``fn(q (..., D), kmin (..., P, D), kmax (..., P, D)) -> (..., P)`` against Quest's bound."""
     return check_function(fn, page_upper_bound, _bound_cases(), exercise="page_upper_bound", atol=1e-5, rtol=1e-6,
-                          hint="each term q_i·k_i is largest at one end of [kmin_i, kmax_i]; which end depends on "
-                               "the sign of q_i. Sum over i; keep one score per page.")
+                          hint="the bound must hold for every key inside the box, whatever the sign of each query "
+                               "entry; one score per page. Tiered hints are above the exercise.")
 
 
 # --------------------------------------------------------------------------- exercise 3: H2O eviction
@@ -128,9 +140,9 @@ def _evict_cases() -> list[Case]:
 def check_h2o_evict(fn: Callable[..., Any]) -> CheckResult:
     """Check ``fn(accumulated, positions, incoming, recent) -> new positions`` against :func:`h2o_evict`."""
     return check_function(fn, h2o_evict, _evict_cases(), exercise="h2o_evict",
-                          hint="candidates are filled slots (position ≥ 0) with position ≤ incoming − recent; pick "
-                               "the smallest accumulated attention among them (argmin after hiding the others with "
-                               "+inf); if there is none, the oldest filled slot. Set its position to −1.")
+                          hint="look at which slots may be evicted at all: empty slots and the recent window are not "
+                               "candidates, and a cache whose tokens are all recent still must free one. Tiered "
+                               "hints are above the exercise.")
 
 
 # --------------------------------------------------------------------------- exercise 4: the tile loop
@@ -138,8 +150,20 @@ def check_h2o_evict(fn: Callable[..., Any]) -> CheckResult:
 
 def block_sparse_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference answer of exercise 4: :func:`~labsupport.sparse.blocksparse.block_sparse_forward`."""
-    return block_sparse_forward(q, k, v, mask, block_q=block_q, block_k=block_k)
+    """The reference answer of exercise 4: :func:`~labsupport.sparse.blocksparse.block_sparse_forward`.
+
+    Its layout is classified tile by tile here, so that the reference itself never holds a tensor of the mask's
+    size (the checker's tiling guard caps the largest tensor an answer creates).
+    """
+    lq, lk = mask.shape
+    nq, nk = -(-lq // block_q), -(-lk // block_k)
+    kinds = torch.full((nq, nk), PARTIAL, dtype=torch.int8)
+    for row in range(nq):
+        for col in range(nk):
+            tile = mask[row * block_q:(row + 1) * block_q, col * block_k:(col + 1) * block_k]
+            kinds[row, col] = EMPTY if not bool(tile.any()) else FULL if bool(tile.all()) else PARTIAL
+    layout = BlockLayout(kinds, block_q, block_k, lq, lk)
+    return block_sparse_forward(q, k, v, mask, block_q=block_q, block_k=block_k, layout=layout)
 
 
 _NO_KEY = -1e30  # what a −inf logsumexp is compared as, so that NaN there is caught
@@ -167,6 +191,9 @@ def _poisoned(gen: torch.Generator, mask: torch.Tensor, block_q: int, block_k: i
     return q, k, v
 
 
+GUARD_L, GUARD_BLOCK = 256, 32  # the tiling guard: a dense answer's scores (1 × 1 × 256 × 256) exceed the cap
+
+
 def _loop_cases() -> list[Case]:
     gen = torch.Generator().manual_seed(707)
     gap = (torch.arange(64) // 8 != 2)[None, :]  # key block 2 (of 8) is read by nobody
@@ -186,6 +213,13 @@ def _loop_cases() -> list[Case]:
     q, k, v = cases[-1].args[:3]
     cases.append(Case("non-contiguous q (a transposed view)",
                       (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, specs[-1][1], 16, 16)))
+    guard = sink_window_mask(GUARD_L, sinks=4, window=28)
+    q, k, v = _poisoned(gen, guard, GUARD_BLOCK, GUARD_BLOCK, torch.float32, heads=1)
+    cases.append(Case(f"tiling guard: sinks 4 + window 28, L = {GUARD_L}, {GUARD_BLOCK}-wide tiles", (q, k, v, guard,
+                      GUARD_BLOCK, GUARD_BLOCK), max_elements=GUARD_L * GUARD_L // 4,
+                      max_elements_note=(f"A block-sparse loop holds one {GUARD_BLOCK} × {GUARD_BLOCK} tile of scores "
+                                         f"at a time, never the {GUARD_L} × {GUARD_L} score matrix (nor a mask-sized "
+                                         "float copy of it).")))
     return cases
 
 
@@ -201,8 +235,134 @@ def check_block_sparse_loop(fn: Callable[..., Any]) -> CheckResult:
 
     return check_function(
         learner, reference, _loop_cases(), exercise="block_sparse_loop", atol=1e-5, rtol=1e-4,
-        hint="classify each tile of the mask: skip it when no entry is visible (its keys may be NaN: never "
-             "read them), mask it when only some are, fold it in with sparse.online_softmax_step; rows that saw "
-             "no key get zeros and lse = −inf.",
+        hint="a tile with no visible entry must never be read (its keys may be NaN), the answer may hold one "
+             "tile of scores at a time, not the whole score matrix, and a row that saw no key is zeros with "
+             "lse = −inf. Tiered hints are above the exercise.",
         output_names=("out", "lse"),
     )
+
+
+# --------------------------------------------------------------------------- StreamingLLM's cache step
+
+
+def streaming_step(positions: torch.Tensor, incoming: int, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of a sinks + window cache: ``(positions after the step, positions inside the cache)``.
+
+    ``positions (..., C)`` int64 holds each slot's token position in the text, ``−1`` for an empty slot. When no
+    slot is empty, the oldest token that is not a sink (position ``≥ sinks``) is evicted. The token at position
+    ``incoming`` is written into the first empty slot (lowest index). The second output numbers the filled slots
+    ``0, 1, …`` in text order (their rank; ``−1`` for an empty slot): the positions the model sees.
+    """
+    big = torch.iinfo(torch.int64).max
+    positions = positions.clone()
+    full = (positions >= 0).all(dim=-1, keepdim=True)
+    age = positions.masked_fill((positions < 0) | (positions < sinks), big)
+    victim = age.argmin(dim=-1, keepdim=True)
+    positions = torch.where(full, positions.scatter(-1, victim, -1), positions)
+    free = (positions < 0).to(torch.int8).argmax(dim=-1, keepdim=True)
+    positions = positions.scatter(-1, free, incoming)
+    filled = positions >= 0
+    rank = torch.where(filled, positions, big).argsort(dim=-1).argsort(dim=-1)
+    return positions, torch.where(filled, rank, torch.full_like(rank, -1))
+
+
+def _streaming_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(808)
+    cases = [
+        Case("cache of 6 filling up: two empty slots, nothing to evict", (torch.tensor([[0, 1, 2, 3, -1, -1]]), 4, 2)),
+        Case("full cache of 6 in text order, 2 sinks", (torch.tensor([[0, 1, 2, 3, 4, 5]]), 6, 2)),
+    ]
+    # a cache that has been running for a while: slots hold positions out of text order
+    rows = []
+    for _ in range(6):
+        recent = torch.randperm(6, generator=gen) + 40
+        rows.append(torch.cat([torch.tensor([0, 1]), recent])[torch.randperm(8, generator=gen)])
+    cases.append(Case("(B=2, H=3) caches after 46 tokens, slots out of order, 2 sinks",
+                      (torch.stack(rows).view(2, 3, 8), 46, 2)))
+    cases.append(Case("no sinks: a plain window", (torch.tensor([[7, 5, 6, 8]]), 9, 0)))
+    cases.append(Case("4 sinks in shuffled slots", (torch.tensor([[12, 2, 0, 13, 3, 11, 1, 14]]), 15, 4)))
+    cases.append(Case("one sequence full, the other still filling",
+                      (torch.tensor([[[3, 4, 0, 5]], [[0, 1, -1, -1]]]), 6, 1)))
+    return cases
+
+
+def check_streaming_step(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(positions, incoming, sinks) -> (positions, cache_positions)`` against :func:`streaming_step`."""
+    return check_function(fn, streaming_step, _streaming_cases(), exercise="streaming_step",
+                          output_names=("positions", "cache_positions"),
+                          hint="evict only when no slot is empty, never a sink; the new token goes to the first "
+                               "empty slot; the model's positions are ranks in text order, not slot indices nor "
+                               "text positions. Tiered hints are above the exercise.")
+
+
+# --------------------------------------------------------------------------- block selection (MoBA / NSA)
+
+
+def block_select(q: torch.Tensor, keys: torch.Tensor, block: int, top_n: int) -> torch.Tensor:
+    """The reference answer: :func:`~labsupport.sparse.selection.block_select_mask`."""
+    return block_select_mask(q, keys, block, top_n)
+
+
+def _select_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(909)
+    cases = []
+    for name, batch, t, d, block, top_n in (("one query, 32 keys in blocks of 8, top 2", (), 32, 8, 8, 2),
+                                            ("(B=2, H=2), ragged last block (30 keys, blocks of 8), top 3",
+                                             (2, 2), 30, 16, 8, 3),
+                                            ("top_n larger than the number of blocks: read everything",
+                                             (3,), 20, 8, 4, 9),
+                                            ("top 1: only the query's own block", (2,), 24, 8, 6, 1)):
+        q = seeded_randn(gen, *batch, d, dtype=torch.float64)
+        keys = seeded_randn(gen, *batch, t, d, dtype=torch.float64)
+        cases.append(Case(name, (q, keys, block, top_n)))
+    # one block whose single key is huge but whose mean is small: max-pooling would pick it, mean-pooling not
+    q = torch.ones(8, dtype=torch.float64)
+    keys = torch.full((24, 8), 0.1, dtype=torch.float64)
+    keys[8:16] = -0.5
+    keys[9] = 3.0
+    keys[0:8] = 0.2
+    cases.append(Case("a block with one large key but a small mean", (q, keys, 8, 2)))
+    return cases
+
+
+def check_block_select(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(q (..., D), keys (..., T, D), block, top_n) -> bool (..., T)`` against :func:`block_select_mask`."""
+    return check_function(fn, block_select, _select_cases(), exercise="block_select",
+                          hint="represent each block by one summary key (which summary does the statement name?), "
+                               "always include the query's own block, and return one flag per key. Tiered hints "
+                               "are above the exercise.")
+
+
+# --------------------------------------------------------------------------- TOVA
+
+
+def tova_evict(attention: torch.Tensor, positions: torch.Tensor, newest: int) -> torch.Tensor:
+    """One TOVA eviction: ``positions`` with the victim's entry set to ``−1`` in every head (a new tensor)."""
+    victim = tova_victim(attention, positions, newest)
+    return positions.scatter(-1, victim[..., None], -1)
+
+
+def _tova_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(1010)
+    cases = []
+    pos = torch.arange(6).expand(1, 2, 6).clone()
+    att = torch.tensor([[[0.02, 0.20, 0.30, 0.18, 0.10, 0.20], [0.40, 0.05, 0.25, 0.10, 0.05, 0.15]]],
+                       dtype=torch.float64)
+    cases.append(Case("2 heads that disagree: the head average decides", (att, pos, 5)))
+    att = torch.softmax(seeded_randn(gen, 2, 4, 8, dtype=torch.float64) * 2, dim=-1)
+    order = torch.stack([torch.randperm(8, generator=gen) + 10 for _ in range(2)])
+    cases.append(Case("(B=2, H=4), slots out of text order", (att, order[:, None].expand(2, 4, 8).clone(), 17)))
+    pos = torch.tensor([[[0, 1, -1, 3, 4, -1]]]).expand(1, 3, 6).clone()
+    att = torch.tensor([0.3, 0.2, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64).expand(1, 3, 6).clone()
+    cases.append(Case("empty slots (position −1) are not tokens", (att, pos, 4)))
+    pos = torch.arange(5).expand(1, 2, 5).clone()
+    att = torch.tensor([[[0.3, 0.3, 0.2, 0.19, 0.01], [0.3, 0.3, 0.2, 0.19, 0.01]]])
+    cases.append(Case("the newest token has the least attention but stays (float32)", (att, pos, 4)))
+    return cases
+
+
+def check_tova_evict(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(attention (B, H, C), positions (B, H, C), newest) -> positions`` against :func:`tova_evict`."""
+    return check_function(fn, tova_evict, _tova_cases(), exercise="tova_evict",
+                          hint="TOVA's paper makes one choice per layer, not per head; empty slots and the newest "
+                               "token are never the victim. Tiered hints are above the exercise.")

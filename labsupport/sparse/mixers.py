@@ -164,12 +164,18 @@ def _sparse_layers(model: nn.Module) -> list[SparseAttention]:
     return layers
 
 
-def set_policy(model: nn.Module, policy: CachePolicy) -> None:
-    """Give every :class:`SparseAttention` layer of ``model`` the decode policy ``policy``."""
+def set_policy(model: nn.Module, policy: CachePolicy, *, dense_layers: int = 0) -> None:
+    """Give every :class:`SparseAttention` layer of ``model`` the decode policy ``policy``.
+
+    The first ``dense_layers`` layers keep the full cache instead (Quest leaves the first two layers of its
+    models dense, where attention is least sparse).
+    """
     if not isinstance(policy, CachePolicy):
         raise TypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
-    for layer in _sparse_layers(model):
-        layer.policy = policy
+    layers = _sparse_layers(model)
+    dense_layers = require_int("dense_layers", dense_layers, minimum=0, maximum=len(layers))
+    for index, layer in enumerate(layers):
+        layer.policy = CachePolicy("full") if index < dense_layers else policy
 
 
 def set_static_mask(model: nn.Module, mask: torch.Tensor | Callable[[int], torch.Tensor] | None,
@@ -182,28 +188,30 @@ def set_static_mask(model: nn.Module, mask: torch.Tensor | Callable[[int], torch
 
 
 @torch.no_grad()
-def decode_logits(model: nn.Module, tokens: torch.Tensor, policy: CachePolicy) -> tuple[torch.Tensor, list[int]]:
+def decode_logits(model: nn.Module, tokens: torch.Tensor, policy: CachePolicy, *,
+                  dense_layers: int = 0) -> tuple[torch.Tensor, list[int]]:
     """Feed ``tokens (B, L)`` one at a time through ``model.decode_step`` under ``policy``.
 
-    Returns the logits of every position ``(B, L, V)`` and the tokens each step of the first layer read.
+    ``dense_layers``: the first layers keep the full cache (:func:`set_policy`). Returns the logits of every
+    position ``(B, L, V)`` and the tokens each step of the last layer read.
     """
     tokens = require_tensor("tokens", tokens, ndim=2)
-    set_policy(model, policy)
+    set_policy(model, policy, dense_layers=dense_layers)
     model.eval()
     states: list = [None] * len(model.blocks)
     logits = []
     for t in range(tokens.shape[1]):
         step_logits, states = model.decode_step(tokens[:, t], states, t)
         logits.append(step_logits)
-    cache = states[0][1]
+    cache = states[-1][1]
     return torch.stack(logits, dim=1), list(cache.tokens_read)
 
 
-def policy_recall(model: nn.Module, batch: TaskBatch, policy: CachePolicy) -> float:
-    """Argmax accuracy at the scored positions of ``batch`` when decoding under ``policy``."""
+def policy_recall(model: nn.Module, batch: TaskBatch, policy: CachePolicy, *, dense_layers: int = 0) -> float:
+    """Argmax accuracy at the scored positions of ``batch`` when decoding under ``policy`` (see :func:`decode_logits`)."""
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"policy_recall expects a TaskBatch, got {type(batch).__name__}")
-    logits, _ = decode_logits(model, batch.inputs, policy)
+    logits, _ = decode_logits(model, batch.inputs, policy, dense_layers=dense_layers)
     scored = batch.targets != IGNORE_INDEX
     return float((logits.argmax(dim=-1)[scored] == batch.targets[scored]).float().mean())
 

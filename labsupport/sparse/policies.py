@@ -18,6 +18,10 @@ policy      keeps (budget ``n``)
             same token from every head (TOVA, Oren et al., arXiv:2401.06104; ``tova_per_head=True``: each
             head its own); the victim is :func:`tova_victim`
 ``quest``   everything, but each step *reads* only the top ``n / page`` pages by Quest's bound
+``snapkv``  the prompt (its first ``prompt`` tokens) compressed once, when it ends, to ``n`` tokens: the last
+            ``observe`` prompt tokens plus the ``n − observe`` earlier ones that those tokens' queries attended
+            to most (summed over them, smoothed by an average pool of width ``kernel``), per head (SnapKV, Li
+            et al., arXiv:2404.14469); every later token is kept, so the cache holds ``n + generated`` tokens
 ==========  ================================================================================================
 
 Positions for rotary embeddings: ``"original"`` (the token's position in the text; keys are stored rotated
@@ -38,7 +42,7 @@ from labsupport.sparse.selection import quest_token_mask
 
 __all__ = ["POLICIES", "CachePolicy", "PolicyKVCache", "h2o_victim", "tova_victim"]
 
-POLICIES = ("full", "window", "sinks", "h2o", "tova", "quest")
+POLICIES = ("full", "window", "sinks", "h2o", "tova", "quest", "snapkv")
 
 #: ``rotate(x, positions) -> x`` applied to queries and keys, ``x (..., T, D)``, ``positions (..., T)``.
 Rotation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,6 +61,7 @@ class CachePolicy:
         positions: ``"original"`` or ``"cache"`` (default: ``"cache"`` for ``window`` and ``sinks``,
             ``"original"`` otherwise).
         tova_per_head: ``tova`` only: each head evicts its own token instead of the head-averaged choice.
+        prompt, observe, kernel: ``snapkv`` only: the prompt's length, its observation window, the pooling width.
     """
 
     name: str = "full"
@@ -66,6 +71,9 @@ class CachePolicy:
     page: int = 16
     positions: str | None = None
     tova_per_head: bool = False
+    prompt: int = 0
+    observe: int = 8
+    kernel: int = 5
 
     def __post_init__(self) -> None:
         require_choice("name", self.name, POLICIES)
@@ -82,6 +90,13 @@ class CachePolicy:
             raise ValueError(f"quest reads whole pages: budget ({self.budget}) must be at least page ({self.page})")
         if self.recent is not None:
             require_int("recent", self.recent, minimum=1, maximum=max(1, self.budget - 1))
+        if self.name == "snapkv":
+            require_positive_int("prompt", self.prompt)
+            require_positive_int("observe", self.observe)
+            require_positive_int("kernel", self.kernel)
+            if self.observe >= self.budget:
+                raise ValueError(f"snapkv keeps its observation window ({self.observe}) inside the budget "
+                                 f"({self.budget}): the budget must be larger")
 
     @property
     def position_mode(self) -> str:
@@ -102,7 +117,8 @@ class CachePolicy:
         if self.name == "full":
             return "full cache"
         extra = {"sinks": f", {self.sinks} sinks", "quest": f", pages of {self.page}",
-                 "h2o": f", {self.recent_kept} recent"}.get(self.name, "")
+                 "h2o": f", {self.recent_kept} recent",
+                 "snapkv": f" of a {self.prompt}-token prompt, window {self.observe}"}.get(self.name, "")
         return f"{self.name} ({self.budget} tokens{extra})"
 
 
@@ -219,6 +235,8 @@ class PolicyKVCache:
                 raise ValueError(f"attend runs one token per step: {name} must be (B, H, 1, D) = {(b, h, 1, d)}, "
                                  f"got {tuple(t.shape)}; feed a prompt one token at a time")
         position = self.steps
+        if self.policy.name == "snapkv" and position == self.policy.prompt:
+            self._compress()  # the prompt has ended: keep `budget` of its tokens, once
         if self.policy.bounded and self.length >= self.policy.budget:
             self._evict(position)  # make room first: a step never reads more than `budget` tokens
         free = self.positions < 0
@@ -259,10 +277,28 @@ class PolicyKVCache:
             heads, slots = torch.nonzero(read[0], as_tuple=True)
             row[heads, self.positions[0, heads, slots]] = True
             self.read_log.append(row)
-        self.accumulated += attention
+        if self.policy.name != "snapkv" or self.policy.prompt - self.policy.observe <= position < self.policy.prompt:
+            self.accumulated += attention  # SnapKV: only the observation window's queries vote
         self.last_attention = attention
         self.steps += 1
         return out
+
+    def _compress(self) -> None:
+        """SnapKV: keep the observation window and the ``budget − observe`` prompt tokens it voted for most."""
+        policy = self.policy
+        keep_old = policy.budget - policy.observe
+        votes = self.accumulated.flatten(0, 1)[:, None, :]  # (B·H, 1, C): before compression, slot = position
+        pooled = torch.nn.functional.avg_pool1d(votes, policy.kernel, stride=1, padding=policy.kernel // 2,
+                                                count_include_pad=False)[:, 0, : votes.shape[-1]]
+        pooled = pooled.view_as(self.accumulated)
+        candidate = (self.positions >= 0) & (self.positions < policy.prompt - policy.observe)
+        if int(candidate[0, 0].sum()) <= keep_old:
+            return
+        ranked = pooled.masked_fill(~candidate, float("-inf"))
+        top = ranked.topk(keep_old, dim=-1).indices
+        keep = torch.zeros_like(candidate).scatter_(-1, top, True) | ~candidate
+        self.positions = self.positions.masked_fill(~keep, -1)
+        self.accumulated = self.accumulated.masked_fill(~keep, 0.0)
 
     def _evict(self, incoming: int) -> None:
         """Free one slot per head before the token at position ``incoming`` is appended."""

@@ -10,6 +10,9 @@
   compression with a small MLP), the top-``n`` selected blocks of ``select_block`` tokens ranked by the
   compressed branch's attention, and a sliding window — mixed by gates (:func:`nsa_decode`).
   :func:`nsa_token_counts` counts what one decode step reads.
+* :func:`block_select_mask` — NSA's selection branch in its simplest form, as MoBA (Lu et al.,
+  arXiv:2502.13189) does it: each block of keys is represented by the mean of its keys, the query reads the
+  ``top_n`` blocks with the largest ``q · mean`` and always its own (newest) block.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from labsupport.harness.validation import require_float_tensor, require_positive
 
 __all__ = [
     "NSAResult",
+    "block_select_mask",
     "nsa_decode",
     "nsa_token_counts",
     "page_bounds",
@@ -101,6 +105,37 @@ def quest_token_mask(q: torch.Tensor, keys: torch.Tensor, page: int, n_pages: in
     t = keys.shape[-2]
     token_mask = chosen.repeat_interleave(page, dim=-1)[..., :t]
     return token_mask if valid is None else token_mask & valid
+
+
+# --------------------------------------------------------------------------- block selection (MoBA / NSA)
+
+
+def block_select_mask(q: torch.Tensor, keys: torch.Tensor, block: int, top_n: int) -> torch.Tensor:
+    """The keys one decode query reads under block selection: a bool ``(..., T)``.
+
+    ``q (..., D)`` is the newest query, ``keys (..., T, D)`` the cache in position order, cut into blocks of
+    ``block`` tokens (the last one may be ragged). Each block is scored by ``q · (mean of its keys)``; the query
+    reads its own block (the newest) and the ``top_n − 1`` other blocks with the largest scores, ties going
+    to the earlier block. ``top_n`` at least the number of blocks reads everything.
+    """
+    q = require_float_tensor("q", q)
+    keys = require_float_tensor("keys", keys)
+    block = require_positive_int("block", block)
+    top_n = require_positive_int("top_n", top_n)
+    if keys.dim() < 2 or keys.shape[:-2] != q.shape[:-1] or keys.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q (..., D) and keys (..., T, D) must agree; got {tuple(q.shape)} and {tuple(keys.shape)}")
+    t = keys.shape[-2]
+    n_blocks = -(-t // block)
+    pad = n_blocks * block - t
+    summed = torch.nn.functional.pad(keys, (0, 0, 0, pad)).reshape(*keys.shape[:-2], n_blocks, block, keys.shape[-1]).sum(-2)
+    sizes = torch.full((n_blocks,), float(block), dtype=keys.dtype, device=keys.device)
+    sizes[-1] = t - (n_blocks - 1) * block
+    means = summed / sizes[:, None]
+    scores = (means @ q[..., :, None])[..., 0]  # (..., n_blocks)
+    scores[..., -1] = float("inf")  # the query's own block is always read
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : min(top_n, n_blocks)]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+    return chosen.repeat_interleave(block, dim=-1)[..., :t]
 
 
 # --------------------------------------------------------------------------- NSA

@@ -57,6 +57,9 @@ class ExplorerData:
             (every layer and head, float32), by :func:`labsupport.harness.costs.decode_read_bytes`.
         needle_position: where the needle's key sits; needle_read: whether the last query reads it.
         recall: accuracy on the whole batch under the pattern.
+        layer, head: which layer and head ``read`` and ``attention`` show.
+        mass: the share of that head's dense attention that falls on the positions read, averaged over the
+            queries; last_mass: the same for the last query (the one that must find the needle).
     """
 
     pattern: str
@@ -69,6 +72,10 @@ class ExplorerData:
     needle_position: int
     needle_read: bool
     recall: float
+    layer: int = -1
+    head: int = 0
+    mass: float = 1.0
+    last_mass: float = 1.0
 
 
 def _recall(logits: torch.Tensor, batch: TaskBatch) -> float:
@@ -123,12 +130,14 @@ def explorer_data(model: nn.Module, batch: TaskBatch, pattern: str, budget: int,
             module.record_attention = False
     causal_pairs = length * (length + 1) / 2
     position = int(batch.info.get("position", 0))
+    captured = (attention * read.to(attention.dtype)).sum(dim=-1)  # (L,): each query's dense mass on what it reads
     return ExplorerData(
         pattern=pattern, budget=budget, read=read, attention=attention,
         density=float(read.sum()) / causal_pairs, tokens_per_step=tokens,
         bytes_per_step=decode_read_bytes(tokens, layers=len(layers), kv_heads=chosen.n_heads,
                                          head_dim=chosen.head_dim, bytes_per_element=4, pages=pages),
         needle_position=position, needle_read=bool(read[-1, position]), recall=_recall(logits, batch),
+        layer=layers.index(chosen), head=head, mass=float(captured.mean()), last_mass=float(captured[-1]),
     )
 
 
@@ -142,7 +151,8 @@ def explorer_figure(data: ExplorerData) -> go.Figure:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["positions read", "real attention (full cache)"],
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"positions read (layer {data.layer}, head {data.head})",
+                                                        "real attention (full cache)"],
                         horizontal_spacing=0.08)
     fig.add_trace(go.Heatmap(z=data.read.to(torch.int8).tolist(), colorscale=[[0, "#f4f4f4"], [1, "#1f4e9c"]],
                              showscale=False, hovertemplate="query %{y}, key %{x}: %{z}<extra></extra>"), 1, 1)
@@ -154,7 +164,8 @@ def explorer_figure(data: ExplorerData) -> go.Figure:
     fig.update_layout(
         title=dict(text=f"{data.pattern}, budget {data.budget}: density {data.density:.1%}, last step reads "
                         f"{data.tokens_per_step} tokens ({format_bytes(data.bytes_per_step)})<br>"
-                        f"<sup>needle at position {data.needle_position}: {verdict}; needle recall on the batch "
+                        f"<sup>needle at position {data.needle_position}: {verdict}; attention mass on what is read "
+                        f"{data.mass:.0%} (last query {data.last_mass:.0%}); needle recall on the batch "
                         f"{data.recall:.0%}</sup>", font=dict(size=14)),
         height=430, template="plotly_white", margin=dict(t=90),
     )

@@ -55,6 +55,13 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.moe.exercises", "check_load_balancing_loss"),
     ("labsupport.moe.exercises", "check_capacity_keep"),
     ("labsupport.moe.exercises", "check_update_balance_bias"),
+    ("labsupport.sparse.exercises", "check_sink_window_mask"),
+    ("labsupport.sparse.exercises", "check_page_upper_bound"),
+    ("labsupport.sparse.exercises", "check_h2o_evict"),
+    ("labsupport.sparse.exercises", "check_block_sparse_loop"),
+    ("labsupport.sparse.exercises", "check_streaming_step"),
+    ("labsupport.sparse.exercises", "check_block_select"),
+    ("labsupport.sparse.exercises", "check_tova_evict"),
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -319,6 +326,53 @@ def _unguarded_flash_backward(q, k, v, out, lse, dout, causal=False, block_q=64,
     return dq, dk, dv
 
 
+def _dense_block_sparse(q, k, v, mask, block_q, block_k):
+    """Chapter 05's shortcut: dense attention under the mask, with the NaN of the unread blocks cleaned away."""
+    from labsupport.sparse.reference import masked_attention
+    return masked_attention(q, torch.nan_to_num(k), torch.nan_to_num(v), mask)
+
+
+def _tova_per_head(attention, positions, newest):
+    """TOVA with each head evicting its own token (the paper averages over the heads)."""
+    from labsupport.sparse.policies import tova_victim
+    return positions.scatter(-1, tova_victim(attention, positions, newest, per_head=True)[..., None], -1)
+
+
+def _streaming_slot_positions(positions, incoming, sinks):
+    """The cache step with the text positions kept for the model (no re-positioning inside the cache)."""
+    from labsupport.sparse.exercises import streaming_step
+    after, _ = streaming_step(positions, incoming, sinks)
+    return after, after.clone()
+
+
+def _streaming_evicts_sinks(positions, incoming, sinks):
+    """The cache step that evicts the oldest token, sinks included (a plain window)."""
+    from labsupport.sparse.exercises import streaming_step
+    return streaming_step(positions, incoming, 0)
+
+
+def _block_select_max_pooled(q, keys, block, top_n):
+    """Block selection scored by the largest key of each block instead of the mean."""
+    t = keys.shape[-2]
+    n_blocks = -(-t // block)
+    padded = torch.nn.functional.pad(keys, (0, 0, 0, n_blocks * block - t), value=-1e9)
+    scores = (padded.reshape(*keys.shape[:-2], n_blocks, block, keys.shape[-1]) @ q[..., None, :, None])[..., 0]
+    scores = scores.amax(-1)
+    scores[..., -1] = math.inf
+    top = scores.topk(min(top_n, n_blocks), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True).repeat_interleave(block, -1)[..., :t]
+
+
+def _block_select_without_own_block(q, keys, block, top_n):
+    """Block selection that ranks the query's own block like any other."""
+    t = keys.shape[-2]
+    n_blocks = -(-t // block)
+    means = torch.stack([keys[..., b * block:(b + 1) * block, :].mean(-2) for b in range(n_blocks)], dim=-2)
+    scores = (means @ q[..., :, None])[..., 0]
+    top = scores.topk(min(top_n, n_blocks), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True).repeat_interleave(block, -1)[..., :t]
+
+
 def _slow(reference: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
@@ -331,6 +385,12 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
                              ("no -inf guard on lse", _unguarded_flash_backward)],
+    "check_block_sparse_loop": [("dense, NaN cleaned", _dense_block_sparse)],
+    "check_tova_evict": [("per head", _tova_per_head)],
+    "check_streaming_step": [("text positions", _streaming_slot_positions),
+                             ("sinks evicted", _streaming_evicts_sinks)],
+    "check_block_select": [("max-pooled", _block_select_max_pooled),
+                           ("own block not forced", _block_select_without_own_block)],
 }
 
 
@@ -369,9 +429,9 @@ def count(kinds_filter: set[str] | None = None, checkers: list[tuple[str, str]] 
 def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
-    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe"))]
+    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe", "labsupport.sparse"))]
     later = [c for c in CHECKERS if c not in early]
-    for label, group in (("chapters 00-03", early), ("chapters 04 and 06", later)):
+    for label, group in (("chapters 00-03", early), ("chapters 04, 05 and 06", later)):
         passed, total, lines = count(checkers=group)
         for line in lines:
             print(line)

@@ -141,3 +141,65 @@ def test_causal_share_is_slightly_above_half():
     mask = sparse.causal_mask(128)
     assert sparse.mask_density(mask) == pytest.approx(129 / 256)
     assert sparse.block_layout(mask, 16, 16).tile_density == pytest.approx(36 / 64)
+
+
+# --------------------------------------------------------------------------- what the reader builds (issue 19)
+
+
+def test_block_select_mask_reads_own_block_and_the_best_mean_blocks():
+    keys = torch.zeros(1, 20, 2, dtype=torch.float64)
+    keys[0, 4:8, 0] = 1.0  # block 1 has the largest mean along the query
+    keys[0, 9, 0] = 5.0  # one large key in block 2, whose mean (1.25) is still above block 1's (1.0)
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    chosen = sparse.block_select_mask(q, keys, 4, 3)
+    blocks = chosen[0].view(5, 4).all(-1).tolist()
+    assert blocks == [False, True, True, False, True]  # own (newest) block + the two best means
+    assert sparse.block_select_mask(q, keys, 4, 9).all()
+    with pytest.raises(ValueError, match="agree"):
+        sparse.block_select_mask(torch.randn(3), keys, 4, 2)
+
+
+def test_snapkv_keeps_the_window_and_what_it_voted_for_then_appends():
+    torch.manual_seed(0)
+    prompt, budget, observe = 24, 10, 4
+    policy = sparse.CachePolicy("snapkv", budget=budget, prompt=prompt, observe=observe, kernel=1)
+    cache = sparse.PolicyKVCache(policy, batch=1, heads=2, head_dim=4)
+    keys = torch.randn(1, 2, 30, 4)
+    keys[..., 5, :] = 8.0  # token 5 has a key every query will prefer
+    for t in range(30):
+        q = torch.ones(1, 2, 1, 4)
+        cache.attend(q, keys[..., t:t + 1, :], torch.randn(1, 2, 1, 4))
+        if t == prompt:
+            held = sorted(int(p) for p in cache.positions[0, 0] if p >= 0)
+            assert len(held) == budget + 1  # compressed to the budget, then the first generated token
+            assert 5 in held and held[-observe - 1:] == list(range(prompt - observe, prompt + 1))
+    assert cache.length == budget + 30 - prompt
+    with pytest.raises(ValueError, match="budget"):
+        sparse.CachePolicy("snapkv", budget=4, prompt=10, observe=4)
+
+
+def test_vertical_slash_mask_is_causal_keeps_the_diagonal_and_finds_a_column():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 40, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, 40, 8, generator=g, dtype=torch.float64)
+    k[..., 7, :] = q[..., -16:, :].mean(-2) * 20  # every late query looks at key 7
+    mask = sparse.vertical_slash_mask(q, k, vertical=2, slash=3, last_q=16)
+    assert mask.shape == (2, 3, 40, 40) and not mask.triu(1).any()
+    assert mask.diagonal(dim1=-2, dim2=-1).all()
+    assert mask[..., 7:, 7].all()  # the vertical line reaches every query that may see key 7
+    full = sparse.vertical_slash_mask(q, k, vertical=40, slash=40)
+    assert torch.equal(full, torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 3, 40, 40))
+
+
+def test_dense_layers_keep_the_full_cache_in_the_first_layers():
+    from labsupport.sparse.checkpoints import mqar_model
+
+    torch.manual_seed(0)
+    model = mqar_model(32, d_model=16, n_heads=2).eval()
+    policy = sparse.CachePolicy("window", budget=4)
+    sparse.set_policy(model, policy, dense_layers=1)
+    layers = [b.mixer for b in model.blocks]
+    assert layers[0].policy.name == "full" and layers[1].policy is policy
+    tokens = torch.randint(0, 32, (1, 12))
+    _, reads = sparse.decode_logits(model, tokens, policy, dense_layers=1)
+    assert max(reads) == 4  # the reads reported are the last (windowed) layer's

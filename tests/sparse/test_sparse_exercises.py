@@ -22,6 +22,9 @@ CHECKERS = {
     "page_upper_bound": (ex.check_page_upper_bound, sparse.page_upper_bound),
     "h2o_evict": (ex.check_h2o_evict, ex.h2o_evict),
     "block_sparse_loop": (ex.check_block_sparse_loop, _loop),
+    "streaming_step": (ex.check_streaming_step, ex.streaming_step),
+    "block_select": (ex.check_block_select, ex.block_select),
+    "tova_evict": (ex.check_tova_evict, ex.tova_evict),
 }
 
 
@@ -65,7 +68,7 @@ def _wrong_outputs(reference):
 def test_checker_fails_generic_wrong_answers(name, kind, capsys):
     checker, reference = CHECKERS[name]
     wrong = _wrong_outputs(reference)[kind]
-    if kind == "NaN" and name in ("sink_window_mask", "h2o_evict"):
+    if kind == "NaN" and name in ("sink_window_mask", "h2o_evict", "streaming_step", "block_select", "tova_evict"):
         pytest.skip("boolean / integer answers have no NaN")
     result = checker(wrong)
     out = capsys.readouterr().out
@@ -131,3 +134,56 @@ def test_loop_checker_rejects_the_dense_shortcut_and_nan_logsumexp(capsys):
     for fn in (dense, nan_lse, never_masks, off_by_one_lse, nan_rows):
         assert not ex.check_block_sparse_loop(fn), fn.__name__
     assert "NaN" in capsys.readouterr().out
+
+
+def test_loop_checker_caps_a_dense_answer_that_cleans_the_nan(capsys):
+    def dense_cleaned(q, k, v, mask, block_q, block_k):
+        return sparse.masked_attention(q, torch.nan_to_num(k), torch.nan_to_num(v), mask)
+
+    assert not ex.check_block_sparse_loop(dense_cleaned)
+    assert "materialised" in capsys.readouterr().out
+
+
+def test_new_checkers_catch_the_chapter_mistakes():
+    def rank_by_slot(positions, incoming, sinks):  # keeps text positions: no re-positioning inside the cache
+        after, _ = ex.streaming_step(positions, incoming, sinks)
+        return after, after.clone()
+
+    def evicts_a_sink(positions, incoming, sinks):
+        return ex.streaming_step(positions, incoming, 0)
+
+    def always_evicts(positions, incoming, sinks):
+        full = positions.clone()
+        full[full < 0] = 10_000  # pretend the empty slots hold tokens, so one is always evicted
+        after, _ = ex.streaming_step(full, incoming, sinks)
+        after = torch.where(after == 10_000, torch.full_like(after, -1), after)
+        filled = after >= 0
+        rank = torch.where(filled, after, 1 << 40).argsort(-1).argsort(-1)
+        return after, torch.where(filled, rank, -1)
+
+    for fn in (rank_by_slot, evicts_a_sink, always_evicts):
+        assert not ex.check_streaming_step(fn), fn.__name__
+
+    def per_head(attention, positions, newest):
+        return positions.scatter(-1, sparse.tova_victim(attention, positions, newest, per_head=True)[..., None], -1)
+
+    def newest_not_protected(attention, positions, newest):
+        return ex.tova_evict(attention, positions, -5)
+
+    for fn in (per_head, newest_not_protected):
+        assert not ex.check_tova_evict(fn), fn.__name__
+
+    def no_own_block(q, keys, block, top_n):
+        return ex.block_select(q, keys, block, top_n + 1) if top_n == 1 else ex.block_select(q, keys, block, top_n - 1)
+
+    def largest_key(q, keys, block, top_n):  # scores a block by its best key, not by its mean key
+        t = keys.shape[-2]
+        pad = (-t) % block
+        padded = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=-1e9).unflatten(-2, (-1, block))
+        scores = (padded @ q[..., None, :, None])[..., 0].amax(-1)
+        scores[..., -1] = float("inf")
+        top = scores.topk(min(top_n, scores.shape[-1]), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True).repeat_interleave(block, -1)[..., :t]
+
+    for fn in (no_own_block, largest_key):
+        assert not ex.check_block_select(fn), fn.__name__

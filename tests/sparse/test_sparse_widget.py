@@ -47,6 +47,21 @@ def test_explorer_data_for_every_pattern(model, batch, pattern):
     assert data.bytes_per_step == expected_bytes
     figure = sparse.explorer_figure(data)
     assert isinstance(figure, go.Figure) and len(figure.data) == 2 and pattern in figure.layout.title.text
+    # the attention mass the read set captures: all of it under the full cache, a share otherwise
+    expected_mass = float((data.attention * data.read).sum(-1).mean())
+    assert data.mass == pytest.approx(expected_mass) and 0 < data.mass <= 1 + 1e-6
+    if pattern == "full":
+        assert data.mass == pytest.approx(1.0, abs=1e-5) and data.last_mass == pytest.approx(1.0, abs=1e-5)
+    if pattern == "window":
+        assert data.mass < 1 - 1e-3
+
+
+def test_explorer_shows_the_chosen_layer_and_head(model, batch):
+    first = sparse.explorer_data(model, batch, "full", 16, layer=0, head=1)
+    last = sparse.explorer_data(model, batch, "full", 16, layer=-1, head=0)
+    assert (first.layer, first.head) == (0, 1) and (last.layer, last.head) == (1, 0)
+    assert not torch.equal(first.attention, last.attention)
+    assert "layer 0, head 1" in sparse.explorer_figure(first).layout.annotations[0].text
 
 
 def test_explorer_leaves_the_model_as_it_was(model, batch):
