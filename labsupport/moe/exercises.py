@@ -1,11 +1,18 @@
-"""Chapter 06, exercises: the checkers for the top-k router, the load-balancing loss,
-the capacity-limited dispatch and the bias update.
+"""Chapter 06, exercises: the checkers for the gating conventions, the top-k router, the
+load-balancing losses (Switch's batch-wise and DeepSeek-V3's sequence-wise), the
+capacity-limited dispatch, the bias update and bias balancing of a skewed router.
 
 Each checker runs the learner's function on seeded random cases against the
 reference in :mod:`labsupport.moe.routing` and prints one line (pass, not done
 yet) or a short explanation. Each is built to reject the tempting shortcut:
 
+* ``gate_top_k`` — one rule for every paper: renormalising Switch's single weight
+  (to 1, which starves the router of gradient), or not renormalising GShard's;
+  a softmax where DeepSeek-V3 uses sigmoid scores;
 * ``top_k_router`` — keeping the top-k probabilities *without* renormalising them;
+* ``sequence_balance_loss`` — counting over the whole batch instead of per
+  sequence, or averaging raw sigmoid scores instead of normalised ones;
+* ``bias_balance`` — weighting by the biased scores, or moving overloaded experts up;
 * ``load_balancing_loss`` — Mixtral's counting (divide by ``T``, balanced → k)
   where the chapter's Switch form divides by ``T·k`` (balanced → 1); and a
   gradient that flows through the counts (only ``P_i`` may carry one);
@@ -26,7 +33,10 @@ from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.moe import routing as ref
 
 __all__ = [
+    "check_bias_balance",
     "check_capacity_keep",
+    "check_gate_top_k",
+    "check_sequence_balance_loss",
     "check_load_balancing_loss",
     "check_top_k_router",
     "check_update_balance_bias",
@@ -44,8 +54,9 @@ def check_top_k_router(fn: Callable[..., Any]) -> CheckResult:
     """Check ``fn(logits (T, E), k) -> (weights (T, k), experts (T, k) int64)``, largest weight first."""
     gen = torch.Generator().manual_seed(601)
     cases = [
-        Case("T=6, E=4, k=1 (Switch)", (torch.randn(6, 4, generator=gen, dtype=torch.float64), 1)),
-        Case("T=10, E=8, k=2 (Mixtral)", (torch.randn(10, 8, generator=gen, dtype=torch.float64), 2)),
+        Case("T=6, E=4, k=1 (renormalised: every weight is 1; Switch would keep the probability)",
+             (torch.randn(6, 4, generator=gen, dtype=torch.float64), 1)),
+        Case("T=10, E=8, k=2 (GShard, Mixtral)", (torch.randn(10, 8, generator=gen, dtype=torch.float64), 2)),
         Case("T=7, E=16, k=4, logits spread wide", (5 * torch.randn(7, 16, generator=gen, dtype=torch.float64), 4)),
         Case("float32, T=12, E=6, k=3", (torch.randn(12, 6, generator=gen), 3)),
         Case("k = E: every expert, weights are the full softmax", (torch.randn(5, 3, generator=gen,
@@ -53,8 +64,8 @@ def check_top_k_router(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, reference_top_k_router, cases, exercise="top_k_router", atol=1e-6, rtol=1e-5,
-        hint="softmax over all experts, torch.topk, then divide the k kept probabilities by their sum "
-             "(the same as a softmax over the k largest logits).",
+        hint="compare your weights' row sums with 1, and the order of your slots with the largest-first "
+             "convention. Tiered hints are above the exercise.",
         output_names=("weights", "experts"),
     )
 
@@ -88,8 +99,8 @@ def check_load_balancing_loss(fn: Callable[..., Any]) -> CheckResult:
         cases.append(Case(name, (probs, experts), grad_argnums=(0,)))
     return check_function(
         fn, _balance_reference, cases, exercise="load_balancing_loss", atol=1e-9, rtol=1e-7,
-        hint="f_i = (assignments to expert i) / (T·k), P_i = probs.mean(0)[i]; return N · Σ f_i P_i. "
-             "Count with bincount so that no gradient flows through f.",
+        hint="a perfectly balanced router must score 1 for every k, and only the mean probabilities may carry "
+             "a gradient. Tiered hints are above the exercise.",
     )
 
 
@@ -110,8 +121,7 @@ def check_capacity_keep(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, ref.capacity_keep, cases, exercise="capacity_keep",
-        hint="walk slot 0 of every token in token order, then slot 1, ...; keep an assignment while its "
-             "expert has had fewer than `capacity` kept so far.",
+        hint=_safe_hint(_capacity_hint, fn),
     )
 
 
@@ -146,6 +156,224 @@ def check_update_balance_bias(fn: Callable[..., Any]) -> CheckResult:
         return check_function(fn, _bias_reference, cases, exercise="update_balance_bias")
     return check_function(
         _refuse_in_place(fn), _bias_reference, cases, exercise="update_balance_bias", atol=1e-9, rtol=1e-7,
-        hint="an expert above the mean load gets its bias lowered by gamma, one below raised by gamma, "
-             "one exactly at the mean unchanged (torch.sign).",
+        hint="the step never depends on how far an expert is from the mean, only on which side it is. "
+             "Tiered hints are above the exercise.",
     )
+
+
+# --------------------------------------------------------------------------- diagnosing hints
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or ``None`` if it raises or prints (a diagnosis must never crash or chatter)."""
+    import contextlib
+    import io
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            return fn(*args)
+    except BaseException:  # noqa: BLE001 - a learner's function may raise anything; the checker reports it later
+        return None
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _safe_hint(diagnose: Callable[[Callable[..., Any]], str], fn: Any) -> str:
+    """``diagnose(fn)``, or a plain pointer to the hints if the diagnosis itself trips over an odd answer."""
+    try:
+        return diagnose(fn)
+    except Exception:  # noqa: BLE001 - an odd answer (wrong dtype, shape, type) must not crash the checker
+        return "Tiered hints are above the exercise."
+
+
+def _capacity_hint(fn: Callable[..., Any]) -> str:
+    tail = " Tiered hints are above the exercise."
+    crowded = torch.tensor([[1, 0], [0, 1], [1, 2]])
+    got = _quietly(fn, crowded, 3, 1) if callable(fn) else None
+    if isinstance(got, torch.Tensor) and got.shape == crowded.shape and bool(got[0, 1]):
+        return ("your mask gives token 0's second choice a slot before token 1's first choice: "
+                "every first choice is served before any second choice." + tail)
+    return "serve assignments in the order the exercise states, and count each expert's slots separately." + tail
+
+
+# --------------------------------------------------------------------------- gating conventions
+
+
+def reference_gate_top_k(logits: torch.Tensor, k: int, gate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, experts)``, both ``(T, k)``, largest score first, under ``gate``'s convention."""
+    routing = ref.top_k_routing(logits, k, gate=gate)
+    return routing.weights, routing.experts
+
+
+def _gate_hint(fn: Callable[..., Any]) -> str:
+    tail = " Tiered hints are above the exercise."
+    if not callable(fn):
+        return tail.strip()
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.3, 0.2, 0.1, -0.4]], dtype=torch.float64)
+    notes = []
+    for gate, k in (("probability", 1), ("renormalize", 2), ("sigmoid", 2)):
+        weights = _first_tensor(_quietly(fn, logits, k, gate))
+        if weights is None or weights.shape != (2, k) or not weights.is_floating_point():
+            continue
+        expected = ref.top_k_routing(logits, k, gate=gate).weights
+        if torch.allclose(weights, expected, atol=1e-6):
+            continue
+        sums = weights.sum(dim=-1)
+        sums_text = " and ".join(f"{float(v):.2f}" for v in sums)
+        want = " and ".join(f"{float(v):.2f}" for v in expected.sum(dim=-1))
+        if gate == "probability" and torch.allclose(sums, torch.ones_like(sums)):
+            notes.append(f"with gate='probability' and k=1 your weights are {sums_text}: renormalised to 1, "
+                         "so the router would get no gradient (Switch keeps the probability)")
+        elif not torch.allclose(sums, expected.sum(dim=-1), atol=1e-6):
+            notes.append(f"with gate={gate!r} your weights sum to {sums_text} per row, the paper's to {want}")
+        else:
+            notes.append(f"with gate={gate!r} your weights have the right sums but the wrong values: "
+                         "check which scores you start from")
+    return ("; ".join(notes) + "." + tail) if notes else "check each gate's convention in the table above." + tail
+
+
+def check_gate_top_k(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(logits (T, E), k, gate) -> (weights (T, k), experts (T, k) int64)`` for the three papers' gates."""
+    gen = torch.Generator().manual_seed(611)
+
+    def z(t: int, e: int, scale: float = 1.0) -> torch.Tensor:
+        return scale * torch.randn(t, e, generator=gen, dtype=torch.float64)
+
+    cases = [
+        Case("Switch: gate='probability', T=8, E=4, k=1", (z(8, 4), 1, "probability")),
+        Case("DeepSeekMoE: gate='probability', T=6, E=16, k=4", (z(6, 16), 4, "probability")),
+        Case("GShard: gate='renormalize', T=10, E=8, k=2", (z(10, 8), 2, "renormalize")),
+        Case("DeepSeek-V3: gate='sigmoid', T=9, E=16, k=4", (z(9, 16, 2.0), 4, "sigmoid")),
+        Case("gate='sigmoid', T=5, E=6, k=1 (normalised: weight 1)", (z(5, 6), 1, "sigmoid")),
+        Case("float32, gate='renormalize', T=12, E=6, k=3", (torch.randn(12, 6, generator=gen), 3, "renormalize")),
+        Case("gate='probability', logits spread wide, T=7, E=8, k=2", (z(7, 8, 6.0), 2, "probability")),
+    ]
+    return check_function(fn, reference_gate_top_k, cases, exercise="gate_top_k", atol=1e-6, rtol=1e-5,
+                          hint=_safe_hint(_gate_hint, fn), output_names=("weights", "experts"))
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3's sequence-wise loss
+
+
+def reference_sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, unscaled, averaged over the ``B`` sequences.
+
+    ``scores (B, L, E)`` are sigmoid affinities, ``experts (B, L, k)`` the chosen experts.
+    Per sequence: ``f_i = E/(k·L) · #{t : i chosen by t}``, ``P_i = mean_t s_{i,t} / Σ_j s_{j,t}``;
+    the loss is ``Σ_i f_i P_i``, 1 at balance. Only ``P`` carries a gradient.
+    """
+    batch, length, n_experts = scores.shape
+    k = experts.shape[-1]
+    counts = torch.zeros(batch, n_experts, dtype=scores.dtype)
+    counts.scatter_add_(1, experts.reshape(batch, -1), torch.ones(batch, length * k, dtype=scores.dtype))
+    fraction = counts * n_experts / (k * length)
+    normalised = scores / scores.sum(dim=-1, keepdim=True)
+    return (fraction * normalised.mean(dim=1)).sum(dim=-1).mean()
+
+
+def _sequence_cases(gen: torch.Generator) -> list[Case]:
+    def case(name: str, batch: int, length: int, n_experts: int, k: int, skew: float = 0.0,
+             opposite: bool = False) -> Case:
+        logits = torch.randn(batch, length, n_experts, generator=gen, dtype=torch.float64)
+        if opposite:  # each sequence leans on its own expert: balanced over the batch, not within a sequence
+            for b in range(batch):
+                logits[b, :, b % n_experts] += skew
+        else:
+            logits[..., 0] += skew
+        scores = logits.sigmoid()
+        experts = scores.topk(k, dim=-1).indices
+        return Case(name, (scores, experts), grad_argnums=(0,))
+
+    return [
+        case("B=1, L=16, E=4, k=1", 1, 16, 4, 1),
+        case("B=3, L=12, E=8, k=2", 3, 12, 8, 2),
+        case("B=4, L=10, E=4, k=1, each sequence favours its own expert (balanced over the batch)",
+             4, 10, 4, 1, skew=4.0, opposite=True),
+        case("B=2, L=20, E=6, k=3, expert 0 favoured", 2, 20, 6, 3, skew=2.0),
+    ]
+
+
+def _sequence_hint(fn: Callable[..., Any]) -> str:
+    tail = " Tiered hints are above the exercise."
+    if not callable(fn):
+        return tail.strip()
+    scores = torch.tensor([[[0.8, 0.2]] * 4, [[0.2, 0.8]] * 4], dtype=torch.float64)
+    experts = torch.tensor([[[0]] * 4, [[1]] * 4])      # each sequence on one expert; the batch is balanced
+    got = _quietly(fn, scores, experts)
+    try:
+        value = float(got)
+    except (TypeError, ValueError, RuntimeError):
+        return "return one number (a 0-dim tensor) for the whole batch." + tail
+    if abs(value - 1.0) < 1e-9:
+        return ("two sequences that each put every token on one expert scored 1.00 (balanced): you counted over "
+                "the whole batch, but the loss is computed per sequence, then averaged." + tail)
+    uniform = torch.full((1, 4, 4), 0.9, dtype=torch.float64)
+    spread = torch.tensor([[[0], [1], [2], [3]]])
+    got = _quietly(fn, uniform, spread)
+    try:
+        value = float(got)
+    except (TypeError, ValueError, RuntimeError):
+        return tail.strip()
+    if abs(value - 1.0) > 1e-9:
+        return (f"a perfectly balanced sequence whose scores were all 0.9 scored {value:.2f}: balance must score 1 "
+                "whatever the scale of the sigmoid scores." + tail)
+    return "compare each factor with its definition above the exercise." + tail
+
+
+def check_sequence_balance_loss(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(scores (B, L, E), experts (B, L, k)) -> loss`` (DeepSeek-V3's sequence-wise form, unscaled)."""
+    gen = torch.Generator().manual_seed(612)
+    return check_function(fn, reference_sequence_balance_loss, _sequence_cases(gen),
+                          exercise="sequence_balance_loss", atol=1e-9, rtol=1e-7, hint=_safe_hint(_sequence_hint, fn))
+
+
+# --------------------------------------------------------------------------- bias balancing of a fixed router
+
+
+def reference_bias_balance(scores: torch.Tensor, k: int, gamma: float, steps: int) -> torch.Tensor:
+    """The selection bias after ``steps`` rounds of choose-by-``scores + bias`` and the sign update (from zeros)."""
+    bias = torch.zeros(scores.shape[1], dtype=scores.dtype)
+    for _ in range(steps):
+        experts = (scores + bias).topk(k, dim=-1).indices
+        counts = torch.bincount(experts.reshape(-1), minlength=scores.shape[1]).to(scores.dtype)
+        bias = bias + gamma * torch.sign(counts.mean() - counts)
+    return bias
+
+
+def _bias_hint(fn: Callable[..., Any]) -> str:
+    tail = " Tiered hints are above the exercise."
+    if not callable(fn):
+        return tail.strip()
+    scores = torch.tensor([[0.9, 0.1, 0.0]] * 6, dtype=torch.float64)
+    got = _quietly(fn, scores, 1, 0.1, 1)
+    if isinstance(got, torch.Tensor) and got.shape == (3,) and got.is_floating_point():
+        if float(got[0]) > 0:
+            return (f"expert 0 took every token, yet your bias for it went up to {float(got[0]):+.2f}: "
+                    "an overloaded expert must become less attractive." + tail)
+        if abs(abs(float(got[0])) - 0.1) > 1e-9:
+            return (f"after one step expert 0's bias is {float(got[0]):+.3f}: each step moves a bias by exactly "
+                    "gamma, whatever the size of the overload." + tail)
+    return ("one step chooses by the biased scores, counts, then moves every bias; "
+            "check the order and what you count." + tail)
+
+
+def check_bias_balance(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(scores (T, E), k, gamma, steps) -> bias (E,)``: auxiliary-loss-free balancing of a fixed router."""
+    gen = torch.Generator().manual_seed(613)
+
+    def skewed(t: int, e: int, skew: float) -> torch.Tensor:
+        logits = torch.randn(t, e, generator=gen, dtype=torch.float64)
+        logits[:, 0] += skew
+        return logits.sigmoid()
+
+    cases = [
+        Case("T=40, E=4, k=1, 1 step", (skewed(40, 4, 2.0), 1, 0.05, 1)),
+        Case("T=64, E=8, k=2, 30 steps, expert 0 favoured", (skewed(64, 8, 2.0), 2, 0.01, 30)),
+        Case("T=50, E=6, k=3, 12 steps", (skewed(50, 6, 0.0), 3, 0.02, 12)),
+        Case("T=32, E=4, k=1, 0 steps: the bias starts at zero", (skewed(32, 4, 1.0), 1, 0.05, 0)),
+    ]
+    return check_function(fn, reference_bias_balance, cases, exercise="bias_balance", atol=1e-9, rtol=1e-7,
+                          hint=_safe_hint(_bias_hint, fn))

@@ -62,6 +62,9 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.sparse.exercises", "check_streaming_step"),
     ("labsupport.sparse.exercises", "check_block_select"),
     ("labsupport.sparse.exercises", "check_tova_evict"),
+    ("labsupport.moe.exercises", "check_gate_top_k"),
+    ("labsupport.moe.exercises", "check_sequence_balance_loss"),
+    ("labsupport.moe.exercises", "check_bias_balance"),
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -380,6 +383,72 @@ def _slow(reference: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     return slow
 
 
+def _one_gate_for_all(logits, k, gate):
+    """Chapter 06's old rule for every paper: softmax, top-k, renormalise."""
+    top, experts = logits.softmax(-1).topk(k, -1)
+    return top / top.sum(-1, keepdim=True), experts
+
+
+def _never_renormalise(logits, k, gate):
+    """Softmax probabilities as they are, for every gate (sigmoid and renormalise both wrong)."""
+    return logits.softmax(-1).topk(k, -1)
+
+
+def _batch_wise_sequence_loss(scores, experts):
+    """DeepSeek-V3's loss counted over the whole batch, as Switch's is."""
+    from labsupport.moe.exercises import reference_sequence_balance_loss
+    return reference_sequence_balance_loss(scores.reshape(1, -1, scores.shape[-1]),
+                                           experts.reshape(1, -1, experts.shape[-1]))
+
+
+def _raw_score_sequence_loss(scores, experts):
+    """Sigmoid scores averaged without normalising them per token."""
+    from labsupport.moe.exercises import reference_sequence_balance_loss
+    return reference_sequence_balance_loss(scores, experts) * 0 + _unnormalised(scores, experts)
+
+
+def _unnormalised(scores, experts):
+    b, length, n = scores.shape
+    k = experts.shape[-1]
+    counts = torch.zeros(b, n, dtype=scores.dtype).scatter_add_(
+        1, experts.reshape(b, -1), torch.ones(b, length * k, dtype=scores.dtype))
+    return (counts * n / (k * length) * scores.mean(1)).sum(-1).mean()
+
+
+def _bias_up_when_busy(scores, k, gamma, steps):
+    from labsupport.moe.exercises import reference_bias_balance
+    return -reference_bias_balance(scores, k, gamma, steps)
+
+
+def _bias_by_overload(scores, k, gamma, steps):
+    """A step proportional to the overload instead of its sign."""
+    bias = torch.zeros(scores.shape[1], dtype=scores.dtype)
+    for _ in range(steps):
+        counts = torch.bincount((scores + bias).topk(k, -1).indices.reshape(-1),
+                                minlength=scores.shape[1]).to(scores.dtype)
+        bias = bias + gamma * (counts.mean() - counts)
+    return bias
+
+
+def _bias_weighted_selection_once(scores, k, gamma, steps):
+    """Counts from the unbiased scores every step (the bias never feeds back into selection)."""
+    counts = torch.bincount(scores.topk(k, -1).indices.reshape(-1), minlength=scores.shape[1]).to(scores.dtype)
+    return steps * gamma * torch.sign(counts.mean() - counts)
+
+
+def _token_order_capacity(experts, n_experts, capacity):
+    """Slots filled token by token (a token's second choice before the next token's first)."""
+    keep = torch.zeros_like(experts, dtype=torch.bool)
+    used = [0] * n_experts
+    for t in range(experts.shape[0]):
+        for j in range(experts.shape[1]):
+            e = int(experts[t, j])
+            if used[e] < capacity:
+                used[e] += 1
+                keep[t, j] = True
+    return keep
+
+
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
@@ -391,6 +460,14 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                              ("sinks evicted", _streaming_evicts_sinks)],
     "check_block_select": [("max-pooled", _block_select_max_pooled),
                            ("own block not forced", _block_select_without_own_block)],
+    "check_gate_top_k": [("one renormalised rule for every paper", _one_gate_for_all),
+                         ("never renormalise, never sigmoid", _never_renormalise)],
+    "check_sequence_balance_loss": [("counted over the batch", _batch_wise_sequence_loss),
+                                    ("raw sigmoid scores", _raw_score_sequence_loss)],
+    "check_bias_balance": [("overloaded expert moved up", _bias_up_when_busy),
+                           ("step proportional to the overload", _bias_by_overload),
+                           ("selection never sees the bias", _bias_weighted_selection_once)],
+    "check_capacity_keep": [("token order instead of choice order", _token_order_capacity)],
 }
 
 

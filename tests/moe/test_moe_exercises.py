@@ -170,3 +170,82 @@ def test_a_checker_given_a_non_function_explains(capsys) -> None:
     for checker in (check_top_k_router, check_update_balance_bias):
         result, out = run(checker, 42, capsys)
         assert not result and "expected a function" in out
+
+
+# --------------------------------------------------------------------------- issue 20: the new checkers
+
+from labsupport.moe.exercises import (  # noqa: E402
+    check_bias_balance,
+    check_gate_top_k,
+    check_sequence_balance_loss,
+    reference_bias_balance,
+    reference_gate_top_k,
+    reference_sequence_balance_loss,
+)
+
+
+def _one_rule(z, k, gate):
+    top, experts = z.softmax(-1).topk(k, -1)
+    return top / top.sum(-1, keepdim=True), experts
+
+
+def _no_renormalise(z, k, gate):
+    return z.softmax(-1).topk(k, -1)
+
+
+def _batch_wise(scores, experts):
+    return reference_sequence_balance_loss(scores.reshape(1, -1, scores.shape[-1]),
+                                           experts.reshape(1, -1, experts.shape[-1]))
+
+
+def _raw_scores(scores, experts):
+    b, length, n = scores.shape
+    k = experts.shape[-1]
+    counts = torch.zeros(b, n, dtype=scores.dtype).scatter_add_(
+        1, experts.reshape(b, -1), torch.ones(b, length * k, dtype=scores.dtype))
+    return (counts * n / (k * length) * scores.mean(1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("checker, reference", [
+    (check_gate_top_k, reference_gate_top_k),
+    (check_sequence_balance_loss, reference_sequence_balance_loss),
+    (check_bias_balance, reference_bias_balance),
+])
+def test_new_checkers_pass_their_references_and_report_not_done(checker, reference, capsys) -> None:
+    result, out = run(checker, reference, capsys)
+    assert result and "✅" in out
+    result, out = run(checker, not_done, capsys)
+    assert result.status == "not done" and "⏳" in out
+
+
+@pytest.mark.parametrize("checker, fn, words", [
+    (check_gate_top_k, _one_rule, ["weights are 1.00", "no gradient"]),
+    (check_gate_top_k, _no_renormalise, ["'renormalize' your weights sum to", "per row"]),
+    (check_sequence_balance_loss, _batch_wise, ["whole batch"]),
+    (check_sequence_balance_loss, _raw_scores, ["scored 3.60"]),
+    (check_bias_balance, lambda s, k, g, n: -reference_bias_balance(s, k, g, n), ["went up"]),
+    (check_bias_balance, lambda s, k, g, n: 2 * reference_bias_balance(s, k, g, n), ["exactly gamma"]),
+    (check_gate_top_k, raises, ["RuntimeError"]),
+    (check_bias_balance, lambda s, k, g, n: None, ["None"]),
+])
+def test_new_checkers_diagnose_the_mistake_without_the_recipe(checker, fn, words, capsys) -> None:
+    result, out = run(checker, fn, capsys)
+    assert not result and "❌" in out
+    for word in words:
+        assert word in out, out
+    assert "torch.sign" not in out and "topk" not in out and "/ (k·L)" not in out
+
+
+def test_capacity_checker_names_token_order_filling(capsys) -> None:
+    def token_order(experts, n_experts, capacity):
+        keep = torch.zeros_like(experts, dtype=torch.bool)
+        used = [0] * n_experts
+        for t in range(experts.shape[0]):
+            for j in range(experts.shape[1]):
+                e = int(experts[t, j])
+                if used[e] < capacity:
+                    used[e] += 1
+                    keep[t, j] = True
+        return keep
+    result, out = run(check_capacity_keep, token_order, capsys)
+    assert not result and "before any second choice" in out
