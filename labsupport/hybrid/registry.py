@@ -312,6 +312,15 @@ def register_course_mixers() -> None:
     add("ssd", "ssm", lambda d, i: SSDMixer(d, SSD_STATE), chapter="07", positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=SSD_STATE),
         description=f"Mamba-2 / SSD block (scalar decay per head), N={SSD_STATE}, heads of 16 channels")
+    from labsupport.hybrid.stacks import head_split_factory
+
+    for first, second in (("attention", "mamba"), ("sliding_window", "mamba")):
+        a, b = get(first), get(second)
+        add(f"hymba_{first}+{second}", "hybrid", head_split_factory(first, second),
+            (lambda a, b: lambda c, d: a.state_numbers(c, d) + b.state_numbers(c, d))(a, b), chapter="07",
+            positional="none",
+            description=f"Hymba-style head split: {first} and {second} side by side in one layer, each output "
+                        "normalised, scaled and averaged (each branch at full width; no meta tokens)")
 
 
 register_course_mixers()

@@ -137,4 +137,5 @@ def test_the_state_conventions_are_basieds() -> None:
     assert registry.get("mamba").state_numbers(context, d) == 2 * d * registry.MAMBA_STATE
     assert registry.get("gated_deltanet").state_numbers(context, d) == d * d
     assert registry.get("quest").read_numbers(context, d) < registry.get("quest").state_numbers(context, d)
-    assert [s.grows_with_context for s in registry.specs()].count(True) == 5  # attention, gqa, mqa, mla, quest
+    assert [s.name for s in registry.specs() if s.grows_with_context] == [
+        "attention", "gqa", "mqa", "mla", "quest", "hymba_attention+mamba"]
