@@ -59,7 +59,8 @@ def load_checkpoint(name: str, *, directory: Path | str | None = None) -> tuple[
 
     Raises:
         ValueError: ``name`` is not listed in the manifest, or the file's sha256 differs from it (corrupt or
-            changed: re-clone the repository or re-run the training script and update the manifest).
+            changed: re-clone the repository or re-run the training script and update the manifest), or the
+            config in its metadata describes a model whose tensors are not the ones stored.
         FileNotFoundError: the file is listed but missing.
     """
     if not isinstance(name, str) or "/" in name or "\\" in name:
@@ -87,6 +88,22 @@ def load_checkpoint(name: str, *, directory: Path | str | None = None) -> tuple[
         config = json.loads(metadata["config"])
         state = {key: handle.get_tensor(key).float() for key in handle.keys()}
     model = build_model(config)
+    _require_matching(model, state, config, path)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, config
+
+
+def _require_matching(model: nn.Module, state: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+    """Refuse a file whose tensors do not fit the model its own config describes, naming the first difference."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(t.shape) for name, t in state.items()}
+    shape = {k: config.get(k) for k in ("kind", "vocab_size", "d_model", "n_layers", "n_heads", "max_len")}
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path}: its config {shape} describes a model with tensors the file does not hold "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}); the config and the weights disagree")
+    for name, want in expected.items():
+        if stored[name] != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {stored[name]}, but the config {shape} needs "
+                             f"{want}; the config and the weights disagree")

@@ -14,6 +14,11 @@ number of masks against ``1/t`` gives weight ``1 / (k · C(L, k))`` to each mask
 * :func:`masked_log_probs` — the table ``log p_θ(x_i | x with the set S masked)`` for every sequence, S, i ∈ S.
 * :func:`order_bounds` — exact NLL and exact ELBO from that table, by dynamic programming over mask sets.
 * :func:`elbo_by_mask_sets` — the same ELBO from the closed-form weights (an independent check).
+* :func:`true_log_prob_table` — the same table for the data distribution itself (a perfect denoiser).
+* :func:`estimator_moments` — exact mean and variance of :func:`~labsupport.diffusion.process.elbo_per_sequence`'s
+  Monte-Carlo estimate (stratified ``t``, random masks), by quadrature over ``t`` and a sum over mask sets.
+* :func:`sample_estimates` — draws of that estimate, read off the table (no network call), to see its spread.
+* :func:`truncated_objective` — the exact expectation of the training loss when ``t ~ U(t_min, 1)``.
 * :func:`train_toy` — train a tiny denoiser on samples of the distribution, recording the exact numbers.
 """
 
@@ -26,7 +31,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from labsupport.harness.validation import require_choice, require_float_tensor, require_int, require_positive_int
+from labsupport.diffusion.process import SCHEDULES, loss_weight, mask_probability
+from labsupport.harness.validation import (
+    require_choice,
+    require_float,
+    require_float_tensor,
+    require_int,
+    require_positive_int,
+)
 from labsupport.lm.objectives import MaskedTokenObjective
 from labsupport.lm.tasks import TaskBatch
 
@@ -34,10 +46,14 @@ __all__ = [
     "ToyRecord",
     "all_sequences",
     "elbo_by_mask_sets",
+    "estimator_moments",
     "masked_log_probs",
     "order_bounds",
+    "sample_estimates",
     "toy_distribution",
     "train_toy",
+    "true_log_prob_table",
+    "truncated_objective",
 ]
 
 
@@ -123,6 +139,131 @@ def elbo_by_mask_sets(table: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([0.0] + [1.0 / (int(k) * math.comb(length, int(k))) for k in sizes[1:]],
                            dtype=table.dtype)
     return -(table.sum(dim=2) * weights).sum(dim=1)
+
+
+def true_log_prob_table(probs: torch.Tensor, vocab: int, length: int) -> torch.Tensor:
+    """The :func:`masked_log_probs` table of a *perfect* denoiser: ``log p_data(x_i | x's unmasked positions)``.
+
+    ``probs`` is a distribution over :func:`all_sequences` ``(vocab, length)``; every sequence needs
+    probability above 0. For this table the bound equals the exact NLL, ``−log p_data(x)``, sequence by sequence
+    (every unmasking order gives the same product).
+    """
+    sequences = all_sequences(vocab, length)
+    probs = require_float_tensor("probs", probs, ndim=1).double()
+    if probs.shape[0] != sequences.shape[0] or bool((probs <= 0).any()):
+        raise ValueError(f"probs must hold {sequences.shape[0]} positive probabilities, one per sequence")
+    members = _subset_members(length)
+    n, subsets = sequences.shape[0], members.shape[0]
+    table = torch.zeros(n, subsets, length, dtype=torch.float64)
+    for m in range(1, subsets):
+        kept = ~members[m]
+        # P(the unmasked positions show what x shows), and P(that and x_i), summed over the matching sequences.
+        agree_kept = (sequences[:, None, kept] == sequences[None, :, kept]).all(dim=-1)      # (N, N)
+        context = agree_kept.double() @ probs                                               # (N,)
+        for i in members[m].nonzero().flatten().tolist():
+            joint = (agree_kept & (sequences[:, None, i] == sequences[None, :, i])).double() @ probs
+            table[:, m, i] = (joint / context).log()
+    return table
+
+
+def _mask_set_sums(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence and mask-set size ``k``: ``Σ_{|m|=k} ℓ(m)`` and ``Σ_{|m|=k} ℓ(m)²``, ``ℓ(m) = Σ_{i∈m} −log p``."""
+    length = table.shape[2]
+    loss = -table.sum(dim=2)                                        # (N, 2^L)
+    sizes = _subset_members(length).sum(dim=1)
+    first = torch.stack([loss[:, sizes == k].sum(dim=1) for k in range(length + 1)], dim=1)
+    second = torch.stack([(loss[:, sizes == k] ** 2).sum(dim=1) for k in range(length + 1)], dim=1)
+    return first, second
+
+
+def _integrals(lo: float, hi: float, length: int, schedule: str, power: int, nodes: int = 96) -> torch.Tensor:
+    """``∫_lo^hi w(t)^power · p(t)^k (1 − p(t))^(L−k) dt`` for ``k = 0..L``, by Gauss–Legendre in ``log t``."""
+    import numpy as np
+
+    x, wq = np.polynomial.legendre.leggauss(nodes)
+    a, b = math.log(lo), math.log(hi)
+    u = torch.tensor(0.5 * (b - a) * x + 0.5 * (b + a), dtype=torch.float64)
+    t = u.exp()
+    jac = torch.tensor(0.5 * (b - a) * wq, dtype=torch.float64) * t
+    p, w = mask_probability(t, schedule), loss_weight(t, schedule)
+    k = torch.arange(length + 1, dtype=torch.float64)
+    mass = p[:, None] ** k * (1 - p[:, None]) ** (length - k)        # (nodes, L+1)
+    return ((w ** power * jac)[:, None] * mass).sum(dim=0)
+
+
+def _floor_term(t: float, length: int, schedule: str, power: int) -> torch.Tensor:
+    tt = torch.tensor([t], dtype=torch.float64)
+    p, w = mask_probability(tt, schedule), loss_weight(tt, schedule)
+    k = torch.arange(length + 1, dtype=torch.float64)
+    return w ** power * p ** k * (1 - p) ** (length - k)
+
+
+def estimator_moments(table: torch.Tensor, *, samples: int, schedule: str = "linear", t_floor: float = 1e-6
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``(mean, variance)`` per sequence of ``elbo_per_sequence(..., samples=samples, schedule=schedule)``.
+
+    That estimate averages ``samples`` draws ``w(t) · ℓ(m)``, one ``t`` uniform in each of ``samples`` equal
+    slices of (0, 1] (raised to ``t_floor`` if below, as the estimator does) and a mask ``m`` drawn at that
+    ``t``. Given ``t`` the mask set's probability depends only on its size, so both moments are sums over sizes
+    of integrals over ``t``, computed here by quadrature: no sampling. For the linear schedule the second
+    moment grows like ``log(1 / t_floor)`` — without the floor the variance of a single draw is infinite.
+    """
+    table = require_float_tensor("table", table, ndim=3).double()
+    samples = require_positive_int("samples", samples)
+    require_choice("schedule", schedule, SCHEDULES)
+    t_floor = require_float("t_floor", t_floor, positive=True, maximum=1.0 / samples)
+    length = table.shape[2]
+    first, second = _mask_set_sums(table)                            # (N, L+1)
+    mean = torch.zeros(table.shape[0], dtype=torch.float64)
+    var = torch.zeros_like(mean)
+    for j in range(samples):
+        lo, hi = j / samples, (j + 1) / samples
+        m1, m2 = (torch.zeros(length + 1, dtype=torch.float64) for _ in range(2))
+        if j == 0:
+            m1 = m1 + t_floor * _floor_term(t_floor, length, schedule, 1)
+            m2 = m2 + t_floor * _floor_term(t_floor, length, schedule, 2)
+            lo = t_floor
+        m1, m2 = (m1 + _integrals(lo, hi, length, schedule, 1)) * samples, (m2 + _integrals(lo, hi, length,
+                                                                                          schedule, 2)) * samples
+        e1, e2 = first @ m1, second @ m2
+        mean += e1 / samples
+        var += (e2 - e1 ** 2) / samples ** 2
+    return mean, var
+
+
+def sample_estimates(table: torch.Tensor, *, samples: int, draws: int, schedule: str = "linear",
+                     generator: torch.Generator | None = None, t_floor: float = 1e-6) -> torch.Tensor:
+    """``(draws, N)`` independent copies of the stratified ``samples``-draw estimate, read off ``table``.
+
+    The same random procedure as :func:`~labsupport.diffusion.process.elbo_per_sequence`, with the network's
+    answers looked up in the :func:`masked_log_probs` table instead of recomputed: the same distribution.
+    """
+    table = require_float_tensor("table", table, ndim=3).double()
+    samples, draws = require_positive_int("samples", samples), require_positive_int("draws", draws)
+    require_choice("schedule", schedule, SCHEDULES)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    n, _, length = table.shape
+    loss = -table.sum(dim=2)                                         # (N, 2^L)
+    t = ((torch.arange(samples, dtype=torch.float64) + torch.rand(draws, n, samples, generator=gen,
+                                                                  dtype=torch.float64)) / samples).clamp(min=t_floor)
+    masked = torch.rand(draws, n, samples, length, generator=gen, dtype=torch.float64) < mask_probability(
+        t, schedule)[..., None]
+    index = (masked.long() << torch.arange(length)).sum(dim=-1)      # mask-set number
+    picked = loss[torch.arange(n)[None, :, None], index]
+    return (loss_weight(t, schedule) * picked).mean(dim=-1)
+
+
+def truncated_objective(table: torch.Tensor, t_min: float) -> torch.Tensor:
+    """Exact expected training loss per sequence (nats) when ``t ~ U(t_min, 1)`` with the ``1/t`` weight.
+
+    ``t_min = 0`` would give the bound (:func:`elbo_by_mask_sets`); with ``t_min > 0`` the integral misses
+    ``(0, t_min)`` and is rescaled by ``1/(1 − t_min)``, which moves it by about ``t_min`` × (bound − the sum of
+    the one-masked-token losses): for a perfect model, below the NLL wherever that sum exceeds it.
+    """
+    table = require_float_tensor("table", table, ndim=3).double()
+    t_min = require_float("t_min", t_min, positive=True, maximum=0.5)
+    first, _ = _mask_set_sums(table)
+    return first @ _integrals(t_min, 1.0, table.shape[2], "linear", 1, nodes=128) / (1 - t_min)
 
 
 @dataclass

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: The masking schedules: ``linear`` (``α(t) = 1 − t``, MDLM's log-linear noise and LLaDA's) and ``cosine``
-#: (``α(t) = cos(πt/2)``).
+#: (``α(t) = cos(πt/2)``, so ``1 − α = 2 sin²(πt/4)``, the form that does not cancel at small ``t``).
 SCHEDULES = ("linear", "cosine")
 
 
@@ -50,22 +50,29 @@ def _require_times(t: torch.Tensor) -> torch.Tensor:
 
 
 def mask_probability(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """``1 − α(t)``: the probability that a token is masked at time ``t`` (0 at ``t → 0``, 1 at ``t = 1``)."""
+    """``1 − α(t)``: the probability that a token is masked at time ``t`` (0 at ``t → 0``, 1 at ``t = 1``).
+
+    The cosine schedule's ``1 − cos(πt/2)`` is computed as ``2 sin²(πt/4)``: the difference of two numbers
+    near 1 would round to 0 in float32 for ``t ≲ 3e-4`` (and lose every digit well before that).
+    """
     require_choice("schedule", schedule, SCHEDULES)
     t = _require_times(t)
     if schedule == "linear":
         return t.clone()
-    return 1.0 - torch.cos(0.5 * math.pi * t)
+    return 2.0 * torch.sin(0.25 * math.pi * t) ** 2
 
 
 def loss_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """The ELBO weight ``−α'(t) / (1 − α(t))`` of the masked cross-entropy: ``1/t`` for the linear schedule."""
+    """The ELBO weight ``−α'(t) / (1 − α(t))`` of the masked cross-entropy.
+
+    ``1/t`` for the linear schedule; ``(π/2) · cot(πt/4)`` for the cosine one (the quotient
+    ``(π/2) sin(πt/2) / (1 − cos(πt/2))`` simplified, so that it stays finite and accurate at small ``t``).
+    """
     require_choice("schedule", schedule, SCHEDULES)
     t = _require_times(t)
     if schedule == "linear":
         return 1.0 / t
-    half = 0.5 * math.pi * t
-    return 0.5 * math.pi * torch.sin(half) / (1.0 - torch.cos(half))
+    return 0.5 * math.pi / torch.tan(0.25 * math.pi * t)
 
 
 def mask_tokens(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, uniform: torch.Tensor
@@ -161,9 +168,15 @@ class MaskedDenoiser(nn.Module):
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """Noisy ids ``(B, L)`` (data ids and ``mask_id``) to SUBS logits ``(B, L, vocab_size + 1)``."""
-        if isinstance(noisy, torch.Tensor) and noisy.dtype == torch.long and bool((noisy > self.mask_id).any()):
-            raise ValueError(f"token ids must be below {self.mask_id + 1} (mask_id={self.mask_id}); "
-                             f"got {int(noisy.max())}")
+        if not isinstance(noisy, torch.Tensor) or noisy.dtype != torch.long or noisy.dim() != 2:
+            raise ValueError(f"noisy must be int64 ids of shape (batch, length); got {_shape_of(noisy)}")
+        if noisy.numel() and bool(((noisy < 0) | (noisy > self.mask_id)).any()):
+            bad = noisy[(noisy < 0) | (noisy > self.mask_id)]
+            raise ValueError(f"token ids must lie in 0..{self.mask_id} (data ids, then mask_id={self.mask_id}); "
+                             f"got {int(bad[0])}")
+        if noisy.shape[1] > self.max_len:
+            raise ValueError(f"a canvas of {noisy.shape[1]} positions is longer than the model's "
+                             f"max_len={self.max_len}")
         return subs_logits(self.backbone(noisy), noisy, self.mask_id)
 
 
@@ -171,7 +184,11 @@ class DiffusionObjective(MaskedTokenObjective):
     """``lm``'s :class:`~labsupport.lm.objectives.MaskedTokenObjective` for tokens on any device.
 
     Same draws as the parent (``t ~ U(t_min, 1)``, a token masked with probability ``t``, loss weighted by
-    ``1/t``), taken from the trainer's CPU generator and then moved to the tokens' device.
+    ``1/t``), taken from the trainer's CPU generator and then moved to the tokens' device. With ``t_min > 0`` the
+    expected loss is the bound's integral over ``[t_min, 1]`` rescaled by ``1/(1 − t_min)``: not a bound. It
+    moves by about ``t_min`` × (NLL − the sum of the one-masked-token losses), so a sequence whose tokens are each
+    unlikely given all the others can score *below* its exact NLL
+    (:func:`~labsupport.diffusion.exact.truncated_objective` computes it exactly).
     """
 
     def corrupt(self, tokens: torch.Tensor, generator: torch.Generator

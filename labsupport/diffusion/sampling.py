@@ -58,7 +58,30 @@ def commit_tokens(canvas: torch.Tensor, predicted: torch.Tensor, confidence: tor
 
     Returns the new canvas and the bool ``(B, L)`` of positions committed now. Positions that are not masked
     are never touched, whatever their confidence.
+
+    Args:
+        canvas, predicted: ``(B, L)`` int64 ids (the canvas, and the token each position would take).
+        confidence: ``(B, L)`` scores, higher first (ties go to the leftmost position).
+        counts: ``(B,)`` int64, how many to commit in each row (more than the candidates: all of them).
+        allowed: ``(B, L)`` bool, the positions this step may touch (e.g. the current block).
+        mask_id: the id of ``[MASK]``.
     """
+    for name, value in (("canvas", canvas), ("predicted", predicted)):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.long or value.dim() != 2:
+            raise ValueError(f"{name} must be int64 ids of shape (batch, length); got {_describe(value)}")
+    shape = tuple(canvas.shape)
+    for name, value in (("predicted", predicted), ("confidence", confidence), ("allowed", allowed)):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have the canvas's shape {shape}; got {_describe(value)}")
+    if allowed.dtype != torch.bool:
+        raise ValueError(f"allowed must be a bool tensor; got {allowed.dtype}")
+    if (not isinstance(counts, torch.Tensor) or counts.dtype != torch.long
+            or tuple(counts.shape) != (shape[0],)):
+        raise ValueError(f"counts must be int64 of shape ({shape[0]},), one count per row of the canvas; "
+                         f"got {_describe(counts)}")
+    if bool((counts < 0).any()):
+        raise ValueError(f"counts must be ≥ 0; got {counts.tolist()}")
+    mask_id = require_int("mask_id", mask_id, minimum=0)
     candidates = (canvas == mask_id) & allowed
     score = torch.where(candidates, confidence.float(), float("-inf"))
     order = score.argsort(dim=1, descending=True, stable=True)
@@ -90,11 +113,22 @@ class SampleTrace:
     steps: int = 0
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _block_spans(masked: torch.Tensor, block_length: int | None) -> list[tuple[int, int]]:
+    """Blocks of ``block_length`` positions from the first masked column on (LLaDA: blocks of the answer)."""
     length = masked.shape[1]
     if block_length is None:
         return [(0, length)]
-    spans = [(s, min(s + block_length, length)) for s in range(0, length, block_length)]
+    columns = masked.any(dim=0).nonzero().flatten()
+    if columns.numel() == 0:
+        return []
+    first = int(columns[0])
+    spans = [(s, min(s + block_length, length)) for s in range(first, length, block_length)]
     return [(s, e) for s, e in spans if bool(masked[:, s:e].any())]
 
 
@@ -111,8 +145,9 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
         steps: denoiser calls in all; with blocks they are shared out over the blocks (at least one each).
         remasking: ``"low_confidence"`` commits the most probable predictions first; ``"random"`` commits
             random masked positions (each with its predicted token).
-        block_length: ``None`` for one block over the whole canvas; otherwise blocks of this many positions
-            are filled left to right (semi-autoregressive), each in its share of the steps.
+        block_length: ``None`` for one block over the whole canvas; otherwise blocks of this many positions,
+            counted from the first masked position (the end of the prompt), are filled left to right
+            (semi-autoregressive), each in its share of the steps (equal shares, the remainder to the first).
         cache: with blocks, compute keys and values of every position outside the current block once per block
             and run only the block's positions at its later steps (approximate: they go stale).
         temperature: 0 takes the most probable token (greedy); above 0 samples from the tempered softmax.

@@ -430,10 +430,12 @@ def denoising_work(prompt: int, new_tokens: int, tokens_per_step: int, *, block_
                    cached: bool = False) -> dict[str, int]:
     """Work of a masked-diffusion sampler that writes ``new_tokens`` after ``prompt`` given positions.
 
-    Every step is one call of the network on the whole canvas of ``prompt + new_tokens`` positions, and commits
-    ``tokens_per_step`` tokens (``ceil(new_tokens / tokens_per_step)`` steps; with blocks, each block of
-    ``block_length`` positions gets ``ceil(block_length / tokens_per_step)``). With ``cached`` (blocks only),
-    a block's first step is a full pass and its later steps run only the block's positions.
+    Every step is one call of the network on the whole canvas of ``prompt + new_tokens`` positions;
+    ``ceil(new_tokens / tokens_per_step)`` steps in all. With blocks (of ``block_length`` positions counted from
+    the end of the prompt, the last one possibly shorter), those steps are shared out over the blocks as
+    ``labsupport.diffusion.diffusion_sample`` shares them: equal shares, the remainder to the first blocks. With
+    ``cached`` (blocks only), a block's first step is a full pass and its later steps run only the block's
+    positions.
 
     Returns ``{"steps": sequential network calls, "positions": positions processed, summed over calls}``.
     """
@@ -443,15 +445,18 @@ def denoising_work(prompt: int, new_tokens: int, tokens_per_step: int, *, block_
     if cached and block_length is None:
         raise ValueError("cached=True needs block_length (the cache holds what lies outside the current block)")
     canvas = prompt + new
+    steps = -(-new // per_step)
     if block_length is None:
-        steps = -(-new // per_step)
         return {"steps": steps, "positions": steps * canvas}
     block = require_positive_int("block_length", block_length)
-    steps = positions = 0
-    for start in range(0, new, block):
-        size = min(block, new - start)
-        block_steps = -(-size // per_step)
-        steps += block_steps
+    sizes = [min(block, new - start) for start in range(0, new, block)]
+    if steps < len(sizes):
+        raise ValueError(f"{steps} steps cannot give each of the {len(sizes)} blocks a step; "
+                         f"use tokens_per_step ≤ block_length")
+    base, extra = divmod(steps, len(sizes))
+    positions = 0
+    for index, size in enumerate(sizes):
+        block_steps = base + (index < extra)
         positions += canvas + (block_steps - 1) * (size if cached else canvas)
     return {"steps": steps, "positions": positions}
 

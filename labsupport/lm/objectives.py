@@ -57,9 +57,14 @@ class MaskedTokenObjective:
     ``batch.inputs`` is replaced by ``mask_id`` with probability ``t``, and the
     model predicts the original tokens at the masked positions. With
     ``weighting="1/t"`` the cross-entropy of a sequence is divided by ``t``
-    (summed over its masked tokens, divided by its length), which makes the
-    loss an upper bound on the negative log-likelihood; ``"none"`` averages the
-    cross-entropy over masked tokens instead.
+    (summed over its masked tokens, divided by its length). With ``t`` drawn from
+    all of ``(0, 1]`` its expectation would be the negative ELBO, an upper bound on
+    the negative log-likelihood; drawn from ``[t_min, 1]`` it is that integral
+    rescaled by ``1/(1 − t_min)``, which is *not* a bound: it differs from the bound
+    by about ``t_min`` × (the NLL − the sum of the one-masked-token losses), so for a
+    sequence whose tokens are each unlikely given all the others it falls below the
+    sequence's NLL. ``"none"`` averages the cross-entropy over masked tokens instead
+    (no bound at all).
 
     Args:
         mask_id: the token id of ``[MASK]`` (the model's vocabulary must include it).

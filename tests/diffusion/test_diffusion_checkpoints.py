@@ -85,3 +85,15 @@ def test_save_then_load_round_trip(tmp_path: Path) -> None:
     assert torch.equal(loaded(x), model.eval()(x))
     with pytest.raises(ValueError, match="kind"):
         ck.build_model({**config, "kind": "gan"})
+
+
+@pytest.mark.parametrize("change", [{"d_model": 32}, {"n_layers": 2}, {"vocab_size": 6}])
+def test_a_config_that_disagrees_with_the_tensors_is_refused_clearly(tmp_path: Path, change: dict) -> None:
+    torch.manual_seed(0)
+    config = {"kind": "diffusion", "vocab_size": 5, "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}
+    folder = tmp_path / "data"
+    path = folder / "tiny.safetensors"
+    ck.save_checkpoint(ck.build_model(config), path, {**config, **change}, dtype=torch.float32)
+    (folder / "MANIFEST.sha256").write_text(f"{sha256_file(path)}  tiny.safetensors\n")
+    with pytest.raises(ValueError, match="config and the weights disagree"):
+        ck.load_checkpoint("tiny.safetensors", directory=folder)

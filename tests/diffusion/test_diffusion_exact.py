@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from labsupport import diffusion as d
+from labsupport.diffusion import exact
 from labsupport.diffusion import exact as ex
 from labsupport.diffusion.process import MaskedDenoiser, elbo_per_sequence
 
@@ -87,3 +89,54 @@ def test_train_toy_refuses_mismatched_inputs() -> None:
         ex.train_toy(model, torch.ones(4, dtype=torch.float64) / 4, ex.all_sequences(3, 2), steps=1)
     with pytest.raises(ValueError, match="objective"):
         ex.train_toy(model, torch.ones(9, dtype=torch.float64) / 9, ex.all_sequences(3, 2), steps=1, objective="x")
+
+
+def test_a_perfect_denoiser_has_bound_equal_to_nll_equal_to_minus_log_p() -> None:
+    probs = d.toy_distribution(3, 3, seed=0, sharpness=1.5)
+    table = exact.true_log_prob_table(probs, 3, 3)
+    nll, elbo = d.order_bounds(table)
+    assert torch.allclose(nll, -probs.log(), atol=1e-12)
+    assert torch.allclose(elbo, nll, atol=1e-12)
+
+
+def test_training_with_t_min_is_not_a_bound_it_can_fall_below_the_nll() -> None:
+    probs = d.toy_distribution(3, 3, seed=0, sharpness=1.5)
+    table = exact.true_log_prob_table(probs, 3, 3)
+    nll, elbo = d.order_bounds(table)
+    assert torch.allclose(exact.truncated_objective(table, 1e-9), elbo, atol=1e-6)
+    truncated = exact.truncated_objective(table, 1e-3)
+    assert float((truncated - nll).min()) < -1e-3            # below the exact NLL for some sequence
+    single = -(table[:, [1 << i for i in range(3)], range(3)]).sum(dim=1)   # one masked token at a time
+    first_order = nll + 1e-3 * (nll - single)             # the missing (0, t_min) slice, to first order
+    assert torch.allclose(truncated, first_order, atol=5e-5)
+    assert bool(((truncated < nll) == (single > nll)).all())
+    from labsupport.lm.objectives import MaskedTokenObjective
+    assert "not* a bound" in (MaskedTokenObjective.__doc__ or "")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_estimator_moments_are_the_mean_and_variance_of_the_sampled_estimate(schedule: str) -> None:
+    probs = d.toy_distribution(3, 3, seed=0, sharpness=1.5)
+    table = exact.true_log_prob_table(probs, 3, 3)
+    mean, var = exact.estimator_moments(table, samples=4, schedule=schedule)
+    assert torch.allclose(mean, d.elbo_by_mask_sets(table), atol=1e-9)      # unbiased
+    draws = exact.sample_estimates(table, samples=4, draws=40_000, schedule=schedule,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(draws.mean(0), mean, rtol=0.02)
+    if schedule == "cosine":                                  # finite variance: the sample variance converges
+        assert torch.allclose(draws.var(0), var, rtol=0.1)
+    else:                                                     # heavy tail: samples mostly miss the rare huge draws
+        assert 0.3 * float(var.sum()) < float(draws.var(0).sum()) < float(var.sum())
+    assert float((probs * var).sum()) > 0
+
+
+def test_the_sampled_estimate_has_the_distribution_of_elbo_per_sequence() -> None:
+    torch.manual_seed(0)
+    model = d.MaskedDenoiser(3, 16, 1, max_len=3).eval()
+    sequences = d.all_sequences(3, 3)
+    table = d.masked_log_probs(model, sequences)
+    mean, var = exact.estimator_moments(table, samples=8, schedule="cosine")
+    runs = torch.stack([d.elbo_per_sequence(model, sequences, samples=8, schedule="cosine",
+                                            generator=torch.Generator().manual_seed(s)) for s in range(300)]).double()
+    z = (runs.mean(0) - mean) / (var / 300).sqrt()
+    assert float(z.abs().max()) < 4.5

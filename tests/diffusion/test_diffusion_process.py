@@ -89,7 +89,7 @@ def test_subs_never_predicts_mask_and_copies_unmasked_tokens() -> None:
     assert torch.equal(probs[0, given].argmax(-1), noisy[0, given])
     assert torch.allclose(probs[0, given].max(-1).values, torch.ones(int(given.sum())))
     assert torch.allclose(probs.sum(-1), torch.ones(1, 8))
-    with pytest.raises(ValueError, match="below 6"):
+    with pytest.raises(ValueError, match=r"0\.\.5"):
         model(torch.tensor([[0, 7]]))
 
 
@@ -141,3 +141,30 @@ def test_loss_is_finite_at_long_length_in_half_precision() -> None:
     value = p.masked_diffusion_loss(logits, tokens, masked, torch.tensor([1 / 0.3]))
     reference = p.masked_diffusion_loss(logits.double(), tokens, masked, torch.tensor([1 / 0.3], dtype=torch.float64))
     assert math.isfinite(float(value)) and abs(float(value) - float(reference)) < 1e-4 * float(reference)
+
+
+@pytest.mark.parametrize("t_value", [1e-7, 1e-5, 1e-4, 1e-3, 0.3])
+def test_the_cosine_schedule_stays_accurate_in_float32_at_tiny_t(t_value: float) -> None:
+    # 1 − cos(πt/2) cancels in float32 (it is 0 for t ≤ 1e-4): the probability must stay positive and the weight
+    # finite, both within float32 rounding of the float64 closed forms 2 sin²(πt/4) and (π/2) cot(πt/4).
+    t32 = torch.tensor([t_value], dtype=torch.float32)
+    exact_p = 2 * math.sin(math.pi * t_value / 4) ** 2
+    exact_w = (math.pi / 2) / math.tan(math.pi * t_value / 4)
+    prob, weight = p.mask_probability(t32, "cosine"), p.loss_weight(t32, "cosine")
+    assert prob.dtype == weight.dtype == torch.float32
+    assert float(prob) > 0 and math.isfinite(float(weight))
+    assert float(prob) == pytest.approx(exact_p, rel=1e-5)
+    assert float(weight) == pytest.approx(exact_w, rel=1e-5)
+
+
+def test_the_denoiser_refuses_negative_ids_and_overlong_canvases_with_a_clear_error() -> None:
+    torch.manual_seed(0)
+    model = p.MaskedDenoiser(5, 16, 1, max_len=8)
+    with pytest.raises(ValueError, match=r"0\.\.5"):
+        model(torch.tensor([[0, -1, 2]]))
+    with pytest.raises(ValueError, match=r"0\.\.5"):
+        model(torch.tensor([[0, 6, 2]]))
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.zeros(1, 4))

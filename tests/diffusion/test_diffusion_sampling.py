@@ -189,3 +189,32 @@ def test_commit_and_schedule_at_long_length() -> None:
     assert int(now.sum()) == 1000 and bool((canvas[now] == 5).all())
     assert torch.equal(new[canvas != 5], canvas[canvas != 5])
     assert int(s.transfer_schedule(length // 2, 64).sum()) == length // 2
+
+
+def test_commit_tokens_refuses_counts_of_the_wrong_length_and_mismatched_shapes() -> None:
+    canvas = torch.full((2, 6), VOCAB)
+    predicted = torch.zeros(2, 6, dtype=torch.long)
+    confidence = torch.rand(2, 6)
+    allowed = torch.ones(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"one count per row"):
+        s.commit_tokens(canvas, predicted, confidence, torch.tensor([1, 1, 1]), allowed, VOCAB)
+    with pytest.raises(ValueError, match=r"one count per row"):
+        s.commit_tokens(canvas, predicted, confidence, torch.tensor([1.0, 1.0]), allowed, VOCAB)
+    with pytest.raises(ValueError, match="confidence must have the canvas's shape"):
+        s.commit_tokens(canvas, predicted, confidence[:, :5], torch.tensor([1, 1]), allowed, VOCAB)
+    with pytest.raises(ValueError, match="≥ 0"):
+        s.commit_tokens(canvas, predicted, confidence, torch.tensor([1, -1]), allowed, VOCAB)
+
+
+@pytest.mark.parametrize("prompt", [0, 3, 8, 13])
+@pytest.mark.parametrize("per_step, block, cached", [(1, None, False), (3, None, False), (2, 8, False),
+                                                     (2, 8, True), (1, 4, True), (3, 5, True), (2, 16, True)])
+def test_denoising_work_counts_what_the_sampler_does_for_any_prompt(model, prompt, per_step, block, cached) -> None:
+    from labsupport.harness.costs import denoising_work
+
+    new = LENGTH - prompt
+    _, canvas = canvas_with_prompt(prompt, batch=1)
+    work = denoising_work(prompt, new, per_step, block_length=block, cached=cached)
+    trace = s.diffusion_sample(model, canvas, steps=work["steps"], block_length=block, cache=cached)
+    assert (trace.steps, trace.forward_tokens) == (work["steps"], work["positions"])
+    assert bool((trace.tokens != VOCAB).all())
