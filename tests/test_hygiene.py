@@ -34,12 +34,25 @@ def notebook_problems(path: Path) -> list[str]:
             problems.append(str(error))
     if "widgets" in notebook.metadata:
         problems.append("notebook metadata holds saved widget state (clear it before committing)")
+    if (notebook.metadata.get("kernelspec") or {}).get("name") != "python3":
+        problems.append("notebook metadata has no python3 kernelspec (JupyterLab would ask 'Select Kernel' "
+                        "and mark it modified at once); add labsupport.harness.editions.KERNELSPEC")
     return problems
 
 
 @pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
 def test_committed_notebook_is_clean_and_valid(path: Path) -> None:
     assert notebook_problems(path) == [], f"{path.name}: {notebook_problems(path)}"
+
+
+@pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
+def test_student_edition_names_the_python3_kernel(path: Path) -> None:
+    """The edition a learner opens (my-notebooks/, bin/book --student) starts its kernel without asking."""
+    from labsupport.harness.editions import make_student_edition
+
+    student = make_student_edition(nbformat.read(path, as_version=4), name=path.name)
+    assert student.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: student edition has no kernelspec"
+    assert student.metadata["kernelspec"].get("language") == "python"
 
 
 @pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
@@ -54,9 +67,15 @@ def test_set_up_cell_matches_threads_to_the_cpus(path: Path) -> None:
 def test_hygiene_check_catches_dirty_notebooks(tmp_path) -> None:
     from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-    clean = new_notebook(cells=[new_code_cell("def f():\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION")])
+    from labsupport.harness.editions import KERNELSPEC
+
+    clean = new_notebook(cells=[new_code_cell("def f():\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION")],
+                         metadata={"kernelspec": dict(KERNELSPEC)})
     nbformat.write(clean, tmp_path / "clean.ipynb")
     assert notebook_problems(tmp_path / "clean.ipynb") == []
+    clean.metadata.pop("kernelspec")
+    nbformat.write(clean, tmp_path / "no_kernel.ipynb")
+    assert [p for p in notebook_problems(tmp_path / "no_kernel.ipynb") if "kernelspec" in p]
 
     dirty = new_notebook(
         cells=[

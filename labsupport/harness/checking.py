@@ -20,8 +20,10 @@ picks tolerances. ``check_function`` then
 * for cases with ``grad_argnums``, also compares gradients with respect to
   those arguments, pulled back from the same random cotangent;
 * prints a single line on success, a short explanation on failure (which case,
-  the input shapes and dtypes, what was expected and what came, where the first
-  mismatch is and the relative error), or "not done yet" when the learner's
+  the input shapes and dtypes — small integer inputs by value —, what was
+  expected and what came, where the first mismatch is and the relative error,
+  then what this answer got wrong where a ``diagnose=`` rule or the engine's own
+  rules can tell, the hint, and how to ask for the recipe), or "not done yet" when the learner's
   function raises ``NotImplementedError`` (naming the unfinished helper when
   the learner's function is finished but calls one that is not).
 
@@ -35,8 +37,6 @@ import inspect
 import math
 import numbers
 import os
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -44,13 +44,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from labsupport.harness.diagnosis import Diagnose, dtype_advice, generic_diagnosis, run_diagnoses
+from labsupport.harness.limits import LargestTensorRecorder, OutOfTime, TimeBudget
 
 __all__ = [
     "Case",
     "CheckResult",
     "DEFAULT_TIME_BUDGET_S",
+    "InputChanged",
     "LargestTensorRecorder",
     "STRICT_ENV_VAR",
     "check_function",
@@ -85,6 +87,9 @@ class Case:
             with its shape named. A tiling exercise sets it below ``Lq · Lk``.
         max_elements_note: what such a tensor usually is, for the message
             ("a tiled answer holds one block_q × block_k tile of scores at a time").
+        notes: a few words printed after an argument's description, keyed by the argument's name (or its
+            position): ``{"logits": "V = 4 + [MASK]"}`` prints ``logits: float64 tensor of shape (2, 6, 5)
+            (V = 4 + [MASK])``.
     """
 
     name: str
@@ -93,6 +98,17 @@ class Case:
     grad_argnums: tuple[int, ...] = ()
     max_elements: int | None = None
     max_elements_note: str = ""
+    notes: Mapping[str | int, str] = field(default_factory=dict)
+
+
+class InputChanged(Exception):
+    """Raise this (from a chapter's wrapper) when the learner's function changed an input: the check then says it
+    found the change, not that the learner's function raised. The engine checks every input by itself (unless
+    ``inputs_may_change=True``), so a wrapper is only needed for a change the engine cannot see."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 @dataclass
@@ -104,6 +120,7 @@ class CheckResult:
     message: str
     cases_passed: int = 0
     cases_total: int = 0
+    diagnosis: str = ""
 
     @property
     def passed(self) -> bool:
@@ -203,78 +220,6 @@ def _first_mutation(before: Any, after: Any, label: str) -> str | None:
     return None
 
 
-class LargestTensorRecorder(TorchDispatchMode):
-    """Records the largest tensor created by the torch operations run inside it.
-
-    Views (a transpose, a slice, an ``expand``) share their input's memory and are
-    not counted; everything an operation allocates is, including what autograd's
-    backward creates. Use it as a context manager::
-
-        with LargestTensorRecorder() as rec:
-            out = my_attention(q, k, v)
-        rec.largest_shape  # e.g. (1, 1, 512, 512): the whole score matrix
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest_elements = 0
-        self.largest_shape: tuple[int, ...] = ()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs or {}))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest_elements:
-                if t.untyped_storage().data_ptr() in inputs:
-                    continue  # a view of an input, or an in-place result: nothing new was allocated
-                self.largest_elements = t.numel()
-                self.largest_shape = tuple(t.shape)
-        return out
-
-
-class _OutOfTime(BaseException):
-    """Raised (from a timer signal) when the learner's function overruns its time budget."""
-
-
-class _TimeBudget:
-    """Interrupts the code inside after ``seconds`` where a timer signal can (Unix, main thread).
-
-    Elsewhere (Windows, a worker thread) nothing interrupts; :attr:`elapsed` is still measured so
-    the check can fail an overrun afterwards.
-    """
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.elapsed = 0.0
-        self._armed = False
-
-    def _expire(self, signum: int, frame: Any) -> None:
-        raise _OutOfTime()
-
-    def __enter__(self) -> _TimeBudget:
-        self._start = time.perf_counter()
-        if (self.seconds is not None and hasattr(signal, "setitimer")
-                and threading.current_thread() is threading.main_thread()):
-            self._previous = signal.signal(signal.SIGALRM, self._expire)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
-            self._armed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._armed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous)
-        self.elapsed = time.perf_counter() - self._start
-
-    @property
-    def exceeded(self) -> bool:
-        return self.seconds is not None and self.elapsed > self.seconds
-
-
 def _argument_names(fn: Callable[..., Any], count: int) -> list[str]:
     try:
         params = [
@@ -287,21 +232,60 @@ def _argument_names(fn: Callable[..., Any], count: int) -> list[str]:
     return [params[i] if i < len(params) else f"arg{i}" for i in range(count)]
 
 
+#: Integer and bool tensors of at most this many elements are printed by value, so a case can be traced by hand.
+SMALL_INPUT_ELEMENTS = 16
+
+
+def _describe_input(value: Any, note: str | None) -> str:
+    text = describe_value(value)
+    if (isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex())
+            and 0 < value.numel() <= SMALL_INPUT_ELEMENTS):
+        text += f" = {value.tolist()}"
+    return f"{text} ({note})" if note else text
+
+
 def _describe_inputs(case: Case, names: list[str]) -> str:
-    parts = [f"{name}: {describe_value(value)}" for name, value in zip(names, case.args)]
-    parts += [f"{key}={describe_value(value)}" for key, value in case.kwargs.items()]
+    notes = dict(case.notes)
+    parts = [f"{name}: {_describe_input(value, notes.get(name, notes.get(i)))}"
+             for i, (name, value) in enumerate(zip(names, case.args))]
+    parts += [f"{key}={_describe_input(value, notes.get(key))}" for key, value in case.kwargs.items()]
     return "; ".join(parts) if parts else "(no arguments)"
 
 
+def _input_dtypes(case: Case) -> frozenset[torch.dtype]:
+    return frozenset(t.dtype for t in _flatten_tensors([*case.args, *case.kwargs.values()]))
+
+
+def _signature(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _dtype_name(value.dtype), tuple(value.shape))
+    return (type(value).__name__,)
+
+
+def _swapped(expected: Sequence[Any], got: Sequence[Any], names: Sequence[str]) -> str | None:
+    """A message when the answer's elements are the expected kinds (dtype, shape) in another order."""
+    want, have = [_signature(e) for e in expected], [_signature(g) for g in got]
+    if want == have or sorted(map(repr, want)) != sorted(map(repr, have)):
+        return None
+    label = [f"output[{i}]" + (f" ({names[i]})" if i < len(names) else "") for i in range(len(expected))]
+    wanted = "; ".join(f"{label[i]} a {describe_value(e)}" for i, e in enumerate(expected))
+    order = ", ".join(names) if len(names) == len(expected) else "the order the exercise states"
+    yours = ", ".join(describe_value(g) for g in got)
+    return (f"your outputs look swapped: expected {wanted}; yours are {yours}. "
+            f"Return them in the order {order}.")
+
+
 def _compare(
-    expected: Any, got: Any, where: str, atol: float, rtol: float, element_names: Sequence[str] = ()
+    expected: Any, got: Any, where: str, atol: float, rtol: float, element_names: Sequence[str] = (),
+    input_dtypes: frozenset[torch.dtype] = frozenset(),
 ) -> None:
     """Raise :class:`_Mismatch` with a learner-facing explanation if ``got`` differs.
 
-    ``element_names`` label the elements of a tuple/list answer: ``output[1] (lse)``.
+    ``element_names`` label the elements of a tuple/list answer: ``output[1] (lse)``; ``input_dtypes`` (the
+    case's) choose the advice under a dtype mismatch.
     """
     if isinstance(expected, torch.Tensor):
-        _compare_tensor(expected, got, where, atol, rtol)
+        _compare_tensor(expected, got, where, atol, rtol, input_dtypes)
     elif isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)):
             raise _Mismatch(
@@ -313,9 +297,12 @@ def _compare(
                 f"{where}: expected {len(expected)} values, got {len(got)} "
                 f"({describe_value(got)})."
             )
+        swapped = _swapped(expected, got, element_names)
+        if swapped:
+            raise _Mismatch(f"{where}: {swapped}")
         for i, (e, g) in enumerate(zip(expected, got)):
             label = f"{where}[{i}]" + (f" ({element_names[i]})" if i < len(element_names) else "")
-            _compare(e, g, label, atol, rtol)
+            _compare(e, g, label, atol, rtol, input_dtypes=input_dtypes)
     elif isinstance(expected, _NUMBER_TYPES):
         _compare_number(float(expected), got, where, atol, rtol)
     elif expected is None:
@@ -367,7 +354,8 @@ def _compare_number(expected: float, got: Any, where: str, atol: float, rtol: fl
 
 
 def _compare_tensor(
-    expected: torch.Tensor, got: Any, where: str, atol: float, rtol: float
+    expected: torch.Tensor, got: Any, where: str, atol: float, rtol: float,
+    input_dtypes: frozenset[torch.dtype] = frozenset(),
 ) -> None:
     if not isinstance(got, torch.Tensor):
         raise _Mismatch(
@@ -375,13 +363,15 @@ def _compare_tensor(
             f"{_none_hint(got)}"
         )
     if tuple(got.shape) != tuple(expected.shape):
+        reordered = (sorted(got.shape) == sorted(expected.shape) and got.dim() > 1
+                     and " The same sizes in another order: a transpose, or the axes in the wrong order?")
         raise _Mismatch(
-            f"{where}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}."
+            f"{where}: expected shape {tuple(expected.shape)}, got shape {tuple(got.shape)}.{reordered or ''}"
         )
     if got.dtype != expected.dtype:
         raise _Mismatch(
-            f"{where}: expected dtype {_dtype_name(expected.dtype)}, got {_dtype_name(got.dtype)}."
-            " Keep the dtype of the inputs (check for a stray .float() or .double())."
+            f"{where}: expected dtype {_dtype_name(expected.dtype)}, got {_dtype_name(got.dtype)}. "
+            + dtype_advice(expected.dtype, got.dtype, input_dtypes)
         )
     exp = expected.detach().to("cpu")
     got_ = got.detach().to("cpu")
@@ -534,6 +524,10 @@ def check_function(
     quiet: bool = False,
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     inputs_may_change: bool = False,
+    diagnose: Diagnose | Sequence[Diagnose] | None = None,
+    recipe: str | None = None,
+    reveal: bool = False,
+    checker: str | None = None,
 ) -> CheckResult:
     """Compare a learner's function to a reference solution on ``cases``.
 
@@ -554,6 +548,17 @@ def check_function(
         inputs_may_change: accept a function that writes into its inputs (each case
             hands the learner its own copies). By default that fails the check: a
             caller's tensors must come back as they were.
+        diagnose: a rule ``diagnose(case, expected, got) -> str | None`` (or a list of
+            them, tried in order) run when an output differs; the first string is printed
+            as ``found   ...``: what *this* answer got wrong ("your weights sum to 0.54 per
+            row, not 1"). Without one, or when none applies, the engine tries its own
+            (a constant factor, outputs in the wrong order). See
+            :mod:`labsupport.harness.diagnosis` (``known_mistakes``, ``output_rule``).
+        recipe: the full solution recipe. Never printed unless ``reveal`` is true; a
+            failure says how to ask for it (``check_x(your_fn, reveal=True)``).
+        reveal: print ``recipe`` under a failure or a "not done yet" (the learner asked).
+        checker: the checker's name for that sentence; by default the calling
+            function's name when it starts with ``check_``.
 
     Returns:
         A :class:`CheckResult`; it is truthy exactly when every case passed.
@@ -574,8 +579,34 @@ def check_function(
                                       or not time_budget_s > 0):
         raise TypeError(f"time_budget_s must be a positive number of seconds or None, got {time_budget_s!r}")
 
-    def finish(status: Status, message: str, passed: int) -> CheckResult:
-        result = CheckResult(exercise, status, message, passed, len(cases))
+    if diagnose is not None and not callable(diagnose) and not (
+            isinstance(diagnose, Sequence) and all(callable(d) for d in diagnose)):
+        raise TypeError(f"diagnose must be a callable or a sequence of callables, got {diagnose!r}")
+    if recipe is not None and not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a string or None, got {describe_value(recipe)}")
+    if checker is None:
+        caller = inspect.currentframe()
+        caller = caller.f_back if caller is not None else None
+        checker = caller.f_code.co_name if caller is not None and caller.f_code.co_name.startswith("check_") else None
+    learner_name = getattr(learner_fn, "__name__", "")
+    learner_name = learner_name if learner_name.isidentifier() and learner_name != "<lambda>" else "your_function"
+
+    def advice(found: str | None = None, with_hint: bool = True) -> str:
+        """The lines under a failure: the diagnosis, the hint, and the recipe (or how to ask for it)."""
+        lines = f"\n   found   {found}" if found else ""
+        if hint and with_hint:
+            lines += f"\n   hint    {hint}"
+        if recipe and reveal:
+            lines += f"\n   recipe  {recipe}"
+        elif recipe and checker:
+            lines += (f"\n   recipe  try the tiered hints first; `{checker}({learner_name}, reveal=True)` "
+                      "prints the full recipe.")
+        return lines
+
+    def finish(status: Status, message: str, passed: int, found: str | None = None) -> CheckResult:
+        if status == "not done" and recipe and reveal:
+            message += f"\n   recipe  {recipe}"
+        result = CheckResult(exercise, status, message, passed, len(cases), found or "")
         if not quiet:
             print(message)
         if status == "failed" and os.environ.get(STRICT_ENV_VAR, "") == "1":
@@ -618,7 +649,7 @@ def check_function(
         recorder = LargestTensorRecorder() if case.max_elements is not None else None
         # The budget is never tighter than 100 times the reference's own time, so a machine
         # that is slow for everyone (a busy CI runner, Binder) does not fail a correct answer.
-        budget = _TimeBudget(None if time_budget_s is None else max(float(time_budget_s), 100 * reference_s))
+        budget = TimeBudget(None if time_budget_s is None else max(float(time_budget_s), 100 * reference_s))
         try:
             with budget:
                 with recorder if recorder is not None else _no_context():
@@ -628,7 +659,7 @@ def check_function(
                         with torch.no_grad():
                             got = learner_fn(*given_args, **given_kwargs)
                         got_grads = []
-        except _OutOfTime:
+        except OutOfTime:
             return finish("failed", f"{header}\n{inputs}\n   {_too_slow(budget.seconds, reference_s)}", number - 1)
         except NotImplementedError as error:
             unfinished, helper = _unfinished(error, learner_fn)
@@ -647,13 +678,14 @@ def check_function(
                     number - 1,
                 )
             return finish("failed", f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
-                          f"{_where_in_learner_code(error)}." + (f"\n   hint    {hint}" if hint else ""), number - 1)
+                          f"{_where_in_learner_code(error)}." + advice(), number - 1)
+        except InputChanged as error:
+            return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(error.name, names)}", number - 1)
         except Exception as error:
             return finish(
                 "failed",
                 f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
-                f"{_where_in_learner_code(error)}."
-                + (f"\n   hint    {hint}" if hint else ""),
+                f"{_where_in_learner_code(error)}." + advice(),
                 number - 1,
             )
         if budget.exceeded:
@@ -668,13 +700,12 @@ def check_function(
         if recorder is not None and recorder.largest_elements > case.max_elements:  # type: ignore[operator]
             return finish(
                 "failed",
-                f"{header}\n{inputs}\n   {_too_big_message(recorder, case)}"
-                + (f"\n   hint    {hint}" if hint else ""),
+                f"{header}\n{inputs}\n   {_too_big_message(recorder, case)}" + advice(),
                 number - 1,
             )
 
         try:
-            _compare(_detach(expected), _detach(got), "output", atol, rtol, output_names)
+            _compare(_detach(expected), _detach(got), "output", atol, rtol, output_names, _input_dtypes(case))
             for argnum, e_grad, g_grad in zip(case.grad_argnums, expected_grads, got_grads):
                 where = f"gradient w.r.t. {names[argnum]}"
                 if e_grad is not None and g_grad is None:
@@ -685,11 +716,11 @@ def check_function(
                 if e_grad is not None:
                     _compare(e_grad, g_grad, where, atol, rtol)
         except _Mismatch as mismatch:
-            return finish(
-                "failed",
-                f"{header}\n{inputs}\n   {mismatch}" + (f"\n   hint    {hint}" if hint else ""),
-                number - 1,
-            )
+            expected_, got_ = _detach(expected), _detach(got)
+            found = None if "look swapped" in str(mismatch) else (
+                run_diagnoses(diagnose, case, expected_, got_) or run_diagnoses(
+                    lambda c, e, g: generic_diagnosis(e, g, output_names), case, expected_, got_))
+            return finish("failed", f"{header}\n{inputs}\n   {mismatch}" + advice(found), number - 1, found)
         except Exception as error:  # e.g. comparing exotic objects
             return finish(
                 "failed",
@@ -732,7 +763,8 @@ def _mutation_message(changed: str, names: list[str]) -> str:
     elif changed.startswith("kwargs["):
         name = changed[len("kwargs["):].split("]")[0].strip("'\"")
     return (
-        f"your function changed its input `{name}` in place. Leave the inputs as they came and return new "
+        f"the check found that your function changed its input `{name}` in place (nothing was raised; "
+        f"the check compared `{name}` before and after the call). Leave the inputs as they came and return new "
         f"tensors: write `{name} = {name} * a + b`, not `{name} *= a`, `{name}[...] = ...` or `{name}.add_(...)`."
     )
 

@@ -8,7 +8,9 @@ under the current directory is converted. In each notebook:
   ``### END SOLUTION`` line (markers included) becomes
   ``raise NotImplementedError("your code here")`` at the BEGIN marker's indentation;
 * in a markdown cell, such a block becomes ``*Your answer here.*``;
-* every output and execution count is cleared, and saved widget state dropped.
+* every output and execution count is cleared, and saved widget state dropped;
+* the notebook gets the ``python3`` kernelspec (:data:`KERNELSPEC`) when it has none, so JupyterLab
+  opens it without asking "Select Kernel" (and without marking it modified at once).
 
 A marker without its partner, or a BEGIN inside another block, stops the run
 with an error naming the notebook and the cell. Exercises live inside
@@ -32,6 +34,7 @@ __all__ = [
     "BEGIN_MARKER",
     "CODE_PLACEHOLDER",
     "END_MARKER",
+    "KERNELSPEC",
     "MARKDOWN_PLACEHOLDER",
     "SolutionBlock",
     "SolutionMarkerError",
@@ -46,6 +49,8 @@ BEGIN_MARKER = "### BEGIN SOLUTION"
 END_MARKER = "### END SOLUTION"
 CODE_PLACEHOLDER = 'raise NotImplementedError("your code here")'
 MARKDOWN_PLACEHOLDER = "*Your answer here.*"
+#: The kernel every chapter and every student edition names (the hygiene test requires it in the chapters).
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
 class SolutionMarkerError(ValueError):
@@ -132,6 +137,8 @@ def make_student_edition(notebook: NotebookNode, *, name: str = "notebook") -> N
         raise TypeError(f"notebook must be an nbformat NotebookNode, got {type(notebook).__name__}")
     student = copy.deepcopy(notebook)
     student.metadata.pop("widgets", None)
+    if not student.metadata.get("kernelspec"):
+        student.metadata["kernelspec"] = dict(KERNELSPEC)
     for index, cell in enumerate(student.cells):
         cell_id = cell.get("id")
         where = f"{name}, cell {index + 1}" + (f" (id {cell_id})" if cell_id else "")

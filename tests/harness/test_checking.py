@@ -380,3 +380,183 @@ def test_a_dense_answer_to_a_tiling_case_is_caught():
     assert result.status == "failed"
     assert "materialised a tensor of shape (1, 64, 64)" in result.message
     assert "a 64×64 matrix" in result.message
+
+
+# ----------------------------------------------------------------------------- feedback that teaches (issue 27)
+
+
+def _router_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, N) logits -> the k largest softmax weights, renormalised, and their experts (int64)."""
+    top, experts = logits.softmax(-1).topk(k, dim=-1)
+    return top / top.sum(-1, keepdim=True), experts
+
+
+def _router_cases() -> list[Case]:
+    gen = torch.Generator().manual_seed(5)
+    return [Case("T=3, N=4, k=2", (torch.randn(3, 4, generator=gen, dtype=torch.float64), 2))]
+
+
+def _router(fn, **kwargs) -> CheckResult:
+    return check_function(fn, _router_reference, _router_cases(), exercise="router", quiet=True,
+                          output_names=("weights", "experts"), **kwargs)
+
+
+def test_a_diagnosis_names_what_this_answer_did():
+    def unnormalised(logits, k):
+        top, experts = logits.softmax(-1).topk(k, dim=-1)
+        return top, experts
+
+    def rule(case, expected, got):
+        sums = got[0].sum(-1)
+        return f"your weights sum to {float(sums.mean()):.2f} per row, not 1" if not torch.allclose(
+            sums, torch.ones_like(sums)) else None
+
+    result = _router(unnormalised, diagnose=rule, hint="see Hint 1 above the exercise")
+    assert "\n   found   your weights sum to 0." in result.message and "per row, not 1" in result.message
+    assert result.diagnosis.startswith("your weights sum to")
+    assert result.message.index("found") < result.message.index("hint    see Hint 1")
+    # a rule that cannot tell (None) or breaks (raises) leaves the mismatch as it was
+    def broken(case, expected, got):
+        raise RuntimeError("bug in a rule")
+    quiet = _router(unnormalised, diagnose=[broken, lambda c, e, g: None])
+    assert "found" not in quiet.message and "bug in a rule" not in quiet.message and "entries are off" in quiet.message
+    with pytest.raises(TypeError, match="diagnose"):
+        _router(unnormalised, diagnose="sum to 1")
+
+
+def test_known_mistakes_recognise_a_written_out_wrong_answer():
+    from labsupport.harness.diagnosis import known_mistakes, output_rule
+
+    def softmax_of_top_logits_without_renormalising(logits, k):
+        values, experts = logits.topk(k, dim=-1)
+        return values.softmax(-1) * 0.5, experts
+
+    rule = known_mistakes({"your weights are the softmax over all N experts, not renormalised over the k kept":
+                           lambda logits, k: logits.softmax(-1).topk(k, dim=-1)},
+                          output=0)
+    wrong = _router(lambda logits, k: logits.softmax(-1).topk(k, dim=-1), diagnose=rule)
+    assert "found   your weights are the softmax over all N experts" in wrong.message
+    other = _router(softmax_of_top_logits_without_renormalising, diagnose=rule)
+    assert "softmax over all N experts" not in other.message
+    by_element = _router(lambda logits, k: (_router_reference(logits, k)[0] * 3, _router_reference(logits, k)[1]),
+                         diagnose=output_rule(0, lambda c, e, g: f"rows sum to {float(g.sum(-1)[0]):.0f}"))
+    assert "found   rows sum to 3" in by_element.message
+
+
+def test_the_recipe_is_printed_only_when_asked():
+    recipe = "softmax over all experts, topk, then divide by the kept sum"
+
+    def check_router(fn, reveal=False):
+        return check_function(fn, _router_reference, _router_cases(), exercise="router", quiet=True,
+                              hint="see Hint 1", recipe=recipe, reveal=reveal)
+
+    def my_router(logits, k):
+        return logits.topk(k, dim=-1)
+
+    hidden = check_router(my_router)
+    assert recipe not in hidden.message
+    assert "`check_router(my_router, reveal=True)` prints the full recipe" in hidden.message
+    shown = check_router(my_router, reveal=True)
+    assert f"\n   recipe  {recipe}" in shown.message
+    def unfinished(logits, k):
+        raise NotImplementedError
+    assert recipe not in check_router(unfinished).message
+    asked = check_router(unfinished, reveal=True)
+    assert asked.status == "not done" and recipe in asked.message
+    assert check_router(_router_reference, reveal=True).message == "✅ router: passed 1 case."
+    assert "reveal=True" not in _router(my_router).message  # no recipe given: nothing to ask for
+    with pytest.raises(TypeError, match="recipe"):
+        _router(my_router, recipe=3)
+
+
+def test_swapped_outputs_are_suspected_not_blamed_on_a_stray_float():
+    result = _router(lambda logits, k: tuple(reversed(_router_reference(logits, k))))
+    assert "your outputs look swapped" in result.message
+    assert "output[0] (weights) a float64 tensor of shape (3, 2)" in result.message
+    assert "Return them in the order weights, experts" in result.message
+    assert "stray .float()" not in result.message and "Keep the dtype" not in result.message
+
+
+def test_same_dtype_outputs_in_the_wrong_order_are_found_by_value():
+    def pair(x):
+        return x * 2, x + 1
+
+    result = check_function(lambda x: pair(x)[::-1], pair, [Case("x", (torch.arange(4.0),))], exercise="pair",
+                            quiet=True, output_names=("double", "next"))
+    assert "found   your output[0] (double) is what output[1] (next) should be" in result.message
+    assert "wrong order" in result.message
+
+
+def test_dtype_advice_is_chosen_by_what_the_output_holds():
+    def keep(counts, capacity):
+        return counts < capacity
+
+    ints = (torch.tensor([3, 1, 4, 1]), 2)
+    mask = check_function(lambda c, cap: keep(c, cap).long(), keep, [Case("int64 counts", ints)], exercise="keep",
+                          quiet=True)
+    assert "expected dtype bool, got int64" in mask.message and "yes/no mask" in mask.message
+    assert "stray .float()" not in mask.message
+
+    def halve(x):
+        return x / 2
+
+    x64 = (torch.arange(4, dtype=torch.float64),)
+    drift = check_function(lambda x: (x / 2).float(), halve, [Case("float64", x64)], exercise="h", quiet=True)
+    assert "The inputs are float64: keep their dtype" in drift.message
+    index = check_function(lambda x: x.argsort().double(), lambda x: x.argsort(), [Case("float64", x64)],
+                           exercise="i", quiet=True)
+    assert "expected dtype int64, got float64" in index.message and "indices or counts" in index.message
+
+
+def test_an_in_place_change_is_reported_as_found_by_the_check():
+    from labsupport.harness.checking import InputChanged
+
+    def spoils(q, k):
+        out = reference_causal_scores(q, k)
+        q.zero_()
+        return out
+
+    result = check_function(spoils, reference_causal_scores, make_cases(), exercise="s", quiet=True)
+    assert "the check found that your function changed its input `q` in place" in result.message
+    assert "nothing was raised" in result.message and "your function raised" not in result.message
+
+    def wrapper_says(q, k):  # a chapter's own wrapper saw a change the engine cannot
+        raise InputChanged("k")
+
+    wrapped = check_function(wrapper_says, reference_causal_scores, make_cases(), exercise="s", quiet=True)
+    assert "the check found that your function changed its input `k` in place" in wrapped.message
+    assert "your function raised" not in wrapped.message
+
+
+def test_small_integer_inputs_are_printed_by_value_and_notes_follow_their_argument():
+    def first_masked(tokens, logits, mask_id):
+        return (tokens == mask_id).long().argmax(-1)
+
+    tokens = torch.tensor([[0, 4, 2], [4, 1, 4]])
+    logits = torch.zeros(2, 3, 5)
+    case = Case("B=2, L=3", (tokens, logits, 4), notes={"logits": "V = 4 + [MASK]"})
+    result = check_function(lambda t, lg, m: t[:, 0], first_masked, [case], exercise="m", quiet=True)
+    assert "tokens: int64 tensor of shape (2, 3) = [[0, 4, 2], [4, 1, 4]]" in result.message
+    assert "logits: float32 tensor of shape (2, 3, 5) (V = 4 + [MASK])" in result.message
+    assert "= [[" not in result.message.split("logits:")[1]  # floats are not listed
+    big = Case("long", (torch.arange(40).reshape(2, 20), logits, 4))
+    long_result = check_function(lambda t, lg, m: t[:, 0], first_masked, [big], exercise="m", quiet=True)
+    assert "= [" not in long_result.message.split("inputs")[1].split("\n")[0]
+
+
+def test_a_constant_factor_and_a_transpose_are_named():
+    scaled = check_function(lambda q, k: 0.5 * reference_causal_scores(q, k), reference_causal_scores,
+                            make_cases()[1:], exercise="s", quiet=True)
+    assert "found   your answer is exactly 1/2 × the expected one everywhere" in scaled.message
+    number = check_function(lambda a: 2 * a * 3, lambda a: a * 3, [Case("a=5", (5,))], exercise="n", quiet=True)
+    assert "exactly 2 × the expected one" in number.message
+    transposed = check_function(lambda q, k: reference_causal_scores(q, k).transpose(0, 1), reference_causal_scores,
+                                [make_cases()[1]], exercise="t", quiet=True)
+    assert "expected shape (2, 3, 3), got shape (3, 2, 3)" in transposed.message
+    assert "a transpose, or the axes in the wrong order" in transposed.message
+
+
+def test_the_old_hint_argument_still_prints_its_line():
+    result = check_function(lambda q, k: q, reference_causal_scores, make_cases(), exercise="s", quiet=True,
+                            hint="mask above the diagonal")
+    assert "\n   hint    mask above the diagonal" in result.message

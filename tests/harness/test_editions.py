@@ -98,7 +98,9 @@ def test_student_edition_replaces_solutions_and_clears_outputs() -> None:
     assert student.cells[1].source == STUDENT_EXERCISE
     assert all(c.outputs == [] and c.execution_count is None for c in student.cells if c.cell_type == "code")
     assert "widgets" not in student.metadata
+    assert student.metadata["kernelspec"]["name"] == "python3"  # JupyterLab opens it without "Select Kernel"
     assert "BEGIN SOLUTION" in original.cells[1].source and original.cells[2].outputs  # input untouched
+    assert "kernelspec" not in original.metadata
     nbformat.validate(student)
 
 
