@@ -14,7 +14,14 @@ module          holds
 ==============  ==========================================================================================
 """
 
-from labsupport.ssm.exercises import check_combine, check_fft_conv, check_selective_step, check_zoh
+from labsupport.ssm.exercises import (
+    check_chunked_scan,
+    check_combine,
+    check_fft_conv,
+    check_selective_step,
+    check_ssd_chunked,
+    check_zoh,
+)
 from labsupport.ssm.mixers import MambaMixer, mamba_mixer
 from labsupport.ssm.native import native_scan, native_scan_available
 from labsupport.ssm.reference import (
@@ -44,7 +51,7 @@ from labsupport.ssm.widget import ImpulseResponseData, impulse_response_data, im
 
 __all__ = [
     "SCANS", "ImpulseResponseData", "MambaMixer", "bilinear", "blelloch_scan", "check_combine", "check_fft_conv",
-    "check_selective_step", "check_zoh", "chunked_scan", "combine", "exact_response",
+    "check_chunked_scan", "check_selective_step", "check_ssd_chunked", "check_zoh", "chunked_scan", "combine", "exact_response",
     "fft_causal_conv", "hillis_steele_scan", "impulse_response_data", "impulse_response_figure", "log_space_scan",
     "lti_recurrence", "mamba_mixer", "native_scan", "native_scan_available", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
     "ssd_chunked", "ssd_quadratic", "ssd_recurrent", "ssm_kernel", "zoh",
