@@ -11,16 +11,19 @@ sequence into its start.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.numerics import seeded_randn
-from labsupport.ssm.reference import fft_causal_conv, s4d_init, selective_step, zoh
-from labsupport.ssm.scans import combine
+from labsupport.ssm.reference import fft_causal_conv, s4d_init, selective_step, ssd_chunked, zoh
+from labsupport.ssm.scans import chunked_scan, combine
 
-__all__ = ["check_combine", "check_fft_conv", "check_selective_step", "check_zoh"]
+__all__ = ["ShortcutRefused", "check_chunked_scan", "check_combine", "check_fft_conv", "check_selective_step",
+           "check_ssd_chunked", "check_zoh"]
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -44,8 +47,9 @@ def check_zoh(fn: Callable[..., object]) -> CheckResult:
     """Exercise: zero-order hold ``(A (D, N), B (D, N), delta (D,)) → (Ā, B̄)``."""
     return check_function(fn, zoh, _zoh_cases(), exercise="zero-order hold", atol=1e-10, rtol=1e-8,
                           output_names=("Abar", "Bbar"),
-                          hint="Ā = exp(ΔA) and B̄ = (exp(ΔA) − 1)/A · B, with Δ of shape (D,) broadcast over N "
-                               "(delta[:, None]); Euler's 1 + ΔA and ΔB are only first-order approximations.")
+                          hint="Euler's first-order approximations are far off at Δ|A| ≈ 1; and Δ has one value "
+                               "per channel, to be broadcast over the state axis. Tiered hints are above the "
+                               "exercise.")
 
 
 def _combine_cases() -> list[Case]:
@@ -67,8 +71,8 @@ def check_combine(fn: Callable[..., object]) -> CheckResult:
     """Exercise: the scan operator ``(a1, b1, a2, b2) → (a1·a2, a2·b1 + b2)`` (step 1 first, then step 2)."""
     return check_function(fn, combine, _combine_cases(), exercise="scan operator", atol=1e-12, rtol=1e-6,
                           output_names=("a", "b"),
-                          hint="Apply step 1 to h, then step 2: a2 · (a1 · h + b1) + b2. Read off the factor "
-                               "of h and the rest.")
+                          hint="The order matters: step 1 acts first, so its offset is scaled by the second "
+                               "decay, not the other way round. Tiered hints are above the exercise.")
 
 
 def _selective_cases() -> list[Case]:
@@ -92,8 +96,8 @@ def check_selective_step(fn: Callable[..., object]) -> CheckResult:
     return check_function(fn, selective_step, _selective_cases(), exercise="selective-scan step",
                           atol=1e-5, rtol=1e-5, output_names=("y", "h"),
                           inputs_may_change=True,  # writing the new state into h (a decode loop's own buffer) is fine
-                          hint="h_new = exp(Δ A) h + (Δ u) B for every channel (Δ, u are per channel, B per state), "
-                               "then y = Σ_n C_n h_new + D u — read the new state, not the old one.")
+                          hint="Δ and u are per channel, B and C per state; read the output from the state after "
+                               "this token's write, not before. Tiered hints are above the exercise.")
 
 
 def _conv_cases() -> list[Case]:
@@ -110,6 +114,171 @@ def _conv_cases() -> list[Case]:
 
 def check_fft_conv(fn: Callable[..., object]) -> CheckResult:
     """Exercise: the causal convolution by FFT ``(u (batch, L, D), kernel (D, L)) → y (batch, L, D)``."""
-    return check_function(fn, fft_causal_conv, _conv_cases(), exercise="FFT convolution", atol=1e-5, rtol=1e-5,
-                          hint="Zero-pad both signals to length 2L before the FFT (rfft(..., n=2L)) and keep the "
-                               "first L outputs; with n=L the convolution is circular and wraps around.")
+    return check_function(_watched(fn, _require_fft), fft_causal_conv, _conv_cases_with_a_long_one(),
+                          exercise="FFT convolution", atol=1e-5, rtol=1e-5,
+                          hint="If the early outputs are off and the late ones right, the end of the sequence "
+                               "wrapped around into its start: the FFT's convolution is circular. Tiered hints are "
+                               "above the exercise.")
+
+
+# --------------------------------------------------------------------------- refusing the shortcut
+
+
+class ShortcutRefused(Exception):
+    """Raised (and reported by the checker) when an answer computes the right numbers the wrong way."""
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Counts the aten operations a function runs and remembers their names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _watched(fn: Callable[..., object], check: Callable[[_OpRecorder, tuple], None]) -> Callable[..., object]:
+    """``fn`` run under an operation recorder; ``check(recorder, args)`` may raise :class:`ShortcutRefused`."""
+
+    @functools.wraps(fn)
+    def watched(*args: object, **kwargs: object) -> object:
+        recorder = _OpRecorder()
+        with recorder:
+            out = fn(*args, **kwargs)
+        check(recorder, args)
+        return out
+    return watched
+
+
+_FFT_OPS = ("_fft_r2c", "_fft_c2r", "_fft_c2c")
+
+
+def _conv_cases_with_a_long_one() -> list[Case]:
+    cases = _conv_cases()
+    gen = _generator(103)
+    length, channels = 256, 4
+    cases.append(Case(f"batch=2, L={length}, D={channels}, float64", (
+        seeded_randn(gen, 2, length, channels), seeded_randn(gen, channels, length)),
+        max_elements=8 * 2 * channels * length,
+        max_elements_note="(an FFT answer holds signals of length 2L; an L × L matrix of lags is the direct "
+                          "convolution this exercise replaces)"))
+    return cases
+
+
+def _require_fft(recorder: _OpRecorder, args: tuple) -> None:
+    if not recorder.names.intersection(_FFT_OPS):
+        raise ShortcutRefused("no FFT ran: this answer computes the convolution directly (O(L²) work), which is "
+                              "what the exercise replaces. Use torch.fft")
+
+
+# --------------------------------------------------------------------------- the chunked scan
+
+
+def _chunked_cases() -> list[Case]:
+    cases = []
+    for number, (batch, length, channels, chunk, dtype, with_h0) in enumerate([
+            (1, 1, 1, 4, torch.float64, False), (2, 37, 3, 5, torch.float64, True),
+            (2, 64, 3, 8, torch.float64, False), (1, 10, 2, 16, torch.float64, True),
+            (2, 50, 4, 7, torch.float32, True)]):
+        gen = _generator(120 + number)
+        a = torch.rand(batch, length, channels, generator=gen, dtype=torch.float64).to(dtype)
+        b = seeded_randn(gen, batch, length, channels, dtype=dtype)
+        h0 = seeded_randn(gen, batch, channels, dtype=dtype) if with_h0 else None
+        cases.append(Case(f"batch={batch}, L={length}, D={channels}, chunk={chunk}, "
+                          f"{str(dtype).removeprefix('torch.')}, h0 {'given' if with_h0 else 'None'}",
+                          (a, b, h0, chunk)))
+    gen = _generator(126)
+    length = 512
+    a = torch.tensor([1 - 1e-5, 1e-3, 1e-30, 0.0], dtype=torch.float32).repeat(1, length, 1)
+    b = seeded_randn(gen, 1, length, 4, dtype=torch.float32)
+    cases.append(Case(f"float32, L={length}, chunk=16, decays 1−1e-5, 1e-3, 1e-30 and 0", (a, b, None, 16)))
+    return cases
+
+
+def _chunked_step_limit(length: int, chunk: int) -> int:
+    """Aten operations a chunked answer may run: generous per step, far below one step per position."""
+    return 12 * (2 * chunk + -(-length // chunk)) + 150
+
+
+def _refuse_the_loop(recorder: _OpRecorder, args: tuple) -> None:
+    length, chunk = args[1].shape[1], args[3]
+    limit = _chunked_step_limit(length, chunk)
+    if length >= 256 and recorder.count > limit:
+        raise ShortcutRefused(f"this answer ran {recorder.count:,} tensor operations for L = {length} with chunks "
+                              f"of {chunk}; a chunked scan takes about 2·chunk + L/chunk steps over all chunks at "
+                              f"once (under {limit:,} operations here), not one step per position")
+
+
+def _reference_chunked(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    return chunked_scan(a, b, h0, chunk_size=chunk_size)
+
+
+def check_chunked_scan(fn: Callable[..., object]) -> CheckResult:
+    """Exercise: the chunked scan ``(a, b (B, L, D), h0 (B, D) or None, chunk_size) → h (B, L, D)``.
+
+    Compared with the sequential loop's answer; an answer that walks the positions one by one fails the
+    long case by the number of operations it runs.
+    """
+    return check_function(_watched(fn, _refuse_the_loop), _reference_chunked, _chunked_cases(),
+                          exercise="chunked scan", atol=5e-5, rtol=1e-5,
+                          hint="Three passes: the chunks' own summaries from a zero start (every chunk at once), "
+                               "the states entering the chunks (one short loop over chunks), and every chunk again "
+                               "from its true start. Mind a last chunk that is shorter, h0, and decays that are 0. "
+                               "Tiered hints are above the exercise.")
+
+
+# --------------------------------------------------------------------------- the four-step chunked SSD
+
+
+def _ssd_cases() -> list[Case]:
+    cases = []
+    for number, (batch, length, heads, p, n, chunk, dtype) in enumerate([
+            (1, 4, 1, 1, 1, 2, torch.float64), (2, 12, 2, 3, 4, 4, torch.float64),
+            (1, 13, 3, 2, 5, 4, torch.float64), (2, 9, 2, 2, 3, 1, torch.float64),
+            (1, 7, 2, 2, 3, 7, torch.float64), (2, 24, 2, 4, 4, 8, torch.float32)]):
+        gen = _generator(140 + number)
+        x = seeded_randn(gen, batch, length, heads, p, dtype=dtype)
+        dt = torch.nn.functional.softplus(seeded_randn(gen, batch, length, heads) - 1).to(dtype)
+        A = -torch.rand(heads, generator=gen, dtype=torch.float64).to(dtype) - 0.1
+        B, C = (seeded_randn(gen, batch, length, heads, n, dtype=dtype) for _ in range(2))
+        cases.append(Case(f"batch={batch}, L={length}, H={heads}, P={p}, N={n}, chunk={chunk}, "
+                          f"{str(dtype).removeprefix('torch.')}", (x, dt, A, B, C, chunk)))
+    gen = _generator(150)
+    batch, length, heads, p, n, chunk = 1, 256, 2, 4, 4, 16
+    x = seeded_randn(gen, batch, length, heads, p)
+    dt = torch.nn.functional.softplus(seeded_randn(gen, batch, length, heads) - 1)
+    A = -0.5 * torch.ones(heads, dtype=torch.float64)
+    B, C = (seeded_randn(gen, batch, length, heads, n) for _ in range(2))
+    cases.append(Case(f"batch=1, L={length}, H={heads}, chunk={chunk}, float64", (x, dt, A, B, C, chunk),
+                      max_elements=4 * batch * heads * length * chunk,
+                      max_elements_note="(a chunked answer holds Q × Q blocks, never the whole L × L matrix)"))
+    gen = _generator(151)
+    batch, length, heads, p, n, chunk = 1, 32, 2, 2, 4, 8
+    x = seeded_randn(gen, batch, length, heads, p, dtype=torch.float32)
+    dt = 0.01 * (1 + torch.rand(batch, length, heads, generator=gen))
+    dt[:, 0] = 1e4
+    A = -torch.ones(heads)
+    B, C = (seeded_randn(gen, batch, length, heads, n, dtype=torch.float32) for _ in range(2))
+    cases.append(Case("float32, the first step resets the state (dt·A = −10⁴), then small steps",
+                      (x, dt, A, B, C, chunk)))
+    return cases
+
+
+def _reference_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size)
+
+
+def check_ssd_chunked(fn: Callable[..., object]) -> CheckResult:
+    """Exercise: the four-step chunked SSD ``(x, dt, A, B, C, chunk_size) → (y, last state)``."""
+    return check_function(fn, _reference_ssd, _ssd_cases(), exercise="chunked SSD", atol=1e-5, rtol=1e-5,
+                          output_names=("y", "state"),
+                          hint="If only the float32 case after a huge first step fails, a decay between two "
+                               "positions was written as a difference of two running sums, which cancels: add "
+                               "up each segment's own terms. If y is right but the state is not, check the decay "
+                               "from each position to the end of its chunk. Tiered hints are above the exercise.")

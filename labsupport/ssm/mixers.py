@@ -107,6 +107,21 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.softplus(self.dt_proj(dt)), B, C
 
+    def step_sizes(self, u: torch.Tensor) -> torch.Tensor:
+        """The selective layer's ``Δ (batch, L, d_inner)`` for the mixer's input ``u (batch, L, d_model)``.
+
+        What the layer decides per token and channel: a small ``Δ`` keeps the state and barely writes
+        the token (``b = Δ B x`` is small too); a large ``Δ`` forgets the state and writes the token.
+        """
+        if not self.selective:
+            raise ValueError("a time-invariant layer has one fixed Δ per channel (exp(log_dt)), not one per token")
+        if u.dim() != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"expected (batch, length, d_model={self.d_model}), got {tuple(u.shape)}")
+        x, _ = self._split(u)
+        length = x.shape[1]
+        x_conv = F.silu(self.conv(x.transpose(1, 2))[..., :length].transpose(1, 2))
+        return self._parameters_from(x_conv)[0]
+
     def lti_kernel(self, length: int) -> torch.Tensor:
         """The time-invariant layer's kernel ``K_l = Σ_n C_n exp(Δ A_n)ˡ Δ B_n``: ``(d_inner, L)``."""
         if self.selective:

@@ -26,6 +26,7 @@ result cast back.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -123,9 +124,13 @@ def blelloch_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = No
     The length is padded to a power of two with identity steps ``(1, 0)``. Both
     sweeps take ``log₂ L`` steps; together they do ``O(L)`` combines. The
     down-sweep yields *exclusive* prefixes ``(A_{<t}, h_{t-1})``; one more combine
-    with each position's own step makes them inclusive.
+    with each position's own step makes them inclusive. The sweeps write in place;
+    gradients come from the same scan run in reverse (see :class:`_ScanFunction`).
     """
-    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
+    return _run(_blelloch_forward, a, b, h0)
+
+
+def _blelloch_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
     b = _fold_initial_state(a, b, h0)
     batch, length, *rest = b.shape
     n = 1 << max(0, math.ceil(math.log2(length)))
@@ -151,7 +156,7 @@ def blelloch_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = No
         Av[:, :, left], Xv[:, :, left] = Av[:, :, right], Xv[:, :, right]
         Av[:, :, right], Xv[:, :, right] = combine(Av[:, :, right], Xv[:, :, right], block_a, block_b)
     _, inclusive = combine(A, X, own_a, own_b)
-    return inclusive[:, :length].to(out_dtype)
+    return inclusive[:, :length]
 
 
 def _log_scan_nonnegative(log_a_cum: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -174,17 +179,22 @@ def log_space_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = N
       log-space arithmetic therefore runs in float64 whatever the input dtype.
 
     Needs ``a > 0`` (a decay ``exp(Δ A)`` always is; an ``a`` that underflowed to 0
-    is treated as the smallest positive float64).
+    is treated as the smallest positive float64). Autograd through ``log b`` at ``b = 0``
+    would give NaN; gradients come from the same scan run in reverse instead.
     """
-    a, b, h0, out_dtype = prepare_scan_inputs(a, b, h0)
-    if bool((a < 0).any()):
+    a_ = require_float_tensor("a", a)
+    if bool((a_ < 0).any()):
         raise ValueError("log_space_scan needs decays a >= 0 (state-space decays exp(ΔA) are positive); "
                          "use another scan for negative a")
+    return _run(_log_space_forward, a, b, h0)
+
+
+def _log_space_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
     work = b.dtype
     a64, b64 = a.double(), _fold_initial_state(a, b, h0).double()
     log_a_cum = torch.log(a64.clamp_min(torch.finfo(torch.float64).tiny)).cumsum(dim=1)
     h = _log_scan_nonnegative(log_a_cum, b64.clamp_min(0.0)) - _log_scan_nonnegative(log_a_cum, (-b64).clamp_min(0.0))
-    return h.to(work).to(out_dtype)
+    return h.to(work)
 
 
 def _chunked_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk_size: int | None
@@ -200,16 +210,25 @@ def _chunked_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, 
     a_chunks = a.reshape(batch, n, c, *rest)
     b_chunks = b.reshape(batch, n, c, *rest)
     # 1. each chunk's summary (P, h~), every chunk at once; one buffer, updated in place
+    # The product P of each chunk's decays, and the carry across chunks, are kept in float64: every
+    # chunk's P is rounded once and then multiplied into the state n times, so a float32 P's rounding
+    # error (the same for equal decays) would add up over the chunks instead of averaging out.
+    wide = torch.float64
     h = b_chunks[:, :, 0].clone()
+    p = a_chunks[:, :, 0].to(wide)
     for i in range(1, c):
         torch.addcmul(b_chunks[:, :, i], a_chunks[:, :, i], h, out=h)
-    p = a_chunks.prod(dim=2)  # one native reduction: the product of each chunk's decays
+        if a.dtype != wide:
+            torch.mul(p, a_chunks[:, :, i], out=p)
+    if a.dtype == wide:
+        p = a_chunks.prod(dim=2)
     # 2. the state entering each chunk
-    starts = torch.empty_like(h)
-    state = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    starts = torch.empty_like(h, dtype=wide)
+    state = torch.zeros_like(b[:, 0], dtype=wide) if h0 is None else h0.to(wide)
     for k in range(n):
         starts[:, k] = state
-        state = torch.addcmul(h[:, k], p[:, k], state)
+        state = torch.addcmul(h[:, k].to(wide), p[:, k], state)
+    starts = starts.to(b.dtype)
     # 3. the loop inside every chunk again, from its true start, written straight into the output
     out = torch.empty_like(b_chunks)
     previous = starts
@@ -219,32 +238,47 @@ def _chunked_forward(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, 
     return out.reshape(batch, n * c, *rest)[:, :length]
 
 
-class _ChunkedScanFunction(torch.autograd.Function):
-    """The chunked scan with a hand-written backward, itself a reverse scan.
+class _ScanFunction(torch.autograd.Function):
+    """A scan with a hand-written backward, itself the same scan run in reverse.
 
     With ``g_t = ∂loss/∂h_t`` from above, the total gradient of ``h_t`` obeys the
     recurrence run backwards in time, ``δ_t = g_t + a_{t+1} δ_{t+1}``; then
     ``∂loss/∂b_t = δ_t``, ``∂loss/∂a_t = δ_t h_{t−1}`` and ``∂loss/∂h0 = a_0 δ_0``.
-    Autograd through the scan's Python loops would record thousands of slice
-    operations (and cannot follow its in-place updates); this records none.
+    Autograd through a scan's Python loops would record thousands of slice
+    operations, cannot follow Blelloch's or the chunked scan's in-place updates, and
+    through the log-space scan meets ``log 0`` (where ``b = 0``) and returns NaN;
+    this records none of it. ``forward_fn(a, b, h0)`` works on validated tensors.
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,  # type: ignore[override]
-                chunk_size: int | None) -> torch.Tensor:
-        h = _chunked_forward(a, b, h0, chunk_size)
+    def forward(ctx, forward_fn, a: torch.Tensor, b: torch.Tensor,  # type: ignore[override]
+                h0: torch.Tensor | None) -> torch.Tensor:
+        h = forward_fn(a, b, h0)
         ctx.save_for_backward(a, h, h0)
-        ctx.chunk_size = chunk_size
+        ctx.forward_fn = forward_fn
         return h
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):  # type: ignore[override]
         a, h, h0 = ctx.saved_tensors
         next_a = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
-        delta = _chunked_forward(next_a.flip(1), grad_h.flip(1), None, ctx.chunk_size).flip(1)
+        delta = ctx.forward_fn(next_a.flip(1), grad_h.flip(1).contiguous(), None).flip(1)
         previous = torch.cat([(torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None]), h[:, :-1]], dim=1)
         grad_h0 = None if h0 is None else a[:, 0] * delta[:, 0]
-        return delta * previous, delta, grad_h0, None
+        return None, delta * previous, delta, grad_h0
+
+
+def _run(forward_fn, a: object, b: object, h0: object | None) -> torch.Tensor:
+    """Validate, then run ``forward_fn`` directly or, when a gradient is needed, through :class:`_ScanFunction`."""
+    a_, b_, h0_, out_dtype = prepare_scan_inputs(a, b, h0)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, h0))
+    if needs_grad:
+        h = _ScanFunction.apply(forward_fn, a_, b_, h0_)
+    else:
+        with torch.no_grad():
+            h = forward_fn(a_, b_, h0_)
+    return h.to(out_dtype)
 
 
 def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *,
@@ -267,16 +301,9 @@ def chunked_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = Non
     underflow to exactly 0 (the true value), decays near 1 keep the long memory.
     Differentiable: the backward pass is the same scan run in reverse.
     """
-    a_, b_, h0_, out_dtype = prepare_scan_inputs(a, b, h0)
     if chunk_size is not None:
         chunk_size = require_int("chunk_size", chunk_size, minimum=1)
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (a, b, h0))
-    if needs_grad:
-        h = _ChunkedScanFunction.apply(a_, b_, h0_, chunk_size)
-    else:
-        h = _chunked_forward(a_, b_, h0_, chunk_size)
-    return h.to(out_dtype)
+    return _run(functools.partial(_chunked_forward, chunk_size=chunk_size), a, b, h0)
 
 
 #: name → scan, in the order the chapter builds them.

@@ -11,6 +11,10 @@
   the past forgotten), or ``"none"``.
 
 :func:`impulse_response_figure` draws both side by side.
+
+:func:`learned_step_sizes` reads the same quantity out of a *trained* model: the ``Δ_t`` each selective
+layer chose on every token of a batch (mean over its channels), and :func:`learned_steps_figure` plots
+them for one example with the data tokens marked — selection as the trained model does it.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from labsupport.harness.validation import require_choice, require_float, require_int
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-__all__ = ["ImpulseResponseData", "impulse_response_data", "impulse_response_figure"]
+__all__ = ["ImpulseResponseData", "LearnedSteps", "impulse_response_data", "impulse_response_figure",
+           "learned_step_sizes", "learned_steps_figure"]
 
 EVENTS = ("none", "hold", "drop")
 HOLD_DELTA = 1e-4
@@ -106,4 +112,74 @@ def impulse_response_figure(data: ImpulseResponseData) -> go.Figure:
                          margin={"t": 90},
                          title=f"Memory of token 0 — LTI: exp(Δ A_n)^l with Δ = {data.delta:.3g}<br>"
                                f"<sup>selective: {words[data.event]}</sup>")
+    return figure
+
+
+@dataclass(frozen=True)
+class LearnedSteps:
+    """The step sizes a trained model chose.
+
+    Attributes:
+        tokens: ``(batch, L)`` the input tokens.
+        data: ``(batch, L)`` bool, True where the token carries data (to be remembered).
+        deltas: ``(layers, batch, L)`` each selective layer's ``Δ_t``, averaged over its channels.
+    """
+
+    tokens: torch.Tensor
+    data: torch.Tensor
+    deltas: torch.Tensor
+
+    def mean_on(self, layer: int) -> tuple[float, float]:
+        """Layer ``layer``'s mean ``Δ`` on data tokens and on the other tokens."""
+        deltas = self.deltas[layer]
+        return float(deltas[self.data].mean()), float(deltas[~self.data].mean())
+
+
+def learned_step_sizes(model: nn.Module, tokens: torch.Tensor, data: torch.Tensor) -> LearnedSteps:
+    """Run ``model`` on ``tokens`` and record every selective ``MambaMixer``'s ``Δ`` (mean over channels).
+
+    ``tokens (batch, L)`` long; ``data (batch, L)`` bool marks the tokens to be remembered. Each
+    mixer's input is caught with a forward hook and its ``step_sizes`` computed from it.
+    """
+    from labsupport.ssm.mixers import MambaMixer
+
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a (batch, L) tensor, got {getattr(tokens, 'shape', type(tokens))}")
+    if not isinstance(data, torch.Tensor) or data.shape != tokens.shape or data.dtype != torch.bool:
+        raise ValueError(f"data must be a bool tensor shaped like tokens {tuple(tokens.shape)}")
+    mixers = [m for m in model.modules() if isinstance(m, MambaMixer) and m.selective]
+    if not mixers:
+        raise ValueError("the model has no selective MambaMixer: there is no learned Δ_t to read")
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda module, args, out, i=i: inputs.__setitem__(i, args[0]))
+             for i, m in enumerate(mixers)]
+    try:
+        with torch.no_grad():
+            model(tokens)
+            deltas = torch.stack([m.step_sizes(inputs[i]).mean(-1) for i, m in enumerate(mixers)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return LearnedSteps(tokens, data, deltas)
+
+
+def learned_steps_figure(steps: LearnedSteps, example: int = 0, layer: int = 0) -> go.Figure:
+    """``Δ_t`` along one example for one layer, data tokens marked; the title gives the means by kind."""
+    import plotly.graph_objects as go
+
+    if not isinstance(steps, LearnedSteps):
+        raise TypeError(f"expected LearnedSteps, got {type(steps).__name__}")
+    example = require_int("example", example, minimum=0, maximum=steps.tokens.shape[0] - 1)
+    layer = require_int("layer", layer, minimum=0, maximum=steps.deltas.shape[0] - 1)
+    deltas, data = steps.deltas[layer, example], steps.data[example]
+    positions = torch.arange(deltas.shape[0])
+    on_data, off_data = steps.mean_on(layer)
+    figure = go.Figure()
+    figure.add_trace(go.Bar(x=positions.tolist(), y=deltas.tolist(), name="Δ_t (mean over channels)",
+                            marker={"color": ["#d62728" if d else "#9ecae1" for d in data.tolist()]},
+                            text=[str(int(t)) for t in steps.tokens[example].tolist()], textposition="outside"))
+    figure.update_layout(template="plotly_white", height=380, yaxis={"title": "learned Δ_t", "type": "log"},
+                         xaxis={"title": "position (red: a data token to remember; labels: the token)"},
+                         title=f"Layer {layer}: the step the trained S6 layer chose per token<br><sup>mean Δ on "
+                               f"data tokens {on_data:.3g}, on the rest {off_data:.3g} (this layer, whole batch)</sup>")
     return figure

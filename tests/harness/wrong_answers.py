@@ -51,6 +51,8 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.ssm.exercises", "check_combine"),
     ("labsupport.ssm.exercises", "check_selective_step"),
     ("labsupport.ssm.exercises", "check_fft_conv"),
+    ("labsupport.ssm.exercises", "check_chunked_scan"),
+    ("labsupport.ssm.exercises", "check_ssd_chunked"),
     ("labsupport.moe.exercises", "check_top_k_router"),
     ("labsupport.moe.exercises", "check_load_balancing_loss"),
     ("labsupport.moe.exercises", "check_capacity_keep"),
@@ -447,6 +449,95 @@ def _token_order_capacity(experts, n_experts, capacity):
                 used[e] += 1
                 keep[t, j] = True
     return keep
+# chapter 04: the shortcuts its exercises teach against
+
+
+def _direct_conv(u, kernel):
+    """A direct causal convolution (conv1d), handed in as the FFT one."""
+    import torch.nn.functional as F
+    length, channels = u.shape[1], u.shape[2]
+    padded = F.pad(u.transpose(1, 2), (length - 1, 0))
+    return F.conv1d(padded, kernel.flip(-1)[:, None, :], groups=channels).transpose(1, 2)
+
+
+def _direct_conv_with_a_decoy_fft(u, kernel):
+    """The direct convolution through an L × L matrix of lags, with an FFT computed and thrown away."""
+    torch.fft.rfft(u.transpose(1, 2))
+    lags = torch.arange(u.shape[1])[:, None] - torch.arange(u.shape[1])[None, :]
+    toeplitz = torch.where(lags >= 0, kernel[:, lags.clamp(min=0)], torch.zeros((), dtype=kernel.dtype))
+    return torch.einsum("dts,bsd->btd", toeplitz, u)
+
+
+def _circular_fft_conv(u, kernel):
+    """The FFT convolution without padding: circular, so the end wraps into the start."""
+    length = u.shape[1]
+    spectrum = torch.fft.rfft(u.transpose(1, 2), n=length) * torch.fft.rfft(kernel, n=length)
+    return torch.fft.irfft(spectrum, n=length).transpose(1, 2)
+
+
+def _scan_loop(a, b, h0, chunk_size):
+    """The sequential loop handed in as the chunked scan."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0
+    out = []
+    for t in range(b.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def _scan_closed_form(a, b, h0, chunk_size):
+    """h = P · cumsum(b / P) with P = cumprod(a): one line, and 0/0 once P underflows."""
+    P = torch.cumprod(a, dim=1)
+    h = P * torch.cumsum(b / P, dim=1)
+    return h if h0 is None else h + P * h0[:, None]
+
+
+def _scan_chunked_without_h0(a, b, h0, chunk_size):
+    """The library's chunked scan that forgets the initial state."""
+    from labsupport.ssm.scans import chunked_scan
+    return chunked_scan(a, b, None, chunk_size=chunk_size)
+
+
+def _ssd_quadratic_answer(x, dt, A, B, C, chunk_size):
+    """The whole L × L masked matrix in place of the chunked algorithm."""
+    from labsupport.ssm.reference import ssd_quadratic, ssd_recurrent
+    return ssd_quadratic(x, dt, A, B, C), ssd_recurrent(x, dt, A, B, C)[1]
+
+
+def _ssd_chunked_by_differences(x, dt, A, B, C, chunk_size):
+    """The chunked SSD with every decay a difference of cumulative sums (what the library did before issue 19)."""
+    batch, length, heads, p = x.shape
+    q = chunk_size
+    pad = -length % q
+    if pad:
+        x, dt, B, C = (torch.cat([t, t.new_zeros(batch, pad, *t.shape[2:])], dim=1) for t in (x, dt, B, C))
+    n = x.shape[1] // q
+
+    def chunks(t):
+        return t.reshape(batch, n, q, heads, *t.shape[3:]).movedim(3, 1)
+
+    xc, bc, cc, log_a = chunks(dt[..., None] * x), chunks(B), chunks(C), chunks(dt * A)
+    within = log_a.cumsum(-1)
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    segments = (within[..., :, None] - within[..., None, :]).masked_fill(~causal, -math.inf)
+    y_intra = ((cc @ bc.transpose(-1, -2)) * torch.exp(segments)) @ xc
+    chunk_states = (bc * torch.exp(within[..., -1:] - within)[..., None]).transpose(-1, -2) @ xc
+    state = x.new_zeros(batch, heads, B.shape[-1], p)
+    entering = []
+    for k in range(n):
+        entering.append(state)
+        state = torch.exp(within[..., k, -1])[..., None, None] * state + chunk_states[:, :, k]
+    y_inter = (cc * torch.exp(within)[..., None]) @ torch.stack(entering, dim=2)
+    return (y_intra + y_inter).movedim(1, 3).reshape(batch, n * q, heads, p)[:, :length], state
+
+
+def _ssd_state_not_carried(x, dt, A, B, C, chunk_size):
+    """Each chunk computed alone (step 1 only): no state passes between chunks."""
+    from labsupport.ssm.reference import ssd_quadratic
+    ys = [ssd_quadratic(x[:, s:s + chunk_size], dt[:, s:s + chunk_size], A, B[:, s:s + chunk_size],
+                        C[:, s:s + chunk_size]) for s in range(0, x.shape[1], chunk_size)]
+    from labsupport.ssm.reference import ssd_recurrent
+    return torch.cat(ys, dim=1), ssd_recurrent(x, dt, A, B, C)[1]
 
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
@@ -468,6 +559,14 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                            ("step proportional to the overload", _bias_by_overload),
                            ("selection never sees the bias", _bias_weighted_selection_once)],
     "check_capacity_keep": [("token order instead of choice order", _token_order_capacity)],
+    "check_fft_conv": [("direct convolution (conv1d)", _direct_conv),
+                       ("direct convolution, decoy FFT", _direct_conv_with_a_decoy_fft),
+                       ("circular (no padding)", _circular_fft_conv)],
+    "check_chunked_scan": [("sequential loop", _scan_loop), ("cumprod closed form", _scan_closed_form),
+                           ("h0 ignored", _scan_chunked_without_h0)],
+    "check_ssd_chunked": [("whole L x L matrix", _ssd_quadratic_answer),
+                          ("decays as differences of cumsums", _ssd_chunked_by_differences),
+                          ("no state between chunks", _ssd_state_not_carried)],
 }
 
 

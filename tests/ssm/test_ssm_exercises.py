@@ -94,3 +94,49 @@ def test_fft_conv_rejects_circular_convolution() -> None:
 
     assert not ssm.check_fft_conv(circular)
     assert not ssm.check_fft_conv(off_by_one)
+
+
+# ----------------------------------------------------------------------- issue 19: the checkers refuse the shortcuts
+
+
+def _wrong_answers():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    if "_wrong_answers_ch04" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "harness" / "wrong_answers.py"
+        spec = importlib.util.spec_from_file_location("_wrong_answers_ch04", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_wrong_answers_ch04"]
+
+
+def _wrong(name: str):
+    return getattr(_wrong_answers(), name)
+
+
+def _passes(checker, fn) -> bool:
+    return _wrong_answers().run_checker(checker, fn)   # strict mode off: a failure returns False
+
+
+def test_fft_checker_refuses_a_direct_convolution() -> None:
+    from labsupport.ssm import check_fft_conv, fft_causal_conv
+    assert check_fft_conv(fft_causal_conv)
+    assert not _passes(check_fft_conv, _wrong("_direct_conv"))
+    assert not _passes(check_fft_conv, _wrong("_direct_conv_with_a_decoy_fft"))
+    assert not _passes(check_fft_conv, _wrong("_circular_fft_conv"))
+
+
+def test_chunked_scan_checker_refuses_the_loop_and_the_closed_form() -> None:
+    from labsupport.ssm import check_chunked_scan, chunked_scan
+    assert check_chunked_scan(lambda a, b, h0, chunk_size: chunked_scan(a, b, h0, chunk_size=chunk_size))
+    assert not _passes(check_chunked_scan, _wrong("_scan_loop"))
+    assert not _passes(check_chunked_scan, _wrong("_scan_closed_form"))
+
+
+def test_ssd_checker_refuses_the_whole_matrix_and_cancelling_decays() -> None:
+    from labsupport.ssm import check_ssd_chunked, ssd_chunked
+    assert check_ssd_chunked(lambda x, dt, A, B, C, chunk_size: ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size))
+    assert not _passes(check_ssd_chunked, _wrong("_ssd_quadratic_answer"))
+    assert not _passes(check_ssd_chunked, _wrong("_ssd_chunked_by_differences"))

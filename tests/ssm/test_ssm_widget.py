@@ -45,3 +45,28 @@ def test_figure_and_bad_input() -> None:
         impulse_response_data(0.05, event_at=64, length=64)
     with pytest.raises(TypeError, match="ImpulseResponseData"):
         impulse_response_figure(None)
+
+
+def test_learned_step_sizes_of_a_tiny_selective_model() -> None:
+    import pytest
+    from labsupport.lm.model import TinyLM
+    from labsupport.ssm import learned_step_sizes, learned_steps_figure, mamba_mixer
+
+    torch.manual_seed(0)
+    model = TinyLM(8, d_model=16, n_layers=2, max_len=12, channel_mixer=None, positional="none",
+                   sequence_mixer=mamba_mixer(4))
+    tokens = torch.randint(0, 8, (3, 12))
+    data = tokens >= 2
+    steps = learned_step_sizes(model, tokens, data)
+    assert steps.deltas.shape == (2, 3, 12) and bool((steps.deltas > 0).all())
+    mixer = model.blocks[0].mixer
+    assert float(steps.deltas[0].min()) > 0 and len(steps.mean_on(1)) == 2
+    learned_steps_figure(steps, example=2, layer=1)
+    with pytest.raises(ValueError):
+        learned_step_sizes(model, tokens, data[:, :5])
+    lti = TinyLM(8, d_model=16, n_layers=1, max_len=12, channel_mixer=None, positional="none",
+                 sequence_mixer=mamba_mixer(4, selective=False))
+    with pytest.raises(ValueError):
+        learned_step_sizes(lti, tokens, data)
+    with pytest.raises(ValueError):
+        mixer.step_sizes(torch.randn(2, 5, 3))
