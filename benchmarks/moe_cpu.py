@@ -11,7 +11,12 @@ Prints three tables (one torch thread, minimum of several calls):
 2. the MoE layer (8 experts, top-2, expert width h) against a dense FFN of width 2h, the same active
    parameters and FLOPs per token, forward and forward+backward;
 3. expert parallelism on gloo (127.0.0.1): bytes each rank sends, all-to-all time against expert compute
-   time, for 2 and 4 processes.
+   time, for 2 and 4 processes;
+4. the time cost of imbalance: the same 2-process layer with a router skewed towards rank 0's experts;
+5. fine-grained experts: 8 × h top-2 against 32 × h/4 top-8 and 64 × h/8 top-16 (same active width).
+
+Table 2 runs at T = 2048 (the notebook's largest size) and T = 4096, so the notebook's ratio can be read
+against both.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from labsupport.harness.costs import expert_parallel_bytes, format_bytes, moe_pa
 from labsupport.harness.measuring import time_callable
 from labsupport.harness.settings import seed_everything
 from labsupport.lm.layers import MLP
+import copy
+
 from labsupport.moe import MoELayer, moe_loop, moe_sorted
 from labsupport.moe.parallel import run_expert_parallel
 
@@ -92,6 +99,39 @@ def parallel_table(tokens: int, d: int, experts: int, k: int, hidden: int, world
         print(f"| {world} | {format_bytes(sent)} | {format_bytes(formula)} | {1e3 * comm:.1f} | {1e3 * compute:.1f} |")
 
 
+def imbalance_table(tokens: int, d: int, experts: int, k: int, hidden: int) -> None:
+    seed_everything(0)
+    balanced = MoELayer(d, experts, k, hidden, balance="none").eval()
+    skewed = copy.deepcopy(balanced)
+    with torch.no_grad():
+        skewed.router.weight[: experts // 2] += 0.04
+    plain = [torch.randn(tokens, d, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    print(f"\n## imbalance on gloo, 2 ranks, {tokens} tokens per rank, d={d}, E={experts}, top-{k}")
+    print("| router | share of assignments on rank 0 / 1 | compute ms rank 0 / 1 | slowest rank ms |\n|---|---|---|---|")
+    for name, layer, inputs in (("balanced", balanced, plain), ("skewed", skewed, [x + 0.5 for x in plain])):
+        with torch.no_grad():
+            counts = sum(torch.bincount(layer.route(x)[0].experts.flatten(), minlength=experts) for x in inputs)
+        share = counts.view(2, -1).sum(1).double() / counts.sum()
+        run = run_expert_parallel(layer, inputs, repeats=5)
+        compute = [s["compute_seconds"] for s in run.stats]
+        print(f"| {name} | {share[0]:.2f} / {share[1]:.2f} | {1e3 * compute[0]:.1f} / {1e3 * compute[1]:.1f} | "
+              f"{1e3 * max(compute):.1f} |")
+
+
+def fine_grained_table(tokens: int, d: int, hidden: int) -> None:
+    x = torch.randn(1, tokens, d)
+    print(f"\n## fine-grained experts, T={tokens}, d={d}, same active width {2 * hidden}, forward")
+    print("| experts | width | top-k | ms | vs 8 experts |\n|---|---|---|---|---|")
+    base = None
+    for experts, k in ((8, 2), (32, 8), (64, 16)):
+        seed_everything(0)
+        layer = MoELayer(d, experts, k, 2 * hidden // k, balance="none").eval()
+        with torch.no_grad():
+            seconds = time_callable(lambda: layer(x), repeats=7)
+        base = base or seconds
+        print(f"| {experts} | {2 * hidden // k} | {k} | {1e3 * seconds:.2f} | {seconds / base:.2f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
@@ -100,8 +140,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, 1 thread")
     tokens = 1024 if args.quick else 4096
     dispatch_table(tokens, 256, 8, 2, 512)
-    layer_table(tokens, 256, 8, 2, 512)
+    for size in ([tokens] if args.quick else [2048, 4096]):
+        layer_table(size, 256, 8, 2, 512)
     parallel_table(tokens, 256, 8, 2, 512, [2] if args.quick else [2, 4])
+    imbalance_table(tokens, 256, 8, 2, 512)
+    fine_grained_table(tokens // 4, 128, 256)
 
 
 if __name__ == "__main__":

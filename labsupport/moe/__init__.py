@@ -7,6 +7,7 @@
 * :mod:`~labsupport.moe.layer` — :class:`MoELayer`, an ``lm`` channel mixer, and :func:`moe_mixer`.
 * :mod:`~labsupport.moe.parallel` — expert parallelism over ``torch.distributed`` (gloo, all-to-all).
 * :mod:`~labsupport.moe.widget` — expert load over training, tokens dropped, characters per expert.
+* :mod:`~labsupport.moe.quality` — a lookup-table task that rewards feed-forward capacity.
 * :mod:`~labsupport.moe.exercises` — the chapter's checkers.
 """
 

@@ -263,6 +263,9 @@ class MoELayer(nn.Module):
         if self.entropy_weight > 0:
             losses["router_entropy"] = self.entropy_weight * router_entropy(logits)
         self.last_router_logits = logits.detach()
+        with torch.no_grad():  # how large the router's logits grow (what the z-loss holds down)
+            self._metrics["router_logit_rms"] = float(logits.float().square().mean().sqrt())
+            self._metrics["router_z"] = float(router_z_loss(logits))
         if self.shared is not None:
             out = out + self.shared(tokens)
         self._losses = losses
@@ -274,7 +277,7 @@ class MoELayer(nn.Module):
 
     def training_metrics(self) -> dict[str, float | list[float]]:
         """Assignments sent to each expert (before dropping), the budget ``T·k``, the dropped fraction,
-        and the mean number of experts actually run per token."""
+        the mean number of experts actually run per token, and the router logits' RMS and z-loss value."""
         return dict(self._metrics)
 
     def extra_repr(self) -> str:
