@@ -67,6 +67,10 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.moe.exercises", "check_gate_top_k"),
     ("labsupport.moe.exercises", "check_sequence_balance_loss"),
     ("labsupport.moe.exercises", "check_bias_balance"),
+    ("labsupport.hybrid.exercises", "check_pattern_builder"),
+    ("labsupport.hybrid.exercises", "check_hybrid_bytes_per_token"),
+    ("labsupport.hybrid.exercises", "check_pareto_front"),
+    ("labsupport.hybrid.exercises", "check_register_gqa"),
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -538,6 +542,61 @@ def _ssd_state_not_carried(x, dt, A, B, C, chunk_size):
                         C[:, s:s + chunk_size]) for s in range(0, x.shape[1], chunk_size)]
     from labsupport.ssm.reference import ssd_recurrent
     return torch.cat(ys, dim=1), ssd_recurrent(x, dt, A, B, C)[1]
+# chapter 07: the hybrid exercises' usual mistakes
+
+
+def _builder_first_letter_only(pattern, legend):
+    return lambda d, i: legend[pattern[0]](d, i)
+
+
+def _builder_no_repeat(pattern, legend):
+    return lambda d, i: legend[pattern[i]](d, i)
+
+
+def _builder_pattern_position(pattern, legend):
+    return lambda d, i: legend[pattern[i % len(pattern)]](d, i % len(pattern))
+
+
+def _builder_reversed(pattern, legend):
+    return lambda d, i: legend[pattern[::-1][i % len(pattern)]](d, i)
+
+
+def _bytes_with(window_rule: str, per_token: bool = True, with_bytes: bool = True):
+    def wrong(layers, context, bytes_per_element):
+        total = 0
+        for kind, *sizes in layers:
+            if kind == "attention":
+                total += sizes[0] * context
+            elif kind == "window":
+                total += sizes[0] * {"full_window": sizes[1], "context": context,
+                                     "right": min(context, sizes[1])}[window_rule]
+            elif kind == "ssm":
+                total += sizes[0] * sizes[1]
+            else:
+                total += sizes[0] * sizes[1] * sizes[2]
+        total *= bytes_per_element if with_bytes else 1
+        return total / context if per_token else float(total)
+    return wrong
+
+
+def _pareto_drops_duplicates(costs, scores):
+    dominated = (costs[None, :] <= costs[:, None]) & (scores[None, :] >= scores[:, None])
+    dominated &= ~torch.eye(len(costs), dtype=torch.bool)
+    return ~dominated.any(dim=1)
+
+
+def _pareto_strict_on_both(costs, scores):
+    return ~((costs[None, :] < costs[:, None]) & (scores[None, :] > scores[:, None])).any(dim=1)
+
+
+def _register_with(formula):
+    def wrong(n_kv_heads):
+        from labsupport.grouped.mixers import GroupedQueryAttention
+        from labsupport.hybrid import registry
+        return registry.register(f"my_gqa_{n_kv_heads}", lambda d, i: GroupedQueryAttention(d, 4, n_kv_heads),
+                                 family="mine", state_numbers=lambda c, d: formula(c, d, n_kv_heads),
+                                 replace_existing=True)
+    return wrong
 
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
@@ -567,6 +626,21 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_ssd_chunked": [("whole L x L matrix", _ssd_quadratic_answer),
                           ("decays as differences of cumsums", _ssd_chunked_by_differences),
                           ("no state between chunks", _ssd_state_not_carried)],
+    "check_pattern_builder": [("first letter only", _builder_first_letter_only),
+                              ("short pattern not repeated", _builder_no_repeat),
+                              ("position in the pattern as layer index", _builder_pattern_position),
+                              ("pattern reversed", _builder_reversed)],
+    "check_hybrid_bytes_per_token": [("window charged in full", _bytes_with("full_window")),
+                                     ("window charged the context", _bytes_with("context")),
+                                     ("total, not per token", _bytes_with("right", per_token=False)),
+                                     ("no bytes per element", _bytes_with("right", with_bytes=False))],
+    "check_pareto_front": [("duplicates dropped", _pareto_drops_duplicates),
+                           ("strict on both axes", _pareto_strict_on_both)],
+    "check_register_gqa": [("query heads counted", _register_with(lambda c, d, g: 2 * 4 * (d // 4) * c)),
+                           ("no factor 2", _register_with(lambda c, d, g: g * (d // 4) * c)),
+                           ("constant state", _register_with(lambda c, d, g: 2 * g * (d // 4))),
+                           ("returns nothing", lambda g: _register_with(lambda c, d, h: 2 * h * (d // 4) * c)(g)
+                            and None)],
 }
 
 
