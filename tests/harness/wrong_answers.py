@@ -71,6 +71,12 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.hybrid.exercises", "check_hybrid_bytes_per_token"),
     ("labsupport.hybrid.exercises", "check_pareto_front"),
     ("labsupport.hybrid.exercises", "check_register_gqa"),
+    ("labsupport.multimodal.exercises", "check_patches_of"),
+    ("labsupport.multimodal.exercises", "check_image_of"),
+    ("labsupport.multimodal.exercises", "check_snake_scan"),
+    ("labsupport.multimodal.exercises", "check_invert"),
+    ("labsupport.multimodal.exercises", "check_merge_step"),
+    ("labsupport.multimodal.exercises", "check_fastv_keep_set"),
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -597,6 +603,76 @@ def _register_with(formula):
                                  family="mine", state_numbers=lambda c, d: formula(c, d, n_kv_heads),
                                  replace_existing=True)
     return wrong
+def _strip_patches(images, patch):
+    """Chapter 09's tempting shortcut: a reshape, which cuts strips of rows instead of p×p squares."""
+    b, c, h, w = images.shape
+    return images.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def _channels_last_patches(images, patch):
+    """Patches with their pixels laid out (p, p, C) instead of (C, p, p)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def _strip_image(patches, patch, height, width):
+    b, _, dim = patches.shape
+    return patches.reshape(b, dim // (patch * patch), height, width)
+
+
+def _even_rows_reversed(height, width):
+    grid = torch.arange(height * width).view(height, width).clone()
+    grid[0::2] = grid[0::2].flip(-1)
+    return grid.reshape(-1)
+
+
+def _snake_swapped(height, width):
+    grid = torch.arange(height * width).view(width, height).clone()
+    grid[1::2] = grid[1::2].flip(-1)
+    return grid.reshape(-1)
+
+
+def _invert_returns_perm(perm):
+    return perm.clone()
+
+
+def _merge_unweighted(x, size, metric, r):
+    from labsupport.multimodal.merging import bipartite_matches, merge_tokens
+    src, dst = bipartite_matches(metric[None], r)
+    out, new_size = merge_tokens(x[None], torch.ones_like(size)[None], src, dst)
+    return out[0], (size[None].scatter_add(1, dst, size[None].gather(1, src)))[0][_survivors(len(x), src[0])]
+
+
+def _survivors(n, src):
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[src] = False
+    return keep
+
+
+def _merge_dot_product(x, size, metric, r):
+    from labsupport.multimodal.merging import merge_tokens
+    scores = metric[0::2] @ metric[1::2].T
+    best, partner = scores.max(dim=-1)
+    order = best.argsort(descending=True)[:r]
+    src, dst = (2 * order)[None], (2 * partner[order] + 1)[None]
+    out, new_size = merge_tokens(x[None], size[None], src, dst)
+    return out[0], new_size[0]
+
+
+def _keep_by_rows(attn, image_start, image_end, keep):
+    given = attn.mean(0).mean(-1)[image_start:image_end]
+    return given.topk(keep).indices.sort().values + image_start
+
+
+def _keep_last_query(attn, image_start, image_end, keep):
+    received = attn.mean(0)[-1, image_start:image_end]
+    return received.topk(keep).indices.sort().values + image_start
+
+
+def _keep_by_rank(attn, image_start, image_end, keep):
+    received = attn.mean(0).mean(0)[image_start:image_end]
+    return received.topk(keep).indices + image_start
 
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
@@ -641,6 +717,13 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                            ("constant state", _register_with(lambda c, d, g: 2 * g * (d // 4))),
                            ("returns nothing", lambda g: _register_with(lambda c, d, h: 2 * h * (d // 4) * c)(g)
                             and None)],
+    "check_patches_of": [("reshape into strips", _strip_patches), ("pixels (p, p, C)", _channels_last_patches)],
+    "check_image_of": [("reshape from strips", _strip_image)],
+    "check_snake_scan": [("even rows reversed", _even_rows_reversed), ("height and width swapped", _snake_swapped)],
+    "check_invert": [("the permutation itself", _invert_returns_perm)],
+    "check_merge_step": [("unweighted mean", _merge_unweighted), ("dot product, not cosine", _merge_dot_product)],
+    "check_fastv_keep_set": [("attention given (rows)", _keep_by_rows), ("last query only", _keep_last_query),
+                             ("ordered by rank", _keep_by_rank)],
 }
 
 
@@ -682,6 +765,10 @@ def main() -> None:
     early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe", "labsupport.sparse"))]
     later = [c for c in CHECKERS if c not in early]
     for label, group in (("chapters 00-03", early), ("chapters 04, 05 and 06", later)):
+    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe", "labsupport.multimodal"))]
+    multimodal = [c for c in CHECKERS if c[0].startswith("labsupport.multimodal")]
+    later = [c for c in CHECKERS if c not in early and c not in multimodal]
+    for label, group in (("chapters 00-03", early), ("chapters 04 and 06", later), ("chapter 09", multimodal)):
         passed, total, lines = count(checkers=group)
         for line in lines:
             print(line)
