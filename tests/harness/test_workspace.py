@@ -137,3 +137,27 @@ def test_bin_lab_makes_the_workspace_keeps_edits_adds_chapters_and_git_ignores_i
     assert "my-notebooks" not in status.stdout
 
     assert "instructor edition" in run_lab(course_clone, "--instructor")
+
+
+def test_bin_lab_starts_jupyterlab_without_the_news_pop_up_or_an_update_check(course_clone) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COURSE_LAB_DRY_RUN": "1"}
+    env.pop("COURSE_VENV", None)
+    env.pop("COURSE_WORKSPACE", None)
+    done = subprocess.run(["bash", str(course_clone / "bin" / "lab"), "--no-browser", "--port", "8899"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    command = done.stdout.splitlines()
+    settings = course_clone / "bin" / "lab-settings"
+    assert f"--LabApp.app_settings_dir={settings}" in command
+    assert "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate" in command
+    own = command.index("--no-browser")  # the learner's own arguments come after the course's, and win
+    assert command[own:own + 3] == ["--no-browser", "--port", "8899"] and own > command.index(
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate")
+    overrides = json.loads((settings / "overrides.json").read_text())
+    notification = overrides["@jupyterlab/apputils-extension:notification"]
+    assert notification == {"fetchNews": "false", "checkForUpdates": False}
+    schema_dir = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas" / "@jupyterlab" / "apputils-extension"
+    if (schema_dir / "notification.json").is_file():  # the names must be the installed JupyterLab's own
+        schema = json.loads((schema_dir / "notification.json").read_text())
+        assert {"fetchNews", "checkForUpdates"} <= set(schema["properties"])
+        assert "false" in [choice["const"] for choice in schema["properties"]["fetchNews"]["oneOf"]]
