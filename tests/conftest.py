@@ -7,6 +7,7 @@ elsewhere, with the working directory ``notebooks/`` as when a reader opens it.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,15 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Triton's kernels run on the CPU through its interpreter unless a GPU is present. Set here, before any test module
+# is imported: some course modules import torch's FLOP counter, which imports Triton, and Triton reads
+# TRITON_INTERPRET only at its first import (a test file's own setdefault would come too late).
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 NOTEBOOKS_DIR = REPO / "notebooks"
 CELL_TIMEOUT_S = 300
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
