@@ -25,7 +25,7 @@ from labsupport.ssm.exercises import (
 )
 from labsupport.ssm.fused import fused_selective_scan, selective_scan_traffic
 from labsupport.ssm.mixers import MambaMixer, mamba_mixer
-from labsupport.ssm.native import native_scan, native_scan_available
+from labsupport.ssm.native import native_scan, native_scan_available, native_selective_scan
 from labsupport.ssm.reference import (
     bilinear,
     exact_response,
@@ -62,6 +62,6 @@ __all__ = [
     "SCANS", "ImpulseResponseData", "LearnedSteps", "MambaMixer", "learned_step_sizes", "learned_steps_figure", "bilinear", "blelloch_scan", "check_combine", "check_fft_conv",
     "check_chunked_scan", "check_selective_step", "check_ssd_chunked", "check_zoh", "chunked_scan", "combine", "exact_response",
     "fft_causal_conv", "fused_selective_scan", "selective_scan_traffic", "hillis_steele_scan", "impulse_response_data", "impulse_response_figure", "log_space_scan",
-    "lti_recurrence", "mamba_mixer", "native_scan", "native_scan_available", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
+    "lti_recurrence", "mamba_mixer", "native_scan", "native_scan_available", "native_selective_scan", "s4d_init", "selective_scan", "selective_step", "sequential_scan",
     "ssd_chunked", "ssd_quadratic", "ssd_recurrent", "ssm_kernel", "zoh",
 ]

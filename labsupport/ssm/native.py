@@ -7,8 +7,11 @@ Python's per-operation overhead, not by arithmetic. The eager scans in
 operations (≈ 2–5 µs each), and :func:`~labsupport.ssm.scans.chunked_scan`
 reads ``a`` and ``b`` twice through strided slices. This kernel is the same
 loop with the positions walked in C++: it reads ``a`` and ``b`` once and writes
-``h`` once — the least any scan can move — which is what Mamba's fused CUDA
-kernel does on a GPU (it keeps the state in registers and never writes it out).
+``h`` once — the least a scan *of expanded* ``(a, b)`` can move. Mamba's CUDA kernel
+goes further: it never builds ``a`` and ``b`` at all. :func:`native_selective_scan`
+does the same on a CPU: from ``(u, Δ, A, B, C)`` it keeps one channel's ``N`` state
+numbers in a small buffer, computes ``exp(Δ A)`` and ``Δ B u`` on the fly, and writes
+only ``y`` and the last state.
 
 It is built on first use with :func:`torch.utils.cpp_extension.load_inline`
 (a C++ compiler and ``ninja`` are needed; the build takes about a minute and is
@@ -27,10 +30,13 @@ import torch
 
 from labsupport.ssm.scans import prepare_scan_inputs
 
-__all__ = ["native_scan", "native_scan_available"]
+__all__ = ["native_scan", "native_scan_available", "native_selective_scan"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 template <typename scalar_t>
 static void scan_kernel(const scalar_t* a, const scalar_t* b, const scalar_t* h0, scalar_t* out,
@@ -49,6 +55,46 @@ static void scan_kernel(const scalar_t* a, const scalar_t* b, const scalar_t* h0
       for (int64_t j = 0; j < width; ++j) ot[j] = at[j] * previous[j] + bt[j];
     }
   }
+}
+
+template <typename scalar_t>
+static void selective_kernel(const scalar_t* u, const scalar_t* delta, const scalar_t* A, const scalar_t* B,
+                             const scalar_t* C, scalar_t* y, scalar_t* last, int64_t batch, int64_t length,
+                             int64_t channels, int64_t n_state) {
+  std::vector<scalar_t> h(n_state);
+  for (int64_t i = 0; i < batch; ++i) {
+    for (int64_t d = 0; d < channels; ++d) {
+      const scalar_t* a_row = A + d * n_state;
+      std::fill(h.begin(), h.end(), scalar_t(0));
+      for (int64_t t = 0; t < length; ++t) {
+        const int64_t bt = i * length + t;
+        const scalar_t dt = delta[bt * channels + d];
+        const scalar_t dtu = dt * u[bt * channels + d];
+        const scalar_t* b_t = B + bt * n_state;
+        const scalar_t* c_t = C + bt * n_state;
+        scalar_t out = 0;
+        for (int64_t n = 0; n < n_state; ++n) {
+          h[n] = std::exp(dt * a_row[n]) * h[n] + dtu * b_t[n];
+          out += c_t[n] * h[n];
+        }
+        y[bt * channels + d] = out;
+      }
+      for (int64_t n = 0; n < n_state; ++n) last[(i * channels + d) * n_state + n] = h[n];
+    }
+  }
+}
+
+std::vector<torch::Tensor> fused_selective(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                           torch::Tensor C) {
+  auto y = torch::empty_like(u);
+  const int64_t batch = u.size(0), length = u.size(1), channels = u.size(2), n_state = A.size(1);
+  auto last = torch::empty({batch, channels, n_state}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "fused_selective", [&] {
+    selective_kernel<scalar_t>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                               B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                               last.data_ptr<scalar_t>(), batch, length, channels, n_state);
+  });
+  return {y, last};
 }
 
 torch::Tensor fused_scan(torch::Tensor a, torch::Tensor b, c10::optional<torch::Tensor> h0) {
@@ -85,7 +131,7 @@ def _extension() -> ModuleType:
                            "Use labsupport.ssm.chunked_scan instead (pure PyTorch).")
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline("labsupport_ssm_fused_scan", cpp_sources=_SOURCE, functions=["fused_scan"],
+    return load_inline("labsupport_ssm_fused_scan_v2", cpp_sources=_SOURCE, functions=["fused_scan", "fused_selective"],
                        extra_cflags=["-O3"], verbose=False)
 
 
@@ -105,3 +151,29 @@ def native_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     h = _extension().fused_scan(a_.contiguous(), b_.contiguous(),
                                 None if h0_ is None else h0_.contiguous())
     return h.to(out_dtype)
+
+
+def native_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's selective SSM from ``(u, Δ, A, B, C)`` in compiled code, never expanding to ``(batch, L, D, N)``.
+
+    Same contract as :func:`labsupport.ssm.reference.selective_scan` without ``h0``: ``u, delta
+    (batch, L, D)``, ``A (D, N)``, ``B, C (batch, L, N)``, ``D (D,)`` or ``None`` → ``(y, last state)``.
+    Float32 or float64, CPU, forward only.
+    """
+    from labsupport.ssm.reference import _check_selective
+
+    _check_selective(u, delta, A, B, C)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
+        raise RuntimeError("native_selective_scan has no backward pass; use fused_selective_scan or selective_scan "
+                           "to train (or call it under torch.no_grad())")
+    dtype = u.dtype
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in (delta, A, B, C)):
+        raise TypeError(f"native_selective_scan needs u, delta, A, B, C of one dtype, float32 or float64; got "
+                        f"{[str(t.dtype) for t in (u, delta, A, B, C)]}")
+    if u.device.type != "cpu":
+        raise ValueError(f"native_selective_scan runs on the CPU; got tensors on {u.device}")
+    y, last = _extension().fused_selective(*(t.contiguous() for t in (u, delta, A, B, C)))
+    if D is not None:
+        y = y + D * u
+    return y, last

@@ -123,11 +123,23 @@ class LearnedSteps:
         tokens: ``(batch, L)`` the input tokens.
         data: ``(batch, L)`` bool, True where the token carries data (to be remembered).
         deltas: ``(layers, batch, L)`` each selective layer's ``Δ_t``, averaged over its channels.
+        per_channel: ``(layers, batch, L, channels)`` every channel's ``Δ_t``.
     """
 
     tokens: torch.Tensor
     data: torch.Tensor
     deltas: torch.Tensor
+    per_channel: torch.Tensor
+
+    def channel_ratios(self, layer: int) -> torch.Tensor:
+        """``(channels,)`` each channel's mean ``Δ`` on data tokens over its mean ``Δ`` on the rest."""
+        deltas = self.per_channel[layer]
+        return deltas[self.data].mean(0) / deltas[~self.data].mean(0)
+
+    def most_selective(self, layer: int, k: int = 8) -> torch.Tensor:
+        """The ``k`` channels of ``layer`` whose data/rest ratio of mean ``Δ`` is furthest from 1 (either way)."""
+        k = require_int("k", k, minimum=1, maximum=self.per_channel.shape[-1])
+        return self.channel_ratios(layer).log().abs().topk(k).indices
 
     def mean_on(self, layer: int) -> tuple[float, float]:
         """Layer ``layer``'s mean ``Δ`` on data tokens and on the other tokens."""
@@ -156,15 +168,16 @@ def learned_step_sizes(model: nn.Module, tokens: torch.Tensor, data: torch.Tenso
     try:
         with torch.no_grad():
             model(tokens)
-            deltas = torch.stack([m.step_sizes(inputs[i]).mean(-1) for i, m in enumerate(mixers)])
+            per_channel = torch.stack([m.step_sizes(inputs[i]) for i, m in enumerate(mixers)])
     finally:
         for hook in hooks:
             hook.remove()
-    return LearnedSteps(tokens, data, deltas)
+    return LearnedSteps(tokens, data, per_channel.mean(-1), per_channel)
 
 
-def learned_steps_figure(steps: LearnedSteps, example: int = 0, layer: int = 0) -> go.Figure:
-    """``Δ_t`` along one example for one layer, data tokens marked; the title gives the means by kind."""
+def learned_steps_figure(steps: LearnedSteps, example: int = 0, layer: int = 0, top: int = 8) -> go.Figure:
+    """``Δ_t`` along one example for one layer, data tokens marked: the mean over all channels (bars) and over
+    the ``top`` most selective channels (line); the title gives the means by kind of token."""
     import plotly.graph_objects as go
 
     if not isinstance(steps, LearnedSteps):
@@ -174,12 +187,18 @@ def learned_steps_figure(steps: LearnedSteps, example: int = 0, layer: int = 0) 
     deltas, data = steps.deltas[layer, example], steps.data[example]
     positions = torch.arange(deltas.shape[0])
     on_data, off_data = steps.mean_on(layer)
+    chosen = steps.most_selective(layer, min(top, steps.per_channel.shape[-1]))
     figure = go.Figure()
     figure.add_trace(go.Bar(x=positions.tolist(), y=deltas.tolist(), name="Δ_t (mean over channels)",
                             marker={"color": ["#d62728" if d else "#9ecae1" for d in data.tolist()]},
                             text=[str(int(t)) for t in steps.tokens[example].tolist()], textposition="outside"))
+    figure.add_trace(go.Scatter(x=positions.tolist(),
+                                y=steps.per_channel[layer, example][:, chosen].mean(-1).tolist(),
+                                mode="lines+markers", line={"color": "black"},
+                                name=f"Δ_t (mean over the {len(chosen)} most selective channels)"))
     figure.update_layout(template="plotly_white", height=380, yaxis={"title": "learned Δ_t", "type": "log"},
                          xaxis={"title": "position (red: a data token to remember; labels: the token)"},
+                         legend={"orientation": "h", "y": -0.3},
                          title=f"Layer {layer}: the step the trained S6 layer chose per token<br><sup>mean Δ on "
                                f"data tokens {on_data:.3g}, on the rest {off_data:.3g} (this layer, whole batch)</sup>")
     return figure

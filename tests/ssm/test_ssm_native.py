@@ -79,3 +79,25 @@ def test_availability_names_the_missing_tool(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     available, reason = native.native_scan_available()
     assert not available and "compiler" in reason
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_selective_scan_equals_the_reference(dtype: torch.dtype) -> None:
+    from labsupport.ssm import native_selective_scan, selective_scan
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 57, 6, generator=gen, dtype=torch.float64)
+    delta = torch.nn.functional.softplus(torch.randn(2, 57, 6, generator=gen, dtype=torch.float64))
+    A = -torch.rand(6, 4, generator=gen, dtype=torch.float64) - 0.1
+    B, C = (torch.randn(2, 57, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(6, generator=gen, dtype=torch.float64)
+    y, last = selective_scan(u, delta, A, B, C, D, scan="sequential")
+    cast = [t.to(dtype) for t in (u, delta, A, B, C, D)]
+    y_n, last_n = native_selective_scan(*cast)
+    assert y_n.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(y_n, y) < tolerance and rel_err(last_n, last) < tolerance
+    with pytest.raises(TypeError):
+        native_selective_scan(u, delta.float(), A, B, C)
+    with pytest.raises(RuntimeError):
+        native_selective_scan(u.requires_grad_(True), delta, A, B, C)

@@ -70,3 +70,15 @@ def test_learned_step_sizes_of_a_tiny_selective_model() -> None:
         learned_step_sizes(lti, tokens, data)
     with pytest.raises(ValueError):
         mixer.step_sizes(torch.randn(2, 5, 3))
+
+
+def test_most_selective_channels_are_found() -> None:
+    from labsupport.ssm.widget import LearnedSteps
+
+    tokens = torch.tensor([[0, 3, 0, 4]])
+    data = tokens >= 2
+    per_channel = torch.ones(1, 1, 4, 3)
+    per_channel[0, 0, 1, 2] = per_channel[0, 0, 3, 2] = 10.0      # channel 2 takes large steps on data
+    steps = LearnedSteps(tokens, data, per_channel.mean(-1), per_channel)
+    assert steps.most_selective(0, 1).tolist() == [2]
+    assert abs(float(steps.channel_ratios(0)[2]) - 10.0) < 1e-6
