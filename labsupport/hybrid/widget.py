@@ -61,11 +61,11 @@ def frontier_points(rows: Iterable[dict], *, task: str = "mqar", seq_len: int = 
     """
     rows = list(rows)
     require_positive_int("context", context)
-    costs = {r["design"]: r for r in rows if r.get("kind") == "cost"}
+    costs = {r["design"]: r for r in rows if r.get("kind") == "cost" and not r.get("failed")}
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("kind") == "quality" and r["task"] == task and r["seq_len"] == seq_len and \
-                (width is None or r["width"] == width) and r["metric"] == "recall":
+                (width is None or r["width"] == width) and r["metric"] == "recall" and r.get("score") is not None:
             groups[(r["design"], r["lr"])].append(r)
     best: dict[str, tuple[float, float, list[dict]]] = {}
     for (design, lr), runs in groups.items():
