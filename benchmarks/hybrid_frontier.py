@@ -24,6 +24,7 @@ pattern length), a placement variant (``place:AMMM``), or a parent at a preset's
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -228,21 +229,26 @@ def best_lr_means(rows: list[dict]) -> dict[tuple, tuple[float, float, list[floa
     for key5, scores in groups.items():
         key, lr = key5[:4], key5[4]
         mean = statistics.fmean(scores)
-        better = (mean > best[key][0]) if metric[key] == "recall" else (mean < best[key][0])
-        if key not in best or better:
+        if key not in best or ((mean > best[key][0]) if metric[key] == "recall" else (mean < best[key][0])):
             best[key] = (mean, lr, scores)
     return best
 
 
 def summarise(rows: list[dict]) -> None:
+    global tasks
+    if os.environ.get("HYBRID_FRONTIER_SMALL") is None and all(r.get("width") == 32 for r in rows
+                                                               if r["kind"] == "quality"):
+        tasks = lambda: [("mqar", 64)]  # noqa: E731 - a laptop file: its one task
     best = best_lr_means(rows)
+    widths = [r["width"] for r in rows if r["kind"] == "quality"]
+    width = max(set(widths), key=widths.count) if widths else WIDTH
     cols = [(t, L) for t, L in tasks()]
     print("| design | " + " | ".join(f"{t} {L}" for t, L in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for design in dict.fromkeys(r["design"] for r in rows if r["kind"] == "quality"):
         cells = []
         for t, L in cols:
-            hit = best.get((design, t, L, WIDTH))
+            hit = best.get((design, t, L, width))
             if hit is None:
                 cells.append("—")
             elif t == "char_lm":
@@ -263,6 +269,30 @@ def summarise(rows: list[dict]) -> None:
                   f"{r['prefill_ms_16384']:.0f} | {r['decode_ms_1024']:.3f} / {r['decode_ms_16384']:.3f} / "
                   f"{r['decode_ms_131072_extrapolated']:.2f} | {r['read_bytes_1024']:,} / {r['read_bytes_16384']:,} / "
                   f"{r['read_bytes_131072']:,} |")
+
+
+def frontier_table(rows: list[dict], task: str = "mqar", seq_len: int = 64) -> None:
+    """The frontier as a markdown table: recall (best-lr mean, seed range), state per token, decode time, Pareto."""
+    from labsupport.hybrid.widget import frontier_points, pareto_mask
+
+    points = {c: frontier_points(rows, task=task, seq_len=seq_len, context=c) for c in (1024, 16384, 131072)}
+    by_bytes = points[16384]
+    if not by_bytes:
+        return
+    on_bytes = dict(zip((p.design for p in by_bytes),
+                        pareto_mask([p.bytes_per_token for p in by_bytes], [p.recall for p in by_bytes])))
+    timed = [p for p in by_bytes if p.decode_ms is not None]
+    on_time = dict(zip((p.design for p in timed), pareto_mask([p.decode_ms for p in timed], [p.recall for p in timed])))
+    print(f"\n| design | family | layers | {task}-{seq_len} recall (3 seeds) | state B/token at 1K / 16K / 128K | "
+          "decode ms/token at 16K | Pareto: bytes, time |")
+    print("|---|---|---|---|---|---|---|")
+    for p in sorted(by_bytes, key=lambda p: -p.recall):
+        per_c = [next(q for q in points[c] if q.design == p.design).bytes_per_token for c in (1024, 16384, 131072)]
+        decode = "—" if p.decode_ms is None else f"{p.decode_ms:.3f}"
+        marks = ("●" if on_bytes.get(p.design) else "·") + ", " + ("●" if on_time.get(p.design) else "·")
+        print(f"| {p.design} | {p.family} | {' '.join(p.layers)} | {p.recall:.1%} ({min(p.seed_scores):.0%}–"
+              f"{max(p.seed_scores):.0%}, lr {p.lr:g}) | {per_c[0]:,.1f} / {per_c[1]:,.1f} / {per_c[2]:,.1f} | "
+              f"{decode} | {marks} |")
 
 
 def _describe(job: tuple) -> str:
@@ -300,7 +330,11 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true")
     args = parser.parse_args()
     if args.summarise:
-        summarise(grid_runner.read_rows(args.summarise))
+        rows = []
+        for path in args.summarise.split(","):
+            rows += grid_runner.read_rows(path)
+        summarise(rows)
+        frontier_table(rows)
         return
     DEVICE = args.device
     import os
