@@ -24,6 +24,7 @@ pattern length), a placement variant (``place:AMMM``), or a parent at a preset's
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -105,7 +106,15 @@ def run(job: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    return run_cost(job) if job[0] == "cost" else run_quality(job)
+    try:
+        return run_cost(job) if job[0] == "cost" else run_quality(job)
+    except Exception as error:  # noqa: BLE001 - one broken design must not stop the grid; its row says why
+        import traceback
+
+        kind, design, task, length, lr, seed, width = job
+        return {"kind": kind, "design": design, "task": task, "seq_len": length, "lr": lr, "seed": seed,
+                "width": width, "metric": "recall", "score": None, "failed": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc()[-2000:]}
 
 
 def run_quality(job: tuple) -> dict:
@@ -132,7 +141,7 @@ def run_quality(job: tuple) -> dict:
                    channel_mixer=None, short_conv=4, positional=positional).to(device)
 
     def moved(batch: TaskBatch) -> TaskBatch:
-        return TaskBatch(batch.inputs.to(device), batch.targets.to(device), batch.meta)
+        return TaskBatch(batch.inputs.to(device), batch.targets.to(device), batch.info)
 
     inexact = any(registry.get(n).exact_until is not None for n in names)
     evaluate = evaluate_perplexity if task.metric == "perplexity" else evaluate_recall
@@ -211,7 +220,7 @@ def best_lr_means(rows: list[dict]) -> dict[tuple, tuple[float, float, list[floa
     groups: dict[tuple, list[float]] = defaultdict(list)
     metric: dict[tuple, str] = {}
     for r in rows:
-        if r["kind"] != "quality":
+        if r["kind"] != "quality" or r.get("score") is None:
             continue
         key = (r["design"], r["task"], r["seq_len"], r["width"])
         groups[key + (r["lr"],)].append(r["score"])
@@ -220,21 +229,26 @@ def best_lr_means(rows: list[dict]) -> dict[tuple, tuple[float, float, list[floa
     for key5, scores in groups.items():
         key, lr = key5[:4], key5[4]
         mean = statistics.fmean(scores)
-        better = (mean > best[key][0]) if metric[key] == "recall" else (mean < best[key][0])
-        if key not in best or better:
+        if key not in best or ((mean > best[key][0]) if metric[key] == "recall" else (mean < best[key][0])):
             best[key] = (mean, lr, scores)
     return best
 
 
 def summarise(rows: list[dict]) -> None:
+    global tasks
+    if os.environ.get("HYBRID_FRONTIER_SMALL") is None and all(r.get("width") == 32 for r in rows
+                                                               if r["kind"] == "quality"):
+        tasks = lambda: [("mqar", 64)]  # noqa: E731 - a laptop file: its one task
     best = best_lr_means(rows)
+    widths = [r["width"] for r in rows if r["kind"] == "quality"]
+    width = max(set(widths), key=widths.count) if widths else WIDTH
     cols = [(t, L) for t, L in tasks()]
     print("| design | " + " | ".join(f"{t} {L}" for t, L in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for design in dict.fromkeys(r["design"] for r in rows if r["kind"] == "quality"):
         cells = []
         for t, L in cols:
-            hit = best.get((design, t, L, WIDTH))
+            hit = best.get((design, t, L, width))
             if hit is None:
                 cells.append("—")
             elif t == "char_lm":
@@ -246,7 +260,7 @@ def summarise(rows: list[dict]) -> None:
         hit = best.get(("mamba", "mqar", 64, width))
         if hit:
             print(f"mamba width {width}: MQAR-64 {hit[0]:.1%} at lr {hit[1]:g} ({hit[2]})")
-    costs = [r for r in rows if r["kind"] == "cost"]
+    costs = [r for r in rows if r["kind"] == "cost" and not r.get("failed")]
     if costs:
         print("\n| mixer | prefill ms 1K/4K/16K | decode ms 1K/16K/128K* | read B/token 1K/16K/128K |")
         print("|---|---|---|---|")
@@ -255,6 +269,30 @@ def summarise(rows: list[dict]) -> None:
                   f"{r['prefill_ms_16384']:.0f} | {r['decode_ms_1024']:.3f} / {r['decode_ms_16384']:.3f} / "
                   f"{r['decode_ms_131072_extrapolated']:.2f} | {r['read_bytes_1024']:,} / {r['read_bytes_16384']:,} / "
                   f"{r['read_bytes_131072']:,} |")
+
+
+def frontier_table(rows: list[dict], task: str = "mqar", seq_len: int = 64) -> None:
+    """The frontier as a markdown table: recall (best-lr mean, seed range), state per token, decode time, Pareto."""
+    from labsupport.hybrid.widget import frontier_points, pareto_mask
+
+    points = {c: frontier_points(rows, task=task, seq_len=seq_len, context=c) for c in (1024, 16384, 131072)}
+    by_bytes = points[16384]
+    if not by_bytes:
+        return
+    on_bytes = dict(zip((p.design for p in by_bytes),
+                        pareto_mask([p.bytes_per_token for p in by_bytes], [p.recall for p in by_bytes])))
+    timed = [p for p in by_bytes if p.decode_ms is not None]
+    on_time = dict(zip((p.design for p in timed), pareto_mask([p.decode_ms for p in timed], [p.recall for p in timed])))
+    print(f"\n| design | family | layers | {task}-{seq_len} recall (3 seeds) | state B/token at 1K / 16K / 128K | "
+          "decode ms/token at 16K | Pareto: bytes, time |")
+    print("|---|---|---|---|---|---|---|")
+    for p in sorted(by_bytes, key=lambda p: -p.recall):
+        per_c = [next(q for q in points[c] if q.design == p.design).bytes_per_token for c in (1024, 16384, 131072)]
+        decode = "—" if p.decode_ms is None else f"{p.decode_ms:.3f}"
+        marks = ("●" if on_bytes.get(p.design) else "·") + ", " + ("●" if on_time.get(p.design) else "·")
+        print(f"| {p.design} | {p.family} | {' '.join(p.layers)} | {p.recall:.1%} ({min(p.seed_scores):.0%}–"
+              f"{max(p.seed_scores):.0%}, lr {p.lr:g}) | {per_c[0]:,.1f} / {per_c[1]:,.1f} / {per_c[2]:,.1f} | "
+              f"{decode} | {marks} |")
 
 
 def _describe(job: tuple) -> str:
@@ -271,6 +309,8 @@ def _key(row: dict) -> str:
 
 
 def _report(row: dict) -> str:
+    if row.get("failed"):
+        return f"{_key(row)}: FAILED {row['failed']}"
     if row["kind"] == "cost":
         return f"cost {row['design']}: decode 16K {row['decode_ms_16384']:.3f} ms"
     return f"{_key(row)}: {row['metric']} {row['score']:.3f} ({row['seconds']:.0f} s)"
@@ -290,7 +330,11 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true")
     args = parser.parse_args()
     if args.summarise:
-        summarise(grid_runner.read_rows(args.summarise))
+        rows = []
+        for path in args.summarise.split(","):
+            rows += grid_runner.read_rows(path)
+        summarise(rows)
+        frontier_table(rows)
         return
     DEVICE = args.device
     import os
@@ -307,10 +351,10 @@ def main() -> None:
 def _small() -> None:
     """Shrink the grid to what a shared 2-core laptop runs in about 40 minutes on one core (``--small``):
     width 32, registry rows at depth 2, the hybrids without Mamba layers (a Mamba layer costs ~10 attention
-    layers on a CPU), MQAR at 64 tokens only, one learning rate (3e-3), 300 steps of batch 32, 3 seeds."""
+    layers on a CPU), MQAR at 64 tokens (4 pairs) only, one learning rate (1e-2), 400 steps of batch 32, 3 seeds."""
     global DEPTH, WIDTH, BATCH, MQAR_LRS, STEPS, DEFAULT_STEPS, FRACTIONS, MAMBA_WIDTHS, tasks, designs
-    DEPTH, WIDTH, BATCH, MQAR_LRS, DEFAULT_STEPS = 2, 32, 32, (3e-3,), 300
-    STEPS = {"mqar": 300}
+    DEPTH, WIDTH, BATCH, MQAR_LRS, DEFAULT_STEPS = 2, 32, 32, (1e-2,), 400
+    STEPS = {"mqar": 400}
     FRACTIONS, MAMBA_WIDTHS = (), ()
     full_designs = designs
     tasks = lambda: [("mqar", 64)]  # noqa: E731

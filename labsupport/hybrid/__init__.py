@@ -10,6 +10,11 @@ module          holds
 ``stacks``      ``pattern_factory`` (a layer pattern such as ``"MMMA"`` + a legend → a ``TinyLM`` factory),
                 ``PRESETS`` (Jamba, Qwen3-Next, Kimi Linear, Gemma 3, gpt-oss, MiniMax-01 ratios),
                 ``HeadSplitMixer`` (Hymba's intra-layer split), ``stack_state_numbers``, ``stack_bytes_per_token``
+``tasks``       the frontier's quality suite: ``SUITE`` (MQAR, fuzzy / noisy recall, selective copy,
+                memorisation, needle) as probe tasks, ``decode_recall`` (recall when decoding token by token)
+``widget``      ``frontier_points`` (JSONL rows → points), ``pareto_mask``, ``frontier_figure``
+``exercises``   ``check_pattern_builder``, ``check_hybrid_bytes_per_token``, ``check_pareto_front``,
+                ``check_register_gqa``
 ==============  ===============================================================================================
 
 Chapters 09 and 10 reach other families' mixers only through :mod:`labsupport.hybrid.registry`.

@@ -138,7 +138,16 @@ def register(name: str, build: Callable[[int, int], nn.Module], *, state_numbers
     if name in _REGISTRY and not replace_existing:
         raise ValueError(f"a mixer named {name!r} is registered already (family {_REGISTRY[name].family!r}); "
                          "pick another name or pass replace_existing=True")
-    probe_module = build(16, 0)
+    probe_module, failure = None, None
+    for width in (16, 64):  # a mixer may need a width its heads divide
+        try:
+            probe_module = build(width, 0)
+            break
+        except Exception as error:  # noqa: BLE001 - the reader's factory: report it below
+            failure = error
+    if probe_module is None:
+        raise ValueError(f"build(d_model, layer_index) raised {type(failure).__name__} at d_model 16 and 64: "
+                         f"{failure}") from None
     if not isinstance(probe_module, nn.Module):
         raise TypeError(f"build(d_model, layer_index) must return an nn.Module, got {type(probe_module).__name__}")
     if decodes is None:

@@ -139,3 +139,11 @@ def test_the_state_conventions_are_basieds() -> None:
     assert registry.get("quest").read_numbers(context, d) < registry.get("quest").state_numbers(context, d)
     assert [s.name for s in registry.specs() if s.grows_with_context] == [
         "attention", "gqa", "mqa", "mla", "quest", "hymba_attention+mamba"]
+
+
+def test_a_factory_that_cannot_build_says_so() -> None:
+    def broken(d_model: int, layer_index: int) -> nn.Module:
+        raise RuntimeError("needs d_model 48")
+
+    with pytest.raises(ValueError, match="raised RuntimeError at d_model 16 and 64"):
+        registry.register("broken_factory", broken, state_numbers=lambda c, d: 0)
