@@ -55,6 +55,12 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.moe.exercises", "check_load_balancing_loss"),
     ("labsupport.moe.exercises", "check_capacity_keep"),
     ("labsupport.moe.exercises", "check_update_balance_bias"),
+    ("labsupport.diffusion.exercises", "check_diffusion_loss"),
+    ("labsupport.diffusion.exercises", "check_low_confidence_commit"),
+    ("labsupport.diffusion.exercises", "check_threshold_commit"),
+    ("labsupport.diffusion.exercises", "check_gap_log_posterior"),
+    ("labsupport.diffusion.exercises", "check_mask_tokens"),
+    ("labsupport.diffusion.exercises", "check_transfer_schedule"),
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -326,11 +332,34 @@ def _slow(reference: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     return slow
 
 
+def _gap_left_only(model, tokens, position):
+    """p(c | left) alone: the right side of the gap ignored."""
+    return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
+
+
+def _gap_next_only(model, tokens, position):
+    """Scores p(c | left) · p(next character | left, c) only, not the whole right side."""
+    vocab = model.vocab_size
+    rows = tokens.repeat_interleave(vocab, dim=0)
+    rows[:, position] = torch.arange(vocab).repeat(tokens.shape[0])
+    log_p = model(rows[:, :position + 1]).double().log_softmax(-1)
+    picked = log_p.gather(-1, rows[:, 1:position + 2, None]).squeeze(-1)[:, position - 1:]
+    return picked.sum(1).view(tokens.shape[0], vocab).log_softmax(-1)
+
+
+def _threshold_strict(canvas, probs, mask_id, threshold):
+    """A strict > and no guaranteed progress."""
+    confidence, predicted = probs.max(-1)
+    return torch.where((canvas == mask_id) & (confidence > threshold), predicted, canvas)
+
+
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
                              ("no -inf guard on lse", _unguarded_flash_backward)],
+    "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
+    "check_threshold_commit": [("strict > without progress", _threshold_strict)],
 }
 
 
@@ -369,9 +398,10 @@ def count(kinds_filter: set[str] | None = None, checkers: list[tuple[str, str]] 
 def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
-    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe"))]
+    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe",
+                                                         "labsupport.diffusion"))]
     later = [c for c in CHECKERS if c not in early]
-    for label, group in (("chapters 00-03", early), ("chapters 04 and 06", later)):
+    for label, group in (("chapters 00-03", early), ("chapters 04, 06 and 08", later)):
         passed, total, lines = count(checkers=group)
         for line in lines:
             print(line)
