@@ -4,7 +4,7 @@
   the SUBS denoiser, the device-aware objective, a Monte-Carlo ELBO.
 * :mod:`~labsupport.diffusion.exact` — a vocabulary and length small enough to enumerate: exact NLL and ELBO.
 * :mod:`~labsupport.diffusion.sampling` — transfer schedule, low-confidence / random remasking, block
-  (semi-autoregressive) decoding, infilling, the autoregressive baseline with its KV cache.
+  (semi-autoregressive) decoding, Fast-dLLM's confidence threshold, infilling, the autoregressive baseline.
 * :mod:`~labsupport.diffusion.cache` — keys and values outside the current block, reused within it.
 * :mod:`~labsupport.diffusion.checkpoints` — the shipped denoiser and AR model, loaded after a sha256 check.
 * :mod:`~labsupport.diffusion.evaluation` — span likelihoods (exact AR, bound for the denoiser), infilling
@@ -48,6 +48,7 @@ from labsupport.diffusion.sampling import (
     commit_tokens,
     diffusion_sample,
     infill_canvas,
+    threshold_sample,
     transfer_schedule,
 )
 
@@ -78,6 +79,7 @@ __all__ = [
     "order_bounds",
     "save_checkpoint",
     "subs_logits",
+    "threshold_sample",
     "toy_distribution",
     "train_toy",
     "transfer_schedule",

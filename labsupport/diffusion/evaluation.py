@@ -3,6 +3,8 @@
 * :func:`ar_token_nll` — the AR model's exact ``−log p(x_i | x_<i)`` at every position (the first has none).
 * :func:`span_nll` — nats per character of a span ``[start, end)``: exact for the AR model (given the prefix
   only), the ELBO bound for the denoiser (given both sides).
+* :func:`ar_gap_log_posterior`, :func:`ar_infill_one` — the AR model's *exact* ``p(c | left, right)`` for a one-character gap, by scoring
+  every candidate ``c`` with the right side appended (Bayes' rule over the vocabulary).
 * :func:`span_accuracy` — share of a span's characters a sampler got exactly right.
 * :func:`unigram_entropy_bits` — entropy of the characters of a span (low = repetitive, degenerate text).
 * :func:`judge_nll` — nats per character of generated text under the AR model ("generative perplexity").
@@ -20,7 +22,7 @@ from labsupport.diffusion.process import elbo_per_sequence
 from labsupport.harness.validation import require_int, require_positive_int
 from labsupport.lm.model import TinyLM
 
-__all__ = ["ar_token_nll", "judge_nll", "span_accuracy", "span_nll", "unigram_entropy_bits"]
+__all__ = ["ar_gap_log_posterior", "ar_infill_one", "ar_token_nll", "judge_nll", "span_accuracy", "span_nll", "unigram_entropy_bits"]
 
 
 def _require_ids(name: str, tokens: object) -> torch.Tensor:
@@ -64,6 +66,41 @@ def span_nll(model: nn.Module, tokens: torch.Tensor, start: int, end: int, *, sa
     where[:, start:end] = True
     return elbo_per_sequence(model, tokens, samples=require_positive_int("samples", samples), where=where,
                              generator=generator) / (end - start)
+
+
+@torch.no_grad()
+def ar_gap_log_posterior(model: TinyLM, tokens: torch.Tensor, position: int, *, max_rows: int = 512
+                         ) -> torch.Tensor:
+    """``(B, V)`` float64: the AR model's exact ``log p(c | left, right)`` for a one-character gap at ``position``.
+
+    ``p(c | left, right) ∝ p(c | left) · p(right | left, c)``: each of the ``V`` candidates is written into the
+    gap, the window scored from the gap to its end, and the scores normalised over ``c`` (Bayes' rule). Exact,
+    but ``V`` forward passes per window, where a denoiser needs one.
+    """
+    if not isinstance(model, TinyLM) or not model.causal:
+        raise TypeError("model must be a causal TinyLM")
+    tokens = _require_ids("tokens", tokens)
+    position = require_int("position", position, minimum=1, maximum=tokens.shape[1] - 1)
+    max_rows = require_positive_int("max_rows", max_rows)
+    b = tokens.shape[0]
+    vocab = model.vocab_size
+    rows = tokens.repeat_interleave(vocab, dim=0)                      # (B·V, L): every candidate in the gap
+    rows[:, position] = torch.arange(vocab, device=tokens.device).repeat(b)
+    scores = torch.empty(b * vocab, dtype=torch.float64)
+    for lo in range(0, rows.shape[0], max_rows):
+        chunk = rows[lo:lo + max_rows]
+        log_p = model(chunk[:, :-1]).double().log_softmax(dim=-1)
+        picked = log_p.gather(-1, chunk[:, 1:, None]).squeeze(-1)        # log p(x_i | x_<i), i = 1 .. L − 1
+        scores[lo:lo + max_rows] = picked[:, position - 1:].sum(dim=1).cpu()  # the gap and everything after it
+    return scores.view(b, vocab).log_softmax(dim=-1)
+
+
+def ar_infill_one(model: TinyLM, tokens: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(−log p(true character | left, right), most probable character)``, two ``(B,)`` tensors, from
+    :func:`ar_gap_log_posterior`."""
+    log_post = ar_gap_log_posterior(model, tokens, position)
+    nll = -log_post.gather(1, tokens[:, position:position + 1].cpu()).squeeze(1)
+    return nll.float(), log_post.argmax(dim=-1)
 
 
 def span_accuracy(predicted: torch.Tensor, truth: torch.Tensor, start: int, end: int) -> float:

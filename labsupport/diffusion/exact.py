@@ -176,19 +176,24 @@ def _mask_set_sums(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
-def _integrals(lo: float, hi: float, length: int, schedule: str, power: int, nodes: int = 96) -> torch.Tensor:
-    """``∫_lo^hi w(t)^power · p(t)^k (1 − p(t))^(L−k) dt`` for ``k = 0..L``, by Gauss–Legendre in ``log t``."""
+def _integrals(lo: torch.Tensor | float, hi: torch.Tensor | float, length: int, schedule: str, power: int,
+               nodes: int = 64) -> torch.Tensor:
+    """``∫_lo^hi w(t)^power · p(t)^k (1 − p(t))^(L−k) dt`` for ``k = 0..L``, by Gauss–Legendre in ``log t``.
+
+    ``lo`` and ``hi`` may be tensors of ``S`` intervals: the result is then ``(S, L + 1)``.
+    """
     import numpy as np
 
     x, wq = np.polynomial.legendre.leggauss(nodes)
-    a, b = math.log(lo), math.log(hi)
-    u = torch.tensor(0.5 * (b - a) * x + 0.5 * (b + a), dtype=torch.float64)
+    a = torch.as_tensor(lo, dtype=torch.float64).log()[..., None]
+    b = torch.as_tensor(hi, dtype=torch.float64).log()[..., None]
+    u = 0.5 * (b - a) * torch.tensor(x) + 0.5 * (b + a)                # (..., nodes)
     t = u.exp()
-    jac = torch.tensor(0.5 * (b - a) * wq, dtype=torch.float64) * t
-    p, w = mask_probability(t, schedule), loss_weight(t, schedule)
+    jac = 0.5 * (b - a) * torch.tensor(wq) * t
+    p, w = mask_probability(t.reshape(-1), schedule).view_as(t), loss_weight(t.reshape(-1), schedule).view_as(t)
     k = torch.arange(length + 1, dtype=torch.float64)
-    mass = p[:, None] ** k * (1 - p[:, None]) ** (length - k)        # (nodes, L+1)
-    return ((w ** power * jac)[:, None] * mass).sum(dim=0)
+    mass = p[..., None] ** k * (1 - p[..., None]) ** (length - k)     # (..., nodes, L+1)
+    return ((w ** power * jac)[..., None] * mass).sum(dim=-2)
 
 
 def _floor_term(t: float, length: int, schedule: str, power: int) -> torch.Tensor:
@@ -214,21 +219,15 @@ def estimator_moments(table: torch.Tensor, *, samples: int, schedule: str = "lin
     t_floor = require_float("t_floor", t_floor, positive=True, maximum=1.0 / samples)
     length = table.shape[2]
     first, second = _mask_set_sums(table)                            # (N, L+1)
-    mean = torch.zeros(table.shape[0], dtype=torch.float64)
-    var = torch.zeros_like(mean)
-    for j in range(samples):
-        lo, hi = j / samples, (j + 1) / samples
-        m1, m2 = (torch.zeros(length + 1, dtype=torch.float64) for _ in range(2))
-        if j == 0:
-            m1 = m1 + t_floor * _floor_term(t_floor, length, schedule, 1)
-            m2 = m2 + t_floor * _floor_term(t_floor, length, schedule, 2)
-            lo = t_floor
-        m1, m2 = (m1 + _integrals(lo, hi, length, schedule, 1)) * samples, (m2 + _integrals(lo, hi, length,
-                                                                                          schedule, 2)) * samples
-        e1, e2 = first @ m1, second @ m2
-        mean += e1 / samples
-        var += (e2 - e1 ** 2) / samples ** 2
-    return mean, var
+    lo = torch.arange(samples, dtype=torch.float64) / samples
+    lo[0] = t_floor
+    hi = torch.arange(1, samples + 1, dtype=torch.float64) / samples
+    m1 = _integrals(lo, hi, length, schedule, 1) * samples           # (S, L+1): E[X_j] per unit ℓ-sum
+    m2 = _integrals(lo, hi, length, schedule, 2) * samples
+    m1[0] += samples * t_floor * _floor_term(t_floor, length, schedule, 1)
+    m2[0] += samples * t_floor * _floor_term(t_floor, length, schedule, 2)
+    e1, e2 = first @ m1.T, second @ m2.T                             # (N, S)
+    return e1.mean(dim=1), (e2 - e1 ** 2).sum(dim=1) / samples ** 2
 
 
 def sample_estimates(table: torch.Tensor, *, samples: int, draws: int, schedule: str = "linear",
@@ -237,6 +236,7 @@ def sample_estimates(table: torch.Tensor, *, samples: int, draws: int, schedule:
 
     The same random procedure as :func:`~labsupport.diffusion.process.elbo_per_sequence`, with the network's
     answers looked up in the :func:`masked_log_probs` table instead of recomputed: the same distribution.
+    Draws are made in chunks of about a million masks, so memory stays small.
     """
     table = require_float_tensor("table", table, ndim=3).double()
     samples, draws = require_positive_int("samples", samples), require_positive_int("draws", draws)
@@ -244,13 +244,19 @@ def sample_estimates(table: torch.Tensor, *, samples: int, draws: int, schedule:
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     n, _, length = table.shape
     loss = -table.sum(dim=2)                                         # (N, 2^L)
-    t = ((torch.arange(samples, dtype=torch.float64) + torch.rand(draws, n, samples, generator=gen,
-                                                                  dtype=torch.float64)) / samples).clamp(min=t_floor)
-    masked = torch.rand(draws, n, samples, length, generator=gen, dtype=torch.float64) < mask_probability(
-        t, schedule)[..., None]
-    index = (masked.long() << torch.arange(length)).sum(dim=-1)      # mask-set number
-    picked = loss[torch.arange(n)[None, :, None], index]
-    return (loss_weight(t, schedule) * picked).mean(dim=-1)
+    chunk = max(1, 1_000_000 // (n * samples * length))
+    out = []
+    for lo in range(0, draws, chunk):
+        d = min(chunk, draws - lo)
+        t = ((torch.arange(samples, dtype=torch.float64) + torch.rand(d, n, samples, generator=gen,
+                                                                      dtype=torch.float64)) / samples)
+        t = t.clamp(min=t_floor)
+        masked = torch.rand(d, n, samples, length, generator=gen, dtype=torch.float64) < mask_probability(
+            t.reshape(-1), schedule).view_as(t)[..., None]
+        index = (masked.long() << torch.arange(length)).sum(dim=-1)  # mask-set number
+        picked = loss[torch.arange(n)[None, :, None], index]
+        out.append((loss_weight(t.reshape(-1), schedule).view_as(t) * picked).mean(dim=-1))
+    return torch.cat(out)
 
 
 def truncated_objective(table: torch.Tensor, t_min: float) -> torch.Tensor:

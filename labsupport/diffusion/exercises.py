@@ -1,5 +1,5 @@
-"""Chapter 08, exercises: the checkers for the masking process, the weighted loss, the transfer schedule and
-low-confidence remasking.
+"""Chapter 08, exercises: the checkers for the masking process, the weighted loss, the transfer schedule,
+low-confidence remasking, Fast-dLLM's threshold commit and the exact AR answer to a one-character gap.
 
 Each checker runs the learner's function on seeded cases against the reference in
 :mod:`labsupport.diffusion.process` / :mod:`labsupport.diffusion.sampling` and prints one line (pass, not done
@@ -11,7 +11,13 @@ yet) or a short explanation. Each is built to reject the tempting shortcut:
   the number of masked tokens instead of the length, or scoring the unmasked positions too; gradients checked;
 * ``transfer_schedule`` — the remainder given to the last steps, float counts, or counts that do not add up;
 * ``low_confidence_commit`` — ranking confidence over *all* positions (which touches committed tokens), taking
-  the least confident, or committing in place.
+  the least confident, or committing in place;
+* ``threshold_commit`` — a strict ``>`` where the rule is ``≥``, a step that commits nothing when no prediction
+  clears the threshold (the sampler would loop for ever), or commits outside the masks;
+* ``gap_log_posterior`` — ``p(c | left)`` alone (the right side ignored), scoring only the gap's own token, or
+  forgetting to normalise over the candidates.
+
+Hints diagnose; the formulas are in the notebook's tiered hints, never in a checker's message.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ from typing import Any
 
 import torch
 
-from labsupport.diffusion import process, sampling
+from labsupport.diffusion import evaluation, process, sampling
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.lm.model import TinyLM
 
 __all__ = [
     "check_diffusion_loss",
+    "check_gap_log_posterior",
     "check_low_confidence_commit",
     "check_mask_tokens",
+    "check_threshold_commit",
     "check_transfer_schedule",
     "reference_diffusion_loss",
     "reference_low_confidence_commit",
+    "reference_threshold_commit",
 ]
 
 
@@ -66,8 +76,8 @@ def check_mask_tokens(fn: Callable[..., Any]) -> CheckResult:
     return check_function(
         _refuse_in_place(fn, 0, "tokens"), process.mask_tokens, cases, exercise="mask_tokens",
         output_names=("noisy", "masked"),
-        hint="masked = uniform < mask_prob[:, None] (each sequence its own t); noisy = tokens with mask_id "
-             "where masked — build a new tensor (torch.where or masked_fill), do not write into tokens.",
+        hint="compare the share of masked positions with t: is it t or 1 − t, and does each sequence use its own "
+             "t? Return new tensors and leave tokens unchanged. Tiered hints are above the exercise.",
     )
 
 
@@ -98,8 +108,9 @@ def check_diffusion_loss(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, reference_diffusion_loss, cases, exercise="diffusion_loss", atol=1e-9, rtol=1e-7,
-        hint="cross-entropy per position (reduction='none'), zero where not masked, summed over each sequence, "
-             "divided by that sequence's t, averaged over the batch, then divided by L (not by the mask count).",
+        hint="if only the large-t cases fail, look at the weight; if every case is off by a constant factor, look "
+             "at what you divide by (the answer is nats per position of the sequence); unmasked positions carry "
+             "no loss. Tiered hints are above the exercise.",
     )
 
 
@@ -115,8 +126,8 @@ def check_transfer_schedule(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, sampling.transfer_schedule, cases, exercise="transfer_schedule",
-        hint="divmod(n_masked, steps) gives the share and the remainder; the first `remainder` steps take one "
-             "more. Return an int64 tensor.",
+        hint="the counts must add up to n_masked, differ by at most one, and put the larger ones first; the "
+             "answer is an int64 tensor. Tiered hints are above the exercise.",
     )
 
 
@@ -163,7 +174,89 @@ def check_low_confidence_commit(fn: Callable[..., Any]) -> CheckResult:
     return check_function(
         _refuse_in_place(fn, 0, "canvas"), reference_low_confidence_commit, cases,
         exercise="low_confidence_commit",
-        hint="confidence = the largest softmax probability at each position; give every position that is NOT "
-             "masked confidence −inf before ranking, keep the k highest per row, fill them with their argmax, "
-             "and return a new canvas.",
+        hint="a committed token changed, or a masked position other than the k surest was filled: only masked "
+             "positions compete, the surest win, and the canvas you were given stays as it was. Tiered hints are "
+             "above the exercise.",
+    )
+
+
+def reference_threshold_commit(canvas: torch.Tensor, probs: torch.Tensor, mask_id: int, threshold: float
+                               ) -> torch.Tensor:
+    """Fast-dLLM's step: commit every masked argmax with probability ≥ ``threshold``, and at least the surest."""
+    confidence, predicted = probs.max(dim=-1)
+    still = canvas == mask_id
+    above = ((confidence >= threshold) & still).sum(dim=1)
+    counts = torch.where(still.any(dim=1), above.clamp(min=1), torch.zeros_like(above))
+    new, _ = sampling.commit_tokens(canvas, predicted, confidence, counts, torch.ones_like(still), mask_id)
+    return new
+
+
+def check_threshold_commit(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(canvas (B, L), probs (B, L, V), mask_id, threshold) -> new canvas`` (Fast-dLLM's commit rule)."""
+    gen = torch.Generator().manual_seed(804)
+
+    def case(name: str, b: int, length: int, vocab: int, threshold: float, sharp: float = 3.0,
+             masked_share: float = 0.6, exact_at: bool = False) -> Case:
+        mask_id = vocab
+        canvas = torch.randint(0, vocab, (b, length), generator=gen)
+        masked = torch.rand(b, length, generator=gen) < masked_share
+        masked[:, 0] = True
+        canvas = canvas.masked_fill(masked, mask_id)
+        logits = sharp * torch.randn(b, length, vocab + 1, generator=gen, dtype=torch.float64)
+        logits[..., mask_id] = float("-inf")
+        probs = logits.softmax(dim=-1)
+        if exact_at:  # one masked position sits exactly on the threshold: the rule is ≥
+            top = probs[0, 0].argmax()
+            probs[0, 0] = (1 - threshold) / (vocab - 1)
+            probs[0, 0, mask_id] = 0.0
+            probs[0, 0, top] = threshold
+        return Case(name, (canvas, probs, mask_id, threshold))
+
+    cases = [
+        case("B=2, L=12, V=5, threshold 0.9", 2, 12, 5, 0.9, sharp=4.0),
+        case("B=3, L=16, V=7, threshold 0.5", 3, 16, 7, 0.5),
+        case("threshold 0.99, flat predictions: nothing clears it (commit the surest anyway)", 2, 10, 6, 0.99,
+             sharp=0.3),
+        case("a prediction exactly at the threshold 0.75", 1, 8, 4, 0.75, exact_at=True),
+        case("B=4, L=32, V=76, threshold 0.3, few masks", 4, 32, 76, 0.3, sharp=5.0, masked_share=0.2),
+    ]
+    return check_function(
+        fn, reference_threshold_commit, cases, exercise="threshold_commit",
+        hint="check three things: a row where no prediction clears the threshold must still make progress; a "
+             "prediction exactly at the threshold counts; only masked positions may change. Tiered hints are above "
+             "the exercise.",
+    )
+
+
+def _tiny_ar(seed: int, vocab: int, d_model: int = 16, max_len: int = 16) -> TinyLM:
+    torch.manual_seed(seed)
+    model = TinyLM(vocab, d_model, 1, max_len, n_heads=2).double().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8.0)  # sharper than at initialisation, so the right side matters
+    return model
+
+
+def _reference_gap(model: TinyLM, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    return evaluation.ar_gap_log_posterior(model, tokens, position)
+
+
+def check_gap_log_posterior(fn: Callable[..., Any]) -> CheckResult:
+    """Check ``fn(model, tokens (B, L), position) -> (B, V) float64 log p(c | left, right)`` for a 1-char gap."""
+    gen = torch.Generator().manual_seed(805)
+
+    def case(name: str, seed: int, b: int, length: int, vocab: int, position: int) -> Case:
+        tokens = torch.randint(0, vocab, (b, length), generator=gen)
+        return Case(name, (_tiny_ar(seed, vocab), tokens, position))
+
+    cases = [
+        case("B=2, L=8, V=5, gap at 3", 1, 2, 8, 5, 3),
+        case("B=3, L=12, V=7, gap at 1 (one character of left context)", 2, 3, 12, 7, 1),
+        case("B=1, L=10, V=4, gap at 8 (one character on the right)", 3, 1, 10, 4, 8),
+        case("B=2, L=16, V=11, gap at 7", 4, 2, 16, 11, 7),
+    ]
+    return check_function(
+        fn, _reference_gap, cases, exercise="gap_log_posterior", atol=1e-8, rtol=1e-6,
+        hint="compare your answer with p(c | left) alone: if they agree, the right side is missing; every "
+             "character after the gap depends on c, not only the next one; and each row must be a normalised "
+             "log-distribution over the V candidates. Tiered hints are above the exercise.",
     )

@@ -9,6 +9,8 @@ every masked token, and **commits** some of them; a committed token is never cha
   or ``k`` random ones (random remasking), among the masked positions a step may touch.
 * :func:`diffusion_sample` — the whole loop, optionally semi-autoregressive (blocks left to right, BD3-LM /
   LLaDA style) with a cache of everything outside the current block (:mod:`labsupport.diffusion.cache`).
+* :func:`threshold_sample` — Fast-dLLM's parallel decoding: each step commits every masked prediction whose
+  confidence clears a threshold (at least the most confident one), so the number of steps adapts to the text.
 * :func:`infill_canvas` — mask the middle of sequences, keeping both ends.
 * :func:`ar_generate` — the autoregressive baseline: prefill, then one token per step from the KV cache.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "commit_tokens",
     "diffusion_sample",
     "infill_canvas",
+    "threshold_sample",
     "transfer_schedule",
 ]
 
@@ -101,6 +104,9 @@ class SampleTrace:
         confidence: ``(B, L)`` the probability the model gave each committed token when committing it
             (1 where given).
         frames: the canvas after each step (``steps`` tensors of ``(B, L)``) when recorded.
+        candidates: when recorded, for each step the model's ``top``-3 tokens and their probabilities at every
+            position of the canvas, ``((B, L, 3) int64, (B, L, 3) float32)``, as predicted *before* that step's
+            commit (positions outside the step's block hold ``-1`` and 0).
         forward_tokens: positions the network processed, summed over steps (the work done).
         steps: sequential denoiser calls.
     """
@@ -109,6 +115,7 @@ class SampleTrace:
     commit_step: torch.Tensor
     confidence: torch.Tensor
     frames: list[torch.Tensor] = field(default_factory=list)
+    candidates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     forward_tokens: int = 0
     steps: int = 0
 
@@ -198,18 +205,14 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
             else:
                 logits = model(x)[:, s:e]
                 trace.forward_tokens += x.numel()
-            probs = logits.float().softmax(dim=-1)                   # (B, e - s, V)
-            if temperature == 0.0:
-                predicted = probs.argmax(dim=-1)
-            else:
-                tempered = (logits.float() / temperature).softmax(dim=-1)
-                predicted = torch.multinomial(tempered.reshape(-1, tempered.shape[-1]).cpu(), 1,
-                                              generator=gen).view(probs.shape[:2]).to(device)
+            predicted, probs = _sample_tokens(logits, temperature, gen)   # (B, e - s), (B, e - s, V)
             p_pred = probs.gather(-1, predicted[..., None]).squeeze(-1)
             if remasking == "low_confidence":
                 score = p_pred
             else:
                 score = torch.rand(p_pred.shape, generator=gen).to(device)
+            if record:
+                trace.candidates.append(_top_candidates(probs, x.shape, s))
             block, now = commit_tokens(x[:, s:e], predicted, score, counts[k].expand(x.shape[0]).to(device),
                                        torch.ones_like(predicted, dtype=torch.bool), mask_id)
             x[:, s:e] = block
@@ -217,6 +220,84 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
             confidence[:, s:e][now] = p_pred[now]
             if record:
                 trace.frames.append(x.clone())
+            step += 1
+    trace.tokens, trace.steps = x, step
+    return trace
+
+
+def _top_candidates(probs: torch.Tensor, shape: torch.Size, start: int, k: int = 3
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most probable tokens at positions ``start ..`` of a canvas of ``shape`` (−1 / 0 elsewhere)."""
+    ids = torch.full((*shape, k), -1, dtype=torch.long)
+    values = torch.zeros((*shape, k), dtype=torch.float32)
+    top = probs.float().cpu().topk(min(k, probs.shape[-1]), dim=-1)
+    ids[:, start:start + probs.shape[1], :top.indices.shape[-1]] = top.indices
+    values[:, start:start + probs.shape[1], :top.values.shape[-1]] = top.values
+    return ids, values
+
+
+def _sample_tokens(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+    """``(predicted, probs)``: argmax (temperature 0) or a draw from the tempered softmax; probs untempered."""
+    probs = logits.float().softmax(dim=-1)
+    if temperature == 0.0:
+        return probs.argmax(dim=-1), probs
+    tempered = (logits.float() / temperature).softmax(dim=-1)
+    drawn = torch.multinomial(tempered.reshape(-1, tempered.shape[-1]).cpu(), 1, generator=gen)
+    return drawn.view(probs.shape[:2]).to(logits.device), probs
+
+
+@torch.no_grad()
+def threshold_sample(model: nn.Module, canvas: torch.Tensor, *, threshold: float, block_length: int | None = None,
+                     temperature: float = 0.0, generator: torch.Generator | None = None,
+                     max_steps: int | None = None) -> SampleTrace:
+    """Fast-dLLM's confidence-threshold parallel decoding (Wu et al. 2025, arXiv:2505.22618).
+
+    Each step runs the denoiser on the whole canvas and commits, in each row, every masked position of the
+    current block whose predicted token has probability ≥ ``threshold``, and at least the single most confident
+    one (so every step makes progress). Easy stretches go many tokens per step, hard ones one at a time: the
+    number of steps is an output (``trace.steps``), not a setting. ``threshold = 1`` is one token per step,
+    low-confidence order; a threshold near 0 commits a whole block in one step.
+
+    Args:
+        model, canvas, block_length, temperature, generator: as for :func:`diffusion_sample`.
+        threshold: the confidence a prediction needs to be committed alongside the most confident one, in (0, 1].
+        max_steps: refuse to run longer than this (default: the number of masks, the most it can take).
+    """
+    mask_id = getattr(model, "mask_id", None)
+    if not isinstance(mask_id, int):
+        raise TypeError("model must carry an int attribute mask_id (a MaskedDenoiser)")
+    if not isinstance(canvas, torch.Tensor) or canvas.dim() != 2 or canvas.dtype != torch.long:
+        raise ValueError(f"canvas must be int64 ids of shape (batch, length); got {_describe(canvas)}")
+    threshold = require_float("threshold", threshold, minimum=0.0, maximum=1.0)
+    if threshold <= 0.0:
+        raise ValueError("threshold must be above 0 (0 would commit every prediction at once)")
+    if block_length is not None:
+        block_length = require_positive_int("block_length", block_length)
+    temperature = require_float("temperature", temperature, minimum=0.0)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    x = canvas.clone()
+    masked0 = x == mask_id
+    limit = int(masked0.sum(dim=1).max()) if max_steps is None else require_positive_int("max_steps", max_steps)
+    commit_step = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
+    confidence = torch.ones(x.shape, dtype=torch.float32, device=x.device)
+    trace = SampleTrace(x, commit_step, confidence)
+    step = 0
+    for s, e in _block_spans(masked0, block_length):
+        while bool((x[:, s:e] == mask_id).any()):
+            if step >= limit:
+                raise RuntimeError(f"threshold sampling did not finish in max_steps={limit} steps")
+            logits = model(x)[:, s:e]
+            trace.forward_tokens += x.numel()
+            predicted, probs = _sample_tokens(logits, temperature, gen)
+            p_pred = probs.gather(-1, predicted[..., None]).squeeze(-1)
+            still = x[:, s:e] == mask_id
+            above = ((p_pred >= threshold) & still).sum(dim=1)
+            counts = torch.where(still.any(dim=1), above.clamp(min=1), torch.zeros_like(above))
+            block, now = commit_tokens(x[:, s:e], predicted, p_pred, counts, torch.ones_like(still), mask_id)
+            x[:, s:e] = block
+            commit_step[:, s:e][now] = step
+            confidence[:, s:e][now] = p_pred[now]
             step += 1
     trace.tokens, trace.steps = x, step
     return trace

@@ -3,8 +3,10 @@
 * :func:`denoising_state` — for one sequence of a :class:`~labsupport.diffusion.sampling.SampleTrace` after
   ``step`` steps: each position's character, whether it was given, committed or is still masked, and the
   colour value (the confidence at commit, or the step of commit).
-* :func:`denoising_figure` — that state as a character grid coloured by confidence or by step, above the
-  mean confidence of the tokens committed at each step.
+* :func:`candidate_lists` — the model's top candidates at each position, as recorded before a step's commit.
+* :func:`denoising_figure` — that state as a character grid coloured by confidence or by step (each still-masked
+  cell showing its top candidate faintly, the top three on hover), above the mean confidence of the tokens
+  committed at each step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from labsupport.diffusion.sampling import SampleTrace
 from labsupport.harness.validation import require_choice, require_int, require_positive_int
 
-__all__ = ["COLOUR_BY", "DenoisingState", "denoising_figure", "denoising_state", "trace_summary", "visible_char"]
+__all__ = ["COLOUR_BY", "DenoisingState", "candidate_lists", "denoising_figure", "denoising_state", "trace_summary", "visible_char"]
 
 COLOUR_BY = ("confidence", "step")
 _MASK_GLYPH = "░"
@@ -99,8 +101,9 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
     # Empty cells are None (JSON null), not NaN: a widget's messages must be valid JSON.
     grid_value: list[list[float | None]] = [[None] * width for _ in range(lines)]
     grid_given: list[list[float | None]] = [[None] * width for _ in range(lines)]
-    xs, ys, labels, colours = [], [], [], []
+    xs, ys, labels, colours, hovers = [], [], [], [], []
     top = 1.0 if colour_by == "confidence" else max(1, trace.steps - 1)
+    upcoming = candidate_lists(trace, chars, row=row, step=state.step)
     for i, (char, kind, value) in enumerate(zip(state.text, state.kind, state.value)):
         r, c = divmod(i, width)
         if kind == "committed":
@@ -109,9 +112,13 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
             grid_given[r][c] = 1.0
         xs.append(c)
         ys.append(r)
-        labels.append(char)
+        options = upcoming[i] if upcoming is not None and kind == "masked" else []
+        # A masked cell shows, faintly, the model's top candidate for it at the next step (hover: the top 3).
+        labels.append(options[0][0] if options else char)
+        hovers.append("next step's top candidates: " + ", ".join(f"{t} {p:.2f}" for t, p in options)
+                      if options else kind)
         if kind == "masked":
-            colours.append("#9a9a9a")
+            colours.append("#b0b0b0" if options else "#9a9a9a")
         elif kind == "committed" and value / top < 0.55:  # dark end of the colour scale: white text
             colours.append("#ffffff")
         else:
@@ -128,7 +135,7 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
     fig.add_trace(go.Heatmap(z=grid_value, xgap=1, ygap=1, hovertemplate=f"{colour_by} %{{z:.2f}}<extra></extra>",
                              **scale), row=1, col=1)
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="text", text=labels, textfont=dict(color=colours, size=13),
-                             hoverinfo="skip", showlegend=False), row=1, col=1)
+                             hovertext=hovers, hoverinfo="text", showlegend=False), row=1, col=1)
     fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=1)
     per_step = [None if math.isnan(v) else v for v in _mean_confidence_per_step(trace, row)]
@@ -138,11 +145,26 @@ def denoising_figure(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, 
     fig.update_yaxes(range=[0, 1], title_text="confidence", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
     heading = title or "Denoising step by step"
+    faint = "; faint grey: each mask's top candidate for the next step" if upcoming is not None else ""
     fig.update_layout(
         title=dict(text=f"{heading}<br><sup>after {state.step} of {state.total_steps} steps, "
-                        f"{state.masked_left} masks left; grey cells were given</sup>"),
+                        f"{state.masked_left} masks left; grey cells were given{faint}</sup>"),
         height=520, margin=dict(t=90, b=40, l=30, r=30))
     return fig
+
+
+def candidate_lists(trace: SampleTrace, chars: Sequence[str], *, row: int = 0, step: int = 0
+                    ) -> list[list[tuple[str, float]]] | None:
+    """Per position of sequence ``row``: the model's top candidates ``(character, probability)`` as predicted at
+    step ``step`` (before its commit); ``None`` when the trace recorded none or the run has ended."""
+    if not trace.candidates or step >= len(trace.candidates):
+        return None
+    ids, probs = trace.candidates[step]
+    out = []
+    for position in range(ids.shape[1]):
+        out.append([(visible_char(chars[int(t)]), float(p)) for t, p in zip(ids[row, position], probs[row, position])
+                    if int(t) >= 0])
+    return out
 
 
 def trace_summary(trace: SampleTrace) -> dict[str, float]:

@@ -61,3 +61,26 @@ def test_scores(models) -> None:
         ev.span_accuracy(guess[:1], truth, 1, 2)
     with pytest.raises(ValueError, match="non-empty"):
         ev.unigram_entropy_bits(torch.tensor([], dtype=torch.long))
+
+
+def test_the_gap_posterior_is_bayes_rule_over_whole_windows() -> None:
+    torch.manual_seed(0)
+    model = TinyLM(5, 16, 1, 12, n_heads=2).double().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(5)
+    tokens = torch.randint(0, 5, (2, 9), generator=torch.Generator().manual_seed(3))
+    posterior = ev.ar_gap_log_posterior(model, tokens, 4)
+    assert posterior.shape == (2, 5) and posterior.dtype == torch.float64
+    # brute force: the full sequence log-probability (from position 1 on) of every candidate, normalised
+    for b in range(2):
+        scores = []
+        for c in range(5):
+            row = tokens[b:b + 1].clone()
+            row[0, 4] = c
+            scores.append(float(-ev.ar_token_nll(model, row).sum()))
+        assert torch.allclose(posterior[b], torch.tensor(scores, dtype=torch.float64).log_softmax(0), atol=1e-9)
+    nll, best = ev.ar_infill_one(model, tokens, 4)
+    assert torch.allclose(nll.double(), -posterior.gather(1, tokens[:, 4:5]).squeeze(1), atol=1e-6)
+    assert torch.equal(best, posterior.argmax(1))
+    with pytest.raises(TypeError, match="causal"):
+        ev.ar_gap_log_posterior(TinyLM(5, 16, 1, 12, n_heads=2, causal=False), tokens, 4)

@@ -124,7 +124,7 @@ def test_estimator_moments_are_the_mean_and_variance_of_the_sampled_estimate(sch
                                    generator=torch.Generator().manual_seed(0))
     assert torch.allclose(draws.mean(0), mean, rtol=0.02)
     if schedule == "cosine":                                  # finite variance: the sample variance converges
-        assert torch.allclose(draws.var(0), var, rtol=0.1)
+        assert float(draws.var(0).sum()) == pytest.approx(float(var.sum()), rel=0.1)
     else:                                                     # heavy tail: samples mostly miss the rare huge draws
         assert 0.3 * float(var.sum()) < float(draws.var(0).sum()) < float(var.sum())
     assert float((probs * var).sum()) > 0

@@ -179,3 +179,67 @@ def test_strict_mode_raises_on_a_wrong_answer(checker, monkeypatch, capsys) -> N
     monkeypatch.setenv("LABSUPPORT_STRICT_CHECKS", "1")
     with pytest.raises(AssertionError):
         checker(raises)
+
+
+def test_threshold_commit_checker_passes_the_reference_and_refuses_its_shortcuts(capsys) -> None:
+    from labsupport.diffusion.exercises import check_threshold_commit, reference_threshold_commit
+
+    result, out = run(check_threshold_commit, reference_threshold_commit, capsys)
+    assert result and "passed" in out
+    generic_wrong_answers(check_threshold_commit, capsys)
+
+    def strict(canvas, probs, mask_id, threshold):           # > instead of ≥, and no guaranteed progress
+        confidence, predicted = probs.max(-1)
+        return torch.where((canvas == mask_id) & (confidence > threshold), predicted, canvas)
+
+    def everywhere(canvas, probs, mask_id, threshold):       # commits over given tokens too
+        confidence, predicted = probs.max(-1)
+        return torch.where(confidence >= threshold, predicted, canvas)
+
+    def progress_only_by_threshold(canvas, probs, mask_id, threshold):
+        confidence, predicted = probs.max(-1)
+        return torch.where((canvas == mask_id) & (confidence >= threshold), predicted, canvas)
+
+    for wrong in (strict, everywhere, progress_only_by_threshold):
+        result, out = run(check_threshold_commit, wrong, capsys)
+        assert not result and "progress" in out
+        assert ">=" not in out and "clamp" not in out               # the hint diagnoses, never gives the code
+
+
+def test_gap_log_posterior_checker_refuses_the_left_only_answer(capsys) -> None:
+    from labsupport.diffusion.evaluation import ar_gap_log_posterior
+    from labsupport.diffusion.exercises import check_gap_log_posterior
+
+    result, out = run(check_gap_log_posterior, ar_gap_log_posterior, capsys)
+    assert result and "passed" in out
+
+    def left_only(model, tokens, position):
+        return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
+
+    def unnormalised(model, tokens, position):
+        return ar_gap_log_posterior(model, tokens, position) - 0.5
+
+    def float32(model, tokens, position):
+        return ar_gap_log_posterior(model, tokens, position).float()
+
+    for wrong in (left_only, unnormalised, float32):
+        result, out = run(check_gap_log_posterior, wrong, capsys)
+        assert not result
+    result, out = run(check_gap_log_posterior, not_done, capsys)
+    assert result.status == "not done"
+
+
+@pytest.mark.parametrize("checker_name", ["check_mask_tokens", "check_diffusion_loss", "check_transfer_schedule",
+                                          "check_low_confidence_commit", "check_threshold_commit",
+                                          "check_gap_log_posterior"])
+def test_no_checker_hint_prints_the_recipe(checker_name: str, capsys) -> None:
+    from labsupport.diffusion import exercises
+
+    def wrong(*args):
+        return None
+
+    getattr(exercises, checker_name)(wrong)
+    out = capsys.readouterr().out
+    for recipe in ("uniform < mask_prob", "divmod", "reduction='none'", "−inf before ranking", "masked_fill",
+                   "log_softmax", "repeat_interleave"):
+        assert recipe not in out, (checker_name, recipe)

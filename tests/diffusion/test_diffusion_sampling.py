@@ -218,3 +218,40 @@ def test_denoising_work_counts_what_the_sampler_does_for_any_prompt(model, promp
     trace = s.diffusion_sample(model, canvas, steps=work["steps"], block_length=block, cache=cached)
     assert (trace.steps, trace.forward_tokens) == (work["steps"], work["positions"])
     assert bool((trace.tokens != VOCAB).all())
+
+
+def test_threshold_sampling_commits_by_confidence_and_always_progresses(model) -> None:
+    _, canvas = canvas_with_prompt(8, batch=3)
+    one_at_a_time = s.threshold_sample(model, canvas, threshold=1.0)
+    assert one_at_a_time.steps == 16 and bool((one_at_a_time.tokens != VOCAB).all())
+    # threshold 1 commits only the single surest prediction per step: greedy low-confidence at 1 token per step
+    reference = s.diffusion_sample(model, canvas, steps=16)
+    assert torch.equal(one_at_a_time.tokens, reference.tokens)
+    everything = s.threshold_sample(model, canvas, threshold=1e-9)
+    assert everything.steps == 1
+    middle = s.threshold_sample(model, canvas, threshold=0.5, block_length=4)
+    assert 4 <= middle.steps <= 16
+    assert torch.equal(middle.tokens[:, :8], canvas[:, :8])
+    given = canvas != VOCAB
+    assert bool((middle.commit_step[given] == -1).all())
+    # every commit clears the threshold, except the one forced commit of a step where nothing did
+    for step in range(middle.steps):
+        for row in range(canvas.shape[0]):
+            now = middle.commit_step[row] == step
+            assert bool((middle.confidence[row][now] >= 0.5).all()) or int(now.sum()) == 1
+    with pytest.raises(ValueError, match="threshold"):
+        s.threshold_sample(model, canvas, threshold=0.0)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        s.threshold_sample(model, canvas, threshold=1.0, max_steps=3)
+
+
+def test_recorded_candidates_are_the_top_predictions_before_each_commit(model) -> None:
+    _, canvas = canvas_with_prompt(8, batch=2)
+    trace = s.diffusion_sample(model, canvas, steps=4, record=True)
+    assert len(trace.candidates) == len(trace.frames) == 4
+    ids, probs = trace.candidates[0]
+    expected = model(canvas).softmax(-1).topk(3, dim=-1)
+    assert torch.equal(ids, expected.indices) and torch.allclose(probs, expected.values)
+    # what step 0 committed is each committed position's top candidate (greedy)
+    now = trace.commit_step == 0
+    assert torch.equal(trace.tokens[now], ids[..., 0][now])

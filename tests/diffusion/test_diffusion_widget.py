@@ -49,7 +49,10 @@ def test_figure_shows_the_grid_and_the_confidence_bars(trace) -> None:
     fig = denoising_figure(trace, CHARS, step=4, width=8)
     kinds = [t.type for t in fig.data]
     assert kinds == ["heatmap", "heatmap", "scatter", "bar"]
-    assert len(fig.data[2].text) == 20 and "░" in fig.data[2].text
+    assert len(fig.data[2].text) == 20
+    plain = denoising_figure(type(trace)(trace.tokens, trace.commit_step, trace.confidence, steps=trace.steps),
+                             CHARS, step=4, width=8)               # no recorded candidates: the mask glyph
+    assert "░" in plain.data[2].text and "░" not in fig.data[2].text
     assert len(fig.data[3].y) == 7
     assert "after 4 of 7 steps" in fig.layout.title.text
     import json
@@ -59,3 +62,20 @@ def test_figure_shows_the_grid_and_the_confidence_bars(trace) -> None:
     assert visible_char(" ") == "␣" and visible_char("\n") == "⏎"
     summary = trace_summary(trace)
     assert summary["steps"] == 7 and 0 < summary["mean_confidence"] <= 1
+
+
+def test_masked_cells_show_their_next_step_top_candidates(trace) -> None:
+    from labsupport.diffusion.widget import candidate_lists
+
+    lists = candidate_lists(trace, CHARS, step=2)
+    ids, probs = trace.candidates[2]
+    masked_now = [i for i, k in enumerate(denoising_state(trace, CHARS, step=2).kind) if k == "masked"]
+    assert masked_now
+    for i in masked_now:
+        assert lists[i][0] == (visible_char(CHARS[int(ids[0, i, 0])]), pytest.approx(float(probs[0, i, 0])))
+        assert len(lists[i]) == 3 and lists[i][0][1] >= lists[i][1][1] >= lists[i][2][1]
+    assert candidate_lists(trace, CHARS, step=trace.steps) is None
+    fig = denoising_figure(trace, CHARS, step=2)
+    text = next(t for t in fig.data if t.type == "scatter" and t.mode == "text")
+    assert any("top candidates" in h for h in text.hovertext)
+    assert "top candidate" in fig.layout.title.text
