@@ -18,6 +18,12 @@ __all__ = ["merge_groups", "merge_figure", "scan_figure"]
 _DIRECTION_COLOURS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c")
 
 
+def _gaps(values: torch.Tensor, hidden: torch.Tensor) -> list[list[float | None]]:
+    """``values`` as nested lists with ``None`` (a gap plotly leaves transparent; NaN would break a live widget's
+    JSON) where ``hidden`` is True."""
+    return [[None if h else float(v) for v, h in zip(row, hide)] for row, hide in zip(values.tolist(), hidden.tolist())]
+
+
 def _image_trace(image: torch.Tensor) -> go.Heatmap:
     return go.Heatmap(z=image.flip(0).tolist(), colorscale="Greys", showscale=False, hoverinfo="skip")
 
@@ -36,7 +42,7 @@ def scan_figure(image: torch.Tensor, order: str, row: int, column: int) -> go.Fi
     index = row * w + column
     seen = seen_mask(order, h, w)[index].view(h, w).float()
     fig = go.Figure(_image_trace(image))
-    fig.add_trace(go.Heatmap(z=seen.flip(0).masked_fill(seen.flip(0) == 0, float("nan")).tolist(),
+    fig.add_trace(go.Heatmap(z=_gaps(seen.flip(0), seen.flip(0) == 0),
                              colorscale=[[0, "rgba(255,200,0,0.45)"], [1, "rgba(255,200,0,0.45)"]],
                              showscale=False, hoverinfo="skip", name="seen"))
     for k, perm in enumerate(scan_permutations(order, h, w)):
@@ -68,11 +74,11 @@ def merge_figure(image: torch.Tensor, sources: list[torch.Tensor], layer: int) -
     h, w = image.shape
     groups = merge_groups(sources[layer].cpu()).view(h, w).float()
     tokens = int(sources[layer].max()) + 1
-    shown = groups.masked_fill(groups < 0, float("nan"))
+    shown = _gaps(groups.flip(0), groups.flip(0) < 0)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("image", f"after block {layer + 1}: {tokens} tokens"))
     fig.add_trace(_image_trace(image), row=1, col=1)
     fig.add_trace(_image_trace(image), row=1, col=2)
-    fig.add_trace(go.Heatmap(z=shown.flip(0).tolist(), colorscale="Turbo", showscale=False, opacity=0.75,
+    fig.add_trace(go.Heatmap(z=shown, colorscale="Turbo", showscale=False, opacity=0.75,
                              hovertemplate="token %{z}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)

@@ -70,3 +70,13 @@ def test_merge_groups_and_figure():
     assert widget.merge_groups(source).tolist() == [0, 0, -1, 2, 2, 2, -1]
     fig = widget.merge_figure(torch.rand(2, 2), [torch.tensor([0, 0, 1, 2])], 0)
     assert "3 tokens" in fig.layout.annotations[1].text
+
+
+def test_figures_hold_no_nan_a_live_widget_could_not_send():
+    import json
+
+    def strict(fig):
+        return json.dumps(fig.to_plotly_json(), allow_nan=False,
+                          default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    strict(widget.scan_figure(torch.rand(4, 5), "row", 1, 1))
+    strict(widget.merge_figure(torch.rand(2, 2), [torch.tensor([0, 0, 1, 2])], 0))
