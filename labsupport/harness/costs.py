@@ -53,7 +53,12 @@ __all__ = [
     "quantized_bytes_per_element",
     "mamba_state_bytes",
     "recurrent_state_bytes",
+<<<<<<< HEAD
     "mixer_state_numbers",
+=======
+    "image_tokens",
+    "encoder_layer_flops",
+>>>>>>> ch09
 ]
 
 
@@ -472,6 +477,7 @@ def autoregressive_work(prompt: int, new_tokens: int) -> dict[str, int]:
     return {"steps": new, "positions": prompt + new - 1}
 
 
+<<<<<<< HEAD
 # --------------------------------------------------------------------------- one layer's state, by kind (chapter 07)
 
 
@@ -501,3 +507,29 @@ def mixer_state_numbers(kind: str, *, context: int, kv_width: int = 0, window: i
     if kind == "ssm":
         return require_positive_int("d_inner", d_inner) * require_positive_int("d_state", d_state)
     return require_positive_int("heads", heads) * require_positive_int("d_k", d_k) * require_positive_int("d_v", d_v)
+=======
+# --------------------------------------------------------------------------- images as tokens (chapter 09)
+
+
+def image_tokens(height: int, width: int, patch: int) -> int:
+    """Patch tokens of an ``height × width`` image cut into ``patch × patch`` squares: ``(H/p)·(W/p)``."""
+    height, width = require_positive_int("height", height), require_positive_int("width", width)
+    patch = require_positive_int("patch", patch)
+    if height % patch or width % patch:
+        raise ValueError(f"image {height}×{width} is not divisible by patch {patch}")
+    return (height // patch) * (width // patch)
+
+
+def encoder_layer_flops(tokens: int, d_model: int, *, mlp_ratio: int = 4) -> dict[str, int]:
+    """Matmul FLOPs of one transformer layer over ``N`` tokens (2 per multiply-add).
+
+    ``projections``: Q, K, V and output, ``8 N d²``; ``attention``: scores ``Q Kᵀ`` and ``P V``, ``4 N² d``;
+    ``mlp``: two matmuls through width ``mlp_ratio·d``, ``4 · mlp_ratio · N d²``; and their ``total``. The
+    attention term is the only one quadratic in ``N``; it overtakes the rest at ``N = (2 + mlp_ratio) · d``.
+    """
+    n = require_int("tokens", tokens, minimum=0)
+    d, ratio = require_positive_int("d_model", d_model), require_positive_int("mlp_ratio", mlp_ratio)
+    parts = {"projections": 8 * n * d * d, "attention": 4 * n * n * d, "mlp": 4 * ratio * n * d * d}
+    parts["total"] = sum(parts.values())
+    return parts
+>>>>>>> ch09

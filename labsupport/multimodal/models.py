@@ -83,15 +83,31 @@ class PatchClassifier(nn.Module):
         return self.head(self.features(images).mean(dim=1))
 
 
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _as_tuple(inputs: Inputs, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    for i, part in enumerate(parts):
+        require_tensor(f"inputs[{i}]", part)
+        if len(part) != len(labels):
+            raise ValueError(f"inputs[{i}] has {len(part)} rows but there are {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("need at least one example")
+    return parts
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, chunk: int = 512) -> float:
-    """Fraction of ``images`` whose top logit is the label (evaluation mode, in chunks)."""
-    images, labels = require_tensor("images", images), require_tensor("labels", labels, ndim=1)
-    if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}")
+def accuracy(model: nn.Module, inputs: Inputs, labels: torch.Tensor, *, chunk: int = 512) -> float:
+    """Fraction of examples whose top logit is the label (evaluation mode, in chunks).
+
+    ``inputs`` is the model's one input tensor, or a tuple of them (``model(*inputs)``), row ``i`` for label ``i``.
+    """
+    labels = require_tensor("labels", labels, ndim=1)
+    parts = _as_tuple(inputs, labels)
     was_training = model.training
     model.eval()
-    correct = sum(int((model(images[s:s + chunk]).argmax(-1) == labels[s:s + chunk]).sum())
+    correct = sum(int((model(*(p[s:s + chunk] for p in parts)).argmax(-1) == labels[s:s + chunk]).sum())
                   for s in range(0, len(labels), chunk))
     model.train(was_training)
     return correct / len(labels)
@@ -106,12 +122,14 @@ class ClassifierHistory:
     seconds: float = 0.0
 
 
-def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int,
+def train_classifier(model: nn.Module, inputs: Inputs, labels: torch.Tensor, *, steps: int,
                      batch: int = 64, lr: float = 3e-3, weight_decay: float = 0.05, warmup_fraction: float = 0.1,
                      grad_clip: float = 1.0, seed: int = 0, label: str = "model",
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                      ) -> ClassifierHistory:
-    """Train ``model`` on random minibatches of ``(images, labels)`` for ``steps`` AdamW steps.
+    """Train ``model`` on random minibatches of ``(inputs, labels)`` for ``steps`` AdamW steps.
+
+    ``inputs``: one tensor or a tuple of tensors (the model is called as ``model(*inputs)``).
 
     Deterministic for a given ``seed`` (minibatches come from a generator seeded with it; seed the model's
     initialisation yourself, before building it).
@@ -120,8 +138,8 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     steps, batch = require_positive_int("steps", steps), require_positive_int("batch", batch)
     seed = require_int("seed", seed, minimum=0)
-    if len(images) != len(labels):
-        raise ValueError(f"need as many labels as images, got {len(images)} and {len(labels)}")
+    labels = require_tensor("labels", labels, ndim=1)
+    parts = _as_tuple(inputs, labels)
     gen = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = max(1, int(warmup_fraction * steps))
@@ -137,7 +155,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     start = time.perf_counter()
     for _ in range(steps):
         index = torch.randint(0, len(labels), (batch,), generator=gen)
-        loss = loss_fn(model(images[index]), labels[index])
+        loss = loss_fn(model(*(p[index] for p in parts)), labels[index])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
