@@ -265,7 +265,7 @@ def build(notebooks: list[Path], out: Path, *, quick: bool, jobs: int, executed:
     (pages / "notebooks").mkdir(parents=True)
     shutil.copy2(src / "index.md", pages / "index.md")
     for target in sorted((src / "notebooks").glob("*.ipynb")):
-        page = fold_solutions(offline_pages(nbformat.read(target, as_version=4)), student=student)
+        page = offline_pages(fold_solutions(nbformat.read(target, as_version=4), student=student))
         nbformat.write(page, pages / "notebooks" / target.name)
 
     html = out / "html"
