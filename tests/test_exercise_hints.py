@@ -130,3 +130,65 @@ def test_a_failure_points_at_the_hints_without_printing_the_formula(checker, wro
     assert "hint" in message and "hints are above the exercise" in message.lower()
     for fragment in formula_fragments:
         assert fragment not in message, f"{checker.__name__} prints the solution formula: {fragment!r}"
+
+
+# Issue 27: a failure says what this answer did ("found"), and the recipe comes only when asked (reveal=True).
+DIAGNOSED = [
+    (attention.check_attention_decode_step, _scores_without_scale, "without the 1/√d scale"),
+    (flash.check_online_softmax_update, _online_update_without_rescaling_acc, "without repairing acc"),
+    (flash.check_flash_forward, _forward_with_halved_lse, "exactly 1/2 ×"),
+    (flash.check_flash_backward, _backward_with_doubled_dq, "exactly 2 ×"),
+    (grouped.check_grouped_decode_step, _grouped_with_repeat, "reads KV head h % G"),
+    (grouped.check_quantize_dequantize, _quantise_with_2_to_the_b_levels, "2**bits steps"),
+    (linear_attention.check_recurrent_step, _recurrent_reading_the_old_state, "before this token's write"),
+    (linear_attention.check_chunkwise_step, _chunk_without_the_diagonal, "leaves out the diagonal"),
+    (linear_attention.check_delta_rule_step, _delta_without_the_read, "without first taking away"),
+    (linear_attention.check_chunkwise_decay_step, _decay_chunk_writing_undecayed, "no decay at all"),
+    (attention.check_kv_cache_bytes, lambda l, h, d, c, b: l * h * d * c * b, "keys OR values"),
+    (attention.check_decode_intensity,
+     lambda s, c, b: b * s.flops_per_token(c) / (b * s.params * s.bytes_per_element + b * c * s.kv_bytes_per_token()),
+     "once per sequence"),
+]
+
+
+@pytest.mark.parametrize("checker, wrong, diagnosis", DIAGNOSED, ids=[c.__name__ for c, _, _ in DIAGNOSED])
+def test_a_failure_names_what_this_answer_did(checker, wrong, diagnosis, monkeypatch, capsys) -> None:
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+    result = checker(wrong)
+    message = capsys.readouterr().out
+    assert not result.passed and f"\n   found   " in message and diagnosis in result.diagnosis, message
+    assert "reveal=True)` prints the full recipe" in message and "\n   recipe  try the tiered hints first" in message
+
+
+def _chapter_checkers() -> list:
+    import importlib
+
+    modules = [f"labsupport.{family}.{name}" for family in ("attention", "flash", "grouped", "linear_attention")
+               for name in ("exercises", "exercises_core")]
+    found = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        found += [getattr(module, n) for n in sorted(dir(module)) if n.startswith("check_")
+                  and callable(getattr(module, n)) and getattr(module, n).__module__ == name]
+    return found
+
+
+CHAPTER_CHECKERS = _chapter_checkers()
+
+
+@pytest.mark.parametrize("checker", CHAPTER_CHECKERS, ids=lambda c: c.__name__)
+def test_the_recipe_is_printed_only_when_asked_for(checker, monkeypatch, capsys) -> None:
+    monkeypatch.delenv(STRICT_ENV_VAR, raising=False)
+
+    def wrong(*args, **kwargs):
+        return None
+
+    hidden = checker(wrong).message
+    shown = checker(wrong, reveal=True).message
+    capsys.readouterr()
+    assert f"`{checker.__name__}(wrong, reveal=True)` prints the full recipe" in hidden
+    recipe = shown.split("\n   recipe  ")[-1]
+    assert len(recipe) > 40 and recipe not in hidden

@@ -153,3 +153,88 @@ def test_the_figures_are_interactive_without_the_network(book) -> None:
     assert '<script type="module">' in page and "Plotly.newPlot" in page
     assert "cdn.plot.ly" not in page and "require.config" not in page
     assert re.search(r'<script[^>]+src="[./]*_static/plotly\.min\.js', page), "plotly.js is not loaded from the book"
+
+
+# ----------------------------------------------------------------------------- solutions: folded, or gone
+
+
+def _build_book_module():
+    spec = importlib.util.spec_from_file_location("build_book", REPO / "tools" / "build_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def solution_lines(notebook: nbformat.NotebookNode) -> set[str]:
+    """Lines found only inside solution blocks (long enough to be telling): what must not reach a student."""
+    from labsupport.harness.editions import find_solution_blocks
+
+    inside, outside = set(), set()
+    for cell in notebook.cells:
+        lines = cell.source.splitlines()
+        blocks = find_solution_blocks(cell.source)
+        hidden = {n for b in blocks for n in range(b.begin + 1, b.end)}
+        for number, line in enumerate(lines):
+            (inside if number in hidden else outside).add(line.strip())
+    elsewhere = "\n".join(outside)  # a line quoted in a hint or a later cell is not a secret
+    return {line for line in inside - outside if len(line) >= 20 and not line.startswith("#") and line not in elsewhere}
+
+
+@pytest.mark.parametrize("path", chapter_notebooks(), ids=lambda p: p.stem)
+def test_pages_fold_solutions_for_instructors_and_drop_them_for_students(path: Path) -> None:
+    from labsupport.harness.editions import make_student_edition
+
+    build_book = _build_book_module()
+    secret = solution_lines(nbformat.read(path, as_version=4))
+    assert secret, f"{path.name}: no solution lines found (the test would prove nothing)"
+    instructor = build_book.fold_solutions(nbformat.read(path, as_version=4), student=False)
+    student = build_book.fold_solutions(make_student_edition(nbformat.read(path, as_version=4)), student=True)
+    for edition, notebook in (("instructor", instructor), ("student", student)):
+        text = "\n".join(cell.source for cell in notebook.cells)
+        assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text, f"{path.name}: a marker in the {edition} page"
+    student_text = "\n".join(cell.source for cell in student.cells)
+    leaked = sorted(line for line in secret if line in student_text)
+    assert not leaked and build_book.SOLUTION_LABEL not in student_text, f"{path.name}: solution in the student page: {leaked[:3]}"
+    folds = "\n".join(c.source for c in instructor.cells if c.source.startswith('<details class="course-solution">')
+                      or '<details class="course-solution">' in c.source)
+    assert all(line in folds for line in secret), f"{path.name}: a solution line is not inside a folded solution"
+    assert f"<summary>{build_book.SOLUTION_LABEL}</summary>" in folds
+
+
+def test_the_instructor_book_shows_solutions_folded_with_a_label(book) -> None:
+    for path in chapter_notebooks():
+        text = (book / "html" / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8")
+        assert "BEGIN SOLUTION" not in text, f"{path.name}: a solution marker is shown in the book"
+        assert re.search(r'<details class="course-solution">\s*<summary>Solution \(instructor edition\)</summary>', text), (
+            f"{path.name}: no folded, labelled solution in the instructor book")
+
+
+STUDENT_CHAPTER = "00_where_the_time_goes.ipynb"  # one chapter (with code and markdown answers) keeps the build short
+
+
+@pytest.fixture(scope="module")
+def student_book(tmp_path_factory) -> Path:
+    reason = _why_no_book_tools()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("student-book")
+    command = [sys.executable, str(REPO / "tools" / "build_book.py"), "--quick", "--student", "--out", str(out),
+               str(REPO / "notebooks" / STUDENT_CHAPTER)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, f"the student book did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out
+
+
+def test_the_student_book_is_built_from_the_student_edition_without_solutions(student_book) -> None:
+    path = REPO / "notebooks" / STUDENT_CHAPTER
+    html = student_book / "html"
+    text = (html / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8")
+    assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
+    assert "Solution (instructor edition)" not in text
+    assert "your code here" in text and "not done yet" in text  # executed as a learner runs it
+    assert "✅" not in text, "a checker passed in the student book: a solution was executed"
+    unescaped = text.replace("&gt;", ">").replace("&lt;", "<").replace("&amp;", "&").replace("&quot;", '"')
+    leaked = [line for line in solution_lines(nbformat.read(path, as_version=4)) if line in unescaped]
+    assert not leaked, f"solution lines in the student book: {leaked[:3]}"
+    assert "student edition of the book" in (html / "index.html").read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ Each checker compares a learner's function with its reference in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from labsupport.attention.reference import (
 )
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
+from labsupport.harness.diagnosis import known_mistakes
 
 __all__ = [
     "check_attention_decode_step",
@@ -83,42 +85,119 @@ def _decode_intensity_cases() -> list[Case]:
     ]
 
 
-def check_causal_attention(fn: Callable[..., object]) -> CheckResult:
-    """Check a learner's ``causal_attention(q, k, v)`` against :func:`causal_attention`."""
+# ----------------------------------------------------------------------------- what a wrong answer did
+# Written-out wrong answers: when a learner's output equals one of these on the failing case, the check says so.
+
+
+def _attention(q, k, v, *, scale: float | None, hide_diagonal: bool = False, causal: bool = True,
+               softmax_dim: int = -1, top_left: bool = False):
+    scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        offset = 0 if top_left else lk - lq
+        hidden = torch.ones(lq, lk, dtype=torch.bool).triu(offset + (0 if hide_diagonal else 1))
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return scores.softmax(dim=softmax_dim).nan_to_num(0.0) @ v
+
+
+_ATTENTION_MISTAKES = known_mistakes({
+    "your output matches attention without the 1/√d scale on the scores":
+        lambda q, k, v: _attention(q, k, v, scale=1.0),
+    "your mask also hides the diagonal: position t must read itself":
+        lambda q, k, v: _attention(q, k, v, scale=None, hide_diagonal=True),
+    "your output matches attention with no causal mask: position t reads later positions":
+        lambda q, k, v: _attention(q, k, v, scale=None, causal=False),
+    "your softmax normalises over the queries (dim=-2), not over the keys each query reads":
+        lambda q, k, v: _attention(q, k, v, scale=None, softmax_dim=-2),
+}, atol=1e-5, rtol=1e-4)
+
+_DECODE_MISTAKES = known_mistakes({
+    "your output matches attention without the 1/√d scale on the scores":
+        lambda q, k, v: _attention(q, k, v, scale=1.0, causal=False),
+    "your scale uses the cache length, not the head dimension":
+        lambda q, k, v: _attention(q, k, v, scale=1 / math.sqrt(k.shape[-2]), causal=False),
+    "your new token reads only the first cached key: a causal mask aligned top-left (as "
+    "F.scaled_dot_product_attention(is_causal=True) does with one query) hides the rest of the cache":
+        lambda q, k, v: _attention(q, k, v, scale=None, top_left=True),
+    "your softmax normalises over the wrong axis: the new token's weights over the cache must sum to 1":
+        lambda q, k, v: _attention(q, k, v, scale=None, causal=False, softmax_dim=-2),
+}, atol=1e-5, rtol=1e-4)
+
+
+def _kv_bytes_diagnosis(case: Case, expected: object, got: object) -> str | None:
+    if not isinstance(expected, (int, float)) or not isinstance(got, (int, float)) or not expected:
+        return None
+    ratio = float(got) / float(expected)
+    for value, text in ((0.5, "your count is half the answer: keys OR values, where the cache holds both"),
+                        (2**-30, "your answer is in GiB; the exercise asks for bytes"),
+                        (1e-9, "your answer is in GB; the exercise asks for bytes")):
+        if math.isclose(ratio, value, rel_tol=1e-6):
+            return text
+    layers, kv_heads, head_dim, context, width = case.args
+    if math.isclose(float(got), 2 * layers * kv_heads * head_dim * context, rel_tol=1e-9) and width != 1:
+        return "your count is in elements: multiply by the bytes each element takes"
+    return None
+
+
+def _intensity_diagnosis(case: Case, expected: object, got: object) -> str | None:
+    shape, context, batch = case.args
+    flops, _ = shape.decode_step(context, batch)
+    weights, cache = shape.params * shape.bytes_per_element, batch * context * shape.kv_bytes_per_token()
+    for moved, text in ((batch * weights + cache, "you read the weights once per sequence; one step reads them "
+                                                  "once for the whole batch"),
+                        (weights + context * shape.kv_bytes_per_token(), "you read one KV cache; every sequence "
+                                                                          "in the batch reads its own"),
+                        (weights, "your bytes leave out the KV caches")):
+        if isinstance(got, (int, float)) and math.isclose(float(got), flops / moved, rel_tol=1e-6):
+            return text
+    if isinstance(got, (int, float)) and batch > 1 and math.isclose(float(got), flops / batch / (weights + cache),
+                                                                     rel_tol=1e-6):
+        return "your FLOPs are one sequence's; every sequence in the batch does its own"
+    return None
+
+
+def check_causal_attention(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
+    """Check a learner's ``causal_attention(q, k, v)`` against :func:`causal_attention` (``reveal=True``: the recipe)."""
     return check_function(
         fn, causal_attention, _attention_cases(), exercise="causal attention",
-        atol=1e-5, rtol=1e-4,
-        hint="scale by 1/sqrt(head_dim), mask with -inf strictly above the diagonal "
-             "(position t may read t itself), softmax over the last dimension.",
+        atol=1e-5, rtol=1e-4, diagnose=_ATTENTION_MISTAKES, reveal=reveal,
+        hint="compare the case's sizes with your scale, your mask and the axis your softmax normalises; "
+             "the tiered hints are above the exercise; start with Hint 1.",
+        recipe="scores = q kᵀ / sqrt(head_dim); set the scores strictly above the diagonal to -inf (position t "
+               "reads 0..t, itself included); softmax over the last dimension; multiply by v.",
     )
 
 
-def check_attention_decode_step(fn: Callable[..., object]) -> CheckResult:
+def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``attention_decode_step(q_new, k_cache, v_cache)``, including that it matches the last row of full attention."""
     return check_function(
         fn, attention_decode_step, _decode_step_cases(), exercise="decode step with a KV cache",
-        atol=1e-5, rtol=1e-4,
-        hint="this is the last row of the causal attention of section 1; the usual slips are the scale (it "
-             "depends on the head dimension, not on the cache length) and the axis the softmax normalises. "
-             "F.scaled_dot_product_attention(..., is_causal=True) aligns its mask to the top-left, so with one "
-             "query it would see only the first key. Tiered hints are above the exercise.",
+        atol=1e-5, rtol=1e-4, diagnose=_DECODE_MISTAKES, reveal=reveal,
+        hint="this is the last row of the causal attention of section 1: which keys may the newest token read? "
+             "Tiered hints are above the exercise.",
+        recipe="scores = q_new k_cacheᵀ / sqrt(head_dim) (1 × T per head, no mask: the newest token reads every "
+               "cached one); softmax over the cache axis; multiply by v_cache.",
     )
 
 
-def check_kv_cache_bytes(fn: Callable[..., object]) -> CheckResult:
+def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``kv_cache_bytes(layers, kv_heads, head_dim, context, bytes_per_element)``, Jamba's figures included."""
     return check_function(
         fn, kv_cache_bytes_reference, _kv_cache_cases(), exercise="KV-cache bytes", atol=0, rtol=0,
-        hint="one key AND one value vector per layer, per KV head, per cached token; answer in bytes "
-             "(not GB or GiB).",
+        diagnose=_kv_bytes_diagnosis, reveal=reveal,
+        hint="list what one cached token stores, in one layer and one KV head, then count; the answer is in "
+             "bytes. Tiered hints are above the exercise.",
+        recipe="2 (a key and a value) × layers × kv_heads × head_dim × context × bytes_per_element.",
     )
 
 
-def check_decode_intensity(fn: Callable[..., object]) -> CheckResult:
+def check_decode_intensity(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step."""
     return check_function(
         fn, decode_intensity_reference, _decode_intensity_cases(), exercise="decode arithmetic intensity",
-        atol=0, rtol=1e-6,
-        hint="the weights are read once per step and shared by the whole batch; each sequence reads its "
-             "own KV cache; every sequence in the batch does its own FLOPs.",
+        atol=0, rtol=1e-6, diagnose=_intensity_diagnosis, reveal=reveal,
+        hint="ask, for each of the FLOPs, the weights and the KV caches, whether it grows with the batch. Tiered "
+             "hints are above the exercise.",
+        recipe="FLOPs = batch × shape.flops_per_token(context); bytes = shape.params × bytes_per_element (read "
+               "once per step, shared) + batch × context × shape.kv_bytes_per_token(); return FLOPs / bytes.",
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
+from labsupport.harness.diagnosis import known_mistakes
 
 __all__ = ["check_largest_batch", "largest_batch_reference"]
 
@@ -41,10 +42,25 @@ def _cases() -> list[Case]:
     ]
 
 
-def check_largest_batch(fn: Callable[..., object]) -> CheckResult:
+_BATCH_MISTAKES = known_mistakes({
+    "your batch counts the weights once per sequence; they are stored once, whatever the batch":
+        lambda shape, memory, context: max(0, int(memory // (shape.weight_bytes + context * shape.kv_bytes_per_token()))),
+    "your batch ignores the weights: they take their share of the memory first":
+        lambda shape, memory, context: int(memory // (context * shape.kv_bytes_per_token())),
+    "your batch rounds up: part of a sequence's cache does not fit":
+        lambda shape, memory, context: max(0, -int(-(memory - shape.weight_bytes) // (context * shape.kv_bytes_per_token()))),
+    "your batch is negative where the weights alone do not fit: such a model serves no sequence (0)":
+        lambda shape, memory, context: int((memory - shape.weight_bytes) // (context * shape.kv_bytes_per_token())),
+}, atol=0, rtol=0)
+
+
+def check_largest_batch(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``largest_batch(shape, memory_bytes, context) -> int`` against :func:`largest_batch_reference`."""
     return check_function(
         fn, largest_batch_reference, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
-        hint="the weights are stored once, whatever the batch; every sequence needs its own cache for all of "
-             "its tokens; part of a sequence does not fit, and a model whose weights do not fit serves none.",
+        diagnose=_BATCH_MISTAKES, reveal=reveal,
+        hint="list what the memory holds once and what it holds per sequence, and what happens at the edges "
+             "(a partial sequence, weights that do not fit). Tiered hints are above the exercise.",
+        recipe="spare = memory_bytes − shape.weight_bytes; 0 if spare ≤ 0, else "
+               "spare // (context × shape.kv_bytes_per_token()).",
     )

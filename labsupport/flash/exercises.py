@@ -18,6 +18,7 @@ import torch
 from labsupport.flash.reference import online_softmax_update
 from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
 from labsupport.harness.numerics import seeded_randn
 
 __all__ = ["check_flash_backward", "check_flash_forward", "check_online_softmax_update"]
@@ -68,7 +69,30 @@ def _update_cases() -> list[Case]:
     return cases
 
 
-def check_online_softmax_update(fn: Callable[..., object]) -> CheckResult:
+def _update_variant(m, l, acc, scores, v, *, rescale_l: bool = True, rescale_acc: bool = True,
+                    use_old_max: bool = False):
+    """The online-softmax step with one of its usual slips (for the diagnoses)."""
+    m_new = torch.maximum(m, scores.amax(dim=-1))
+    m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    m_old = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    alpha = torch.exp(m - m_ref)
+    p = torch.exp(scores - (m_old if use_old_max else m_ref)[..., None])
+    l_new = (alpha * l if rescale_l else l) + p.sum(dim=-1)
+    acc_new = (alpha[..., None] * acc if rescale_acc else acc) + p @ v
+    return m_new, l_new, acc_new
+
+
+_UPDATE_MISTAKES = [
+    known_mistakes({"your acc_new adds this block to acc without repairing acc for the new maximum":
+                    lambda *a: _update_variant(*a, rescale_acc=False)}, output=2),
+    known_mistakes({"your l_new adds this block to l without repairing l for the new maximum":
+                    lambda *a: _update_variant(*a, rescale_l=False)}, output=1),
+    known_mistakes({"your block's exponentials are taken against the old maximum, not the new one":
+                    lambda *a: _update_variant(*a, use_old_max=True)}, output=1),
+]
+
+
+def check_online_softmax_update(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(m, l, acc, scores, v) -> (m_new, l_new, acc_new)`` against :func:`online_softmax_update`."""
     return check_function(
         fn,
@@ -77,9 +101,13 @@ def check_online_softmax_update(fn: Callable[..., object]) -> CheckResult:
         exercise="online_softmax_update",
         atol=1e-6,
         rtol=1e-5,
-        hint="everything built against the old maximum (l and acc alike) is off by the same factor once "
-        "the maximum moves: repair both before adding this block; a row that is all -inf so far must stay at "
-        "l = 0, acc = 0 (section 2's reference point). Tiered hints are above the exercise.",
+        diagnose=_UPDATE_MISTAKES,
+        reveal=reveal,
+        hint="everything built against the old maximum is off by the same factor once the maximum moves; a row "
+        "that is all -inf so far must stay at l = 0, acc = 0 (section 2's reference point). Tiered hints are "
+        "above the exercise.",
+        recipe="m_new = max(m, rowmax(scores)); r = m_new, or 0 where m_new = -inf; α = exp(m − r); "
+        "p = exp(scores − r); l_new = α l + rowsum(p); acc_new = α acc + p v.",
         output_names=("m_new", "l_new", "acc_new"),
     )
 
@@ -140,7 +168,29 @@ def _forward_reference(q, k, v, causal=False, block_q=64, block_k=64):
     return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
 
 
-def check_flash_forward(fn: Callable[..., object]) -> CheckResult:
+def _dense_forward(q, k, v, causal=False, block_q=64, block_k=64, *, top_left: bool = False):
+    """Dense attention and its logsumexp, with the causal mask aligned bottom-right (or top-left)."""
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        hidden = torch.ones(lq, lk, dtype=torch.bool).triu(1 + (0 if top_left else lk - lq))
+        scores = scores.masked_fill(hidden, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return probs @ v, lse
+
+
+_FORWARD_MISTAKES = [
+    known_mistakes({"your causal mask is aligned top-left: with Lq ≠ Lk, the last query must see the last key "
+                    "(bottom-right, as the exercise states)":
+                    lambda *a, **kw: _dense_forward(*a, **kw, top_left=True)}, output=0, atol=1e-5, rtol=1e-4),
+    known_mistakes({"your lse is the logsumexp of the unscaled scores":
+                    lambda q, k, v, **kw: _dense_forward(q * q.shape[-1] ** 0.5, k, v, **kw)}, output=1,
+                   atol=1e-5, rtol=1e-4),
+]
+
+
+def check_flash_forward(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(q, k, v, causal=..., block_q=..., block_k=...) -> (out, lse)``.
 
     ``out`` must equal dense attention and ``lse`` the row logsumexp of the scaled
@@ -153,10 +203,14 @@ def check_flash_forward(fn: Callable[..., object]) -> CheckResult:
         exercise="flash_forward",
         atol=1e-5,
         rtol=1e-4,
-        hint="query blocks outside, key blocks inside, each tile folded in by your online_softmax_update; "
-        "with causal=True skip the hidden tiles and mask the diagonal ones (the exercise states both "
-        "conditions, bottom-right aligned); normalise once at the end, and give a row that saw no key a zero "
-        "output and lse = -inf. Tiered hints are above the exercise.",
+        diagnose=_FORWARD_MISTAKES,
+        reveal=reveal,
+        hint="read the failing case's name: a block size that does not divide L, Lq ≠ Lk under causal, and a "
+        "row that sees no key each test one part of the loop. Tiered hints are above the exercise.",
+        recipe="for each query block: m = -inf, l = 0, acc = 0; for each key block (skipping tiles wholly above "
+        "the bottom-right-aligned diagonal): scores = q kᵀ / sqrt(D), -inf where key j > query i + (Lk − Lq), "
+        "(m, l, acc) = online_softmax_update(m, l, acc, scores, v); then out = acc / l (0 where l = 0) and "
+        "lse = m + log l (-inf where l = 0).",
         output_names=("out", "lse"),
     )
 
@@ -165,7 +219,7 @@ def _backward_reference(q, k, v, out, lse, dout, causal=False, block_q=64, block
     return flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
 
 
-def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
+def check_flash_backward(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(q, k, v, out, lse, dout, causal=..., block_q=..., block_k=...) -> (dq, dk, dv)``."""
     return check_function(
         fn,
@@ -174,9 +228,11 @@ def check_flash_backward(fn: Callable[..., object]) -> CheckResult:
         exercise="flash_backward",
         atol=1e-5,
         rtol=1e-4,
+        reveal=reveal,
         hint="rebuild each tile's probabilities from the saved lse (0 where masked, and for a row with "
-        "lse = -inf), compute the D term once from dO and O, and check the scale in dQ and dK; walk the "
-        "same tiles as the forward pass. Section 7's equations give each gradient; tiered hints are above "
-        "the exercise.",
+        "lse = -inf) and walk the same tiles as the forward pass; a gradient off by a constant factor points "
+        "at the scale. Section 7's equations give each gradient; tiered hints are above the exercise.",
+        recipe="per tile: P = exp(q kᵀ/sqrt(D) − lse) (0 where masked or lse = -inf); dV += Pᵀ dO; "
+        "dP = dO vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ += dS k / sqrt(D); dK += dSᵀ q / sqrt(D).",
         output_names=("dq", "dk", "dv"),
     )

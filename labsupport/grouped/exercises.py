@@ -17,6 +17,7 @@ import torch
 from labsupport.grouped.quantization import quantize_dequantize
 from labsupport.grouped.reference import absorb_mla_weights, grouped_decode_step
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
 
 __all__ = ["check_absorb_mla_weights", "check_grouped_decode_step", "check_quantize_dequantize"]
 
@@ -42,13 +43,45 @@ def _decode_cases() -> list[Case]:
     ]
 
 
-def check_grouped_decode_step(fn: Callable[..., torch.Tensor]) -> CheckResult:
+def _grouped_with_tiled_heads(q, k, v):
+    """Query head h reading KV head h % G (``tensor.repeat``): the usual slip."""
+    reps = q.shape[1] // k.shape[1]
+    k, v = k.repeat(1, reps, 1, 1), v.repeat(1, reps, 1, 1)
+    return ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
+
+
+_GROUPED_MISTAKES = known_mistakes({
+    "your query head h reads KV head h % G (heads tiled, as tensor.repeat does); consecutive query heads share "
+    "a KV head": _grouped_with_tiled_heads,
+    "your output matches attention without the 1/√d scale":
+        lambda q, k, v: _grouped_with_tiled_heads(q * q.shape[-1] ** 0.5, k.repeat_interleave(
+            q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)),
+}, atol=1e-5, rtol=1e-4)
+
+
+def _quantise_with_levels(x, bits, dim, levels):
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round((x - lo) / scale).clamp(0, 2**bits - 1) * scale + lo
+
+
+_QUANTISE_MISTAKES = known_mistakes({
+    "your grid divides the range into 2**bits steps: 2**bits levels from min to max leave 2**bits − 1 steps "
+    "between them": lambda x, bits, dim: _quantise_with_levels(x, bits, dim, 2**bits),
+}, atol=1e-5, rtol=1e-5)
+
+
+def check_grouped_decode_step(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``grouped_decode_step(q_new, k_cache, v_cache)`` for MHA, GQA and MQA shapes."""
     return check_function(
         fn, grouped_decode_step, _decode_cases(), exercise="GQA decode step", atol=1e-5, rtol=1e-4,
-        hint="query head h reads KV head h // (H // G): consecutive query heads share a KV head "
-             "(tensor.repeat tiles the heads the other way round); apart from that it is ordinary scaled "
-             "attention of one query over the cached positions. Tiered hints are above the exercise.",
+        diagnose=_GROUPED_MISTAKES, reveal=reveal,
+        hint="which KV head does each query head read? Check it on the MHA case first (G = H), then the others. "
+             "Tiered hints are above the exercise.",
+        recipe="query head h reads KV head h // (H // G): k.repeat_interleave(H // G, dim=1) (same for v), or "
+               "reshape q to (B, G, H // G, D) against k of (B, G, T, D); then softmax(q kᵀ / sqrt(D)) v over "
+               "the cached positions.",
     )
 
 
@@ -70,15 +103,17 @@ def _absorb_cases() -> list[Case]:
     ]
 
 
-def check_absorb_mla_weights(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> CheckResult:
+def check_absorb_mla_weights(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], reveal: bool = False
+                             ) -> CheckResult:
     """Check ``absorb_mla_weights(w_q, w_uk, w_uv, w_o)`` → ``(w_q_absorbed, w_o_absorbed)``."""
     return check_function(
         fn, absorb_mla_weights, _absorb_cases(), exercise="MLA weight absorption", atol=1e-5, rtol=1e-4,
-        output_names=("w_q_absorbed", "w_o_absorbed"),
-        hint="each absorbed matrix is a product of two of the given weights (one of them transposed): write "
-             "the score and head h's output as chains of products and regroup them, as section 3 did on "
+        output_names=("w_q_absorbed", "w_o_absorbed"), reveal=reveal,
+        hint="write the score and head h's output as chains of products and regroup them, as section 3 did on "
              "activations; the results are (H, d_model, d_c) and (H, d_c, d_model). Tiered hints are above the "
              "exercise.",
+        recipe="w_q_absorbed[h] = w_q[h] @ w_uk[h]ᵀ; w_o_absorbed[h] = w_uv[h] @ w_o[h] (batched over h with "
+               "matmul / einsum).",
     )
 
 
@@ -98,12 +133,14 @@ def _quantize_cases() -> list[Case]:
     ]
 
 
-def check_quantize_dequantize(fn: Callable[..., torch.Tensor]) -> CheckResult:
+def check_quantize_dequantize(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``quantize_dequantize(x, bits, dim)``: asymmetric b-bit round trip, statistics over ``dim``."""
     return check_function(
         fn, quantize_dequantize, _quantize_cases(), exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
-        hint="the statistics are taken over `dim` (keepdim=True), so each slice has its own grid of 2**bits "
-             "levels from its minimum to its maximum; compare your scale, rounding and clamp with the exercise's "
-             "statement, and check that a constant slice comes back exactly and the result keeps x's dtype. Tiered "
-             "hints are above the exercise.",
+        diagnose=_QUANTISE_MISTAKES, reveal=reveal,
+        hint="each slice along `dim` has its own grid from its minimum to its maximum; compare your scale, "
+             "rounding and clamp with the exercise's statement, and check that a constant slice comes back "
+             "exactly. Tiered hints are above the exercise.",
+        recipe="lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True); scale = (hi − lo) / (2**bits − 1) "
+               "(1 where hi = lo); q = round((x − lo) / scale).clamp(0, 2**bits − 1); return q · scale + lo.",
     )

@@ -81,13 +81,15 @@ def _mean_pool_cases() -> list[Case]:
     ]
 
 
-def check_mean_pool_kv(fn: Callable[..., torch.Tensor]) -> CheckResult:
+def check_mean_pool_kv(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``mean_pool_kv(kv_weight, head_dim, n_kv_heads)`` against :func:`mean_pool_kv`."""
     return check_function(
         fn, mean_pool_kv, _mean_pool_cases(), exercise="mean-pool conversion to GQA", atol=1e-6, rtol=1e-5,
+        reveal=reveal,
         hint="give the rows their meaning first (keys or values, which KV head, which row of the head), then "
-             "average over the heads of one group: consecutive heads share a new head, and keys are never "
-             "averaged with values.",
+             "decide which old heads form one new head. Tiered hints are above the exercise.",
+        recipe="view kv_weight as (2, G, head_dim, d_model); view G as (G', G // G'); mean over the G // G' axis "
+               "(consecutive heads); reshape back to (2 · G' · head_dim, d_model).",
     )
 
 
@@ -194,7 +196,7 @@ def _fail(exercise: str, message: str) -> CheckResult:
     return CheckResult(exercise, "failed", message)
 
 
-def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor]) -> CheckResult:
+def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, scale)``: values, then the work per token.
 
     After the values match, the learner's step runs on a cache of 512 tokens with 4 heads of 32, a latent
@@ -204,10 +206,13 @@ def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor]) -> CheckResu
     """
     exercise = "absorbed MLA decode step"
     result = check_function(fn, absorbed_mla_decode_step, _mla_step_cases(), exercise=exercise, atol=1e-5,
-                            rtol=1e-4, quiet=True,
-                            hint="map each head's query into latent space (through that head's W_UK), score it "
-                                 "against the cached rows as they are, attend over the latents, and only then "
-                                 "apply W_UV.")
+                            rtol=1e-4, quiet=True, reveal=reveal,
+                            hint="the cache is read as it is, never up-projected: ask where each of W_UK and W_UV "
+                                 "can move instead. Tiered hints are above the exercise.",
+                            recipe="q_latent = q_c @ w_ukᵀ (B, H, 1, d_c); scores = scale · ([q_latent, q_r] · "
+                                   "cache rows) over the T cached rows, no up-projection; p = softmax over T; "
+                                   "return (p @ cache[..., :d_c]) @ w_uv.",
+                            checker="check_absorbed_mla_decode_step")
     if not result.passed:
         print(result.message)
         return result

@@ -70,8 +70,13 @@ def known_mistakes(mistakes: Mapping[str, Callable[..., Any]], *, output: int | 
     if not isinstance(mistakes, Mapping) or not all(isinstance(k, str) and callable(f) for k, f in mistakes.items()):
         raise TypeError("known_mistakes needs a mapping {diagnosis string: wrong-answer function}")
 
+    def part(value: Any) -> Any:
+        return value[output] if output is not None and isinstance(value, (tuple, list)) and len(value) > output else value
+
     def rule(case: Any, expected: Any, got: Any) -> str | None:
-        mine = got[output] if output is not None and isinstance(got, (tuple, list)) and len(got) > output else got
+        mine, right = part(got), part(expected)
+        if _close(right, mine, atol, rtol):
+            return None  # this part of the answer is right: the mistake is elsewhere
         for text, wrong in mistakes.items():
             try:
                 with torch.no_grad():
@@ -80,8 +85,8 @@ def known_mistakes(mistakes: Mapping[str, Callable[..., Any]], *, output: int | 
                 continue
             if output is not None and isinstance(theirs, (tuple, list)):
                 theirs = theirs[output] if len(theirs) > output else None
-            if theirs is not None and _close(theirs, mine, atol, rtol):
-                return text
+            if theirs is not None and _close(theirs, mine, atol, rtol) and not _close(theirs, right, atol, rtol):
+                return text  # (a wrong answer that is right on this case tells nothing)
         return None
 
     return rule

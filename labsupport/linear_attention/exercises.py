@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
 from labsupport.harness.numerics import seeded_randn
 from labsupport.harness.validation import require_float_tensor
 from labsupport.linear_attention.reference import delta_rule_update, recurrent_update
@@ -185,13 +186,57 @@ def _recurrent_cases() -> list[Case]:
     return cases
 
 
-def check_recurrent_step(fn: Callable[..., object]) -> CheckResult:
+def _read_before_write(state, q, k, v, log_decay=None, *, decay: bool = True):
+    """o read from the state before this token's write (decayed or not): the usual slip."""
+    if decay and log_decay is not None:
+        alpha = log_decay.exp()
+        state = state * (alpha[..., None, None] if alpha.dim() == state.dim() - 2 else alpha[..., :, None])
+    return (q[..., :, None] * state).sum(-2)
+
+
+_RECURRENT_MISTAKES = known_mistakes({
+    "your o reads the state before this token's write: the order is forget, write, then read":
+        _read_before_write,
+    "your o reads the old state, before both the decay and the write":
+        lambda *a, **kw: _read_before_write(*a, **kw, decay=False),
+}, output=0)
+
+_CHUNK_MISTAKES = known_mistakes({
+    "your O leaves out the diagonal: token i also reads its own pair (j ≤ i, itself included)":
+        lambda state, q, k, v: q @ state + (q @ k.transpose(-1, -2)).tril(-1) @ v,
+    "your O reads the new state: earlier chunks reach the chunk through the state it came in with":
+        lambda state, q, k, v: q @ (state + k.transpose(-1, -2) @ v) + (q @ k.transpose(-1, -2)).tril() @ v,
+    "your O has no causal mask: token i reads later tokens of the chunk":
+        lambda state, q, k, v: q @ state + (q @ k.transpose(-1, -2)) @ v,
+}, output=0)
+
+_DELTA_MISTAKES = known_mistakes({
+    "your write adds β k vᵀ without first taking away what the memory already returns for k":
+        lambda state, k, v, beta: state + k[..., :, None] * (beta[..., None] * v)[..., None, :],
+    "your correction uses what the memory returns for k without β weighting the whole write":
+        lambda state, k, v, beta: state + k[..., :, None] * (
+            beta[..., None] * v - (k[..., :, None] * state).sum(-2))[..., None, :],
+})
+
+_DECAY_CHUNK_MISTAKES = [
+    known_mistakes({"your new state adds the chunk with no decay at all":
+                    lambda state, q, k, v, log_decay: (None, state + k.transpose(-1, -2) @ v)}, output=1),
+    known_mistakes({"your new state decays the chunk's pairs but not the state it came in with":
+                    lambda state, q, k, v, log_decay: (None, state + (k * (log_decay.cumsum(-1)[..., -1:]
+                                                                           - log_decay.cumsum(-1)).exp()[..., None]
+                                                                      ).transpose(-1, -2) @ v)}, output=1),
+]
+
+
+def check_recurrent_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(state, q, k, v, log_decay) -> (o, new_state)`` against :func:`recurrent_step`."""
     return check_function(
         fn, recurrent_step, _recurrent_cases(), exercise="recurrent_step", atol=1e-6, rtol=1e-5,
-        hint="the order is forget, write, read: the output reads the *new* state; α multiplies the rows of "
-        "S, so give it trailing axes to match (B, H, D_k, D_v); log_decay may be None. Tiered hints are above "
-        "the exercise.",
+        diagnose=_RECURRENT_MISTAKES, reveal=reveal,
+        hint="the order is forget, write, read; α multiplies the rows of S (one per key dimension), and "
+        "log_decay may be None. Tiered hints are above the exercise.",
+        recipe="α = exp(log_decay) with trailing axes to (B, H, D_k, 1) (1 when None); S' = α ⊙ S + k vᵀ "
+        "(k[..., :, None] * v[..., None, :]); o = S'ᵀ q = (q[..., :, None] * S').sum(-2).",
         output_names=("o", "new_state"),
     )
 
@@ -223,13 +268,14 @@ def _chunk_cases() -> list[Case]:
     return cases
 
 
-def check_chunkwise_step(fn: Callable[..., object]) -> CheckResult:
+def check_chunkwise_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(state, q, k, v) -> (O, new_state)`` against :func:`chunkwise_step`."""
     return check_function(
         fn, chunkwise_step, _chunk_cases(), exercise="chunkwise_step", atol=1e-6, rtol=1e-5,
-        hint="the output has two parts: what earlier chunks left in the state (read with the *old* state) "
-        "and the chunk's own pairs, where token i sees tokens j ≤ i, itself included; the new state adds "
-        "every pair of the chunk. Tiered hints are above the exercise.",
+        diagnose=_CHUNK_MISTAKES, reveal=reveal,
+        hint="the output has two parts: what earlier chunks left in the state, and the chunk's own pairs; "
+        "the new state adds every pair of the chunk. Tiered hints are above the exercise.",
+        recipe="O = Q S + tril(Q Kᵀ) V (the diagonal included); S' = S + Kᵀ V.",
         output_names=("O", "new_state"),
     )
 
@@ -256,14 +302,17 @@ def _decay_chunk_cases() -> list[Case]:
     return cases
 
 
-def check_chunkwise_decay_step(fn: Callable[..., object]) -> CheckResult:
+def check_chunkwise_decay_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)`` against :func:`chunkwise_decay_step`."""
     return check_function(
         fn, chunkwise_decay_step, _decay_chunk_cases(), exercise="chunkwise_decay_step", atol=1e-6, rtol=1e-5,
+        diagnose=_DECAY_CHUNK_MISTAKES, reveal=reveal,
         hint="every decay factor is a difference of one cumulative sum of log_decay (token i's own gate "
         "included); four things decay: the old state as each token reads it, each earlier pair as token i "
-        "reads it, each pair until the end of the chunk, and the old state into S'. Mask the exponent "
-        "above the diagonal with -inf before exp. Tiered hints are above the exercise.",
+        "reads it, each pair until the end of the chunk, and the old state into S'. Tiered hints are above "
+        "the exercise.",
+        recipe="b = log_decay.cumsum(-1); Γ_ij = exp(b_i − b_j) for j ≤ i (mask the exponent with -inf above the "
+        "diagonal before exp); O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) V; S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V.",
         output_names=("O", "new_state"),
     )
 
@@ -286,11 +335,13 @@ def _delta_cases() -> list[Case]:
     return cases
 
 
-def check_delta_rule_step(fn: Callable[..., object]) -> CheckResult:
+def check_delta_rule_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(state, k, v, beta) -> new_state`` against :func:`delta_rule_step`."""
     return check_function(
         fn, delta_rule_step, _delta_cases(), exercise="delta_rule_step", atol=1e-6, rtol=1e-5,
-        hint="first read what the memory currently returns for k (a D_v vector, from the *old* state), then "
-        "write the correction towards v along k, weighted by β; β has shape (B, H), so give it a trailing "
-        "axis before multiplying. Tiered hints are above the exercise.",
+        diagnose=_DELTA_MISTAKES, reveal=reveal,
+        hint="the delta rule writes a correction, not v itself: what does the memory return for k before the "
+        "write? β has shape (B, H). Tiered hints are above the exercise.",
+        recipe="read = Sᵀ k = (k[..., :, None] * S).sum(-2) (a D_v vector); S' = S + β k (v − read)ᵀ, with "
+        "β[..., None, None].",
     )

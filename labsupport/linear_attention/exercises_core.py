@@ -141,7 +141,7 @@ def _fail(exercise: str, message: str) -> CheckResult:
     return CheckResult(exercise, "failed", message)
 
 
-def check_gated_delta_chunk_step(fn: Callable[..., object]) -> CheckResult:
+def check_gated_delta_chunk_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(state, q, k, v, beta, log_decay) -> (O, new_state)``: values, then no loop over tokens.
 
     A chunkwise answer runs the same torch operations for a chunk of 32 tokens as for one of 4; a loop
@@ -151,10 +151,13 @@ def check_gated_delta_chunk_step(fn: Callable[..., object]) -> CheckResult:
     exercise = "gated delta rule, one chunk (UT transform)"
     result = check_function(
         fn, gated_delta_chunk_step, _delta_chunk_cases(), exercise=exercise, atol=1e-6, rtol=1e-5,
-        output_names=("O", "new_state"), quiet=True,
+        output_names=("O", "new_state"), quiet=True, reveal=reveal, checker="check_gated_delta_chunk_step",
         hint="write the chunk's corrected values U (what each token really adds) as the solution of one "
-             "lower-triangular system built from the keys, β and the gates; once U is known the chunk is "
-             "exercise 4 with U in place of V.",
+             "lower-triangular system; once U is known the chunk is exercise 4 with U in place of V. Tiered "
+             "hints are above the exercise.",
+        recipe="b = cumsum(log_decay); Γ_ij = exp(b_i − b_j) (j ≤ i); A = StrictLower(diag(β) (K Kᵀ ⊙ Γ)); "
+               "T = (I + A)⁻¹ diag(β) by torch.linalg.solve_triangular (lower, unitriangular); U = T V − T (exp(b) "
+               "⊙ K) S; O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) U; S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ U.",
     )
     if not result.passed:
         print(result.message)
