@@ -9,6 +9,11 @@ One program owns a block of ``BLOCK_M`` queries of one (batch, head), exactly as
 * the **partial** key blocks: the mask rule (sinks + causal window, evaluated from indices, never stored)
   is applied to their scores.
 
+**Forward only.** There is no backward kernel: this module is for inference and for timing against
+FlexAttention's forward (which, unlike it, also has a backward). Inputs that require gradients are refused
+with an error rather than silently cut from the graph; to train with the same mask, use FlexAttention
+(``torch.nn.attention.flex_attention`` with the same block mask) or dense attention with the pattern's mask.
+
 Empty blocks appear in neither list: the kernel never loads them. Rows that see no key get zeros and a
 logsumexp of ``−inf``. The same kernel runs on a CPU under ``TRITON_INTERPRET=1`` (set before ``triton`` is
 first imported), slowly, which is how the chapter tests it without a GPU. This module imports without Triton;
@@ -151,6 +156,8 @@ def triton_block_sparse_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention under ``pattern`` (sinks + causal window) with the Triton kernel: ``(out, lse)``.
 
+    Forward only: tensors that require gradients are refused (see the module's docstring).
+
     ``q, k, v`` are ``(B, H, L, D)`` in fp16/bf16/fp32 with ``D`` in {16, 32, 64, 128}. Tiles default to 64 × 64
     on a GPU, 16 × 16 under the interpreter. ``lists`` (from :func:`block_lists` of the same layout) may be passed
     to keep the layout's cost out of a timing loop.
@@ -159,6 +166,10 @@ def triton_block_sparse_forward(
         raise RuntimeError(f"triton_block_sparse_forward needs Triton, which could not be imported "
                            f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR})")
     q, k, v = require_qkv(q, k, v, ndim=4, dtypes=_DTYPES)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("triton_block_sparse_forward is forward-only (no backward kernel): call it under "
+                           "torch.no_grad() or on detached tensors; for gradients use FlexAttention with the same "
+                           "block mask, or dense attention with pattern.mask(...)")
     if not isinstance(pattern, WindowPattern):
         raise TypeError(f"pattern must be a WindowPattern, got {type(pattern).__name__}")
     d = q.shape[-1]

@@ -61,3 +61,14 @@ def test_guards():
         sparse_triton.triton_block_sparse_forward(q, k, v, torch.ones(16, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="head dimension"):
         sparse_triton.triton_block_sparse_forward(q[..., :12], k[..., :12], v[..., :12], sparse.WindowPattern(4))
+
+
+@needs_interpreter
+def test_forward_only_kernel_refuses_tensors_that_need_gradients():
+    q, k, v = qkv(16, 16)
+    pattern = sparse.WindowPattern(4)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        sparse_triton.triton_block_sparse_forward(q.requires_grad_(), k, v, pattern)
+    with torch.no_grad():  # the same call without a graph runs
+        out, _ = sparse_triton.triton_block_sparse_forward(q, k, v, pattern)
+    assert out.shape == q.shape
