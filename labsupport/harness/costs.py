@@ -53,12 +53,9 @@ __all__ = [
     "quantized_bytes_per_element",
     "mamba_state_bytes",
     "recurrent_state_bytes",
-<<<<<<< HEAD
     "mixer_state_numbers",
-=======
     "image_tokens",
     "encoder_layer_flops",
->>>>>>> ch09
 ]
 
 
@@ -477,7 +474,6 @@ def autoregressive_work(prompt: int, new_tokens: int) -> dict[str, int]:
     return {"steps": new, "positions": prompt + new - 1}
 
 
-<<<<<<< HEAD
 # --------------------------------------------------------------------------- one layer's state, by kind (chapter 07)
 
 
@@ -507,7 +503,6 @@ def mixer_state_numbers(kind: str, *, context: int, kv_width: int = 0, window: i
     if kind == "ssm":
         return require_positive_int("d_inner", d_inner) * require_positive_int("d_state", d_state)
     return require_positive_int("heads", heads) * require_positive_int("d_k", d_k) * require_positive_int("d_v", d_v)
-=======
 # --------------------------------------------------------------------------- images as tokens (chapter 09)
 
 
@@ -532,4 +527,3 @@ def encoder_layer_flops(tokens: int, d_model: int, *, mlp_ratio: int = 4) -> dic
     parts = {"projections": 8 * n * d * d, "attention": 4 * n * n * d, "mlp": 4 * ratio * n * d * d}
     parts["total"] = sum(parts.values())
     return parts
->>>>>>> ch09

@@ -57,7 +57,6 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.moe.exercises", "check_load_balancing_loss"),
     ("labsupport.moe.exercises", "check_capacity_keep"),
     ("labsupport.moe.exercises", "check_update_balance_bias"),
-<<<<<<< HEAD
     ("labsupport.sparse.exercises", "check_sink_window_mask"),
     ("labsupport.sparse.exercises", "check_page_upper_bound"),
     ("labsupport.sparse.exercises", "check_h2o_evict"),
@@ -78,14 +77,12 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.multimodal.exercises", "check_invert"),
     ("labsupport.multimodal.exercises", "check_merge_step"),
     ("labsupport.multimodal.exercises", "check_fastv_keep_set"),
-=======
     ("labsupport.diffusion.exercises", "check_diffusion_loss"),
     ("labsupport.diffusion.exercises", "check_low_confidence_commit"),
     ("labsupport.diffusion.exercises", "check_threshold_commit"),
     ("labsupport.diffusion.exercises", "check_gap_log_posterior"),
     ("labsupport.diffusion.exercises", "check_mask_tokens"),
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
->>>>>>> ch08
 ]
 
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
@@ -404,7 +401,6 @@ def _slow(reference: Callable[..., Any], seconds: float) -> Callable[..., Any]:
     return slow
 
 
-<<<<<<< HEAD
 def _one_gate_for_all(logits, k, gate):
     """Chapter 06's old rule for every paper: softmax, top-k, renormalise."""
     top, experts = logits.softmax(-1).topk(k, -1)
@@ -683,7 +679,6 @@ def _keep_last_query(attn, image_start, image_end, keep):
 def _keep_by_rank(attn, image_start, image_end, keep):
     received = attn.mean(0).mean(0)[image_start:image_end]
     return received.topk(keep).indices + image_start
-=======
 def _gap_left_only(model, tokens, position):
     """p(c | left) alone: the right side of the gap ignored."""
     return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
@@ -703,7 +698,6 @@ def _threshold_strict(canvas, probs, mask_id, threshold):
     """A strict > and no guaranteed progress."""
     confidence, predicted = probs.max(-1)
     return torch.where((canvas == mask_id) & (confidence > threshold), predicted, canvas)
->>>>>>> ch08
 
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
@@ -711,7 +705,6 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
                              ("no -inf guard on lse", _unguarded_flash_backward)],
-<<<<<<< HEAD
     "check_block_sparse_loop": [("dense, NaN cleaned", _dense_block_sparse)],
     "check_tova_evict": [("per head", _tova_per_head)],
     "check_streaming_step": [("text positions", _streaming_slot_positions),
@@ -756,10 +749,8 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_merge_step": [("unweighted mean", _merge_unweighted), ("dot product, not cosine", _merge_dot_product)],
     "check_fastv_keep_set": [("attention given (rows)", _keep_by_rows), ("last query only", _keep_last_query),
                              ("ordered by rank", _keep_by_rank)],
-=======
     "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
     "check_threshold_commit": [("strict > without progress", _threshold_strict)],
->>>>>>> ch08
 }
 
 
@@ -798,17 +789,10 @@ def count(kinds_filter: set[str] | None = None, checkers: list[tuple[str, str]] 
 def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
-<<<<<<< HEAD
     packages: dict[str, list[tuple[str, str]]] = {}
     for checker in CHECKERS:  # one group per family package, in the order the list first names them
         packages.setdefault(checker[0].split(".")[1], []).append(checker)
     for package, group in packages.items():
-=======
-    early = [c for c in CHECKERS if not c[0].startswith(("labsupport.ssm", "labsupport.moe",
-                                                         "labsupport.diffusion"))]
-    later = [c for c in CHECKERS if c not in early]
-    for label, group in (("chapters 00-03", early), ("chapters 04, 06 and 08", later)):
->>>>>>> ch08
         passed, total, lines = count(checkers=group)
         for line in lines:
             print(line)
