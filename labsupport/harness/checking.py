@@ -268,7 +268,8 @@ def _swapped(expected: Sequence[Any], got: Sequence[Any], names: Sequence[str]) 
     if want == have or sorted(map(repr, want)) != sorted(map(repr, have)):
         return None
     label = [f"output[{i}]" + (f" ({names[i]})" if i < len(names) else "") for i in range(len(expected))]
-    wanted = "; ".join(f"{label[i]} a {describe_value(e)}" for i, e in enumerate(expected))
+    wanted = "; ".join(f"{label[i]} {'an' if describe_value(e)[:1] in 'aeiou' else 'a'} {describe_value(e)}"
+                       for i, e in enumerate(expected))
     order = ", ".join(names) if len(names) == len(expected) else "the order the exercise states"
     yours = ", ".join(describe_value(g) for g in got)
     return (f"your outputs look swapped: expected {wanted}; yours are {yours}. "
@@ -462,6 +463,13 @@ def _where_in_learner_code(error: BaseException) -> str:
     frame = mine[-1]
     line = (frame.line or "").strip()
     return f" (raised at `{line}`, in {frame.name})" if line else f" (raised in {frame.name})"
+
+
+def _raised_by_the_course(error: BaseException) -> bool:
+    """Whether the innermost frame that raised is the course's own code (a chapter's wrapper), not the learner's."""
+    frames = traceback.extract_tb(error.__traceback__)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(here)
 
 
 def _unfinished(error: NotImplementedError, learner_fn: Any) -> tuple[bool, str | None]:
@@ -682,6 +690,11 @@ def check_function(
         except InputChanged as error:
             return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(error.name, names)}", number - 1)
         except Exception as error:
+            changed = None if inputs_may_change or not _raised_by_the_course(error) else (
+                _first_mutation(list(case.args), given_args, "args")
+                or _first_mutation(dict(case.kwargs), given_kwargs, "kwargs"))
+            if changed is not None:  # a chapter's wrapper refused the change: the check found it, nothing else
+                return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(changed, names)}", number - 1)
             return finish(
                 "failed",
                 f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
