@@ -38,7 +38,6 @@ import math
 import numbers
 import os
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +45,14 @@ from typing import Any, Literal
 import torch
 
 from labsupport.harness.diagnosis import Diagnose, dtype_advice, generic_diagnosis, run_diagnoses
-from labsupport.harness.limits import LargestTensorRecorder, OutOfTime, TimeBudget
+from labsupport.harness.limits import (
+    LargestTensorRecorder,
+    OutOfTime,
+    TimeBudget,
+    raised_by_the_course,
+    unfinished as _unfinished,
+    where_in_learner_code,
+)
 
 __all__ = [
     "Case",
@@ -268,7 +274,8 @@ def _swapped(expected: Sequence[Any], got: Sequence[Any], names: Sequence[str]) 
     if want == have or sorted(map(repr, want)) != sorted(map(repr, have)):
         return None
     label = [f"output[{i}]" + (f" ({names[i]})" if i < len(names) else "") for i in range(len(expected))]
-    wanted = "; ".join(f"{label[i]} a {describe_value(e)}" for i, e in enumerate(expected))
+    wanted = "; ".join(f"{label[i]} {'an' if describe_value(e)[:1] in 'aeiou' else 'a'} {describe_value(e)}"
+                       for i, e in enumerate(expected))
     order = ", ".join(names) if len(names) == len(expected) else "the order the exercise states"
     yours = ", ".join(describe_value(g) for g in got)
     return (f"your outputs look swapped: expected {wanted}; yours are {yours}. "
@@ -445,48 +452,6 @@ def _flatten_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _flatten_tensors(v)]
     return []
-
-
-def _where_in_learner_code(error: BaseException) -> str:
-    """The learner's own line that raised, without the rest of the traceback."""
-    frames = traceback.extract_tb(error.__traceback__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the whole labsupport package
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    mine = [
-        f
-        for f in frames
-        if not os.path.abspath(f.filename).startswith((here, torch_dir))
-    ]
-    if not mine:
-        return ""
-    frame = mine[-1]
-    line = (frame.line or "").strip()
-    return f" (raised at `{line}`, in {frame.name})" if line else f" (raised in {frame.name})"
-
-
-def _unfinished(error: NotImplementedError, learner_fn: Any) -> tuple[bool, str | None]:
-    """Whether ``error`` means "not done yet", and the unfinished helper's name when it is not ``learner_fn``.
-
-    A ``NotImplementedError`` raised inside torch (an operation missing for a dtype) is a real
-    error, not an unfinished exercise.
-    """
-    frames = traceback.extract_tb(error.__traceback__)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    if not frames:
-        return True, None
-    innermost = frames[-1]
-    if os.path.abspath(innermost.filename).startswith(torch_dir):
-        return False, None
-    if os.path.abspath(innermost.filename).startswith(here):
-        return True, None
-    own = getattr(learner_fn, "__code__", None)
-    own_name = getattr(learner_fn, "__name__", None)
-    if own is not None and innermost.filename == own.co_filename and innermost.name == own.co_name:
-        return True, None
-    if innermost.name == own_name or innermost.name == "<lambda>":
-        return True, None
-    return True, innermost.name
 
 
 def _gradients(
@@ -678,14 +643,19 @@ def check_function(
                     number - 1,
                 )
             return finish("failed", f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
-                          f"{_where_in_learner_code(error)}." + advice(), number - 1)
+                          f"{where_in_learner_code(error)}." + advice(), number - 1)
         except InputChanged as error:
             return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(error.name, names)}", number - 1)
         except Exception as error:
+            changed = None if inputs_may_change or not raised_by_the_course(error) else (
+                _first_mutation(list(case.args), given_args, "args")
+                or _first_mutation(dict(case.kwargs), given_kwargs, "kwargs"))
+            if changed is not None:  # a chapter's wrapper refused the change: the check found it, nothing else
+                return finish("failed", f"{header}\n{inputs}\n   {_mutation_message(changed, names)}", number - 1)
             return finish(
                 "failed",
                 f"{header}\n{inputs}\n   your function raised {_summarise(error)}"
-                f"{_where_in_learner_code(error)}." + advice(),
+                f"{where_in_learner_code(error)}." + advice(),
                 number - 1,
             )
         if budget.exceeded:

@@ -145,6 +145,13 @@ def _ratio(expected: Any, got: Any) -> float | None:
     return None if abs(c - 1) < 1e-9 else c
 
 
+def _simple(c: float) -> bool:
+    """A factor a learner could have slipped in: p/q with small p and q, or a power of ten."""
+    if any(abs(abs(c) - 10.0**e) < 1e-9 * 10.0**e for e in range(-12, 13)):
+        return True
+    return any(abs(c * q - round(c * q)) < 1e-9 * q and 1 <= abs(round(c * q)) <= 64 for q in range(1, 9))
+
+
 def _nice(c: float) -> str:
     for text, value in (("1/2", 0.5), ("2", 2.0), ("1/4", 0.25), ("4", 4.0), ("−1", -1.0)):
         if abs(c - value) < 1e-9:
@@ -168,7 +175,8 @@ def generic_diagnosis(expected: Any, got: Any, names: Sequence[str] = ()) -> str
             return f"in {label(i)}, {found}" if found else None
         return None
     c = _ratio(expected, got)
-    if c is not None:
+    few = not isinstance(got, torch.Tensor) or int(torch.isfinite(got.detach()).sum()) < 4 if c is not None else True
+    if c is not None and (not few or _simple(c)):  # with one or two numbers, any ratio is "constant"
         return (f"your answer is exactly {_nice(c)} × the expected one{' everywhere' if isinstance(got, torch.Tensor) else ''}"
                 ": the right shape of computation, with a factor missing or extra.")
     return None

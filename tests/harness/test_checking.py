@@ -560,3 +560,40 @@ def test_the_old_hint_argument_still_prints_its_line():
     result = check_function(lambda q, k: q, reference_causal_scores, make_cases(), exercise="s", quiet=True,
                             hint="mask above the diagonal")
     assert "\n   hint    mask above the diagonal" in result.message
+
+
+def test_a_factor_is_named_only_where_it_tells_something():
+    from labsupport.harness.diagnosis import generic_diagnosis
+
+    one = torch.tensor([0.571372], dtype=torch.float64)
+    assert generic_diagnosis(one, one * 0.7706) is None  # one number: any ratio is "constant"
+    assert "exactly 2 ×" in generic_diagnosis(one, one * 2)
+    assert generic_diagnosis(3.0, 3.0 * 0.7706) is None
+    assert "exactly 1/4 ×" in generic_diagnosis(torch.arange(1.0, 9.0), torch.arange(1.0, 9.0) / 4)
+    assert "0.3536" in generic_diagnosis(torch.arange(1.0, 9.0), torch.arange(1.0, 9.0) / 8 ** 0.5)
+
+
+def test_a_chapter_wrapper_that_refuses_an_in_place_change_reads_as_found_by_the_check():
+    import labsupport.harness.diagnosis as course_module  # stands for a chapter's exercises module
+
+    def spoils(q, k):
+        k.add_(1.0)
+        return reference_causal_scores(q, k - 1.0)
+
+    def refuse(fn):  # what chapter 08's _refuse_in_place did: raise from the course's own code
+        def wrapped(q, k):
+            before = k.clone()
+            out = fn(q, k)
+            if not torch.equal(before, k):
+                exec(compile("raise ValueError('k was modified in place')", course_module.__file__, "exec"))
+            return out
+        return wrapped
+
+    def learner_raises(q, k):
+        k.add_(1.0)
+        raise ValueError("my own error")
+
+    result = check_function(refuse(spoils), reference_causal_scores, make_cases(), exercise="s", quiet=True)
+    assert "the check found that your function changed its input `k` in place" in result.message
+    own = check_function(learner_raises, reference_causal_scores, make_cases(), exercise="s", quiet=True)
+    assert "your function raised ValueError: my own error" in own.message
