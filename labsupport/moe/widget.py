@@ -160,9 +160,9 @@ def expert_load_figure(runs: Mapping[str, TrainingHistory], run: str, capacity_f
     fig.update_yaxes(title_text="× fair share", rangemode="tozero", row=1, col=2)
     fig.update_yaxes(title_text="% dropped", rangemode="tozero", row=2, col=1)
     imbalance = float(load_imbalance(load)[-10:].mean())
-    fig.update_layout(height=760, autosize=True, margin={"t": 110, "l": 60, "r": 20, "b": 40},
+    fig.update_layout(height=800, autosize=True, margin={"t": 110, "l": 60, "r": 20, "b": 130},
                       title={"text": f"Expert load, layer {layer} — {run}<br><sup>busiest expert at "
                                      f"{imbalance:.2f}× its fair share over the last 10 steps (1 = balanced, "
                                      f"{load.shape[1]} = collapsed)</sup>", "y": 0.97},
-                      legend={"orientation": "h", "y": -0.08, "x": 0, "font": {"size": 10}})
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.1, "x": 0, "font": {"size": 10}})
     return fig
