@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(E + self.n_null))
         self.init_weights()
         self._losses: dict[str, torch.Tensor] = {}
-        self._metrics: dict[str, float | list[float]] = {}
+        self._metrics: dict[str, float | list[float] | torch.Tensor] = {}
         self.last_top_expert: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
@@ -206,10 +206,10 @@ class MoELayer(nn.Module):
                     all_counts = torch.bincount(routing.experts.reshape(-1), minlength=self.selection_bias.numel())
                     self.selection_bias.copy_(update_balance_bias(self.selection_bias, all_counts, self.bias_gamma))
             assignments = routing.experts.numel()
-            self._metrics = {
-                "tokens_per_expert": counts.tolist(),
-                "dropped_fraction": float(dropped.sum()) / assignments,
-                "experts_per_token": float(routing.active.sum()) / tokens.shape[0],
+            self._metrics = {  # kept as tensors: read on the host only when asked (no sync per forward)
+                "tokens_per_expert": counts.detach(),
+                "dropped_fraction": dropped.sum().detach() / assignments,
+                "experts_per_token": routing.active.sum().detach() / tokens.shape[0],
             }
             self.last_top_expert = routing.experts[:, 0].detach().view(x.shape[:-1])
         if self.z_loss_weight > 0:
@@ -225,7 +225,8 @@ class MoELayer(nn.Module):
 
     def training_metrics(self) -> dict[str, float | list[float]]:
         """Tokens per expert, fraction of assignments dropped, mean experts actually run per token."""
-        return dict(self._metrics)
+        return {name: (value.tolist() if value.dim() else float(value)) if isinstance(value, torch.Tensor) else value
+                for name, value in self._metrics.items()}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, "
