@@ -85,6 +85,14 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
 ]
 
+#: Checkers whose learner returns something other than what is graded (a factory of modules, a registry row): the
+#: checker wraps the learner's answer into the compared tensor. For these the reference is read from the module
+#: under this name (the learner's form), and their wrong answers are only the chapter-specific ones in SPECIFIC.
+LEARNER_FORM = {
+    "check_pattern_builder": "_reference_builder",
+    "check_register_gqa": "_reference_register_gqa",
+}
+
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
 EXEMPT = {("check_selective_step", "mutate")}
 
@@ -99,6 +107,7 @@ class Spied:
 
     reference: Callable[..., Any]
     cases: list[Any]
+    learner_form: bool = False  # the reference is in the learner's form, and the cases are the graded wrapper's
 
 
 def load_checker(module_name: str, name: str) -> tuple[Callable[..., Any], Spied]:
@@ -118,7 +127,10 @@ def load_checker(module_name: str, name: str) -> tuple[Callable[..., Any], Spied
             checker(lambda *a, **k: None)
     finally:
         module.check_function = real
-    return checker, seen[-1]
+    spied = seen[-1]
+    if name in LEARNER_FORM:  # the learner writes a factory or a registration, not the graded output
+        spied = Spied(getattr(module, LEARNER_FORM[name]), spied.cases, learner_form=True)
+    return checker, spied
 
 
 def run_checker(checker: Callable[..., Any], fn: Callable[..., Any]) -> bool:
@@ -281,6 +293,8 @@ def _cloned_call(reference: Callable[..., Any], case: Any) -> Any:
 
 def applicable_kinds(spied: Spied) -> list[str]:
     """The generic kinds that make a real wrong answer for this checker (one that differs on some case)."""
+    if spied.learner_form:  # the generic kinds edit the graded output, which such a learner never returns
+        return []
     outputs = [_cloned_call(spied.reference, case) for case in spied.cases]
     number_answer = _is_number(outputs[0])
     kinds = []
