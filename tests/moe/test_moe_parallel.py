@@ -110,6 +110,10 @@ def _scenarios(rank: int, world: int, device: torch.device) -> dict[str, object]
     out["skewed_stats"] = dict(sharded_skewed.last_stats)
     out["skewed_zero_grad"] = bool(torch.all(sharded_skewed.local_experts()[0].grad == 0))
 
+    half = _balanced_layer().to(torch.bfloat16)  # the GPU runs' dtype, over gloo: the bf16 tolerance path
+    xh = _two_rank_tokens(rank, torch.bfloat16)
+    out["bf16"] = check_against_single_process(ExpertParallelMoE(half), half, xh, torch.randn_like(xh))
+
     out["moved"] = all_to_all(torch.full((world, 2), float(rank)), [1] * world, [1] * world)
     try:
         sharded(torch.randn(5, 7))
@@ -131,6 +135,12 @@ def test_two_processes_forward_and_backward_equal_the_single_process_layer(two_r
         assert max(errors.values()) < equality_tolerance(torch.float64), errors
         assert result["functional"] < equality_tolerance(torch.float64)
         assert result["shapes"] == [(2, 8, 8), (2, 8), (2, 8, 8), (2, 8)]  # only this rank's two experts
+
+
+def test_two_processes_in_bfloat16_agree_within_the_bf16_tolerance(two_ranks) -> None:
+    for result in two_ranks:
+        errors = result["bf16"]
+        assert len(errors) == 11 and max(errors.values()) < equality_tolerance(torch.bfloat16), errors
 
 
 def test_two_processes_count_their_bytes(two_ranks) -> None:
