@@ -145,6 +145,7 @@ def rank_main(rank: int, world: int, device: torch.device, config: dict) -> dict
         checks.append({"world": world, "experts": experts, "dtype": config["dtype"], "errors": errors,
                        "tolerance": equality_tolerance(dtype), "ok": max(errors.values()) < equality_tolerance(dtype)})
 
+        biases = {share: skew_bias(layer, world, share, seed=7) for share in config["skew"]}
         for tokens in config["tokens"]:
             x = torch.randn(tokens, d, device=device, dtype=dtype, generator=gen).requires_grad_(True)
             grad = torch.randn(tokens, d, device=device, dtype=dtype, generator=gen)
@@ -178,9 +179,8 @@ def rank_main(rank: int, world: int, device: torch.device, config: dict) -> dict
                     if share is None:
                         sharded.layer.selection_bias.zero_()
                     else:
-                        bias = skew_bias(layer, world, share, seed=7)
                         sharded.layer.selection_bias.zero_()
-                        sharded.layer.selection_bias[: experts // world] = bias
+                        sharded.layer.selection_bias[: experts // world] = biases[share]
 
                 def step() -> None:
                     sharded(x).backward(grad)
