@@ -15,6 +15,8 @@ every process ended and the group destroyed even when one fails). For every worl
 2. times one training step (forward + backward, slowest rank, median of ``--repeats``) with a
    balanced router and with skewed ones that send ``--skew`` of the assignments to rank 0's experts
    (the busiest rank sets the pace);
+   and counts the device synchronisations of one forward pass (CUDA's sync debug mode; expected: 1,
+   the split sizes);
 3. splits a forward pass into all-to-all time (count exchange, dispatch, combine; waiting for a
    slower rank included) and compute time (routing, experts, combine), with the bytes each rank
    sends to the others, and times a bare all-to-all of the balanced dispatch volume (bandwidth);
@@ -126,6 +128,24 @@ def time_step(step, device: torch.device, repeats: int, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
+def host_syncs(fn, device: torch.device) -> int:
+    """Device synchronisations ``fn`` caused (CUDA's sync debug mode; -1 where there is no device to wait for)."""
+    if device.type != "cuda":
+        return -1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def rank_main(rank: int, world: int, device: torch.device, config: dict) -> dict:
     """One rank's whole benchmark for one world size: every (E, T, router) case; rank 0 returns the rows."""
     dtype = getattr(torch, config["dtype"])
@@ -142,7 +162,9 @@ def rank_main(rank: int, world: int, device: torch.device, config: dict) -> dict
         errors = check_against_single_process(sharded, full, x, torch.randn(x.shape, device=device, dtype=dtype,
                                                                              generator=gen))
         del full
+        syncs = host_syncs(lambda: sharded(x), device)
         checks.append({"world": world, "experts": experts, "dtype": config["dtype"], "errors": errors,
+                       "host_syncs_per_forward": syncs,
                        "tolerance": equality_tolerance(dtype), "ok": max(errors.values()) < equality_tolerance(dtype)})
 
         biases = {share: skew_bias(layer, world, share, seed=7) for share in config["skew"]}
@@ -230,10 +252,12 @@ def tables(rows: list[dict], checks: list[dict]) -> str:
     mib = 2 ** 20
     lines = ["Equality with the single-process layer (1,024 tokens per rank; worst relative error over output, "
              "input gradient, expert and router gradients):", "",
-             "| GPUs | experts | dtype | worst rel. error | tolerance | ok |", "|---:|---:|---|---:|---:|---|"]
+             "| GPUs | experts | dtype | worst rel. error | tolerance | ok | host syncs per forward |",
+             "|---:|---:|---|---:|---:|---|---:|"]
     for c in checks:
+        syncs = c["host_syncs_per_forward"] if c["host_syncs_per_forward"] >= 0 else "–"
         lines.append(f"| {c['world']} | {c['experts']} | {c['dtype']} | {max(c['errors'].values()):.1e} | "
-                     f"{c['tolerance']:.0e} | {'yes' if c['ok'] else 'NO'} |")
+                     f"{c['tolerance']:.0e} | {'yes' if c['ok'] else 'NO'} | {syncs} |")
     lines += ["", "Training step (forward + backward, slowest rank, median), all-to-all against compute "
               "(one forward pass, per rank: slowest shown), throughput against one GPU holding every expert:", "",
               "| GPUs | experts | tokens / rank | router | share of assignments per rank | sent per rank | "

@@ -89,6 +89,28 @@ def _two_rank_tokens(rank: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(3, 5, 8, dtype=dtype, generator=torch.Generator().manual_seed(rank))
 
 
+def _host_reads_in(fn) -> dict[str, int]:
+    """How often ``fn`` read a tensor's value into Python (each one a device synchronisation on a GPU)."""
+    names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+    counts = dict.fromkeys(names, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counting(name))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return counts
+
+
 def _scenarios(rank: int, world: int, device: torch.device) -> dict[str, object]:
     """Everything the two-process tests look at, from one launch (starting processes is the slow part)."""
     import os
@@ -109,6 +131,8 @@ def _scenarios(rank: int, world: int, device: torch.device) -> dict[str, object]
     out["skewed"] = check_against_single_process(sharded_skewed, skewed, xs, torch.randn_like(xs))
     out["skewed_stats"] = dict(sharded_skewed.last_stats)
     out["skewed_zero_grad"] = bool(torch.all(sharded_skewed.local_experts()[0].grad == 0))
+
+    out["host_reads"] = _host_reads_in(lambda: sharded(x))
 
     half = _balanced_layer().to(torch.bfloat16)  # the GPU runs' dtype, over gloo: the bf16 tolerance path
     xh = _two_rank_tokens(rank, torch.bfloat16)
@@ -164,6 +188,12 @@ def test_a_router_that_sends_everything_to_one_rank_still_works_forward_and_back
     assert two_ranks[0]["skewed_zero_grad"]             # ...so their gradient is zero, and nothing hung
     for result in two_ranks:
         assert max(result["skewed"].values()) < equality_tolerance(torch.float32), result["skewed"]
+
+
+def test_a_forward_pass_reads_the_device_once_for_its_split_sizes(two_ranks) -> None:
+    for result in two_ranks:
+        assert result["host_reads"] == {"tolist": 1, "item": 0, "__bool__": 0, "__int__": 0, "__float__": 0,
+                                        "__index__": 0}
 
 
 def test_collectives_and_guards_inside_the_group(two_ranks) -> None:
