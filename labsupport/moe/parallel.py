@@ -111,6 +111,14 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if kind == "cuda" else "gloo"
 
 
+def _require_backend(device: torch.device, backend: str) -> None:
+    """Refuse tensors the group's backend cannot move (CUDA tensors need NCCL, CPU tensors gloo)."""
+    wanted = backend_for(device)
+    if wanted not in str(backend).lower():
+        raise RuntimeError(f"tokens on {device} need a {wanted} process group, but this group's backend is "
+                           f"{backend!r}; start the processes with launch(device_type={device.type!r})")
+
+
 # --------------------------------------------------------------------------- the differentiable all-to-all
 
 
@@ -204,6 +212,7 @@ def _expert_parallel(layer: MoELayer, local: Sequence[torch.Tensor], x: torch.Te
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"rank {dist.get_rank()}: tokens must be a floating-point tensor (..., "
                          f"d_model={layer.d_model}), got {getattr(x, 'dtype', '')} {shape}")
+    _require_backend(x.device, dist.get_backend(group))
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n_experts = layer.n_experts
     per_rank = n_experts // world

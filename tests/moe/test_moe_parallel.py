@@ -30,6 +30,7 @@ from labsupport.moe.parallel import (
     launch,
     run_expert_parallel,
 )
+from labsupport.moe.parallel import _require_backend
 
 
 def _tokens(world: int, rows: int, d: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -252,6 +253,12 @@ def test_launcher_refuses_what_cannot_be_split_or_run() -> None:
 def test_backend_follows_the_device_and_tolerances_follow_the_dtype() -> None:
     assert backend_for("cpu") == "gloo"
     assert backend_for(torch.device("cuda", 1)) == "nccl"
+    _require_backend(torch.device("cpu"), "gloo")
+    _require_backend(torch.device("cuda", 0), "cpu:gloo,cuda:nccl")
+    with pytest.raises(RuntimeError, match="tokens on cuda:0 need a nccl process group.*'gloo'"):
+        _require_backend(torch.device("cuda", 0), "gloo")
+    with pytest.raises(RuntimeError, match="tokens on cpu need a gloo process group"):
+        _require_backend(torch.device("cpu"), "nccl")
     with pytest.raises(ValueError, match="device type"):
         backend_for("meta")
     assert equality_tolerance(torch.float32) < equality_tolerance(torch.bfloat16)
