@@ -12,7 +12,15 @@
 * :mod:`~labsupport.moe.exercises` — the chapter's checkers.
 """
 
-from labsupport.moe.dispatch import expert_forward, grouped_expert_mlp, moe_expert_choice, moe_loop, moe_sorted, sort_by_expert
+from labsupport.moe.dispatch import (
+    expert_forward,
+    grouped_expert_mlp,
+    moe_expert_choice,
+    moe_grouped,
+    moe_loop,
+    moe_sorted,
+    sort_by_expert,
+)
 from labsupport.moe.layer import MoELayer, moe_mixer
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
@@ -47,6 +55,7 @@ __all__ = [
     "moe_expert_choice",
     "moe_loop",
     "moe_mixer",
+    "moe_grouped",
     "moe_sorted",
     "router_entropy",
     "router_z_loss",

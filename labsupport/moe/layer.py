@@ -42,7 +42,7 @@ from labsupport.harness.validation import (
 )
 from labsupport.lm.contracts import ChannelMixerFactory
 from labsupport.lm.layers import MLP
-from labsupport.moe.dispatch import moe_expert_choice, moe_sorted
+from labsupport.moe.dispatch import moe_expert_choice, moe_grouped, moe_sorted
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
     GATES,
@@ -251,7 +251,8 @@ class MoELayer(nn.Module):
         else:
             routing, logits, dropped = self.route(tokens)
             probs = routing.probs
-            out = moe_sorted(tokens, routing, *weights)
+            # on a GPU the sort-and-group path that never waits for the device (see moe_grouped)
+            out = (moe_grouped if tokens.is_cuda else moe_sorted)(tokens, routing, *weights)
             if self.balance == "switch" and self.balance_weight > 0:
                 losses["load_balance"] = self.balance_weight * load_balancing_loss(
                     probs, routing.experts, convention=self.convention)
