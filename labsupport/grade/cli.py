@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -76,6 +78,18 @@ def _course_notebooks(course_root: Path) -> dict[str, tuple[str, bytes]]:
     return found
 
 
+def _read_small(path: Path, limit: int = 2 ** 20) -> str:
+    """The start of a file a notebook may have tampered with: a regular file only (not a link, a FIFO or a
+    device, which could block the grader or point anywhere), at most ``limit`` bytes."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        return os.read(descriptor, limit).decode("utf-8", "replace")
+    finally:
+        os.close(descriptor)
+
+
 def _last_json_line(text: str) -> dict:
     for line in reversed(text.strip().splitlines()):
         try:
@@ -92,7 +106,7 @@ def _reported(path: Path, exercises: list[Exercise]) -> dict[str, str]:
     by_checker = {e.checker.split(":")[1]: e.function for e in exercises}
     said: dict[str, str] = {}
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:1000]
+        lines = _read_small(path).splitlines()[:1000]
     except OSError:
         return said
     for line in lines:
@@ -116,6 +130,10 @@ class _Grader:
         self.workdir, self.timeout, self.verify_timeout = workdir, timeout, verify_timeout
         self.quick, self.sequential, self.keep = quick, jobs == 1, keep
         self.scan = FileScan.for_course(course_root, watch)
+        # The re-check runs no set-up cell: without a GPU, Triton's kernels (chapter 01) need the interpreter.
+        self.check_env = {"LABSUPPORT_QUICK": "1"}
+        if "TRITON_INTERPRET" not in os.environ and not Path("/dev/nvidiactl").exists():
+            self.check_env["TRITON_INTERPRET"] = "1"
         self.scan_lock = threading.Lock()
         become_subreaper()
 
@@ -150,7 +168,7 @@ class _Grader:
             status = _last_json_line(ran.stdout)
             graded.run_seconds = ran.seconds
             if ran.timed_out:
-                graded.run, graded.run_error = "timeout", f"stopped after {self.timeout:g} s"
+                graded.run, graded.run_error = "timeout", f"stopped after {ran.seconds:.0f} s"
             elif status.get("status") in ("ok", "error", "timeout", "dead", "unreadable"):
                 graded.run = status["status"]
                 graded.run_cell = status.get("cell") if isinstance(status.get("cell"), int) else None
@@ -168,7 +186,7 @@ class _Grader:
             (check_dir / "exercises.json").write_text(json.dumps([e.__dict__ for e in exercises]))
             checked = run_sandboxed([sys.executable, "-m", "labsupport.grade.verify", target, "../course.ipynb",
                                      "../exercises.json", "../results.json"], check_dir / "notebooks",
-                                    sandbox_env(check_dir, new_token(), {"LABSUPPORT_QUICK": "1"}),
+                                    sandbox_env(check_dir, new_token(), self.check_env),
                                     self.verify_timeout, self.sequential)
             self._read_results(graded, check_dir / "results.json", exercises, checked.timed_out)
         finally:
@@ -189,7 +207,7 @@ class _Grader:
 
     def _read_results(self, graded: Graded, path: Path, exercises: list[Exercise], timed_out: bool) -> None:
         try:
-            results = json.loads(path.read_text(encoding="utf-8"))
+            results = json.loads(_read_small(path, 4 * 2 ** 20))
             found = results["exercises"]
             graded.skipped = int(results.get("skipped", 0))
             graded.notes = [str(n)[:300] for n in results.get("notes", [])][:20]
@@ -220,7 +238,11 @@ def grade(submissions_dir: Path, out: Path, *, feedback: Path | None = None, cou
     grader = _Grader(Path(course_root), workdir, timeout, verify_timeout, quick, jobs, keep, watch)
 
     def one(submission: Submission) -> Graded:
-        row = grader.grade(submission)
+        try:
+            row = grader.grade(submission)
+        except Exception as error:  # noqa: BLE001 - one submission never stops the class
+            row = Graded(submission.student, submission.name, submission.chapter or "?", run="grader error")
+            row.flags.append(f"the grader failed on this notebook ({type(error).__name__}: {error}); grade it by hand")
         if progress:
             print(f"{row.student}/{row.notebook}: run {row.run}, {row.passed}/{len(row.exercises)} passed"
                   + (f" [{len(row.flags)} flag(s)]" if row.flags else ""), flush=True)

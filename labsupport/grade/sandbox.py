@@ -126,12 +126,12 @@ def _carries(pid: int, token: str) -> bool:
         return False
 
 
-def _kill(pids: set[int]) -> int:
-    killed = 0
+def _kill(pids: set[int]) -> set[int]:
+    killed = set()
     for pid in pids - {os.getpid()}:
         try:
             os.kill(pid, signal.SIGKILL)
-            killed += 1
+            killed.add(pid)
         except (ProcessLookupError, PermissionError):
             continue
     return killed
@@ -141,7 +141,7 @@ def kill_run(token: str, session: int | None, spare: set[int] | None) -> int:
     """Kill what a run left: its session, every process carrying its token and, unless ``spare`` is None (runs
     side by side), every descendant of the grader that is not in ``spare`` (those alive before the run began).
     Returns how many processes were killed."""
-    killed = 0
+    killed: set[int] = set()
     for _ in range(3):  # a process may fork while we look: look again
         below = descendants()
         targets = {pid for pid in _processes() if _carries(pid, token)}  # wherever they went
@@ -152,14 +152,14 @@ def kill_run(token: str, session: int | None, spare: set[int] | None) -> int:
                 os.killpg(session, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        killed += _kill(targets)
+        killed |= _kill(targets)
         # Sequential runs: also collect the run's exited processes handed to us (side by side, a zombie may be
         # another run's command, which its own thread waits for).
         _reap(targets | (descendants(zombies=True) - spare if spare is not None else set()))
         if not targets:
             break
         time.sleep(0.05)
-    return killed
+    return len(killed)
 
 
 def _reap(pids: set[int]) -> None:

@@ -6,8 +6,9 @@ builds a namespace from
 
 1. the top-level imports of the course's notebook (so ``torch``, ``F`` and friends mean what the chapter says),
 2. the submission's top-level **definitions** only, in notebook order: ``import`` statements, ``def`` and
-   ``class`` statements, and assignments of plain literals. Every other top-level statement (a call, a loop, a
-   monkeypatch of a checker, a print of a fake result) is skipped and counted,
+   ``class`` statements, assignments of plain literals, and names bound to what a course function returns when
+   called with constant arguments (``triton, tl = triton_or_stand_in()``). Every other top-level statement (a
+   call, a loop, a monkeypatch of a checker, a print of a fake result) is skipped and counted,
 
 then calls each exercise's checker, named by the grader from the course's notebook, on the learner's function of
 that name, and writes ``{"exercises": {function: {"status", "message"}}, "skipped": n, "notes": [...]}`` to
@@ -57,6 +58,33 @@ def _is_literal_assignment(node: ast.stmt) -> bool:
     return True
 
 
+def _is_course_call(node: ast.stmt, namespace: dict[str, Any]) -> bool:
+    """``triton, tl = triton_or_stand_in()``: names bound to what a course function returns, called with constant
+    arguments only (so no learner code runs through it)."""
+    if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Call):
+        return False
+    targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+    call = node.value
+    if not all(isinstance(t, ast.Name) for t in targets):
+        return False
+    try:
+        for argument in [*call.args, *(k.value for k in call.keywords)]:
+            ast.literal_eval(argument)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    parts, func = [], call.func
+    while isinstance(func, ast.Attribute):
+        parts.insert(0, func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name) or func.id not in namespace:
+        return False
+    target: Any = namespace[func.id]
+    for part in parts:
+        target = getattr(target, part, None)
+    module = getattr(target, "__module__", "") or ""
+    return callable(target) and module.startswith("labsupport.") and not isinstance(target, type)
+
+
 def _run(node: ast.stmt, source: str, filename: str, namespace: dict[str, Any]) -> str | None:
     """Execute one top-level statement; return an error note instead of raising."""
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
@@ -88,7 +116,7 @@ def namespace_of(course: nbformat.NotebookNode, submission: nbformat.NotebookNod
             continue
         source = "\n".join(submission["cells"][index]["source"].splitlines())
         for node in tree.body:
-            if isinstance(node, _KEPT) or _is_literal_assignment(node):
+            if isinstance(node, _KEPT) or _is_literal_assignment(node) or _is_course_call(node, namespace):
                 note = _run(node, source, f"<cell {index}>", namespace)
                 if note:
                     notes.append(note)

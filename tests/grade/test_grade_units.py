@@ -59,12 +59,15 @@ def test_the_recheck_keeps_definitions_and_skips_everything_else() -> None:
         nbformat.v4.new_code_cell("def f(x):\n    return SCALE * math.sqrt(x)\n\nf = f\nraise RuntimeError('no')"),
         nbformat.v4.new_code_cell("def (broken"),
     ]
+    submission.cells.append(nbformat.v4.new_code_cell(
+        "from labsupport.harness import settings\nmode = settings.pick(full=1, quick=2)\nbad = settings.pick(full=f, quick=f)"))
     namespace, skipped, notes = namespace_of(course, submission)
     assert namespace["f"](4.0) == 4.0
+    assert namespace["mode"] in (1, 2) and "bad" not in namespace  # a course call with constants only
     import labsupport.harness.checking as checking
 
     assert checking.check_function is check_function  # the monkeypatch was skipped
-    assert skipped == 4  # the patch, the print, `f = f` (not a literal) and the raise
+    assert skipped == 5  # the patch, the print, `f = f` (not a literal), the raise, a course call on `f`
     assert any("cell 2" in n for n in notes)
 
 
@@ -149,3 +152,16 @@ def test_the_snapshot_is_taken_once(tmp_path: Path) -> None:
     (course / "labsupport" / "__init__.py").write_text("ORIGINAL = False\n")
     snapshot.write(tmp_path / "run")
     assert (tmp_path / "run" / "labsupport" / "__init__.py").read_text() == "ORIGINAL = True\n"
+
+
+def test_a_planted_fifo_or_link_does_not_block_or_mislead_the_grader(tmp_path: Path) -> None:
+    from labsupport.grade.cli import _read_small
+
+    fifo, link, plain = tmp_path / "fifo", tmp_path / "link", tmp_path / "plain"
+    os.mkfifo(fifo)
+    plain.write_text("x" * 100)
+    link.symlink_to(plain)
+    for path in (fifo, link):
+        with pytest.raises(OSError):
+            _read_small(path)
+    assert _read_small(plain, limit=10) == "x" * 10
