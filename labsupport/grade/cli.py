@@ -265,7 +265,9 @@ def grade(submissions_dir: Path, out: Path, *, feedback: Path | None = None, cou
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labsupport.grade", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m labsupport.grade",
+                                     description="Grade a class's notebooks: run each in a sandbox, re-check each "
+                                     "exercise, write a CSV gradebook and feedback.",
                                      epilog="See docs/teaching/grading.md (threat model included).")
     parser.add_argument("submissions", type=Path, help="folder with one sub-folder of notebooks per student")
     parser.add_argument("--out", type=Path, required=True, help="the CSV gradebook to write")

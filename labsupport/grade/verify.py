@@ -97,7 +97,8 @@ def _run(node: ast.stmt, source: str, filename: str, namespace: dict[str, Any]) 
     return None
 
 
-def namespace_of(course: nbformat.NotebookNode, submission: nbformat.NotebookNode) -> tuple[dict[str, Any], int, list[str]]:
+def namespace_of(course: nbformat.NotebookNode,
+                 submission: nbformat.NotebookNode) -> tuple[dict[str, Any], int, list[str]]:
     """The namespace the checkers see: the course's imports, then the submission's definitions.
 
     Returns:
