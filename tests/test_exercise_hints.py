@@ -163,7 +163,8 @@ def test_a_failure_names_what_this_answer_did(checker, wrong, diagnosis, monkeyp
 def _chapter_checkers() -> list:
     import importlib
 
-    modules = [f"labsupport.{family}.{name}" for family in ("attention", "flash", "grouped", "linear_attention")
+    families = ("attention", "flash", "grouped", "linear_attention", "diffusion")
+    modules = [f"labsupport.{family}.{name}" for family in families
                for name in ("exercises", "exercises_core")]
     found = []
     for name in modules:

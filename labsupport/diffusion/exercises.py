@@ -6,7 +6,7 @@ Each checker runs the learner's function on seeded cases against the reference i
 yet) or a short explanation. Each is built to reject the tempting shortcut:
 
 * ``mask_tokens`` — masking with probability ``1 − t`` instead of ``t``, one ``t`` for the whole batch, or
-  writing ``[MASK]`` into the caller's tensor in place;
+  writing ``[MASK]`` into the caller's tensor in place (the engine compares every input before and after);
 * ``diffusion_loss`` — the plain mean cross-entropy over masked tokens (no ``1/t``: not a bound), dividing by
   the number of masked tokens instead of the length, or scoring the unmasked positions too; gradients checked;
 * ``transfer_schedule`` — the remainder given to the last steps, float counts, or counts that do not add up;
@@ -17,7 +17,9 @@ yet) or a short explanation. Each is built to reject the tempting shortcut:
 * ``gap_log_posterior`` — ``p(c | left)`` alone (the right side ignored), scoring only the gap's own token, or
   forgetting to normalise over the candidates.
 
-Hints diagnose; the formulas are in the notebook's tiered hints, never in a checker's message.
+Where a rule can tell, a failure names the mistake this answer made (``found``, from the wrong answers written
+out below as functions); the ``hint`` points at the notebook's tiered hints; the full recipe is printed only when
+the learner asks for it, e.g. ``check_diffusion_loss(diffusion_loss, reveal=True)``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from labsupport.diffusion import evaluation, process, sampling
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
 from labsupport.lm.model import TinyLM
 
 __all__ = [
@@ -44,19 +47,157 @@ __all__ = [
 ]
 
 
-def _refuse_in_place(fn: Callable[..., Any], argnum: int, what: str) -> Callable[..., Any]:
-    def wrapped(*args: Any) -> Any:
-        before = args[argnum].clone() if isinstance(args[argnum], torch.Tensor) else None
-        result = fn(*args)
-        if before is not None and not torch.equal(before, args[argnum]):
-            raise ValueError(f"{what} was modified in place; return a new tensor and leave the input as it was")
-        return result
-    wrapped.__name__ = getattr(fn, "__name__", "learner_function")
-    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
-    return wrapped
+def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy, ``(B, L)``."""
+    flat = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                             reduction="none")
+    return flat.view_as(tokens)
 
 
-def check_mask_tokens(fn: Callable[..., Any]) -> CheckResult:
+# The usual wrong answers, written out so a failure can say which one this answer is.
+
+def _mask_with_one_minus_t(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, uniform: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    masked = uniform >= mask_prob[:, None]
+    return tokens.masked_fill(masked, mask_id), masked
+
+
+def _mask_with_one_t(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, uniform: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    masked = uniform < mask_prob[0]
+    return tokens.masked_fill(masked, mask_id), masked
+
+
+_MASK_MISTAKES = [
+    known_mistakes({"your mask keeps a share 1 − t of the tokens and masks the rest: the roles of t and 1 − t are "
+                    "swapped": _mask_with_one_minus_t,
+                    "every sequence in your batch is masked with the first sequence's t": _mask_with_one_t},
+                   output=1),
+]
+
+
+def _loss_plain_mean(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, t: torch.Tensor
+                     ) -> torch.Tensor:
+    return (_ce(logits, tokens) * masked).sum() / masked.sum()
+
+
+def _loss_plain_mean_per_sequence(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
+                                  t: torch.Tensor) -> torch.Tensor:
+    return ((_ce(logits, tokens) * masked).sum(1) / masked.sum(1)).mean()
+
+
+def _loss_by_mask_count(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, t: torch.Tensor
+                        ) -> torch.Tensor:
+    return ((_ce(logits, tokens) * masked).sum(1) / t / masked.sum(1)).mean()
+
+
+def _loss_every_position(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, t: torch.Tensor
+                         ) -> torch.Tensor:
+    return (_ce(logits, tokens).sum(1) / t).mean() / tokens.shape[1]
+
+
+def _loss_times_t(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, t: torch.Tensor
+                  ) -> torch.Tensor:
+    return ((_ce(logits, tokens) * masked).sum(1) * t).mean() / tokens.shape[1]
+
+
+_LOSS_MISTAKES = [
+    known_mistakes({
+        "your loss is the plain mean cross-entropy over the masked tokens, with no 1/t weight: a masked-LM loss, "
+        "not a bound on the negative log-likelihood": _loss_plain_mean,
+        "your loss averages each sequence's masked cross-entropy and leaves out the 1/t weight":
+            _loss_plain_mean_per_sequence,
+        "you divide each sequence's weighted sum by its number of masked tokens, not by the sequence length L":
+            _loss_by_mask_count,
+        "your loss scores the unmasked positions too (they carry no loss: the model sees them)":
+            _loss_every_position,
+        "your weight multiplies by t where it should divide by it": _loss_times_t,
+    }, atol=1e-9, rtol=1e-7),
+]
+
+
+def _schedule_remainder_last(n_masked: int, steps: int) -> torch.Tensor:
+    return sampling.transfer_schedule(n_masked, steps).flip(0)
+
+
+def _schedule_floor_only(n_masked: int, steps: int) -> torch.Tensor:
+    return torch.full((steps,), n_masked // steps, dtype=torch.long)
+
+
+_SCHEDULE_MISTAKES = [
+    known_mistakes({"your schedule gives the remainder to the last steps instead of the first":
+                    _schedule_remainder_last,
+                    "your counts drop the remainder: they add up to less than n_masked, so some masks are never "
+                    "committed": _schedule_floor_only}),
+]
+
+
+def _commit_over_all_positions(canvas: torch.Tensor, logits: torch.Tensor, mask_id: int, k: int) -> torch.Tensor:
+    """Ranks every position, committed ones included, and writes the prediction at the k surest."""
+    confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
+    top = confidence.topk(min(k, canvas.shape[1]), dim=1).indices
+    return canvas.scatter(1, top, predicted.gather(1, top))
+
+
+def _commit_masked_among_all(canvas: torch.Tensor, logits: torch.Tensor, mask_id: int, k: int) -> torch.Tensor:
+    """Ranks every position, then fills only those of the k surest that are masked (fewer than k commits)."""
+    confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
+    top = confidence.topk(min(k, canvas.shape[1]), dim=1).indices
+    chosen = torch.zeros_like(canvas, dtype=torch.bool).scatter(1, top, True) & (canvas == mask_id)
+    return torch.where(chosen, predicted, canvas)
+
+
+def _commit_least_confident(canvas: torch.Tensor, logits: torch.Tensor, mask_id: int, k: int) -> torch.Tensor:
+    confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
+    counts = torch.full((canvas.shape[0],), k, dtype=torch.long)
+    new, _ = sampling.commit_tokens(canvas, predicted, -confidence, counts,
+                                    torch.ones_like(canvas, dtype=torch.bool), mask_id)
+    return new
+
+
+_COMMIT_MISTAKES = [
+    known_mistakes({
+        "your step ranks every position, already-committed ones included, and overwrote committed tokens with "
+        "the model's guess": _commit_over_all_positions,
+        "your step ranks every position, already-committed ones included: the committed positions took slots, "
+        "so fewer than k masks were filled": _commit_masked_among_all,
+        "your step filled the k LEAST confident masked positions": _commit_least_confident,
+    }),
+]
+
+
+def _threshold_no_progress(canvas: torch.Tensor, probs: torch.Tensor, mask_id: int, threshold: float
+                           ) -> torch.Tensor:
+    confidence, predicted = probs.max(dim=-1)
+    return torch.where((canvas == mask_id) & (confidence >= threshold), predicted, canvas)
+
+
+def _threshold_everywhere(canvas: torch.Tensor, probs: torch.Tensor, mask_id: int, threshold: float
+                          ) -> torch.Tensor:
+    confidence, predicted = probs.max(dim=-1)
+    return torch.where(confidence >= threshold, predicted, canvas)
+
+
+_THRESHOLD_MISTAKES = [
+    known_mistakes({
+        "a row where no prediction clears the threshold commits nothing in your step: the sampler would never "
+        "finish": _threshold_no_progress,
+        "your step commits over tokens that were already there, not only at the masks": _threshold_everywhere,
+    }),
+]
+
+
+def _gap_left_only(model: TinyLM, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
+
+
+_GAP_MISTAKES = [
+    known_mistakes({"your answer is p(c | left) alone: the characters right of the gap are ignored":
+                    _gap_left_only}, atol=1e-8, rtol=1e-6),
+]
+
+
+def check_mask_tokens(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(tokens (B, L), mask_prob (B,), mask_id, uniform (B, L)) -> (noisy, masked)``."""
     gen = torch.Generator().manual_seed(801)
 
@@ -71,13 +212,13 @@ def check_mask_tokens(fn: Callable[..., Any]) -> CheckResult:
         case("t = 1: everything masked; t tiny: almost nothing", 2, 12, 7, [1.0, 0.01]),
         case("B=3, L=32, vocab 76 (the corpus)", 3, 32, 76),
     ]
-    if not callable(fn):
-        return check_function(fn, process.mask_tokens, cases, exercise="mask_tokens")
     return check_function(
-        _refuse_in_place(fn, 0, "tokens"), process.mask_tokens, cases, exercise="mask_tokens",
-        output_names=("noisy", "masked"),
+        fn, process.mask_tokens, cases, exercise="mask_tokens", output_names=("noisy", "masked"),
+        diagnose=_MASK_MISTAKES, reveal=reveal,
         hint="compare the share of masked positions with t: is it t or 1 − t, and does each sequence use its own "
              "t? Return new tensors and leave tokens unchanged. Tiered hints are above the exercise.",
+        recipe="masked = uniform < mask_prob[:, None] (one t per row, broadcast along the sequence); "
+               "noisy = tokens.masked_fill(masked, mask_id), a new tensor; return (noisy, masked).",
     )
 
 
@@ -87,7 +228,7 @@ def reference_diffusion_loss(logits: torch.Tensor, tokens: torch.Tensor, masked:
     return process.masked_diffusion_loss(logits, tokens, masked, 1.0 / t).to(logits.dtype)
 
 
-def check_diffusion_loss(fn: Callable[..., Any]) -> CheckResult:
+def check_diffusion_loss(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(logits (B, L, V), tokens (B, L), masked (B, L) bool, t (B,)) -> scalar`` and its gradient."""
     gen = torch.Generator().manual_seed(802)
 
@@ -108,13 +249,16 @@ def check_diffusion_loss(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, reference_diffusion_loss, cases, exercise="diffusion_loss", atol=1e-9, rtol=1e-7,
-        hint="if only the large-t cases fail, look at the weight; if every case is off by a constant factor, look "
-             "at what you divide by (the answer is nats per position of the sequence); unmasked positions carry "
-             "no loss. Tiered hints are above the exercise.",
+        diagnose=_LOSS_MISTAKES, reveal=reveal,
+        hint="the usual slips are the weight (see Hint 1 above the exercise: why a masked token counts more when "
+             "t is small) and what you divide by (the answer is nats per position of the sequence); unmasked "
+             "positions carry no loss. Tiered hints are above the exercise.",
+        recipe="ce = F.cross_entropy(logits.reshape(-1, V), tokens.reshape(-1), reduction='none').view(B, L); "
+               "per sequence (ce * masked).sum(1) / t; then .mean() over the batch and / L.",
     )
 
 
-def check_transfer_schedule(fn: Callable[..., Any]) -> CheckResult:
+def check_transfer_schedule(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(n_masked, steps) -> (steps,) int64``: equal shares, the remainder to the first steps."""
     cases = [
         Case("32 tokens in 8 steps (4 each)", (32, 8)),
@@ -126,8 +270,11 @@ def check_transfer_schedule(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, sampling.transfer_schedule, cases, exercise="transfer_schedule",
+        diagnose=_SCHEDULE_MISTAKES, reveal=reveal,
         hint="the counts must add up to n_masked, differ by at most one, and put the larger ones first; the "
              "answer is an int64 tensor. Tiered hints are above the exercise.",
+        recipe="base, extra = divmod(n_masked, steps); counts = torch.full((steps,), base, dtype=torch.long); "
+               "counts[:extra] += 1.",
     )
 
 
@@ -142,7 +289,7 @@ def reference_low_confidence_commit(canvas: torch.Tensor, logits: torch.Tensor, 
     return new
 
 
-def check_low_confidence_commit(fn: Callable[..., Any]) -> CheckResult:
+def check_low_confidence_commit(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(canvas (B, L), logits (B, L, V), mask_id, k) -> new canvas``.
 
     The logits of the unmasked positions are random on purpose (and often the most confident): a committed
@@ -160,7 +307,7 @@ def check_low_confidence_commit(fn: Callable[..., Any]) -> CheckResult:
         logits[..., mask_id] = float("-inf")
         logits[~masked] += 4.0 * torch.nn.functional.one_hot(torch.randint(0, vocab, (int((~masked).sum()),),
                                                                           generator=gen), vocab + 1)
-        return Case(name, (canvas, logits, mask_id, k))
+        return Case(name, (canvas, logits, mask_id, k), notes={"logits": f"V = {vocab} + [MASK]"})
 
     cases = [
         case("B=1, L=8, V=5, k=1", 1, 8, 5, 1),
@@ -169,14 +316,15 @@ def check_low_confidence_commit(fn: Callable[..., Any]) -> CheckResult:
         case("B=2, L=10, V=4, k=20 (more than the masks: commit them all)", 2, 10, 4, 20),
         case("B=4, L=32, V=76, k=4", 4, 32, 76, 4),
     ]
-    if not callable(fn):
-        return check_function(fn, reference_low_confidence_commit, cases, exercise="low_confidence_commit")
     return check_function(
-        _refuse_in_place(fn, 0, "canvas"), reference_low_confidence_commit, cases,
-        exercise="low_confidence_commit",
-        hint="a committed token changed, or a masked position other than the k surest was filled: only masked "
-             "positions compete, the surest win, and the canvas you were given stays as it was. Tiered hints are "
-             "above the exercise.",
+        fn, reference_low_confidence_commit, cases, exercise="low_confidence_commit",
+        diagnose=_COMMIT_MISTAKES, reveal=reveal,
+        hint="only masked positions compete for the k slots, the surest win, and a committed token never changes "
+             "(see Hint 1 above the exercise); return a new canvas and leave the one you were given as it was. "
+             "Tiered hints are above the exercise.",
+        recipe="confidence, guess = logits.softmax(-1).max(-1); set confidence to −inf where canvas != mask_id; "
+               "topk(min(k, L)) per row; scatter True into a bool (B, L) tensor and & it with canvas == mask_id; "
+               "return torch.where(chosen, guess, canvas).",
     )
 
 
@@ -191,7 +339,7 @@ def reference_threshold_commit(canvas: torch.Tensor, probs: torch.Tensor, mask_i
     return new
 
 
-def check_threshold_commit(fn: Callable[..., Any]) -> CheckResult:
+def check_threshold_commit(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(canvas (B, L), probs (B, L, V), mask_id, threshold) -> new canvas`` (Fast-dLLM's commit rule)."""
     gen = torch.Generator().manual_seed(804)
 
@@ -210,7 +358,7 @@ def check_threshold_commit(fn: Callable[..., Any]) -> CheckResult:
             probs[0, 0] = (1 - threshold) / (vocab - 1)
             probs[0, 0, mask_id] = 0.0
             probs[0, 0, top] = threshold
-        return Case(name, (canvas, probs, mask_id, threshold))
+        return Case(name, (canvas, probs, mask_id, threshold), notes={"probs": f"V = {vocab} + [MASK]"})
 
     cases = [
         case("B=2, L=12, V=5, threshold 0.9", 2, 12, 5, 0.9, sharp=4.0),
@@ -222,6 +370,9 @@ def check_threshold_commit(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, reference_threshold_commit, cases, exercise="threshold_commit",
+        diagnose=_THRESHOLD_MISTAKES, reveal=reveal,
+        recipe="counts = ((conf >= threshold) & is_mask).sum(1), raised to 1 where is_mask.any(1); rank the masked "
+               "positions by conf (others at −inf) and commit the first counts[b] of row b with their argmax.",
         hint="check three things: a row where no prediction clears the threshold must still make progress; a "
              "prediction exactly at the threshold counts; only masked positions may change. Tiered hints are above "
              "the exercise.",
@@ -240,7 +391,7 @@ def _reference_gap(model: TinyLM, tokens: torch.Tensor, position: int) -> torch.
     return evaluation.ar_gap_log_posterior(model, tokens, position)
 
 
-def check_gap_log_posterior(fn: Callable[..., Any]) -> CheckResult:
+def check_gap_log_posterior(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(model, tokens (B, L), position) -> (B, V) float64 log p(c | left, right)`` for a 1-char gap."""
     gen = torch.Generator().manual_seed(805)
 
@@ -256,6 +407,10 @@ def check_gap_log_posterior(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, _reference_gap, cases, exercise="gap_log_posterior", atol=1e-8, rtol=1e-6,
+        diagnose=_GAP_MISTAKES, reveal=reveal,
+        recipe="rows = tokens.repeat_interleave(V, 0); rows[:, position] = arange(V).repeat(B); lp = model(rows[:, "
+               ":-1]).double().log_softmax(-1).gather(-1, rows[:, 1:, None])[..., 0]; "
+               "lp[:, position - 1:].sum(1).view(B, V).log_softmax(-1).",
         hint="compare your answer with p(c | left) alone: if they agree, the right side is missing; every "
              "character after the gap depends on c, not only the next one; and each row must be a normalised "
              "log-distribution over the V candidates. Tiered hints are above the exercise.",

@@ -14,9 +14,11 @@ module             holds
                    ``check_flash_backward`` and their seeded cases
 ``triton``         the Triton forward and backward kernels (``triton_flash_forward``, ...); optional,
                    not imported here: ``from labsupport.flash import triton as flash_triton``
+``tma``            ``tma_flash_forward``: the forward with Hopper TMA tensor descriptors (optional, not
+                   imported here, like ``triton``)
 =================  ===============================================================================
 
-Everything but ``triton`` is re-exported here, e.g. ``from labsupport import flash as ref;
+Everything but ``triton`` and ``tma`` is re-exported here, e.g. ``from labsupport import flash as ref;
 ref.flash_attention_forward(q, k, v, causal=True)``. The package never imports Triton itself, so
 it imports on machines without it, and ``TRITON_INTERPRET`` can still be set before the first
 ``from labsupport.flash import triton``.

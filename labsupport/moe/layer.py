@@ -133,7 +133,7 @@ class MoELayer(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(E + self.n_null))
         self.init_weights()
         self._losses: dict[str, torch.Tensor] = {}
-        self._metrics: dict[str, float | list[float]] = {}
+        self._metrics: dict[str, float | list[float] | torch.Tensor] = {}
         self.last_top_expert: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
         self._sent = torch.zeros(E)
@@ -251,11 +251,11 @@ class MoELayer(nn.Module):
                     all_counts = torch.bincount(routing.experts.reshape(-1), minlength=self.selection_bias.numel())
                     self.selection_bias.copy_(update_balance_bias(self.selection_bias, all_counts, self.bias_gamma))
             assignments = routing.experts.numel()
-            self._metrics = {
-                "tokens_per_expert": self._sent.tolist(),          # sent, before capacity dropped any
+            self._metrics = {  # kept as tensors: read on the host only when asked (no sync per forward)
+                "tokens_per_expert": self._sent.detach(),            # sent, before capacity dropped any
                 "assignment_budget": float(assignments),           # T·k: capacity is ceil(cf · this / E)
-                "dropped_fraction": float(dropped.sum()) / assignments,
-                "experts_per_token": float(routing.active.sum()) / tokens.shape[0],
+                "dropped_fraction": dropped.sum().detach() / assignments,
+                "experts_per_token": routing.active.sum().detach() / tokens.shape[0],
             }
             self.last_top_expert = routing.experts[:, 0].detach().view(x.shape[:-1])
         if self.z_loss_weight > 0:
@@ -264,8 +264,8 @@ class MoELayer(nn.Module):
             losses["router_entropy"] = self.entropy_weight * router_entropy(logits)
         self.last_router_logits = logits.detach()
         with torch.no_grad():  # how large the router's logits grow (what the z-loss holds down)
-            self._metrics["router_logit_rms"] = float(logits.float().square().mean().sqrt())
-            self._metrics["router_z"] = float(router_z_loss(logits))
+            self._metrics["router_logit_rms"] = logits.detach().float().square().mean().sqrt()
+            self._metrics["router_z"] = router_z_loss(logits.detach())
         if self.shared is not None:
             out = out + self.shared(tokens)
         self._losses = losses
@@ -277,8 +277,10 @@ class MoELayer(nn.Module):
 
     def training_metrics(self) -> dict[str, float | list[float]]:
         """Assignments sent to each expert (before dropping), the budget ``T·k``, the dropped fraction,
-        the mean number of experts actually run per token, and the router logits' RMS and z-loss value."""
-        return dict(self._metrics)
+        the mean number of experts actually run per token, and the router logits' RMS and z-loss value
+        (tensors until read here, so a forward pass never waits on the host)."""
+        return {name: (value.tolist() if value.dim() else float(value)) if isinstance(value, torch.Tensor) else value
+                for name, value in self._metrics.items()}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_experts={self.n_experts}, top_k={self.top_k}, "

@@ -13,6 +13,9 @@ module          holds
 ``widget``      the impulse-response explorer's data and figure
 ``exercises``   the chapter's checkers
 ==============  ==========================================================================================
+
+Optional and not imported here: ``labsupport.ssm.triton_scan`` (``ssd_scan_triton``), the SSD recurrence as one
+fused Triton kernel with the state in registers, the honest GPU baseline for the chunked SSD.
 """
 
 from labsupport.ssm.exercises import (

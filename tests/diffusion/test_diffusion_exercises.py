@@ -243,3 +243,112 @@ def test_no_checker_hint_prints_the_recipe(checker_name: str, capsys) -> None:
     for recipe in ("uniform < mask_prob", "divmod", "reduction='none'", "−inf before ranking", "masked_fill",
                    "log_softmax", "repeat_interleave"):
         assert recipe not in out, (checker_name, recipe)
+
+
+# --------------------------------------------------------------------------- diagnoses and the recipe on request
+
+def _loss_plain_mean(logits, tokens, masked, t):
+    return (ce(logits, tokens) * masked).sum() / masked.sum()
+
+
+def _loss_by_mask_count(logits, tokens, masked, t):
+    return ((ce(logits, tokens) * masked).sum(1) / t / masked.sum(1)).mean()
+
+
+def _schedule_remainder_last(n, steps):
+    return sampling.transfer_schedule(n, steps).flip(0)
+
+
+def _commit_over_all_positions(canvas, logits, mask_id, k):
+    conf, pred = logits.softmax(-1).max(-1)
+    top = conf.topk(min(k, canvas.shape[1]), dim=1).indices
+    return canvas.scatter(1, top, pred.gather(1, top))
+
+
+def _commit_least_confident(canvas, logits, mask_id, k):
+    conf, pred = logits.softmax(-1).max(-1)
+    conf = conf.masked_fill(canvas != mask_id, float("inf"))
+    chosen = torch.zeros_like(canvas, dtype=torch.bool).scatter(
+        1, (-conf).topk(min(k, canvas.shape[1]), dim=1).indices, True) & (canvas == mask_id)
+    return torch.where(chosen, pred, canvas)
+
+
+def _mask_one_minus_t(tokens, mask_prob, mask_id, uniform):
+    masked = uniform >= mask_prob[:, None]
+    return tokens.masked_fill(masked, mask_id), masked
+
+
+def _threshold_no_progress(canvas, probs, mask_id, threshold):
+    confidence, predicted = probs.max(-1)
+    return torch.where((canvas == mask_id) & (confidence >= threshold), predicted, canvas)
+
+
+def _gap_left_only(model, tokens, position):
+    return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
+
+
+def _checker(name):
+    from labsupport.diffusion import exercises
+
+    return getattr(exercises, name)
+
+
+DIAGNOSED = [
+    ("check_diffusion_loss", _loss_plain_mean, "plain mean cross-entropy over the masked tokens, with no 1/t"),
+    ("check_diffusion_loss", _loss_by_mask_count, "by its number of masked tokens, not by the sequence length"),
+    ("check_transfer_schedule", _schedule_remainder_last, "remainder to the last steps instead of the first"),
+    ("check_low_confidence_commit", _commit_over_all_positions, "already-committed ones included"),
+    ("check_low_confidence_commit", _commit_least_confident, "LEAST confident"),
+    ("check_mask_tokens", _mask_one_minus_t, "t and 1 − t are swapped"),
+    ("check_threshold_commit", _threshold_no_progress, "commits nothing"),
+    ("check_gap_log_posterior", _gap_left_only, "p(c | left) alone"),
+]
+
+
+@pytest.mark.parametrize("checker_name, wrong, diagnosis", DIAGNOSED, ids=[w.__name__ for _, w, _ in DIAGNOSED])
+def test_a_failure_names_the_mistake_and_hides_the_recipe(checker_name, wrong, diagnosis, capsys) -> None:
+    checker = _checker(checker_name)
+    result, out = run(checker, wrong, capsys)
+    assert not result and "\n   found   " in out and diagnosis in result.diagnosis, out
+    assert "hints are above the exercise" in out.lower()
+    assert f"`{checker_name}({wrong.__name__}, reveal=True)` prints the full recipe" in out
+
+
+@pytest.mark.parametrize("checker_name, wrong, fragment", [
+    ("check_mask_tokens", _mask_one_minus_t, "uniform < mask_prob"),
+    ("check_diffusion_loss", _loss_plain_mean, "reduction='none'"),
+    ("check_transfer_schedule", _schedule_remainder_last, "divmod"),
+    ("check_low_confidence_commit", _commit_least_confident, "topk"),
+    ("check_threshold_commit", _threshold_no_progress, "raised to 1 where"),
+    ("check_gap_log_posterior", _gap_left_only, "repeat_interleave"),
+])
+def test_the_recipe_appears_only_with_reveal(checker_name, wrong, fragment, capsys) -> None:
+    checker = _checker(checker_name)
+    _, hidden = run(checker, wrong, capsys)
+    assert fragment not in hidden and "\n   recipe  try the tiered hints first" in hidden
+    result = checker(wrong, reveal=True)
+    shown = capsys.readouterr().out
+    assert not result and fragment in shown.split("\n   recipe  ")[-1]
+
+
+def test_commit_cases_say_the_logits_have_a_mask_column(capsys) -> None:
+    from labsupport.diffusion.exercises import check_threshold_commit
+
+    _, out = run(check_low_confidence_commit, _commit_least_confident, capsys)
+    assert "(V = 5 + [MASK])" in out
+    _, out = run(check_threshold_commit, _threshold_no_progress, capsys)
+    assert "+ [MASK])" in out
+
+
+def test_the_engine_refuses_in_place_writes_without_a_wrapper(capsys) -> None:
+    from labsupport.diffusion import exercises
+
+    assert not hasattr(exercises, "_refuse_in_place")
+
+    def in_place(tokens, mask_prob, mask_id, uniform):
+        masked = uniform < mask_prob[:, None]
+        tokens[masked] = mask_id
+        return tokens, masked
+
+    result, out = run(check_mask_tokens, in_place, capsys)
+    assert not result and "changed its input `tokens` in place" in out

@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported: chapter 01's kernels run on the CPU
+
 #: (module, checker name) of every checker of every chapter (the script counts them per family package).
 CHECKERS: list[tuple[str, str]] = [
     ("labsupport.attention.exercises", "check_causal_attention"),
@@ -85,6 +88,46 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
 ]
 
+#: Checkers whose learner returns something other than what is graded (a factory of modules, a registry row): the
+#: checker wraps the learner's answer into the compared tensor. For these the reference is read from the module
+#: under this name (the learner's form), and their wrong answers are only the chapter-specific ones in SPECIFIC.
+LEARNER_FORM = {
+    "check_pattern_builder": "_reference_builder",
+    "check_register_gqa": "_reference_register_gqa",
+    # chapter 01's Triton exercise: the learner writes a @triton.jit kernel; the solution and the wrong kernels are
+    # Triton functions, so they live in a file of their own (Triton reads a kernel's source from its file)
+    "check_triton_attention_kernel": "tests/flash/test_flash_triton_exercise.py:solution",
+}
+
+
+def _triton_kernels() -> Any:
+    """``tests/flash/test_flash_triton_exercise.py``, whose kernels are chapter 01's solution and wrong answers."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flash",
+                        "test_flash_triton_exercise.py")
+    module = sys.modules.get("_course_triton_kernels")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("_course_triton_kernels", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_course_triton_kernels"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _triton_runs_here() -> bool:
+    """Whether chapter 01's Triton exercise can be graded here (Triton installed, kernels interpreted or on a GPU)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available()
+
+
+if _triton_runs_here():
+    CHECKERS.append(("labsupport.flash.triton_exercise", "check_triton_attention_kernel"))
+
+
 #: (checker, kind) pairs a checker accepts on purpose: chapter 04 lets a selective step write into its own h.
 EXEMPT = {("check_selective_step", "mutate")}
 
@@ -99,6 +142,7 @@ class Spied:
 
     reference: Callable[..., Any]
     cases: list[Any]
+    learner_form: bool = False  # the reference is in the learner's form, and the cases are the graded wrapper's
 
 
 def load_checker(module_name: str, name: str) -> tuple[Callable[..., Any], Spied]:
@@ -118,7 +162,12 @@ def load_checker(module_name: str, name: str) -> tuple[Callable[..., Any], Spied
             checker(lambda *a, **k: None)
     finally:
         module.check_function = real
-    return checker, seen[-1]
+    spied = seen[-1]
+    if name in LEARNER_FORM:  # the learner writes a factory, a registration or a kernel, not the graded output
+        where = LEARNER_FORM[name]
+        reference = (getattr(_triton_kernels(), where.split(":")[1]) if ":" in where else getattr(module, where))
+        spied = Spied(reference, spied.cases, learner_form=True)
+    return checker, spied
 
 
 def run_checker(checker: Callable[..., Any], fn: Callable[..., Any]) -> bool:
@@ -281,6 +330,8 @@ def _cloned_call(reference: Callable[..., Any], case: Any) -> Any:
 
 def applicable_kinds(spied: Spied) -> list[str]:
     """The generic kinds that make a real wrong answer for this checker (one that differs on some case)."""
+    if spied.learner_form:  # the generic kinds edit the graded output, which such a learner never returns
+        return []
     outputs = [_cloned_call(spied.reference, case) for case in spied.cases]
     number_answer = _is_number(outputs[0])
     kinds = []
@@ -784,6 +835,15 @@ def count(kinds_filter: set[str] | None = None, checkers: list[tuple[str, str]] 
                 passed += 1
                 lines.append(f"PASSED (should fail): {name} <- {label}")
     return passed, total, lines
+
+
+if _triton_runs_here():  # chapter 01's Triton exercise: wrong kernels written as a learner would
+    _kernels = _triton_kernels()
+    SPECIFIC["check_triton_attention_kernel"] = [
+        ("dense: every key in one load", _kernels.dense_shortcut),
+        ("running sums not rescaled", _kernels.no_rescale),
+        ("last key block not masked", _kernels.unmasked_tail),
+    ]
 
 
 def main() -> None:

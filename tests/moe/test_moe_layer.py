@@ -157,3 +157,14 @@ def test_the_cost_formula_counts_the_layers_parameters() -> None:
         assert formula["total"] == sum(p.numel() for p in layer.parameters())
     with pytest.raises(ValueError, match="top_k"):
         moe_parameters(16, 24, 4, 5)
+
+
+def test_forward_leaves_the_metrics_on_the_device_until_they_are_read() -> None:
+    """No ``.tolist()``/``float()`` per forward pass: on a GPU each would stall the stream."""
+    layer = MoELayer(8, 4, 2)
+    layer(torch.randn(2, 5, 8))
+    from_data = {name: value for name, value in layer._metrics.items() if name != "assignment_budget"}  # T·k: a shape
+    assert from_data and all(isinstance(value, torch.Tensor) for value in from_data.values())
+    metrics = layer.training_metrics()  # converted here, once, when asked
+    assert isinstance(metrics["tokens_per_expert"], list) and sum(metrics["tokens_per_expert"]) == 20
+    assert isinstance(metrics["dropped_fraction"], float) and isinstance(metrics["experts_per_token"], float)
