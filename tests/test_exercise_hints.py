@@ -163,7 +163,7 @@ def test_a_failure_names_what_this_answer_did(checker, wrong, diagnosis, monkeyp
 def _chapter_checkers() -> list:
     import importlib
 
-    families = ("attention", "flash", "grouped", "linear_attention", "diffusion")
+    families = ("attention", "flash", "grouped", "linear_attention", "diffusion", "ssm", "sparse", "moe", "multimodal")
     modules = [f"labsupport.{family}.{name}" for family in families
                for name in ("exercises", "exercises_core")]
     found = []

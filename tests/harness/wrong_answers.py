@@ -80,6 +80,7 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.multimodal.exercises", "check_invert"),
     ("labsupport.multimodal.exercises", "check_merge_step"),
     ("labsupport.multimodal.exercises", "check_fastv_keep_set"),
+    ("labsupport.multimodal.exercises", "check_route_tokens"),
     ("labsupport.diffusion.exercises", "check_diffusion_loss"),
     ("labsupport.diffusion.exercises", "check_low_confidence_commit"),
     ("labsupport.diffusion.exercises", "check_threshold_commit"),
@@ -730,6 +731,23 @@ def _keep_last_query(attn, image_start, image_end, keep):
 def _keep_by_rank(attn, image_start, image_end, keep):
     received = attn.mean(0).mean(0)[image_start:image_end]
     return received.topk(keep).indices + image_start
+
+
+def _mod(gate="update", skipped="x", k_of=lambda c, n: max(1, round(c * n)), ordered=True, on_all=False,
+         detach=False):
+    """Chapter 09's Mixture-of-Depths routing of one image, written as a learner would, with one slip."""
+    def route(x, scores, capacity, update):
+        s = scores.detach() if detach else scores
+        chosen = s.topk(k_of(capacity, len(x))).indices
+        chosen = chosen.sort().values if ordered else chosen
+        f = update(x)[chosen] if on_all else update(x[chosen])
+        w = torch.sigmoid(s[chosen])[:, None]
+        new = {"update": x[chosen] + w * f, "none": x[chosen] + f, "whole": w * (x[chosen] + f),
+               "softmax": x[chosen] + s[chosen].softmax(0)[:, None] * f}[gate]
+        base = x.clone() if skipped == "x" else torch.zeros_like(x)
+        base[chosen] = new
+        return base, chosen
+    return route
 def _gap_left_only(model, tokens, position):
     """p(c | left) alone: the right side of the gap ignored."""
     return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
@@ -800,6 +818,13 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_merge_step": [("unweighted mean", _merge_unweighted), ("dot product, not cosine", _merge_dot_product)],
     "check_fastv_keep_set": [("attention given (rows)", _keep_by_rows), ("last query only", _keep_last_query),
                              ("ordered by rank", _keep_by_rank)],
+    "check_route_tokens": [("no router weight", _mod(gate="none")), ("weight on x + update", _mod(gate="whole")),
+                           ("softmax over the chosen", _mod(gate="softmax")), ("skipped zeroed", _mod(skipped="0")),
+                           ("k rounded down", _mod(k_of=lambda c, n: max(1, int(c * n)))),
+                           ("k at least 0", _mod(k_of=lambda c, n: round(c * n))),
+                           ("score order", _mod(ordered=False)), ("update on every token", _mod(on_all=True)),
+                           ("router detached", _mod(detach=True)),
+                           ("lowest scores", lambda x, s, c, u: _mod()(x, -s, c, u))],
     "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
     "check_threshold_commit": [("strict > without progress", _threshold_strict)],
 }
