@@ -883,6 +883,7 @@ if _triton_runs_here():  # chapter 01's Triton exercise: wrong kernels written a
     _kernels = _triton_kernels()
     SPECIFIC["check_triton_attention_kernel"] = [
         ("dense: every key in one load", _kernels.dense_shortcut),
+        ("dense, with a loop that does nothing", _kernels.dense_with_a_dummy_loop),
         ("running sums not rescaled", _kernels.no_rescale),
         ("last key block not masked", _kernels.unmasked_tail),
     ]
