@@ -4,7 +4,8 @@
 module             holds
 =================  ===============================================================================
 ``reference``      the readable math: ``causal_mask``, ``stable_softmax``, ``naive_attention``,
-                   ``online_softmax_row``, ``online_softmax_update``; the conventions of the chapter
+                   ``online_softmax_row``, and the online-softmax update the tiled loops use (exercise 1's
+                   answer, so not re-exported here); the conventions of the chapter
 ``tiled``          ``flash_attention_forward`` / ``flash_attention_backward`` (tile loops in PyTorch),
                    ``FlashAttentionFunction`` and ``flash_attention`` (autograd)
 ``io``             the two-level memory model: ``TwoLevelMemory``, ``IOReport``,
@@ -18,7 +19,7 @@ module             holds
                    imported here, like ``triton``)
 =================  ===============================================================================
 
-Everything but ``triton`` and ``tma`` is re-exported here, e.g. ``from labsupport import flash as ref;
+Everything but ``triton``, ``tma`` and the exercises' answers is re-exported here, e.g. ``from labsupport import flash as ref;
 ref.flash_attention_forward(q, k, v, causal=True)``. The package never imports Triton itself, so
 it imports on machines without it, and ``TRITON_INTERPRET`` can still be set before the first
 ``from labsupport.flash import triton``.
@@ -36,7 +37,6 @@ from labsupport.flash.reference import (
     causal_mask,
     naive_attention,
     online_softmax_row,
-    online_softmax_update,
     stable_softmax,
 )
 from labsupport.flash.tiled import (
@@ -63,7 +63,6 @@ __all__ = [
     "flash_block_sizes",
     "naive_attention",
     "online_softmax_row",
-    "online_softmax_update",
     "stable_softmax",
     "standard_attention_io",
     "tile_trace",

@@ -156,3 +156,60 @@ def test_backward_checker_explains_wrong_answers(fn, expect, capsys):
     result, out = run_checker(check_flash_backward, fn, capsys)
     assert not result
     assert expect in out
+
+
+# --------------------------------------------------------------------------- the tiling guard (issue 24)
+
+
+def _tile_loop(q, k, v, causal, block_q, block_k, *, key_block=None, full_mask=False):
+    """The tiled forward, with one of two slips: key blocks as wide as the key axis, or a full-size causal mask."""
+    lq, lk, scale = q.shape[-2], k.shape[-2], q.shape[-1] ** -0.5
+    block_k = lk if key_block == "all" else block_k
+    everything = causal_mask(lq, lk) if full_mask else None
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype)
+    for q0 in range(0, lq, block_q):
+        q1 = min(q0 + block_q, lq)
+        m = torch.full((*q.shape[:-2], q1 - q0), float("-inf"), dtype=q.dtype)
+        l, acc = torch.zeros_like(m), torch.zeros(*q.shape[:-2], q1 - q0, v.shape[-1], dtype=q.dtype)
+        for k0 in range(0, lk, block_k):
+            k1 = min(k0 + block_k, lk)
+            s = q[..., q0:q1, :] @ k[..., k0:k1, :].transpose(-1, -2) * scale
+            if causal:
+                visible = everything[q0:q1, k0:k1] if full_mask else (
+                    torch.arange(k0, k1)[None, :] <= torch.arange(q0, q1)[:, None] + lk - lq)
+                s = s.masked_fill(~visible, float("-inf"))
+            m, l, acc = online_softmax_update(m, l, acc, s, v[..., k0:k1, :])
+        seen = l > 0
+        safe = torch.where(seen, l, torch.ones_like(l))
+        out[..., q0:q1, :] = acc / safe[..., None]
+        lse[..., q0:q1] = torch.where(seen, m + torch.log(safe), m)
+    return out, lse
+
+
+def test_query_chunking_is_refused_and_named(capsys):
+    # one key block as wide as the key axis: right numbers, and the old cap (L²/4 = 64 × 256) let it through
+    fn = lambda q, k, v, causal=False, block_q=64, block_k=64: _tile_loop(q, k, v, causal, block_q, block_k,
+                                                                          key_block="all")
+    result, out = run_checker(check_flash_forward, fn, capsys)
+    assert not result and "tiling guard" in out
+    assert "64 × 256 tensor is a whole row of key blocks" in out and "query chunking" in out
+
+
+def test_a_full_size_causal_mask_is_named_as_a_mask(capsys):
+    fn = lambda q, k, v, causal=False, block_q=64, block_k=64: _tile_loop(q, k, v, causal, block_q, block_k,
+                                                                          full_mask=True)
+    result, out = run_checker(check_flash_forward, fn, capsys)
+    assert not result and "(256, 256)" in out and "causal mask built for all positions" in out
+
+
+def test_the_tile_loop_itself_passes_under_the_cap(capsys):
+    fn = lambda q, k, v, causal=False, block_q=64, block_k=64: _tile_loop(q, k, v, causal, block_q, block_k)
+    assert run_checker(check_flash_forward, fn, capsys)[0]
+
+
+def test_the_chapter_module_does_not_hold_exercise_answers_under_their_names():
+    from labsupport import flash
+    from labsupport.flash import exercises
+
+    assert not hasattr(flash, "online_softmax_update") and not hasattr(exercises, "online_softmax_update")

@@ -71,6 +71,30 @@ def dense_shortcut(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_q, n_k, scale,
     tl.store(lse_ptr + bh * n_q + rows, m + tl.log(l), mask=row_ok)
 
 
+
+@triton.jit
+def dense_with_a_dummy_loop(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_q, n_k, scale,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """The dense shortcut with a loop over key blocks that does nothing: its source has a loop, its loads don't."""
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    row_ok = rows < n_q
+    q = tl.load(q_ptr + (bh * n_q + rows[:, None]) * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    cols = tl.arange(0, 128)
+    col_ok = cols < n_k
+    k = tl.load(k_ptr + (bh * n_k + cols[:, None]) * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + (bh * n_k + cols[:, None]) * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+    s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    for start in range(0, n_k, BLOCK_N):  # a loop "over key blocks" that changes nothing
+        l = l * 1.0
+    tl.store(o_ptr + (bh * n_q + rows[:, None]) * D + dims[None, :], tl.dot(p.to(v.dtype), v) / l[:, None],
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + bh * n_q + rows, m + tl.log(l), mask=row_ok)
+
 @triton.jit
 def no_rescale(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_q, n_k, scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
@@ -138,11 +162,12 @@ def test_the_solution_passes(capsys) -> None:
     assert "passed 5 cases" in capsys.readouterr().out
 
 
-def test_the_dense_shortcut_is_rejected_although_its_numbers_are_right(capsys) -> None:
+@pytest.mark.parametrize("dense", [dense_shortcut, dense_with_a_dummy_loop])
+def test_the_dense_shortcut_is_rejected_although_its_numbers_are_right(capsys, dense) -> None:
     q, k, v = (torch.randn(1, 1, n, 16) for n in (16, 40, 40))
-    out, _ = ex.launch_attention_kernel(dense_shortcut, q, k, v)
+    out, _ = ex.launch_attention_kernel(dense, q, k, v)
     assert torch.allclose(out, torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v, atol=1e-5)  # right numbers
-    result = ex.check_triton_attention_kernel(dense_shortcut)
+    result = ex.check_triton_attention_kernel(dense)
     out = capsys.readouterr().out
     assert result.status == "failed"
     assert "dense attention" in out and "BLOCK_N" in out and "Traceback" not in out
@@ -200,3 +225,21 @@ def test_the_stand_in_lets_a_kernel_cell_run_without_triton(monkeypatch, capsys)
     monkeypatch.setattr(builtins, "__import__", real_import)
     real_triton, real_tl = ex.triton_or_stand_in()
     assert real_triton is triton and real_tl is tl
+
+
+def test_a_kernel_compiled_for_the_gpu_has_its_loads_audited_on_the_cpu() -> None:
+    """The GPU path's tiling check: an interpreted copy of a compiled kernel's source, watched load by load."""
+    from triton.runtime.jit import JITFunction
+
+    q, k, v = (torch.randn(1, 1, n, 16) for n in (16, 40, 40))
+    compiled = JITFunction(dense_with_a_dummy_loop.fn)  # what @triton.jit makes without TRITON_INTERPRET
+    assert not ex._is_interpreted(compiled) and ex._source_has_a_loop(compiled)  # the old source check passed it
+    with pytest.raises(ex.TileRuleError, match="dense attention"):
+        ex._audit_tiles(compiled, q, k, v, block_m=16, block_n=16)
+    (out, lse), watched = ex._audit_tiles(JITFunction(solution.fn), q, k, v, block_m=16, block_n=16)
+    assert watched and torch.allclose(out, torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v, atol=1e-5)
+
+
+def test_compiled_fp32_dots_are_launched_in_ieee_precision() -> None:
+    assert ex._ieee_launch_options() == {"default_dot_input_precision": "ieee"}  # this Triton takes the option
+    assert ex._tolerances(compiled=True) == ex._tolerances(compiled=False) == (2e-3, 1e-3)

@@ -399,6 +399,46 @@ def _unguarded_flash_backward(q, k, v, out, lse, dout, causal=False, block_q=64,
     return dq, dk, dv
 
 
+
+def _query_chunked_flash_forward(q, k, v, causal=False, block_q=64, block_k=64):
+    """Chapter 01's half-way shortcut: block_q query rows at a time, each against the whole key axis (no key tiles,
+    no online softmax). Right numbers; its score blocks are block_q × Lk, not block_q × block_k."""
+    scale = q.shape[-1] ** -0.5
+    lq, lk = q.shape[-2], k.shape[-2]
+    outs, lses = [], []
+    for q0 in range(0, lq, block_q):
+        q1 = min(q0 + block_q, lq)
+        scores = q[..., q0:q1, :] @ k.transpose(-1, -2) * scale
+        if causal:
+            rows, cols = torch.arange(q0, q1)[:, None], torch.arange(lk)[None, :]
+            scores = scores.masked_fill(cols > rows + lk - lq, -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        outs.append(probs @ v)
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+
+
+def _query_chunked_flash_backward(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    """The backward by recomputation, block_q query rows at a time against the whole key axis (no key tiles)."""
+    scale = q.shape[-1] ** -0.5
+    lq, lk = q.shape[-2], k.shape[-2]
+    d_rows = (dout * out).sum(-1)
+    safe_lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0 in range(0, lq, block_q):
+        q1 = min(q0 + block_q, lq)
+        scores = q[..., q0:q1, :] @ k.transpose(-1, -2) * scale
+        if causal:
+            rows, cols = torch.arange(q0, q1)[:, None], torch.arange(lk)[None, :]
+            scores = scores.masked_fill(cols > rows + lk - lq, -math.inf)
+        p = torch.exp(scores - safe_lse[..., q0:q1, None])
+        dv += p.transpose(-1, -2) @ dout[..., q0:q1, :]
+        ds = p * (dout[..., q0:q1, :] @ v.transpose(-1, -2) - d_rows[..., q0:q1, None])
+        dq[..., q0:q1, :] = ds @ k * scale
+        dk += ds.transpose(-1, -2) @ q[..., q0:q1, :] * scale
+    return dq, dk, dv
+
 def _dense_block_sparse(q, k, v, mask, block_q, block_k):
     """Chapter 05's shortcut: dense attention under the mask, with the NaN of the unread blocks cleaned away."""
     from labsupport.sparse.reference import masked_attention
@@ -771,9 +811,11 @@ def _threshold_strict(canvas, probs, mask_id, threshold):
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
-    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
+    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward),
+                            ("query-chunked: whole key axis per query block", _query_chunked_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
-                             ("no -inf guard on lse", _unguarded_flash_backward)],
+                             ("no -inf guard on lse", _unguarded_flash_backward),
+                             ("query-chunked: whole key axis per query block", _query_chunked_flash_backward)],
     "check_block_sparse_loop": [("dense, NaN cleaned", _dense_block_sparse)],
     "check_tova_evict": [("per head", _tova_per_head)],
     "check_streaming_step": [("text positions", _streaming_slot_positions),
@@ -866,6 +908,7 @@ if _triton_runs_here():  # chapter 01's Triton exercise: wrong kernels written a
     _kernels = _triton_kernels()
     SPECIFIC["check_triton_attention_kernel"] = [
         ("dense: every key in one load", _kernels.dense_shortcut),
+        ("dense, with a loop that does nothing", _kernels.dense_with_a_dummy_loop),
         ("running sums not rescaled", _kernels.no_rescale),
         ("last key block not masked", _kernels.unmasked_tail),
     ]
