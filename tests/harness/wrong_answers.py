@@ -87,6 +87,7 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.diffusion.exercises", "check_gap_log_posterior"),
     ("labsupport.diffusion.exercises", "check_mask_tokens"),
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
+    ("labsupport.diffusion.exercises", "check_speculative_verify"),
 ]
 
 #: Checkers whose learner returns something other than what is graded (a factory of modules, a registry row): the
@@ -809,6 +810,47 @@ def _threshold_strict(canvas, probs, mask_id, threshold):
     return torch.where((canvas == mask_id) & (confidence > threshold), predicted, canvas)
 
 
+def _verify_accept_if_p_ge_q(p, q, drafted, u):
+    """Keeps a drafted token whenever the target gives it at least the draft's probability (no uniform)."""
+    rows = torch.arange(drafted.shape[0])
+    ok = p[rows, drafted] >= q[rows, drafted]
+    bad = (~ok).nonzero()
+    if bad.numel() == 0:
+        return torch.tensor(drafted.shape[0]), p[-1].clone()
+    n = int(bad[0, 0])
+    r = (p[n] - q[n]).clamp(min=0)
+    return torch.tensor(n), r / r.sum()
+
+
+def _verify_residual_from_p(p, q, drafted, u):
+    """Redraws a rejected token from p itself instead of the residual max(p - q, 0)."""
+    from labsupport.diffusion.speculative import verify_draft
+    n, probs = verify_draft(p, q, drafted, u)
+    return n, (p[int(n)].clone() if int(n) < drafted.shape[0] else probs)
+
+
+def _verify_ratio_flipped(p, q, drafted, u):
+    """Accepts while u < q/p (the ratio upside down)."""
+    rows = torch.arange(drafted.shape[0])
+    ok = u * p[rows, drafted] < q[rows, drafted]
+    bad = (~ok).nonzero()
+    if bad.numel() == 0:
+        return torch.tensor(drafted.shape[0]), p[-1].clone()
+    n = int(bad[0, 0])
+    r = (p[n] - q[n]).clamp(min=0)
+    return torch.tensor(n), r / r.sum()
+
+
+def _verify_residual_q_minus_p(p, q, drafted, u):
+    """Residual max(q - p, 0): the wrong way round."""
+    from labsupport.diffusion.speculative import verify_draft
+    n, probs = verify_draft(p, q, drafted, u)
+    if int(n) < drafted.shape[0]:
+        r = (q[int(n)] - p[int(n)]).clamp(min=0)
+        probs = r / r.sum()
+    return n, probs
+
+
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward),
@@ -869,6 +911,10 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                            ("lowest scores", lambda x, s, c, u: _mod()(x, -s, c, u))],
     "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
     "check_threshold_commit": [("strict > without progress", _threshold_strict)],
+    "check_speculative_verify": [("accept when p >= q", _verify_accept_if_p_ge_q),
+                                 ("rejected token redrawn from p", _verify_residual_from_p),
+                                 ("ratio q/p", _verify_ratio_flipped),
+                                 ("residual q - p", _verify_residual_q_minus_p)],
 }
 
 
