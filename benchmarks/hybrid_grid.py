@@ -52,7 +52,8 @@ WIDTH, BATCH, STEPS, DEPTH = 64, 32, int(os.environ.get("HYBRID_GRID_STEPS", "30
 LRS = (3e-3, 1e-2)
 SEEDS = (0, 1, 2)
 PAIRS = ("linear+attention", "gated_deltanet+attention", "mamba+attention")
-MAMBA_BEARING = ("mamba", "hymba_attention+mamba", "hymba_sliding_window+mamba", "pair:mamba+attention", "jamba")
+MAMBA_BEARING = ("mamba", "hymba_attention+mamba", "hymba_sliding_window+mamba", "pair:mamba+attention", "jamba",
+                 "mamba_refinit")
 MAD_TASKS = (("fuzzy_recall", 64), ("noisy_recall", 64), ("selective_copy", 64), ("compression", 32),
              ("memorization", 64))
 # the MAD set: three hybrids and their parents (gpt_oss is sliding window + attention, 1 : 1, two layers)
@@ -103,12 +104,18 @@ def _stack(design: str):
 
 
 def build_design(design: str):
-    """``(factory, n_layers, positional, layer names)``: a registry row (2 layers), a preset, a pair, a stack."""
+    """``(factory, n_layers, positional, layer names)``: a registry row (2 layers), a preset, a pair, a stack,
+    or ``mamba_refinit`` (the registry's Mamba with Mamba's reference initialisation of its projections)."""
     from labsupport.hybrid import PRESETS, registry
     from labsupport.hybrid.stacks import layer_names, pattern_factory
 
     if design.startswith("stack:"):
         return _stack(design)
+    if design == "mamba_refinit":
+        from labsupport.hybrid.registry import MAMBA_STATE
+        from labsupport.ssm.mixers import MambaMixer
+
+        return (lambda d, i: MambaMixer(d, MAMBA_STATE, reference_init=True)), DEPTH, "none", ["mamba"] * DEPTH
     if design.startswith("pair:"):
         first, second = design[5:].split("+")
         legend = {"X": first, "Y": second}
@@ -160,12 +167,14 @@ def configurations() -> list[tuple[str, str, int, int, int]]:
     frontier = [d for d in list(registry.names()) + list(PRESETS) + [f"pair:{p}" for p in PAIRS] if d != "jamba"]
     out = [(d, "mqar", 64, WIDTH, 0) for d in frontier if d in MAMBA_BEARING]
     out += [(d, "mqar", 64, JAMBA_WIDTH, 0) for d in ("jamba", "mamba", "attention")]
+    # is the course's Mamba right? the same block started as Mamba's reference code starts it (issue 21 (b))
+    out += [("mamba_refinit", "mqar", 64, w, 0) for w in (WIDTH, JAMBA_WIDTH)]
     out += [(d, "mqar", 64, WIDTH, 1) for d in frontier if d not in MAMBA_BEARING]
     out += [(d, t, L, WIDTH, 2) for t, L in MAD_TASKS for d in MAD_SET]
     out += [(d, "mqar", 128, WIDTH, 3) for d in STACKS]
     out += [(d, t, L, WIDTH, 4) for t, L in MAD_TASKS for d in MAD_MORE]
     out += [(d, "mqar", L, WIDTH, 4) for L in (128, 256) for d in RECALL_SET]
-    out += [("mamba", "mqar", 64, 128, 5)]
+    out += [(d, "mqar", 64, 128, 5) for d in ("mamba", "mamba_refinit")]
     out += [(d, t, 128, WIDTH, 5) for t in ("needle", "char_lm") for d in MAD_SET]
     return out
 
@@ -258,6 +267,8 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
 def _family(design: str) -> str:
     from labsupport.hybrid import registry
 
+    if design == "mamba_refinit":
+        return "ssm"
     if design.startswith(("pair:", "stack:")) or design not in registry.names():
         return "hybrid"
     return registry.get(design).family
