@@ -6,7 +6,6 @@ module          holds
 ``registry``    THE registry of every sequence mixer of the course: ``MixerSpec`` rows (name, family, factory
                 ``(d_model, layer_index)``, decodes or not, state numbers against context), ``register`` (one
                 call for a reader's own mixer), ``get``, ``names``, ``specs``, ``families``, ``held_bytes``
-``ssd``         ``SSDMixer`` / ``ssd_mixer``: a Mamba-2 (SSD) block around chapter 04's SSD forms
 ``stacks``      ``pattern_factory`` (a layer pattern such as ``"MMMA"`` + a legend → a ``TinyLM`` factory),
                 ``PRESETS`` (Jamba, Qwen3-Next, Kimi Linear, Gemma 3, gpt-oss, MiniMax-01 ratios),
                 ``HeadSplitMixer`` (Hymba's intra-layer split), ``stack_state_numbers``, ``stack_bytes_per_token``
@@ -22,7 +21,6 @@ Chapters 09 and 10 reach other families' mixers only through :mod:`labsupport.hy
 
 from labsupport.hybrid import registry
 from labsupport.hybrid.registry import MixerSpec, families, get, held_bytes, names, register, specs, unregister
-from labsupport.hybrid.ssd import SSDMixer, ssd_mixer
 from labsupport.hybrid.stacks import (
     PRESETS,
     HeadSplitMixer,
@@ -44,7 +42,6 @@ __all__ = [
     "stack_bytes_per_token",
     "stack_state_numbers",
     "MixerSpec",
-    "SSDMixer",
     "families",
     "get",
     "held_bytes",
@@ -52,6 +49,5 @@ __all__ = [
     "register",
     "registry",
     "specs",
-    "ssd_mixer",
     "unregister",
 ]
