@@ -10,7 +10,8 @@ module          holds
                 ``PRESETS`` (Jamba, Qwen3-Next, Kimi Linear, Gemma 3, gpt-oss, MiniMax-01 ratios),
                 ``HeadSplitMixer`` (Hymba's intra-layer split), ``stack_state_numbers``, ``stack_bytes_per_token``
 ``tasks``       the frontier's quality suite: ``SUITE`` (MQAR, fuzzy / noisy recall, selective copy,
-                memorisation, compression, needle) as probe tasks, ``decode_recall`` (recall when decoding token by token)
+                memorisation, compression, needle) as probe tasks, ``decode_recall`` (recall when decoding
+                token by token)
 ``results``     reading the grid's rows: ``summaries`` (the winning rate, every seed), ``mad_average``,
                 ``stack_state_numbers`` (the attention-fraction stacks)
 ``widget``      ``frontier_points`` (JSONL rows → points), ``pareto_mask``, ``frontier_figure``

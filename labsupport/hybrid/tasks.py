@@ -11,8 +11,9 @@ MAD (Poli et al., arXiv:2403.17844) scores a design on six synthetic tasks. Buil
 * ``compression`` — a sequence, then a compression token; every token must be rebuilt from that one position's
   output alone, by a small MLP given the slot (:func:`make_compression`, :class:`CompressionModel`).
 
-Beyond MAD the suite holds ``needle`` (needle in a haystack at a random depth). :class:`SuiteTask` wraps any generator as a :class:`~labsupport.lm.probe.ProbeTask`
-(training batches from the caller's generator, a fixed held-out batch), and :func:`decode_recall` scores a model
+Beyond MAD the suite holds ``needle`` (needle in a haystack at a random depth). :class:`SuiteTask` wraps any
+generator as a :class:`~labsupport.lm.probe.ProbeTask` (training batches from the caller's generator, a fixed
+held-out batch), and :func:`decode_recall` scores a model
 by decoding token by token — the score that counts for a decode-time eviction policy (h2o, tova, quest).
 """
 
