@@ -14,7 +14,8 @@ that won. The scheduler runs the tiers in order (longest job first inside a tier
 ready) and starts no job that its cost model says would end after ``--budget-s``; whatever does not fit is
 listed at the end, so a second call with ``--resume`` continues where the first stopped.
 
-The tiers (width 64, batch 32, 300 steps, two layers unless a pattern says otherwise):
+The tiers (width 64, batch 32, 300 steps, two layers unless a pattern says otherwise; no position table, as in
+Zoology — the short convolution and the sparse rows' RoPE carry order):
 
 1. costs of every registered mixer; MQAR-64 (4 pairs, Zoology's generator) for every registry row, every preset of
    :data:`labsupport.hybrid.stacks.PRESETS` and three two-layer hybrids (``pair:X+attention``); Mamba at width
@@ -73,6 +74,11 @@ FIXED_RATE = 1e-2
 JAMBA_WIDTH = 32
 #: cost rows at once (a 16K-token attention prefill holds a 16K × 16K score matrix per head: ~4 GB)
 COST_AT_ONCE = 3
+
+#: No position table for any design, as Zoology's MQAR models (``max_position_embeddings=0``): order comes from the
+#: short convolution in front of every mixer (and RoPE inside the sparse rows). The laptop grid gave chapter 00's
+#: attention a learned table and it lost to the same attention with RoPE (28% against 84%): a position confound.
+POSITIONAL = "none"
 
 #: one layer's training-step cost relative to the reference model (attention, 2 layers, L = 128, width 64,
 #: batch 32) on one core: measured on the 2-core dev machine (ms per step at L = 128, width 64: attention 62 for
@@ -240,7 +246,7 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
         task = SUITE[task_name](length)
     seed_everything(seed)
     body = TinyLM(task.vocab_size, d_model=width, n_layers=n_layers, max_len=length, sequence_mixer=factory,
-                  channel_mixer=None, short_conv=4, positional=positional)
+                  channel_mixer=None, short_conv=4, positional=POSITIONAL)
     model = task.model(body) if hasattr(task, "model") else body
     inexact = any(registry.get(n).exact_until is not None for n in names if n in registry.names())
     evaluate = evaluate_perplexity if task.metric == "perplexity" else evaluate_recall
@@ -258,6 +264,7 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
         score, final_loss, error = (0.0 if task.metric == "recall" else float("inf")), float("nan"), str(exc)
     return {"kind": "quality", "design": design, "task": task_name, "seq_len": length, "lr": lr, "seed": seed,
             "width": width, "layers": n_layers, "layer_names": names, "steps": STEPS, "batch": BATCH,
+            "positional": POSITIONAL, "short_conv": 4,
             "metric": task.metric, "score": score, "final_loss": final_loss, "error": error,
             "parameters": count_parameters(model), "decode_scored": bool(inexact and model is body),
             "seconds": time.perf_counter() - start, "estimate_s": estimate(job), "device": "cpu",
