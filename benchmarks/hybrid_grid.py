@@ -364,7 +364,9 @@ def plan(rows: list[dict], configs: list[tuple]) -> list[tuple[int, tuple]]:
 
 
 def run_scheduled(args: argparse.Namespace) -> list[dict]:
-    configs = [c for c in configurations() if all(t in " ".join(map(str, c)) for t in args.only)]
+    configs = [c for c in configurations() if all(t in " ".join(map(str, c)) for t in args.only)
+               and (not args.designs or c[0] in args.designs.split(","))
+               and (not args.widths or c[3] in [int(w) for w in args.widths.split(",")])]
     rows = grid_runner.read_rows(args.out) if args.resume and Path(args.out).exists() else []
     factor = calibrate() * args.contention
     total_full = sum(estimate(j) for j in cost_jobs()) + sum(
@@ -500,6 +502,8 @@ def main() -> None:
                         help="allowance for many workers sharing memory bandwidth (multiplies the calibration)")
     parser.add_argument("--estimate", action="store_true", help="print the plan's estimated time and exit")
     parser.add_argument("--quality-only", action="store_true", help="skip the cost rows")
+    parser.add_argument("--designs", default="", help="comma-separated designs: keep only their configurations")
+    parser.add_argument("--widths", default="", help="comma-separated widths: keep only configurations at them")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {STEPS}; a smaller number only to test the script)")
     args = parser.parse_args()
