@@ -36,7 +36,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -444,50 +443,64 @@ def _report(row: dict) -> str:
 # --------------------------------------------------------------------------- summary
 
 
-def config_results(rows: list[dict]) -> dict[tuple, dict]:
-    """(design, task, seq_len, width) → {lr, scores (seeds at the best rate), mean, phase-1 scores by rate}."""
-    by: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r["kind"] == "quality" and r.get("score") is not None:
-            by[(r["design"], r["task"], r["seq_len"], r["width"])].append(r)
-    out = {}
-    for config, group in by.items():
-        metric = group[0]["metric"]
-        firsts = {r["lr"]: r["score"] for r in group if r["seed"] == 0}
-        lr = max(firsts, key=lambda x: firsts[x] if metric == "recall" else -firsts[x])
-        scores = [r["score"] for r in group if r["lr"] == lr]
-        out[config] = {"lr": lr, "scores": scores, "mean": statistics.fmean(scores), "metric": metric,
-                       "by_lr": firsts, "complete": len(scores) >= len(SEEDS)}
-    return out
+def _cell(hit) -> str:
+    if hit is None:
+        return "—"
+    if hit.metric == "perplexity":
+        return f"{hit.mean:.2f} ({hit.seeds})"
+    spread = f"{min(hit.scores):.0%}–{max(hit.scores):.0%}" if hit.seeds > 1 else "1 seed"
+    return f"{hit.mean:.0%} ({spread})"
 
 
 def summarise(rows: list[dict]) -> None:
-    results = config_results(rows)
-    tasks = list(dict.fromkeys((c[1], c[2]) for c in results))
-    designs = list(dict.fromkeys(c[0] for c in results if c[3] == WIDTH))
-    print("| design | " + " | ".join(f"{t} {L}" for t, L in tasks) + " |")
-    print("|---|" + "---|" * len(tasks))
-    for d in designs:
-        cells = []
-        for t, L in tasks:
-            hit = results.get((d, t, L, WIDTH))
-            if hit is None:
-                cells.append("—")
-            elif hit["metric"] == "perplexity":
-                cells.append(f"{hit['mean']:.2f} ({len(hit['scores'])})")
-            else:
-                cells.append(f"{hit['mean']:.0%} ({min(hit['scores']):.0%}–{max(hit['scores']):.0%}"
-                             f"{'' if hit['complete'] else ', ' + str(len(hit['scores'])) + ' seed'})")
-        print(f"| {d} | " + " | ".join(cells) + " |")
-    mad = [("mqar", 64)] + list(MAD_TASKS)
-    print("\nMAD average (recall, mean over the six tasks, best rate, 3 seeds):")
-    for d in MAD_SET + MAD_MORE:
-        hits = [results.get((d, t, L, WIDTH)) for t, L in mad]
-        if all(hits):
-            print(f"  {d}: {statistics.fmean(h['mean'] for h in hits):.1%}")  # type: ignore[index]
-    for (d, t, L, w), hit in results.items():
-        if w != WIDTH:
-            print(f"{d} width {w} {t}-{L}: {hit['mean']:.1%} at lr {hit['lr']:g} (by rate {hit['by_lr']})")
+    """Markdown tables: every configuration, the MQAR-64 frontier with its costs and Pareto marks, MAD averages."""
+    from labsupport.hybrid import registry
+    from labsupport.hybrid.results import mad_average, stack_state_numbers, summaries
+    from labsupport.hybrid.widget import frontier_points, pareto_mask
+
+    results = summaries(rows)
+    for width in sorted({c[3] for c in results}):
+        tasks = list(dict.fromkeys((c[1], c[2]) for c in results if c[3] == width))
+        designs = list(dict.fromkeys(c[0] for c in results if c[3] == width))
+        print(f"\nWidth {width} (mean over seeds at the winning rate; seed range):\n")
+        print("| design | " + " | ".join(f"{t} {L}" for t, L in tasks) + " |")
+        print("|---|" + "---|" * len(tasks))
+        for d in designs:
+            print(f"| {d} | " + " | ".join(_cell(results.get((d, t, L, width))) for t, L in tasks) + " |")
+    averages = {d: mad_average(results, d) for d in MAD_SET + MAD_MORE}
+    if any(v is not None for v in averages.values()):
+        print("\nMAD average (six tasks, width 64):", ", ".join(f"{d} {v:.1%}" for d, v in averages.items()
+                                                              if v is not None))
+    stacks = sorted(c for c in results if c[0].startswith("stack:"))
+    for c in stacks:
+        print(f"{c[0]}: state {stack_state_numbers(c[0], 16384, c[3]) * 2 / 16384:,.1f} B/token at 16K, "
+              f"MQAR-{c[2]} {_cell(results[c])}")
+    costs = [r for r in rows if r["kind"] == "cost" and not r.get("failed")]
+    if costs:
+        print("\n| mixer | prefill ms 1K/4K/16K | decode ms 1K/16K/128K* | read B/token 1K/16K/128K |")
+        print("|---|---|---|---|")
+        for r in costs:
+            print(f"| {r['design']} | {r['prefill_ms_1024']:.1f} / {r['prefill_ms_4096']:.1f} / "
+                  f"{r['prefill_ms_16384']:.0f} | {r['decode_ms_1024']:.3f} / {r['decode_ms_16384']:.3f} / "
+                  f"{r['decode_ms_131072_extrapolated']:.2f} | {r['read_bytes_1024']:,} / {r['read_bytes_16384']:,} / "
+                  f"{r['read_bytes_131072']:,} |")
+    for width in sorted({c[3] for c in results if c[1:3] == ("mqar", 64)}):
+        points = [p for p in frontier_points(rows, task="mqar", seq_len=64, width=width)
+                  if all(n in registry.names() for n in p.layers)]
+        if len(points) < 2:
+            continue
+        on_bytes = pareto_mask([p.bytes_per_token for p in points], [p.recall for p in points])
+        timed = [p for p in points if p.decode_ms is not None]
+        on_time = dict(zip((p.design for p in timed),
+                           pareto_mask([p.decode_ms for p in timed], [p.recall for p in timed])))
+        print(f"\nMQAR-64 frontier at width {width}:\n")
+        print("| design | family | recall (seeds, lr) | state B/token 16K | decode ms/token 16K | Pareto: bytes, time |")
+        print("|---|---|---|---|---|---|")
+        for p, ob in sorted(zip(points, on_bytes), key=lambda x: -x[0].recall):
+            decode = "—" if p.decode_ms is None else f"{p.decode_ms:.3f}"
+            print(f"| {p.design} | {p.family} | {p.recall:.1%} ({min(p.seed_scores):.0%}–{max(p.seed_scores):.0%}, "
+                  f"{len(p.seed_scores)}, lr {p.lr:g}) | {p.bytes_per_token:,.1f} | {decode} | "
+                  f"{'●' if ob else '·'}, {'●' if on_time.get(p.design) else '·'} |")
 
 
 def main() -> None:
