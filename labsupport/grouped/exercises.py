@@ -50,6 +50,10 @@ def _decode_cases() -> list[Case]:
         Case("cache stored transposed in memory (non-contiguous)", (torch.randn(2, 6, 1, 8, generator=gen), nc_k,
                                                                      torch.randn(2, 2, 11, 8, generator=gen))),
         Case("float64, 12 query heads, 3 KV heads", case(1, 12, 3, 10, 8, torch.float64)),
+        Case("8 query heads share 2 KV heads over 64 cached tokens (the cache must not be copied per query head)",
+             case(1, 8, 2, 64, 16), max_elements=8 * 64 * 16 // 2,
+             max_elements_note="(the cache itself is 2 × 64 × 16 numbers per tensor; a copy for every query head "
+                               "is 8 × 64 × 16, which is the memory traffic GQA exists to save)"),
     ]
 
 

@@ -843,6 +843,13 @@ def _mla_by_the_library(q_c, q_r, cache, w_uk, w_uv, scale):
                                  scale) @ w_uv
 
 
+def _grouped_decode_copying_the_cache(q, k, v):
+    """Chapter 02's exercise 1 with the cache repeated for every query head (the copy GQA avoids)."""
+    reps = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
+    return ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
 def _quantise_by_the_library(x, bits, dim):
     from labsupport.grouped import quantize_dequantize
 
@@ -884,6 +891,7 @@ SPECIFIC.update({
                                        ("values up-projected", _mla_values_up_projected),
                                        ("the library's latent_attention_core", _mla_by_the_library)],
     "check_quantize_dequantize": [("the library's quantize_dequantize", _quantise_by_the_library)],
+    "check_grouped_decode_step": [("the cache repeated per query head", _grouped_decode_copying_the_cache)],
     "check_chunkwise_decay_step": [("loop over the chunk's tokens", _decay_chunk_token_loop)],
     "check_gated_delta_chunk_step": [("loop over the chunk's tokens", _gated_delta_token_loop)],
     "check_mean_pool_kv": [("strided groups of heads", _mean_pool_strided_groups)],
