@@ -98,7 +98,7 @@ def _delta_without_the_read(state, k, v, beta):
 
 
 def _decay_chunk_writing_undecayed(state, q, k, v, log_decay):
-    out, _ = linear_attention.exercises.chunkwise_decay_step(state, q, k, v, log_decay)
+    out, _ = linear_attention._solutions.chunkwise_decay_step(state, q, k, v, log_decay)
     return out, state + k.transpose(-1, -2) @ v
 
 

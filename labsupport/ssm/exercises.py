@@ -15,10 +15,10 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import OperationCounter
 from labsupport.harness.numerics import seeded_randn
 from labsupport.ssm.reference import fft_causal_conv, s4d_init, selective_step, ssd_chunked, zoh
 from labsupport.ssm.scans import chunked_scan, combine
@@ -182,18 +182,7 @@ class ShortcutRefused(Exception):
     """Raised (and reported by the checker) when an answer computes the right numbers the wrong way."""
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Counts the aten operations a function runs and remembers their names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+_OpRecorder = OperationCounter  # the harness's work guard: counts the aten operations and remembers their names
 
 
 def _watched(fn: Callable[..., object], check: Callable[[_OpRecorder, tuple], None]) -> Callable[..., object]:

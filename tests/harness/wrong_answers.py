@@ -918,6 +918,99 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
 }
 
 
+# ----------------------------------------------------------------------------- chapters 02 and 03: work and library
+
+
+def _mla_broadcast_up_projection(q_c, q_r, cache, w_uk, w_uv, scale):
+    """The naive MLA step written as broadcast-multiply-and-sum: no matrix product, every key and value built."""
+    d_c = w_uk.shape[1]
+    c, k_r = cache[..., :d_c], cache[..., d_c:]
+    keys = (c[..., :, :, None] * w_uk[None, :, None]).sum(-2)            # (B, H, T, d_h)
+    values = (c[..., :, :, None] * w_uv[None, :, None]).sum(-2)
+    scores = ((q_c * keys).sum(-1) + (q_r * k_r).sum(-1)) * scale
+    return (scores.softmax(-1)[..., None] * values).sum(-2, keepdim=True)
+
+
+def _mla_up_projection_per_head(q_c, q_r, cache, w_uk, w_uv, scale):
+    """The naive MLA step one head at a time: no tensor of T × H × d_h, but every head's keys and values."""
+    d_c = w_uk.shape[1]
+    c, k_r = cache[:, 0, :, :d_c], cache[:, 0, :, d_c:]
+    heads = []
+    for h in range(w_uk.shape[0]):
+        scores = (q_c[:, h] @ (c @ w_uk[h]).transpose(-1, -2) + q_r[:, h] @ k_r.transpose(-1, -2)) * scale
+        heads.append(scores.softmax(-1) @ (c @ w_uv[h]))
+    return torch.stack(heads, dim=1)
+
+
+def _mla_values_up_projected(q_c, q_r, cache, w_uk, w_uv, scale):
+    """Keys absorbed, values still up-projected for every cached token."""
+    d_c = w_uk.shape[1]
+    q = torch.cat([q_c @ w_uk.transpose(-1, -2), q_r], dim=-1)
+    return (scale * q @ cache.transpose(-1, -2)).softmax(-1) @ (cache[..., :d_c] @ w_uv)
+
+
+def _mla_by_the_library(q_c, q_r, cache, w_uk, w_uv, scale):
+    from labsupport.grouped import latent_attention_core
+
+    return latent_attention_core(torch.cat([q_c @ w_uk.transpose(-1, -2), q_r], -1), cache, w_uk.shape[1],
+                                 scale) @ w_uv
+
+
+def _grouped_decode_copying_the_cache(q, k, v):
+    """Chapter 02's exercise 1 with the cache repeated for every query head (the copy GQA avoids)."""
+    reps = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
+    return ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
+def _quantise_by_the_library(x, bits, dim):
+    from labsupport.grouped import quantize_dequantize
+
+    return quantize_dequantize(x, bits, dim)
+
+
+def _decay_chunk_token_loop(state, q, k, v, log_decay):
+    """Exercise 4 of chapter 03 by stepping through the chunk's tokens (the recurrent form)."""
+    outs = []
+    for i in range(k.shape[2]):
+        state = log_decay[..., i, None, None].exp() * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+        outs.append((q[:, :, i, :, None] * state).sum(-2))
+    return torch.stack(outs, dim=2), state
+
+
+def _gated_delta_token_loop(state, q, k, v, beta, log_decay):
+    """Exercise 5 of chapter 03 by stepping through the chunk's tokens (the recurrent form)."""
+    outs = []
+    for i in range(k.shape[2]):
+        k_i, b_i = k[:, :, i], beta[:, :, i, None]
+        state = log_decay[..., i, None, None].exp() * state
+        recalled = (k_i[..., :, None] * state).sum(-2)
+        state = state + k_i[..., :, None] * (b_i * (v[:, :, i] - recalled))[..., None, :]
+        outs.append((q[:, :, i, :, None] * state).sum(-2))
+    return torch.stack(outs, dim=2), state
+
+
+def _mean_pool_strided_groups(kv_weight, head_dim, n_kv_heads):
+    """Groups of heads taken with a stride (h % G') instead of consecutive heads."""
+    rows, d_model = kv_weight.shape
+    old = rows // (2 * head_dim)
+    grouped = kv_weight.reshape(2, old // n_kv_heads, n_kv_heads, head_dim, d_model)
+    return grouped.mean(dim=1).reshape(2 * n_kv_heads * head_dim, d_model)
+
+
+SPECIFIC.update({
+    "check_absorbed_mla_decode_step": [("up-projection by broadcast multiply-and-sum", _mla_broadcast_up_projection),
+                                       ("up-projection one head at a time", _mla_up_projection_per_head),
+                                       ("values up-projected", _mla_values_up_projected),
+                                       ("the library's latent_attention_core", _mla_by_the_library)],
+    "check_quantize_dequantize": [("the library's quantize_dequantize", _quantise_by_the_library)],
+    "check_grouped_decode_step": [("the cache repeated per query head", _grouped_decode_copying_the_cache)],
+    "check_chunkwise_decay_step": [("loop over the chunk's tokens", _decay_chunk_token_loop)],
+    "check_gated_delta_chunk_step": [("loop over the chunk's tokens", _gated_delta_token_loop)],
+    "check_mean_pool_kv": [("strided groups of heads", _mean_pool_strided_groups)],
+})
+
+
 # ----------------------------------------------------------------------------- the count
 
 
