@@ -81,8 +81,8 @@ def check_bottleneck_terms(fn: Callable[..., Any], reveal: bool = False) -> Chec
         fn, reference_workload_terms, cases, exercise="bottleneck_terms", atol=0.0, rtol=1e-6,
         diagnose=_TERMS_MISTAKES, reveal=reveal,
         output_names=None,
-        hint="entries: [prefill s, decode s reading the KV cache, decode s reading the weights, memory GiB (2**30 bytes)]. Each "
-             "time is the roofline's (which resource runs out first), a decode step sits at the mean context, and "
+        hint="entries: [prefill s, decode s reading the KV cache, decode s reading the weights, memory GiB "
+             "(2**30 bytes)]. Each time is the roofline's (which resource runs out first), a decode step sits at the mean context, and "
              "the memory holds every sequence. Tiered hints are above the exercise.",
         recipe="shape, hw = workload.shape, workload.machine; t(F, B) = max(F / hw.flops_per_s, B / hw.bytes_per_s); "
                "prefill = t(*shape.prefill(prompt, batch)); F, B = shape.decode_step(prompt + output // 2, batch); "
@@ -151,7 +151,8 @@ def check_cheapest_design(fn: Callable[..., Any], reveal: bool = False) -> Check
     at_bar = _table((1.0, 0.79, 1.0), (2.0, 0.8, 1.0), (3.0, 0.95, 1.0))
     tight = _table((1.0, 0.9, 90.0), (2.0, 0.92, 70.0), (4.0, 0.99, 20.0))
     n = 12
-    random = (torch.rand(n, generator=gen, dtype=torch.float64) * 10, torch.rand(n, generator=gen, dtype=torch.float64),
+    random = (torch.rand(n, generator=gen, dtype=torch.float64) * 10,
+              torch.rand(n, generator=gen, dtype=torch.float64),
               torch.rand(n, generator=gen, dtype=torch.float64) * 100)
     cases = [
         Case("a frontier table (cost × attention's, recall, GiB), bar 0.8, budget 64 GiB", (*frontier, 0.8, 64.0)),

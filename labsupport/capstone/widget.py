@@ -70,7 +70,7 @@ def recommendation_text(workload: Workload, frontier: FrontierEvidence, *, top: 
     p = pressures(workload_terms(workload), workload)
     lines = [f"{workload.name} on {workload.machine.describe()}",
              f"  bottleneck: {bottleneck}  (" + ", ".join(f"{k} {v:.2f}" for k, v in p.items()) +
-             "; cost over its limit, >1 misses it)"]
+             "; each time as a share of the deadline, the memory of the budget)"]
     baseline = {"prefill compute": base[0], "decode bandwidth": base[1] + base[2],
                 "sequential decoding": base[1] + base[2], "cache memory": base[3],
                 "recall": base[0] + base[1] + base[2]}[bottleneck]

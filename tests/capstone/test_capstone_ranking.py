@@ -30,7 +30,8 @@ def test_a_hybrids_long_context_memory_is_its_attention_share():
     jamba_like = cap.design_terms(("mamba",) * 7 + ("attention",), w)[3] - weights
     assert float(jamba_like / full) == pytest.approx(1 / 8, rel=0.01)  # Mamba's fixed state is tiny beside it
     window = cap.design_terms(("sliding_window",), w)[3] - weights
-    assert float(window) * 2**30 == pytest.approx(4 * 32 * 2 * 4096 * 2 * 32, rel=1e-9)  # batch·window·2d·bf16·layers
+    # batch · window · 2d · bf16 · layers
+    assert float(window) * 2**30 == pytest.approx(4 * 32 * 2 * 4096 * 2 * 32, rel=1e-9)
 
 
 def test_gqa_cuts_decode_bytes_but_not_prefill_flops():
