@@ -88,6 +88,8 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.diffusion.exercises", "check_mask_tokens"),
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
     ("labsupport.diffusion.exercises", "check_speculative_verify"),
+    ("labsupport.capstone.exercises", "check_bottleneck_terms"),
+    ("labsupport.capstone.exercises", "check_cheapest_design"),
 ]
 
 #: Checkers whose learner returns something other than what is graded (a factory of modules, a registry row): the
@@ -804,6 +806,22 @@ def _gap_next_only(model, tokens, position):
     return picked.sum(1).view(tokens.shape[0], vocab).log_softmax(-1)
 
 
+def _terms_with(**slip: Any) -> Callable[..., Any]:
+    """Chapter 10's roofline terms with one slip (see ``labsupport.capstone.exercises._roofline_variant``)."""
+    def wrong(workload):
+        from labsupport.capstone.exercises import _roofline_variant
+        return _roofline_variant(workload, **slip)
+    return wrong
+
+
+def _pick_with(**slip: Any) -> Callable[..., Any]:
+    """Chapter 10's cheapest-design pick with one slip: best recall, a constraint ignored, a strict bar, ties."""
+    def wrong(costs, recalls, memory, recall_bar, memory_budget):
+        from labsupport.capstone.exercises import _pick
+        return _pick(costs, recalls, memory, recall_bar, memory_budget, **slip)
+    return wrong
+
+
 def _threshold_strict(canvas, probs, mask_id, threshold):
     """A strict > and no guaranteed progress."""
     confidence, predicted = probs.max(-1)
@@ -915,6 +933,15 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
                                  ("rejected token redrawn from p", _verify_residual_from_p),
                                  ("ratio q/p", _verify_ratio_flipped),
                                  ("residual q - p", _verify_residual_q_minus_p)],
+    "check_bottleneck_terms": [("compute + memory time", _terms_with(combine="sum")),
+                               ("FLOPs only", _terms_with(combine="flops")),
+                               ("decode at the final context", _terms_with(context="final")),
+                               ("one sequence's cache", _terms_with(batch_in_memory=False))],
+    "check_cheapest_design": [("best recall", _pick_with(by="recall")),
+                              ("memory ignored", _pick_with(use_memory=False)),
+                              ("recall bar ignored", _pick_with(use_recall=False)),
+                              ("strict bar", _pick_with(strict=True)),
+                              ("ties to the first row", _pick_with(tie="first"))],
 }
 
 
