@@ -148,7 +148,11 @@ def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor], reveal: bool
         return result
     measured = absorbed_mla_work(fn)
     h, t, d_h, d_c = _WORK_H, _WORK_T, _WORK_DH, _WORK_DC
-    per_token, largest = measured if measured is not None else (0.0, 0)
+    if measured is None:
+        return _fail(exercise, f"❌ {exercise}: the values are right, but your step raised an error on the work "
+                               f"check's case (a cache of {t} tokens, {h} heads of {d_h}, d_c={d_c}, d_R={_WORK_DR}, "
+                               "float32), so its work could not be measured. Run it on inputs of that size yourself.")
+    per_token, largest = measured
     work_cap, size_cap = h * d_c * d_h // 2, t * h * d_h // 2
     if per_token > work_cap or largest >= size_cap:
         found = []

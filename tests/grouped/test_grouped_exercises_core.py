@@ -162,3 +162,14 @@ def test_naive_form_is_refused_in_strict_mode(monkeypatch, capsys) -> None:
     monkeypatch.setenv("LABSUPPORT_STRICT_CHECKS", "1")
     with pytest.raises(AssertionError, match="per cached token"):
         ga.check_absorbed_mla_decode_step(naive_mla_decode_step)
+
+
+def test_the_work_check_fails_an_answer_that_raises_on_its_case(capsys) -> None:
+    """Right on the small cases, an error on the 512-token work case: refused, not passed unmeasured."""
+    def raises_on_long_caches(q_c, q_r, cache, w_uk, w_uv, scale):
+        if cache.shape[2] > 100:
+            raise RuntimeError("too long")
+        return _solutions.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, scale)
+
+    assert not ga.check_absorbed_mla_decode_step(raises_on_long_caches)
+    assert "could not be measured" in capsys.readouterr().out

@@ -213,3 +213,27 @@ def test_chunkwise_decay_step_checker_catches_classic_mistakes(capsys):
     for wrong in (exclusive_cumsum, no_query_decay, undecayed_state):
         assert la.check_chunkwise_decay_step(wrong).status == "failed"
     assert "Traceback" not in capsys.readouterr().out
+
+
+def test_chunkwise_decay_step_checker_refuses_a_loop_over_the_tokens(capsys):
+    """Exercise 4 says "no loop over the chunk's tokens": the recurrent form gives the same numbers and is refused."""
+    def token_loop(state, q, k, v, log_decay):
+        outs = []
+        for i in range(k.shape[2]):
+            state = log_decay[..., i, None, None].exp() * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+            outs.append((q[:, :, i, :, None] * state).sum(-2))
+        return torch.stack(outs, dim=2), state
+
+    result = la.check_chunkwise_decay_step(token_loop)
+    assert result.status == "failed"
+    assert "steps through the tokens one by one" in capsys.readouterr().out
+    assert la.check_chunkwise_decay_step(_solutions.chunkwise_decay_step)
+
+
+def test_the_core_reference_solutions_are_not_in_the_chapter_namespaces():
+    import labsupport.grouped as ga
+
+    for module, names in ((la, ("gated_delta_chunk_step", "chunkwise_decay_step")),
+                          (ga, ("mean_pool_kv", "absorbed_mla_decode_step"))):
+        for name in names:
+            assert not hasattr(module, name), f"{module.__name__}.{name} shows a reference solution"

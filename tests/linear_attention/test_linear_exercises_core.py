@@ -108,3 +108,13 @@ def test_token_loop_is_refused_in_strict_mode(monkeypatch) -> None:
     monkeypatch.setenv("LABSUPPORT_STRICT_CHECKS", "1")
     with pytest.raises(AssertionError, match="one by one"):
         la.check_gated_delta_chunk_step(_token_loop)
+
+
+def test_the_loop_check_fails_an_answer_that_raises_on_a_long_chunk(capsys) -> None:
+    def raises_on_long_chunks(state, q, k, v, beta, log_decay):
+        if k.shape[2] > 16:
+            raise RuntimeError("too long")
+        return _solutions.gated_delta_chunk_step(state, q, k, v, beta, log_decay)
+
+    assert not la.check_gated_delta_chunk_step(raises_on_long_chunks)
+    assert "could not be counted" in capsys.readouterr().out
