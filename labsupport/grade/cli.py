@@ -175,8 +175,9 @@ class _Grader:
                 graded.run_error = str(status.get("error", ""))[:600]
             else:
                 graded.run, graded.run_error = "dead", "the run ended without a status"
-            if ran.left_behind and not ran.timed_out:
-                graded.flags.append(f"left {ran.left_behind} process(es) running after its run (killed)")
+            if ran.left_behind:  # a kernel still shutting down counts too: a note, not a flag
+                graded.notes.append(f"{ran.left_behind} process(es) still running after the notebook's run were "
+                                    "killed")
             graded.reported = _reported(run_dir / "checks.jsonl", exercises)
             # 2. the grader's own re-check, from a fresh copy
             check_dir = self._fresh_dir("check")
@@ -210,7 +211,7 @@ class _Grader:
             results = json.loads(_read_small(path, 4 * 2 ** 20))
             found = results["exercises"]
             graded.skipped = int(results.get("skipped", 0))
-            graded.notes = [str(n)[:300] for n in results.get("notes", [])][:20]
+            graded.notes += [str(n)[:300] for n in results.get("notes", [])][:20]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             found = {}
             graded.flags.append("the re-check ran past its time limit" if timed_out else
