@@ -1,33 +1,100 @@
 """Chapter 00 exercises: the ``check_*`` checkers and the cases they are graded on.
 
-Each checker compares a learner's function with its reference in
-:mod:`labsupport.attention.reference` through
-:func:`labsupport.harness.checking.check_function`.
+Each checker compares a learner's function with its answer (in the private
+``_answers`` module, or :mod:`labsupport.attention.reference` for causal
+attention) through :func:`labsupport.harness.checking.check_function`.
+
+Exercises whose answer is one library call refuse that call while they grade
+(:class:`LibraryShortcut`): the decode step refuses PyTorch's
+``scaled_dot_product_attention``, and the cost exercises get
+:class:`~labsupport.harness.costs.TransformerShape` objects whose ``max_batch``
+and ``decode_step`` say that they are the answer (:func:`exercise_shape`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from labsupport.attention.reference import (
-    attention_decode_step,
-    causal_attention,
-    decode_intensity_reference,
-    kv_cache_bytes_reference,
-)
+from labsupport.attention import _answers
+from labsupport.attention.reference import causal_attention
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.harness.diagnosis import known_mistakes
 
 __all__ = [
+    "LibraryShortcut",
     "check_attention_decode_step",
     "check_causal_attention",
     "check_decode_intensity",
     "check_kv_cache_bytes",
+    "exercise_shape",
 ]
+
+
+# ----------------------------------------------------------------------------- refusing the library's answer
+
+
+class LibraryShortcut(RuntimeError):
+    """A learner's function called the library function that *is* the exercise's answer."""
+
+
+class _ExerciseShape(TransformerShape):
+    """A :class:`TransformerShape` whose one-call answers to chapter 00's exercises refuse to run.
+
+    Everything an exercise is meant to use (``params``, ``weight_bytes``,
+    ``kv_bytes_per_token()``, ``flops_per_token()``, the fields) works as usual.
+    """
+
+    def max_batch(self, memory_bytes: int | float, context: int) -> int:  # noqa: D102
+        raise LibraryShortcut(
+            "shape.max_batch is the library's answer to this exercise: work the batch out from "
+            "shape.weight_bytes and shape.kv_bytes_per_token() (Hint 1 above the exercise)")
+
+    def decode_step(self, context: int, batch: int = 1) -> tuple[float, float]:  # noqa: D102
+        raise LibraryShortcut(
+            "shape.decode_step is the library's answer to this exercise: count the FLOPs and the bytes yourself "
+            "from shape.params, shape.bytes_per_element and shape.kv_bytes_per_token() (Hint 1 above the exercise)")
+
+
+_ExerciseShape.__qualname__ = _ExerciseShape.__name__ = "TransformerShape"  # messages show the familiar name
+
+
+def exercise_shape(shape: TransformerShape) -> TransformerShape:
+    """A copy of ``shape`` that refuses ``max_batch`` and ``decode_step`` (see :class:`LibraryShortcut`)."""
+    if not isinstance(shape, TransformerShape):
+        raise TypeError(f"shape must be a TransformerShape, got {type(shape).__name__}")
+    return _ExerciseShape(**{f.name: getattr(shape, f.name) for f in fields(shape)})
+
+
+class _RefuseSdpa(TorchFunctionMode):
+    """Refuses ``F.scaled_dot_product_attention`` while a learner's decode step runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is F.scaled_dot_product_attention or getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            raise LibraryShortcut(
+                "F.scaled_dot_product_attention is PyTorch's fused kernel, which section 2 borrowed until now; "
+                "this exercise asks for the step written from its formula (Hint 1 above the exercise)")
+        return func(*args, **(kwargs or {}))
+
+
+def _without_sdpa(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if not callable(fn):
+        return fn  # the engine explains what a non-function is
+
+    @functools.wraps(fn)
+    def graded(*args: Any, **kwargs: Any) -> Any:
+        with _RefuseSdpa():
+            return fn(*args, **kwargs)
+
+    return graded
 
 
 def _attention_cases(seed: int = 0) -> list[Case]:
@@ -73,9 +140,9 @@ def _kv_cache_cases() -> list[Case]:
 
 
 def _decode_intensity_cases() -> list[Case]:
-    llama, mistral = MODEL_PRESETS["LLaMA-2-7B"], MODEL_PRESETS["Mistral-7B"]
-    tiny = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
-                            vocab=100, bytes_per_element=4, gated_mlp=False)
+    llama, mistral = (exercise_shape(MODEL_PRESETS[name]) for name in ("LLaMA-2-7B", "Mistral-7B"))
+    tiny = exercise_shape(TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
+                                           vocab=100, bytes_per_element=4, gated_mlp=False))
     return [
         Case("tiny fp32 model, context 1, batch 1", (tiny, 1, 1)),
         Case("tiny fp32 model, context 1000, batch 8", (tiny, 1000, 8)),
@@ -141,7 +208,7 @@ def _kv_bytes_diagnosis(case: Case, expected: object, got: object) -> str | None
 
 def _intensity_diagnosis(case: Case, expected: object, got: object) -> str | None:
     shape, context, batch = case.args
-    flops, _ = shape.decode_step(context, batch)
+    flops, _ = TransformerShape.decode_step(shape, context, batch)
     weights, cache = shape.params * shape.bytes_per_element, batch * context * shape.kv_bytes_per_token()
     for moved, text in ((batch * weights + cache, "you read the weights once per sequence; one step reads them "
                                                   "once for the whole batch"),
@@ -169,9 +236,12 @@ def check_causal_attention(fn: Callable[..., object], reveal: bool = False) -> C
 
 
 def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``attention_decode_step(q_new, k_cache, v_cache)``, including that it matches the last row of full attention."""
+    """Check ``attention_decode_step(q_new, k_cache, v_cache)``: the last row of full attention, from its formula.
+
+    ``F.scaled_dot_product_attention`` is refused while it runs (:class:`LibraryShortcut`).
+    """
     return check_function(
-        fn, attention_decode_step, _decode_step_cases(), exercise="decode step with a KV cache",
+        _without_sdpa(fn), _answers.decode_step_answer, _decode_step_cases(), exercise="decode step with a KV cache",
         atol=1e-5, rtol=1e-4, diagnose=_DECODE_MISTAKES, reveal=reveal,
         hint="this is the last row of the causal attention of section 1: which keys may the newest token read? "
              "Tiered hints are above the exercise.",
@@ -183,7 +253,7 @@ def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False)
 def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``kv_cache_bytes(layers, kv_heads, head_dim, context, bytes_per_element)``, Jamba's figures included."""
     return check_function(
-        fn, kv_cache_bytes_reference, _kv_cache_cases(), exercise="KV-cache bytes", atol=0, rtol=0,
+        fn, _answers.kv_cache_bytes_answer, _kv_cache_cases(), exercise="KV-cache bytes", atol=0, rtol=0,
         diagnose=_kv_bytes_diagnosis, reveal=reveal,
         hint="list what one cached token stores, in one layer and one KV head, then count; the answer is in "
              "bytes. Tiered hints are above the exercise.",
@@ -192,9 +262,12 @@ def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> Che
 
 
 def check_decode_intensity(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step."""
+    """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step.
+
+    The shapes refuse ``decode_step``, the library's one-call answer (:func:`exercise_shape`).
+    """
     return check_function(
-        fn, decode_intensity_reference, _decode_intensity_cases(), exercise="decode arithmetic intensity",
+        fn, _answers.decode_intensity_answer, _decode_intensity_cases(), exercise="decode arithmetic intensity",
         atol=0, rtol=1e-6, diagnose=_intensity_diagnosis, reveal=reveal,
         hint="ask, for each of the FLOPs, the weights and the KV caches, whether it grows with the batch. Tiered "
              "hints are above the exercise.",

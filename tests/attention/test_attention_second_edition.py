@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labsupport.attention.exercises_core import check_largest_batch, largest_batch_reference
+from labsupport.attention._answers import largest_batch_answer as largest_batch_reference
+from labsupport.attention.exercises_core import check_largest_batch
 from labsupport.attention.timesplit import SPLIT_PARTS, time_split
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.lm.model import TinyLM

@@ -67,3 +67,11 @@ def test_print_measured_prints_the_number_with_its_conditions(two_cpus, capsys) 
 def test_print_measured_rejects_bad_input(args, kwargs, error) -> None:
     with pytest.raises(error):
         contention.print_measured(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("load", "state"), [(1.0, "quiet"), (1.4, "quiet"), (1.6, "partly busy"),
+                                             (2.0, "partly busy"), (2.1, "busy")])
+def test_the_measuring_thread_itself_does_not_make_the_machine_busy(two_cpus, load, state) -> None:
+    # a load of 1.0 on 2 CPUs is the notebook's own thread: quiet, not "partly busy" (issue 24)
+    two_cpus.setattr(contention, "load_average", lambda: load)
+    assert contention.measurement_conditions().endswith(f"({state})")

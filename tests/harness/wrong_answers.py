@@ -438,6 +438,23 @@ def _query_chunked_flash_backward(q, k, v, out, lse, dout, causal=False, block_q
         dk += ds.transpose(-1, -2) @ q[..., q0:q1, :] * scale
     return dq, dk, dv
 
+
+def _sdpa_decode_step(q_new, k_cache, v_cache):
+    """Chapter 00's exercise 1 as PyTorch's one call (right numbers; the exercise asks for the formula)."""
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(q_new, k_cache, v_cache)
+
+
+def _library_max_batch(shape, memory_bytes, context):
+    """Chapter 00's exercise 2 as the library's one call."""
+    return shape.max_batch(memory_bytes, context)
+
+
+def _library_decode_intensity(shape, context, batch):
+    """Chapter 00's exercise 3 as the library's one call."""
+    flops, moved = shape.decode_step(context, batch)
+    return flops / moved
+
 def _dense_block_sparse(q, k, v, mask, block_q, block_k):
     """Chapter 05's shortcut: dense attention under the mask, with the NaN of the unread blocks cleaned away."""
     from labsupport.sparse.reference import masked_attention
@@ -793,11 +810,9 @@ def _threshold_strict(canvas, probs, mask_id, threshold):
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
-    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward),
-                            ("query-chunked: whole key axis per query block", _query_chunked_flash_forward)],
+    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
-                             ("no -inf guard on lse", _unguarded_flash_backward),
-                             ("query-chunked: whole key axis per query block", _query_chunked_flash_backward)],
+                             ("no -inf guard on lse", _unguarded_flash_backward)],
     "check_block_sparse_loop": [("dense, NaN cleaned", _dense_block_sparse)],
     "check_tova_evict": [("per head", _tova_per_head)],
     "check_streaming_step": [("text positions", _streaming_slot_positions),
@@ -845,6 +860,16 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
     "check_threshold_commit": [("strict > without progress", _threshold_strict)],
 }
+
+# Chapters 00 and 01 (issue 24): the library's one-call answers, and query chunking in place of tiles.
+for _name, _wrong in {
+    "check_attention_decode_step": [("library call: F.scaled_dot_product_attention", _sdpa_decode_step)],
+    "check_largest_batch": [("library call: shape.max_batch", _library_max_batch)],
+    "check_decode_intensity": [("library call: shape.decode_step", _library_decode_intensity)],
+    "check_flash_forward": [("query-chunked: whole key axis per query block", _query_chunked_flash_forward)],
+    "check_flash_backward": [("query-chunked: whole key axis per query block", _query_chunked_flash_backward)],
+}.items():
+    SPECIFIC.setdefault(_name, []).extend(_wrong)
 
 
 # ----------------------------------------------------------------------------- the count
