@@ -1,5 +1,9 @@
 """Chapter 07's frontier: every registered mixer and the hybrid presets on one quality suite and one cost sheet.
 
+The full grid is ``benchmarks/hybrid_grid.py`` (tiers under a time budget, a rate search then three seeds, MAD's
+six tasks, the attention-fraction stacks, the Mamba check); this script keeps the laptop grid (``--small``), the
+cost rows (``--costs-only``; ``run_cost`` is shared with the full grid) and their summaries.
+
 Usage::
 
     python benchmarks/hybrid_frontier.py --workers 15 --out benchmarks/results/hybrid_frontier.jsonl

@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
-    parser.add_argument("--designs", nargs="+", default=["mamba", "attention"])
+    parser.add_argument("--designs", nargs="+", default=["mamba", "attention"],
+                        help="registry names, or mamba_refinit: the registry's Mamba with reference_init=True")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results/hybrid_mamba_check.jsonl")
     args = parser.parse_args()
@@ -36,9 +37,16 @@ def main() -> None:
         for width in args.widths:
             for design in args.designs:
                 for lr in args.lrs:
-                    spec = registry.get(design)
+                    if design == "mamba_refinit":
+                        from labsupport.ssm.mixers import MambaMixer
+
+                        spec = registry.get("mamba")
+                        build = lambda d, i: MambaMixer(d, registry.MAMBA_STATE, reference_init=True)  # noqa: E731
+                    else:
+                        spec = registry.get(design)
+                        build = spec.build
                     start = time.perf_counter()
-                    result = probe(spec.build, task, steps=args.steps, lr=lr, seed=0, batch_size=args.batch,
+                    result = probe(build, task, steps=args.steps, lr=lr, seed=0, batch_size=args.batch,
                                    d_model=width, positional=spec.positional, progress=False,
                                    eval_every=args.steps // 4)
                     row = {"kind": "mamba_check", "design": design, "width": width, "lr": lr, "seed": 0,

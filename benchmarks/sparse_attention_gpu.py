@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--configs", type=int, default=5, help="how many of the tile configurations to try")
+    parser.add_argument("--densities", type=int, nargs="*", default=[],
+                        help="instead of one --window: for each x, a window of L/(2x) tokens, i.e. 1/x of the "
+                             "causal triangle's query-key pairs (e.g. 2 4 8 16 32)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark needs one and a Triton install; nothing was measured "
@@ -50,15 +53,18 @@ def main() -> None:
 
     device = torch.device("cuda")
     flex = torch.compile(flex_attention)
-    pattern = sparse.WindowPattern(args.window)
-    window = args.window
+    # the window lives in a device tensor read by the mask rule, so a new window is a new BlockMask, not a recompile
+    window_t = torch.tensor(args.window, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window_t)
 
     rows = []
-    for d in args.head_dims:
-        for length in args.lengths:
+    cases = [(d, length, w) for d in args.head_dims for length in args.lengths
+             for w in ([max(128, length // (2 * x)) for x in args.densities] or [args.window])]
+    for d, length, window in cases:
+            window_t.fill_(window)
+            pattern = sparse.WindowPattern(window)
             gen = torch.Generator(device=device).manual_seed(0)
             q, k, v = (torch.randn(1, 16, length, d, generator=gen, device=device, dtype=torch.float16) for _ in range(3))
             block_mask = create_block_mask(mask_mod, None, None, length, length, device="cuda")
@@ -91,17 +97,18 @@ def main() -> None:
                    "useful_tflops_course": flops / (best["ms"] / 1e3) if best else math.nan,
                    "useful_tflops_flex": flops / (flex_ms / 1e3)}
             row["flex_over_course"] = flex_ms / row["course_ms"]
+            row["pair_density"] = sum(min(i + 1, window) for i in range(length)) / (length * (length + 1) / 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     (args.out / "sparse_gpu.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     print(f"\n{info}\n")
-    print("| D | L | course kernel ms (config) | FlexAttention ms | flex / course | SDPA causal dense ms | "
-          "useful TFLOP/s course / flex | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| D | L | window (pair density) | course kernel ms (config) | FlexAttention ms | flex / course | "
+          "SDPA causal dense ms | useful TFLOP/s course / flex | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['head_dim']} | {r['length']:,} | {r['course_ms']:.3f} ({r['course_config']}) | {r['flex_ms']:.3f} | "
+        print(f"| {r['head_dim']} | {r['length']:,} | {r['window']:,} ({r['pair_density']:.3f}) | {r['course_ms']:.3f} ({r['course_config']}) | {r['flex_ms']:.3f} | "
               f"{r['flex_over_course']:.2f}× | {r['sdpa_causal_ms']:.3f} | {r['useful_tflops_course']:.0f} / "
               f"{r['useful_tflops_flex']:.0f} | {r['course_max_abs_err']:.1e} |")
 

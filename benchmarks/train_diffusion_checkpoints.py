@@ -14,7 +14,9 @@ deterministic algorithms requested). Runs on a CPU with small settings::
 
 and on a GPU with the shipped ones (the exact command is in data/PROVENANCE.md). Each run writes
 ``<out>/<checkpoint>.safetensors`` (float16 weights, config + settings in the metadata) and
-``<out>/<kind>_summary.json`` (losses, validation numbers, time, machine). Afterwards copy the files into
+``<out>/<kind>_summary.json`` (losses, validation numbers, time, machine). ``--stop-after N`` keeps the
+schedule of the ``--steps`` run and stops after ``N`` steps: the early-stopped AR model
+(``diffusion_ar_early_stopped.safetensors``, summary ``autoregressive_stopped_N_summary.json``). Afterwards copy the files into
 ``data/`` and regenerate ``data/MANIFEST.sha256`` (command in data/PROVENANCE.md).
 
 Needs only torch, safetensors and tqdm (no plotly): it can run on a bare GPU machine.
@@ -36,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from labsupport.diffusion.checkpoints import AR_CHECKPOINT, DIFFUSION_CHECKPOINT, build_model, save_checkpoint  # noqa: E402
+from labsupport.diffusion.checkpoints import (  # noqa: E402
+    AR_CHECKPOINT,
+    AR_EARLY_CHECKPOINT,
+    DIFFUSION_CHECKPOINT,
+    build_model,
+    save_checkpoint,
+)
 from labsupport.diffusion.process import DiffusionObjective, elbo_per_sequence  # noqa: E402
 from labsupport.lm.objectives import next_token_loss  # noqa: E402
 from labsupport.lm.tasks import CharCorpus, TaskBatch  # noqa: E402
@@ -59,6 +67,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-windows", type=int, default=256)
     parser.add_argument("--elbo-samples", type=int, default=16)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="early stopping: keep the learning-rate schedule of a --steps run but stop and save "
+                             "after this many steps (a multiple of --eval-every); the run is then exactly the "
+                             "first part of the full one, and its checkpoint is the early-stopped one")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
@@ -66,6 +79,12 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    if args.stop_after is not None and (args.stop_after <= 0 or args.stop_after > args.steps
+                                        or args.stop_after % args.eval_every):
+        raise SystemExit(f"--stop-after must be a multiple of --eval-every ({args.eval_every}) in 1..--steps "
+                         f"({args.steps}); got {args.stop_after}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -90,15 +109,24 @@ def main() -> None:
     watch = corpus.sample_batch(64, args.seq_len, split="val", seed=4321)
     watch = TaskBatch(watch.inputs.to(device), watch.targets.to(device), watch.info)
 
-    def no_score(model: torch.nn.Module, batch: TaskBatch) -> float:
-        return float("nan")
+    evaluations = []
+
+    def steps_done(model: torch.nn.Module, batch: TaskBatch) -> float:
+        """The "score" train() compares with stop_at: the steps done so far (train evaluates every eval_every)."""
+        evaluations.append(None)
+        return float(len(evaluations) * args.eval_every)
 
     start = time.perf_counter()
     history = train(model, make_batch, steps=args.steps, objective=objective, lr=args.lr,
                     weight_decay=args.weight_decay, seed=args.seed, label=args.kind, progress=False,
-                    eval_batch=watch, eval_every=args.eval_every, evaluate=no_score)
+                    eval_batch=watch, eval_every=args.eval_every, evaluate=steps_done,
+                    stop_at=None if args.stop_after is None else float(args.stop_after))
     seconds = time.perf_counter() - start
-    name = DIFFUSION_CHECKPOINT if args.kind == "diffusion" else AR_CHECKPOINT
+    done_steps = history.steps[-1]
+    if args.stop_after is not None:
+        name = AR_EARLY_CHECKPOINT if args.kind == "autoregressive" else f"diffusion_denoiser_step{done_steps}.safetensors"
+    else:
+        name = DIFFUSION_CHECKPOINT if args.kind == "diffusion" else AR_CHECKPOINT
     args.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, args.out / name, config)
 
@@ -121,14 +149,15 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_train_loss_mean_last_200": sum(tail) / len(tail),
         "train_loss_first": history.losses[0], **val_metric,
-        "seconds": seconds, "steps_per_second": args.steps / seconds,
+        "steps_done": done_steps, "seconds": seconds, "steps_per_second": done_steps / seconds,
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                     or platform.machine()),
         "torch": torch.__version__, "python": platform.python_version(),
         "losses_every_100": history.losses[::100],
         "val_curve": {"steps": history.eval_steps, "val_objective_nats_per_char": history.eval_loss},
     }
-    (args.out / f"{args.kind}_summary.json").write_text(json.dumps(summary, indent=1))
+    suffix = "" if args.stop_after is None else f"_stopped_{done_steps}"
+    (args.out / f"{args.kind}{suffix}_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("losses_every_100", "config")}, indent=1))
 
 

@@ -62,6 +62,13 @@ def _lenient_checkers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LABSUPPORT_STRICT_CHECKS", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _private_results_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests (and the notebooks they run) record measurements in a file of their own, never the reader's
+    (``labsupport.harness.results``); a test that needs another sets ``LABSUPPORT_RESULTS`` itself."""
+    monkeypatch.setenv("LABSUPPORT_RESULTS", str(tmp_path_factory.getbasetemp() / "course-results.json"))
+
+
 def chapter_notebooks() -> list[Path]:
     """``notebooks/*.ipynb`` tracked by git (every one on disk when git is unavailable), sorted."""
     on_disk = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))

@@ -98,7 +98,7 @@ def _delta_without_the_read(state, k, v, beta):
 
 
 def _decay_chunk_writing_undecayed(state, q, k, v, log_decay):
-    out, _ = linear_attention.exercises.chunkwise_decay_step(state, q, k, v, log_decay)
+    out, _ = linear_attention._solutions.chunkwise_decay_step(state, q, k, v, log_decay)
     return out, state + k.transpose(-1, -2) @ v
 
 
@@ -163,7 +163,7 @@ def test_a_failure_names_what_this_answer_did(checker, wrong, diagnosis, monkeyp
 def _chapter_checkers() -> list:
     import importlib
 
-    families = ("attention", "flash", "grouped", "linear_attention", "diffusion")
+    families = ("attention", "flash", "grouped", "linear_attention", "diffusion", "ssm", "sparse", "moe", "multimodal")
     modules = [f"labsupport.{family}.{name}" for family in families
                for name in ("exercises", "exercises_core")]
     found = []

@@ -71,3 +71,25 @@ def test_sizes_refuse_bools_and_floats():
         SoftmaxAttention(16, -1)
     with pytest.raises(ValueError, match="n_heads must be >= 1"):
         SoftmaxAttention(16, 0)
+
+
+def test_expert_parallel_refuses_bad_input_before_starting_processes():
+    from labsupport.moe import MoELayer
+    from labsupport.moe.parallel import all_to_all, backend_for, equality_tolerance, launch, run_expert_parallel
+
+    with pytest.raises(ValueError, match="device type must be one of 'cpu', 'cuda'"):
+        backend_for("meta")
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        equality_tolerance(torch.int32)
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        launch(print, 2.0)
+    with pytest.raises(ValueError, match="device_type must be one of"):
+        launch(print, 2, device_type="tpu")
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        all_to_all(torch.randn(2, 3), [2], [2])
+    with pytest.raises(ValueError, match="token-choice routing without a capacity limit"):
+        run_expert_parallel(MoELayer(8, 2, 1, router="expert_choice"), [torch.randn(4, 8)])
+    with pytest.raises(TypeError, match="inputs must be a list of tensors"):
+        run_expert_parallel(MoELayer(8, 2, 1), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="repeats must be >= 0"):
+        run_expert_parallel(MoELayer(8, 2, 1), [torch.randn(4, 8)], repeats=-1)

@@ -5,17 +5,25 @@
 * :mod:`~labsupport.diffusion.exact` — a vocabulary and length small enough to enumerate: exact NLL and ELBO.
 * :mod:`~labsupport.diffusion.sampling` — transfer schedule, low-confidence / random remasking, block
   (semi-autoregressive) decoding, Fast-dLLM's confidence threshold, infilling, the autoregressive baseline.
-* :mod:`~labsupport.diffusion.cache` — keys and values outside the current block, reused within it.
-* :mod:`~labsupport.diffusion.checkpoints` — the shipped denoiser and AR model, loaded after a sha256 check.
+* :mod:`~labsupport.diffusion.cache` — keys and values outside the current block, reused within it: the
+  approximate cache of a bidirectional denoiser, and BD3-LM's exact cache under block-causal attention.
+* :mod:`~labsupport.diffusion.guidance` — LLaDA's classifier-free guidance (the prompt masked for the
+  unconditional pass).
+* :mod:`~labsupport.diffusion.revision` — ReMDM-style remasking of committed tokens.
+* :mod:`~labsupport.diffusion.speculative` — speculative decoding of the AR model with an n-gram draft (exact
+  acceptance rule, KV cache extended several positions at a time).
+* :mod:`~labsupport.diffusion.checkpoints` — the shipped denoiser and AR models (the AR model at 3,000 steps and
+  stopped early at 1,250), loaded after a sha256 check.
 * :mod:`~labsupport.diffusion.evaluation` — span likelihoods (exact AR, bound for the denoiser), infilling
   accuracy, judge NLL and entropy of samples.
 * :mod:`~labsupport.diffusion.widget` — the denoising explorer's data and figure.
 * :mod:`~labsupport.diffusion.exercises` — the chapter's checkers.
 """
 
-from labsupport.diffusion.cache import BlockKVCache
+from labsupport.diffusion.cache import BlockKVCache, ExactBlockCache, block_causal_logits
 from labsupport.diffusion.checkpoints import (
     AR_CHECKPOINT,
+    AR_EARLY_CHECKPOINT,
     DIFFUSION_CHECKPOINT,
     build_model,
     load_checkpoint,
@@ -41,7 +49,11 @@ from labsupport.diffusion.process import (
     masked_diffusion_loss,
     subs_logits,
 )
+from labsupport.diffusion.guidance import guided_logits
+from labsupport.diffusion.revision import REVISION, remask_tokens, revision_sample
 from labsupport.diffusion.sampling import (
+    ATTENTION,
+    CACHES,
     REMASKING,
     SampleTrace,
     ar_generate,
@@ -51,9 +63,32 @@ from labsupport.diffusion.sampling import (
     threshold_sample,
     transfer_schedule,
 )
+from labsupport.diffusion.speculative import (
+    CausalCache,
+    NGramDrafter,
+    SpeculativeTrace,
+    round_output_distribution,
+    speculative_generate,
+    verify_draft,
+)
 
 __all__ = [
     "AR_CHECKPOINT",
+    "AR_EARLY_CHECKPOINT",
+    "ATTENTION",
+    "CACHES",
+    "REVISION",
+    "CausalCache",
+    "ExactBlockCache",
+    "NGramDrafter",
+    "SpeculativeTrace",
+    "block_causal_logits",
+    "guided_logits",
+    "remask_tokens",
+    "revision_sample",
+    "round_output_distribution",
+    "speculative_generate",
+    "verify_draft",
     "DIFFUSION_CHECKPOINT",
     "REMASKING",
     "SCHEDULES",

@@ -25,10 +25,12 @@ from labsupport.harness.data import data_dir, read_manifest, sha256_file
 from labsupport.harness.validation import require_choice
 from labsupport.lm.model import TinyLM
 
-__all__ = ["AR_CHECKPOINT", "DIFFUSION_CHECKPOINT", "build_model", "load_checkpoint", "save_checkpoint"]
+__all__ = ["AR_CHECKPOINT", "AR_EARLY_CHECKPOINT", "DIFFUSION_CHECKPOINT", "build_model", "load_checkpoint", "save_checkpoint"]
 
 DIFFUSION_CHECKPOINT = "diffusion_denoiser.safetensors"
 AR_CHECKPOINT = "diffusion_ar_baseline.safetensors"
+#: The AR model stopped early, after 1,250 of the same 3,000-step schedule (where its held-out loss was lowest).
+AR_EARLY_CHECKPOINT = "diffusion_ar_early_stopped.safetensors"
 _KINDS = ("diffusion", "autoregressive")
 
 

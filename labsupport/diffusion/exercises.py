@@ -15,7 +15,11 @@ yet) or a short explanation. Each is built to reject the tempting shortcut:
 * ``threshold_commit`` — a strict ``>`` where the rule is ``≥``, a step that commits nothing when no prediction
   clears the threshold (the sampler would loop for ever), or commits outside the masks;
 * ``gap_log_posterior`` — ``p(c | left)`` alone (the right side ignored), scoring only the gap's own token, or
-  forgetting to normalise over the candidates.
+  forgetting to normalise over the candidates;
+* ``speculative_verify`` — accepting whenever the target likes the draft at least as much (``p ≥ q``, no
+  uniform: greedy, not the target's distribution), redrawing a rejected token from ``p`` instead of the residual
+  ``max(p − q, 0)``, forgetting to normalise the residual, counting accepted tokens after the first rejection, or
+  giving the bonus from the wrong row.
 
 Where a rule can tell, a failure names the mistake this answer made (``found``, from the wrong answers written
 out below as functions); the ``hint`` points at the notebook's tiered hints; the full recipe is printed only when
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from labsupport.diffusion import evaluation, process, sampling
+from labsupport.diffusion import evaluation, process, sampling, speculative
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.diagnosis import known_mistakes
 from labsupport.lm.model import TinyLM
@@ -39,6 +43,7 @@ __all__ = [
     "check_gap_log_posterior",
     "check_low_confidence_commit",
     "check_mask_tokens",
+    "check_speculative_verify",
     "check_threshold_commit",
     "check_transfer_schedule",
     "reference_diffusion_loss",
@@ -414,4 +419,116 @@ def check_gap_log_posterior(fn: Callable[..., Any], reveal: bool = False) -> Che
         hint="compare your answer with p(c | left) alone: if they agree, the right side is missing; every "
              "character after the gap depends on c, not only the next one; and each row must be a normalised "
              "log-distribution over the V candidates. Tiered hints are above the exercise.",
+    )
+
+
+# Speculative decoding's acceptance rule (the AR side's answer to parallel decoding).
+
+def _verify_greedy_accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(drafted.shape[0])
+    ok = p[rows, drafted] >= q[rows, drafted]
+    return _verify_with(p, q, ok, residual=True)
+
+
+def _verify_redraw_from_p(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(drafted.shape[0])
+    return _verify_with(p, q, u * q[rows, drafted] < p[rows, drafted], residual=False)
+
+
+def _verify_unnormalised(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    n, probs = speculative.verify_draft(p, q, drafted, u)
+    if int(n) < drafted.shape[0]:
+        probs = (p[int(n)] - q[int(n)]).clamp(min=0)
+    return n, probs
+
+
+def _verify_count_all(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(drafted.shape[0])
+    ok = u * q[rows, drafted] < p[rows, drafted]
+    n_ref, probs = speculative.verify_draft(p, q, drafted, u)
+    return ok.sum(), probs
+
+
+def _verify_bonus_last_draft_row(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, u: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    n, probs = speculative.verify_draft(p, q, drafted, u)
+    if int(n) == drafted.shape[0]:
+        probs = p[-2].clone()
+    return n, probs
+
+
+def _verify_with(p: torch.Tensor, q: torch.Tensor, ok: torch.Tensor, residual: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    bad = (~ok).nonzero()
+    if bad.numel() == 0:
+        return torch.tensor(ok.shape[0]), p[-1].clone()
+    n = int(bad[0, 0])
+    if not residual:
+        return torch.tensor(n), p[n].clone()
+    r = (p[n] - q[n]).clamp(min=0)
+    return torch.tensor(n), r / r.sum()
+
+
+_VERIFY_MISTAKES = [
+    known_mistakes({
+        "your rule accepts a drafted token whenever p ≥ q there and rejects it otherwise, without a uniform: "
+        "a token the target likes less than the draft must still be kept with probability p/q":
+            _verify_greedy_accept,
+        "after a rejection your next token comes from p itself: that counts the tokens the draft already had its "
+        "chance at twice (the replacement must come from what p has beyond q)": _verify_redraw_from_p,
+        "your replacement distribution is the residual max(p − q, 0) but it does not sum to 1": _verify_unnormalised,
+        "your count goes on after the first rejection: everything after a rejected token was drafted from a "
+        "context the target did not keep": _verify_count_all,
+        "when every draft is accepted your free token comes from the last drafted position's row, not from the "
+        "row after it": _verify_bonus_last_draft_row,
+    }, atol=1e-9, rtol=1e-7),
+]
+
+
+def check_speculative_verify(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
+    """Check ``fn(p (k+1, V), q (k, V), drafted (k,), u (k,)) -> (n_accepted, next_probs (V,))``.
+
+    The cases cover: a draft accepted in full (the free token from the last row of ``p``), a rejection at the
+    first, middle and last drafted token, a draft token the target likes less than the draft (kept only when
+    ``u < p/q``), and identical ``p`` and ``q`` (always accepted).
+    """
+    gen = torch.Generator().manual_seed(806)
+
+    def dist(rows: int, vocab: int, sharp: float) -> torch.Tensor:
+        return (sharp * torch.randn(rows, vocab, generator=gen, dtype=torch.float64)).softmax(dim=-1)
+
+    def case(name: str, k: int, vocab: int, u_values: list[float] | None = None, same: bool = False,
+             sharp: float = 2.0) -> Case:
+        q = dist(k, vocab, sharp)
+        p = dist(k + 1, vocab, sharp)
+        if same:
+            p[:k] = q
+        drafted = torch.multinomial(q.float(), 1, generator=gen).squeeze(1)
+        u = torch.tensor(u_values, dtype=torch.float64) if u_values is not None else torch.rand(
+            k, generator=gen, dtype=torch.float64)
+        return Case(name, (p, q, drafted, u), notes={"u": "one uniform per drafted token"})
+
+    cases = [
+        case("k=3, V=5, u = 0 everywhere (every draft accepted: the free token's row)", 3, 5, [0.0, 0.0, 0.0]),
+        case("k=4, V=6, u near 1 (the first draft rejected unless p ≥ q there)", 4, 6, [0.999, 0.5, 0.5, 0.5]),
+        case("k=4, V=8, random u", 4, 8),
+        case("k=2, V=5, p = q at the drafted rows (always accepted)", 2, 5, same=True),
+        case("k=5, V=11, random u, sharp distributions", 5, 11, sharp=4.0),
+        case("k=1, V=4, u = 0.6", 1, 4, [0.6]),
+        case("k=6, V=76 (the corpus), random u", 6, 76),
+    ]
+    return check_function(
+        fn, speculative.verify_draft, cases, exercise="speculative_verify", atol=1e-9, rtol=1e-7,
+        output_names=("n_accepted", "next_probs"), diagnose=_VERIFY_MISTAKES, reveal=reveal,
+        hint="go through the drafted tokens in order and stop at the first rejection; a token is kept with a "
+             "probability that depends on both p and q there (see Hint 1 above the exercise), and the next token's "
+             "distribution is what p has that q did not already offer, or the free row after the draft. Tiered "
+             "hints are above the exercise.",
+        recipe="for i in range(k): x = drafted[i]; if u[i] < p[i, x] / q[i, x]: continue; else return "
+               "(tensor(i), (p[i] − q[i]).clamp(min=0) normalised to sum 1). If none was rejected: "
+               "(tensor(k), p[k]).",
     )

@@ -8,7 +8,9 @@ every masked token, and **commits** some of them; a committed token is never cha
 * :func:`commit_tokens` — one step's commit: the ``k`` most confident predictions (low-confidence remasking)
   or ``k`` random ones (random remasking), among the masked positions a step may touch.
 * :func:`diffusion_sample` — the whole loop, optionally semi-autoregressive (blocks left to right, BD3-LM /
-  LLaDA style) with a cache of everything outside the current block (:mod:`labsupport.diffusion.cache`).
+  LLaDA style) with a cache of everything outside the current block (:mod:`labsupport.diffusion.cache`): the
+  approximate one of a bidirectional model, or BD3-LM's exact one under block-causal attention; optionally with
+  LLaDA's classifier-free guidance (:mod:`labsupport.diffusion.guidance`).
 * :func:`threshold_sample` — Fast-dLLM's parallel decoding: each step commits every masked prediction whose
   confidence clears a threshold (at least the most confident one), so the number of steps adapts to the text.
 * :func:`infill_canvas` — mask the middle of sequences, keeping both ends.
@@ -23,10 +25,13 @@ import torch
 from torch import nn
 
 from labsupport.harness.validation import require_choice, require_float, require_int, require_positive_int
-from labsupport.diffusion.cache import BlockKVCache
+from labsupport.diffusion.cache import BlockKVCache, ExactBlockCache, block_causal_logits
+from labsupport.diffusion.guidance import guided_logits
 from labsupport.lm.model import TinyLM
 
 __all__ = [
+    "ATTENTION",
+    "CACHES",
     "REMASKING",
     "SampleTrace",
     "ar_generate",
@@ -39,6 +44,11 @@ __all__ = [
 
 #: Which masked predictions a step commits: the most confident, or random ones.
 REMASKING = ("low_confidence", "random")
+#: The attention a sampler runs the denoiser with: as trained (every position sees every other), or BD3-LM's
+#: block-causal pattern (a block sees itself and the blocks before it).
+ATTENTION = ("bidirectional", "block_causal")
+#: The caches of block decoding: none, the approximate one (bidirectional), the exact one (block-causal).
+CACHES = (False, True, "approximate", "exact")
 
 
 def transfer_schedule(n_masked: int, steps: int) -> torch.Tensor:
@@ -141,8 +151,9 @@ def _block_spans(masked: torch.Tensor, block_length: int | None) -> list[tuple[i
 
 @torch.no_grad()
 def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, remasking: str = "low_confidence",
-                     block_length: int | None = None, cache: bool = False, temperature: float = 0.0,
-                     generator: torch.Generator | None = None, record: bool = False) -> SampleTrace:
+                     block_length: int | None = None, cache: bool | str = False, temperature: float = 0.0,
+                     generator: torch.Generator | None = None, record: bool = False,
+                     attention: str = "bidirectional", guidance: float = 0.0) -> SampleTrace:
     """Fill every ``mask_id`` of ``canvas`` in ``steps`` denoising steps.
 
     Args:
@@ -155,11 +166,19 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
         block_length: ``None`` for one block over the whole canvas; otherwise blocks of this many positions,
             counted from the first masked position (the end of the prompt), are filled left to right
             (semi-autoregressive), each in its share of the steps (equal shares, the remainder to the first).
-        cache: with blocks, compute keys and values of every position outside the current block once per block
-            and run only the block's positions at its later steps (approximate: they go stale).
+        cache: with blocks, ``True`` / ``"approximate"`` computes keys and values of every position outside the
+            current block once per block and runs only the block's positions at its later steps (approximate:
+            they go stale); ``"exact"`` (needs ``attention="block_causal"``) is BD3-LM's cache: the prompt and each
+            finished block are run once with their final tokens and their keys and values kept, and every step
+            runs only the current block against them — the same logits as the uncached block-causal pass.
         temperature: 0 takes the most probable token (greedy); above 0 samples from the tempered softmax.
         generator: randomness of sampling and of random remasking (a fixed default seed when ``None``).
         record: keep the canvas after every step (for the widget).
+        attention: ``"bidirectional"`` (as trained) or ``"block_causal"`` (needs blocks: each step sees the prompt,
+            the finished blocks and the current block, never the masked future; uncached unless ``cache="exact"``).
+        guidance: LLaDA's classifier-free guidance weight ``w ≥ 0`` (:func:`~labsupport.diffusion.guidance.
+            guided_logits`; the given positions of ``canvas`` are the condition); each step then runs the network on
+            twice the rows. Not combined with a cache or block-causal attention.
     """
     mask_id = getattr(model, "mask_id", None)
     if not isinstance(mask_id, int):
@@ -171,8 +190,23 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
     require_choice("remasking", remasking, REMASKING)
     if block_length is not None:
         block_length = require_positive_int("block_length", block_length)
+    if not any(cache is c or (isinstance(c, str) and cache == c) for c in CACHES):
+        raise ValueError(f"cache must be one of {CACHES}; got {cache!r}")
+    attention = require_choice("attention", attention, ATTENTION)
+    guidance = require_float("guidance", guidance, minimum=0.0)
     if cache and block_length is None:
-        raise ValueError("cache=True needs block_length: the cache holds everything outside the current block")
+        raise ValueError("a cache needs block_length: the cache holds everything outside the current block")
+    if attention == "block_causal" and block_length is None:
+        raise ValueError("attention='block_causal' needs block_length: blocks are what it is causal over")
+    if cache == "exact" and attention != "block_causal":
+        raise ValueError("cache='exact' is BD3-LM's cache and needs attention='block_causal': under bidirectional "
+                         "attention a finished block's keys and values change with every commit (use "
+                         "cache='approximate' for that)")
+    if attention == "block_causal" and cache in (True, "approximate"):
+        raise ValueError("under attention='block_causal' the cache is exact: pass cache='exact' (or no cache)")
+    if guidance > 0 and (cache or attention != "bidirectional"):
+        raise ValueError("guidance is built for the uncached bidirectional sampler; pass cache=False and "
+                         "attention='bidirectional' with guidance > 0")
     temperature = require_float("temperature", temperature, minimum=0.0)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = canvas.device
@@ -191,11 +225,26 @@ def diffusion_sample(model: nn.Module, canvas: torch.Tensor, *, steps: int, rema
     confidence = torch.ones(x.shape, dtype=torch.float32, device=device)
     trace = SampleTrace(x, commit_step, confidence)
     step = 0
+    prompt = ~masked0
+    starts = [s for s, _ in spans if s > 0]
+    exact = ExactBlockCache(model) if cache == "exact" else None
     for (s, e), n_steps in zip(spans, block_steps):
         counts = transfer_schedule(int(masked0[0, s:e].sum()), n_steps)
         kv = None
+        if exact is not None and exact.length < s:        # the prompt, or the block just finished: clean tokens
+            trace.forward_tokens += x[:, exact.length:s].numel()
+            exact.append_clean(x[:, exact.length:s])
         for k in range(n_steps):
-            if cache and kv is not None:
+            if exact is not None:
+                logits = exact.block_logits(x[:, s:e])          # the block only, against exact cached keys
+                trace.forward_tokens += x[:, s:e].numel()
+            elif attention == "block_causal":
+                logits = block_causal_logits(model, x[:, :e], starts)[:, s:e]   # uncached: the prefix again
+                trace.forward_tokens += x[:, :e].numel()
+            elif guidance > 0:
+                logits = guided_logits(model, x, prompt, guidance)[:, s:e]
+                trace.forward_tokens += 2 * x.numel()
+            elif cache and kv is not None:
                 logits = kv.window(x[:, s:e], s)                     # the block only, against cached keys
                 trace.forward_tokens += x[:, s:e].numel()
             elif cache:

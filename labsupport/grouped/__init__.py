@@ -10,8 +10,9 @@ module              holds
 ``mixers``          ``GroupedQueryAttention`` / ``grouped_mixer``, ``mean_pool_kv_heads``,
                     ``LatentAttention`` / ``latent_mixer`` with its ``LatentCache`` (``TinyLM`` mixers)
 ``exercises``       ``check_grouped_decode_step``, ``check_absorb_mla_weights``, ``check_quantize_dequantize``
-``exercises_core``  the core exercises: ``mean_pool_kv`` / ``check_mean_pool_kv`` (MHA -> GQA conversion),
-                    ``absorbed_mla_decode_step`` / ``check_absorbed_mla_decode_step`` (refuses the naive form)
+``exercises_core``  the core exercises' checkers: ``check_mean_pool_kv`` (MHA -> GQA conversion),
+                    ``check_absorbed_mla_decode_step`` (refuses the naive form, by the harness's work guards)
+``_solutions``      private: the core exercises' reference solutions (never in the ``ga`` namespace)
 ==================  ==========================================================================================
 
 The per-token cache sizes (``cache_elements_per_token``, ``mla_elements_per_token``,
@@ -22,12 +23,7 @@ notebook: ``from labsupport import grouped as ga``.
 """
 
 from labsupport.grouped.exercises import check_absorb_mla_weights, check_grouped_decode_step, check_quantize_dequantize
-from labsupport.grouped.exercises_core import (
-    absorbed_mla_decode_step,
-    check_absorbed_mla_decode_step,
-    check_mean_pool_kv,
-    mean_pool_kv,
-)
+from labsupport.grouped.exercises_core import check_absorbed_mla_decode_step, check_mean_pool_kv
 from labsupport.grouped.mixers import (
     GroupedQueryAttention,
     LatentAttention,
@@ -61,10 +57,8 @@ __all__ = [
     "QuantSpec",
     "QuantizedKVCache",
     "absorb_mla_weights",
-    "absorbed_mla_decode_step",
     "check_absorbed_mla_decode_step",
     "check_mean_pool_kv",
-    "mean_pool_kv",
     "check_absorb_mla_weights",
     "check_grouped_decode_step",
     "check_quantize_dequantize",

@@ -5,7 +5,9 @@
 * :func:`check_quantize_dequantize` — the asymmetric b-bit round trip, statistics over one dimension.
 
 Each is a thin wrapper over :func:`labsupport.harness.checking.check_function` with the
-references of :mod:`labsupport.grouped.reference` and :mod:`labsupport.grouped.quantization`.
+references of :mod:`labsupport.grouped.reference` and :mod:`labsupport.grouped.quantization`. Those are
+library functions the chapter uses; the quantiser's checker refuses an answer that calls the library's own
+quantisers (:func:`labsupport.harness.guards.refuse_calls`), which section 4 uses before the exercise.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ from collections.abc import Callable
 
 import torch
 
-from labsupport.grouped.quantization import quantize_dequantize
+from labsupport.grouped import _solutions
+from labsupport.grouped.quantization import dequantize, fake_quantize, quantize_asymmetric, quantize_dequantize
 from labsupport.grouped.reference import absorb_mla_weights, grouped_decode_step
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import refuse_calls
+
+# The library's quantisers, refused inside the learner's function: section 4 uses them before the exercise, so
+# calling one would pass the exercise without doing it.
+_LIBRARY_QUANTISE = {f: f"ga.{f.__name__} is the library's quantiser that section 4 used: this exercise is to "
+                        "write the round trip yourself with torch operations"
+                     for f in (quantize_dequantize, quantize_asymmetric, dequantize, fake_quantize)}
 
 __all__ = ["check_absorb_mla_weights", "check_grouped_decode_step", "check_quantize_dequantize"]
 
@@ -40,6 +50,10 @@ def _decode_cases() -> list[Case]:
         Case("cache stored transposed in memory (non-contiguous)", (torch.randn(2, 6, 1, 8, generator=gen), nc_k,
                                                                      torch.randn(2, 2, 11, 8, generator=gen))),
         Case("float64, 12 query heads, 3 KV heads", case(1, 12, 3, 10, 8, torch.float64)),
+        Case("8 query heads share 2 KV heads over 64 cached tokens (the cache must not be copied per query head)",
+             case(1, 8, 2, 64, 16), max_elements=8 * 64 * 16 // 2,
+             max_elements_note="(the cache itself is 2 × 64 × 16 numbers per tensor; a copy for every query head "
+                               "is 8 × 64 × 16, which is the memory traffic GQA exists to save)"),
     ]
 
 
@@ -136,7 +150,8 @@ def _quantize_cases() -> list[Case]:
 def check_quantize_dequantize(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``quantize_dequantize(x, bits, dim)``: asymmetric b-bit round trip, statistics over ``dim``."""
     return check_function(
-        fn, quantize_dequantize, _quantize_cases(), exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
+        refuse_calls(fn, _LIBRARY_QUANTISE), _solutions.quantize_dequantize, _quantize_cases(),
+        exercise="asymmetric quantise/dequantise", atol=1e-5, rtol=1e-5,
         diagnose=_QUANTISE_MISTAKES, reveal=reveal,
         hint="each slice along `dim` has its own grid from its minimum to its maximum; compare your scale, "
              "rounding and clamp with the exercise's statement, and check that a constant slice comes back "

@@ -1,16 +1,18 @@
-"""Chapter 02's core exercises: the two ideas of the chapter done by the learner.
+"""Chapter 02's core exercises: the checkers of the two ideas of the chapter done by the learner.
 
-* :func:`mean_pool_kv` / :func:`check_mean_pool_kv` — the GQA paper's conversion of a
-  multi-head checkpoint: average the key and value projections of each group of heads,
-  working on the weight matrix as ``nn.Linear`` stores it.
-* :func:`absorbed_mla_decode_step` / :func:`check_absorbed_mla_decode_step` — one MLA decode
-  step in the absorbed form, attending over the latent cache without ever building per-head
-  keys or values. Its checker also counts the multiply-adds per cached token
-  (``torch.utils.flop_counter``), so the naive form — up-projecting the whole cache at every
-  step, which gives the same numbers — is refused.
+* :func:`check_mean_pool_kv` — the GQA paper's conversion of a multi-head checkpoint: average the
+  key and value projections of each group of heads, working on the weight matrix as ``nn.Linear``
+  stores it.
+* :func:`check_absorbed_mla_decode_step` — one MLA decode step in the absorbed form, attending over
+  the latent cache without ever building per-head keys or values. After the values, it measures the
+  work per cached token with the harness's work guards (:mod:`labsupport.harness.guards`: FLOPs of
+  matrix products plus elements written, and the largest tensor), so the naive form — up-projecting
+  the whole cache at every step, by matrix products or by a broadcast multiply-and-sum, which give
+  the same numbers — is refused.
 
-Hints come in two tiers: a failed check prints the idea only; the notebook keeps the formula
-behind a second, folded hint.
+The reference solutions live in the private :mod:`labsupport.grouped._solutions`, out of the
+notebook's ``ga`` namespace. Hints come in tiers in the notebook; a failed check prints a pointer
+to them, and the recipe only when asked (``reveal=True``).
 """
 
 from __future__ import annotations
@@ -20,47 +22,16 @@ import os
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from labsupport.grouped import _solutions
 from labsupport.grouped.reference import latent_attention_core
 from labsupport.harness.checking import STRICT_ENV_VAR, Case, CheckResult, check_function
-from labsupport.harness.validation import require_float, require_float_tensor, require_positive_int
+from labsupport.harness.guards import LargestTensorRecorder, WorkCounter, refuse_calls, run_guarded
 
-__all__ = [
-    "absorbed_mla_decode_step",
-    "check_absorbed_mla_decode_step",
-    "check_mean_pool_kv",
-    "mean_pool_kv",
-]
+__all__ = ["check_absorbed_mla_decode_step", "check_mean_pool_kv"]
 
 
 # ----------------------------------------------------------------------------- mean-pool conversion
-
-
-def mean_pool_kv(kv_weight: torch.Tensor, head_dim: int, n_kv_heads: int) -> torch.Tensor:
-    """Mean-pool the fused key/value projection of an attention layer to ``n_kv_heads`` KV heads.
-
-    Args:
-        kv_weight: ``(2 · G · head_dim, d_model)``, the weight of the layer's ``kv`` ``nn.Linear``:
-            first the key rows of KV heads ``0 … G−1`` (``head_dim`` rows each), then their value rows.
-        head_dim: rows per head.
-        n_kv_heads: the new number of KV heads ``G'``; it must divide ``G``. New head ``j`` replaces the
-            ``G / G'`` consecutive old heads ``j · G/G' … (j+1) · G/G' − 1``.
-
-    Returns:
-        ``(2 · G' · head_dim, d_model)``, keys then values, each new head the mean of its group.
-    """
-    kv_weight = require_float_tensor("kv_weight", kv_weight, ndim=2)
-    head_dim = require_positive_int("head_dim", head_dim)
-    n_kv_heads = require_positive_int("n_kv_heads", n_kv_heads)
-    rows, d_model = kv_weight.shape
-    if rows % (2 * head_dim):
-        raise ValueError(f"kv_weight must have 2 · G · head_dim rows (head_dim={head_dim}), got {rows}")
-    old = rows // (2 * head_dim)
-    if old % n_kv_heads:
-        raise ValueError(f"n_kv_heads={n_kv_heads} must divide the current number of KV heads ({old})")
-    grouped = kv_weight.reshape(2, n_kv_heads, old // n_kv_heads, head_dim, d_model)
-    return grouped.mean(dim=2).reshape(2 * n_kv_heads * head_dim, d_model)
 
 
 def _mean_pool_cases() -> list[Case]:
@@ -82,9 +53,9 @@ def _mean_pool_cases() -> list[Case]:
 
 
 def check_mean_pool_kv(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
-    """Check ``mean_pool_kv(kv_weight, head_dim, n_kv_heads)`` against :func:`mean_pool_kv`."""
+    """Check ``mean_pool_kv(kv_weight, head_dim, n_kv_heads)`` against the private reference solution."""
     return check_function(
-        fn, mean_pool_kv, _mean_pool_cases(), exercise="mean-pool conversion to GQA", atol=1e-6, rtol=1e-5,
+        fn, _solutions.mean_pool_kv, _mean_pool_cases(), exercise="mean-pool conversion to GQA", atol=1e-6, rtol=1e-5,
         reveal=reveal,
         hint="give the rows their meaning first (keys or values, which KV head, which row of the head), then "
              "decide which old heads form one new head. Tiered hints are above the exercise.",
@@ -94,63 +65,6 @@ def check_mean_pool_kv(fn: Callable[..., torch.Tensor], reveal: bool = False) ->
 
 
 # ----------------------------------------------------------------------------- absorbed MLA decode step
-
-
-def _require_mla_step(q_c: object, q_r: object, cache: object, w_uk: object, w_uv: object) -> None:
-    q_c = require_float_tensor("q_c", q_c, ndim=4)
-    q_r = require_float_tensor("q_r", q_r, ndim=4)
-    cache = require_float_tensor("cache", cache, ndim=4)
-    w_uk = require_float_tensor("w_uk", w_uk, ndim=3)
-    w_uv = require_float_tensor("w_uv", w_uv, ndim=3)
-    b, h, one, d_h = q_c.shape
-    d_c = w_uk.shape[1]
-    if one != 1 or q_r.shape[:3] != (b, h, 1):
-        raise ValueError(f"q_c must be (B, H, 1, d_h) and q_r (B, H, 1, d_R); got {tuple(q_c.shape)}, {tuple(q_r.shape)}")
-    if w_uk.shape != (h, d_c, d_h) or w_uv.shape != (h, d_c, d_h):
-        raise ValueError(f"w_uk and w_uv must be (H, d_c, d_h) = ({h}, d_c, {d_h}); got {tuple(w_uk.shape)}, "
-                         f"{tuple(w_uv.shape)}")
-    if cache.shape[0] != b or cache.shape[1] != 1 or cache.shape[3] != d_c + q_r.shape[3]:
-        raise ValueError(f"cache must be (B, 1, T, d_c + d_R) = ({b}, 1, T, {d_c + q_r.shape[3]}); "
-                         f"got {tuple(cache.shape)}")
-
-
-def absorbed_mla_decode_step(q_c: torch.Tensor, q_r: torch.Tensor, cache: torch.Tensor, w_uk: torch.Tensor,
-                             w_uv: torch.Tensor, scale: float) -> torch.Tensor:
-    """One MLA decode step in the absorbed form.
-
-    Args:
-        q_c: ``(B, H, 1, d_h)`` the newest token's content query per head.
-        q_r: ``(B, H, 1, d_R)`` its (already rotated) RoPE query per head.
-        cache: ``(B, 1, T, d_c + d_R)`` the cached rows ``[c_s, k^R_s]`` of every token so far (the newest
-            included).
-        w_uk, w_uv: ``(H, d_c, d_h)`` the up-projections, row-vector convention: head ``h``'s key of token
-            ``s`` is ``c_s @ w_uk[h]``, its value ``c_s @ w_uv[h]``.
-        scale: the score scale, ``1 / √(d_h + d_R)``.
-
-    Returns:
-        ``(B, H, 1, d_h)``: per head, ``Σ_s p_s v_{s,h}`` with
-        ``p = softmax_s(scale · (q_c · k^C_{s,h} + q_r · k^R_s))`` — computed without up-projecting the cache.
-    """
-    _require_mla_step(q_c, q_r, cache, w_uk, w_uv)
-    scale = require_float("scale", scale, positive=True)
-    q_latent = q_c @ w_uk.transpose(-1, -2)                               # (B, H, 1, d_c)
-    attended = latent_attention_core(torch.cat([q_latent, q_r], dim=-1), cache, w_uk.shape[1], scale)
-    return attended @ w_uv                                                # (B, H, 1, d_h)
-
-
-def naive_mla_decode_step(q_c: torch.Tensor, q_r: torch.Tensor, cache: torch.Tensor, w_uk: torch.Tensor,
-                          w_uv: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same step in the naive form: up-project every cached latent to per-head keys and values.
-
-    Equal to :func:`absorbed_mla_decode_step` up to rounding; kept as the independent reference of the
-    tests and as the shortcut the checker must refuse.
-    """
-    _require_mla_step(q_c, q_r, cache, w_uk, w_uv)
-    d_c = w_uk.shape[1]
-    c, k_r = cache[..., :d_c], cache[..., d_c:]                          # (B, 1, T, d_c), (B, 1, T, d_R)
-    keys, values = c @ w_uk, c @ w_uv                                     # (B, H, T, d_h) each
-    scores = (q_c @ keys.transpose(-1, -2) + q_r @ k_r.transpose(-1, -2)) * scale
-    return scores.softmax(dim=-1) @ values
 
 
 def _mla_step_args(gen: torch.Generator, b: int, h: int, t: int, d_h: int, d_c: int, d_r: int,
@@ -178,17 +92,6 @@ def _mla_step_cases() -> list[Case]:
     ]
 
 
-def _matmul_flops(fn: Callable[..., object], args: tuple) -> int:
-    """Multiply-add FLOPs of the matrix products ``fn(*args)`` runs (0 when it raises)."""
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-    except Exception:
-        return 0
-    return counter.get_total_flops()
-
-
 def _fail(exercise: str, message: str) -> CheckResult:
     print(message)
     if os.environ.get(STRICT_ENV_VAR, "") == "1":
@@ -196,17 +99,44 @@ def _fail(exercise: str, message: str) -> CheckResult:
     return CheckResult(exercise, "failed", message)
 
 
+def _refuse_library(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` with the library's absorbed attention (``ga.latent_attention_core``) refused inside it."""
+    return refuse_calls(fn, {latent_attention_core: "ga.latent_attention_core is the library's absorbed "
+                                                    "attention: the exercise is to write it"})
+
+
+#: The size of the work check: a cache of 512 tokens, 4 heads of 64, a latent of 8 and a RoPE part of 4.
+_WORK_B, _WORK_H, _WORK_T, _WORK_DH, _WORK_DC, _WORK_DR = 1, 4, 512, 64, 8, 4
+
+
+def absorbed_mla_work(fn: Callable[..., torch.Tensor]) -> tuple[float, int] | None:
+    """(work per cached token, largest tensor's elements) of ``fn`` on the work check's case; None if it raised.
+
+    Work is :class:`~labsupport.harness.guards.WorkCounter`'s: multiply-add FLOPs of matrix products plus the
+    elements every other operation writes, so a broadcast multiply-and-sum counts as much as the product it
+    replaces.
+    """
+    args = _mla_step_args(torch.Generator().manual_seed(23), _WORK_B, _WORK_H, _WORK_T, _WORK_DH, _WORK_DC, _WORK_DR)
+    work, largest = WorkCounter(), LargestTensorRecorder()
+    if not run_guarded(fn, args, work, largest):
+        return None
+    return work.work / _WORK_T, largest.largest_elements
+
+
 def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor], reveal: bool = False) -> CheckResult:
     """Check ``absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, scale)``: values, then the work per token.
 
-    After the values match, the learner's step runs on a cache of 512 tokens with 4 heads of 32, a latent
-    of 8 and a RoPE part of 4. Up-projecting the cache costs ``2 · 2 · H · d_c · d_h`` = 4,096 FLOPs per cached
-    token; the absorbed form needs ``2 · H · (2 d_c + d_R)`` = 160. An answer above a quarter of the naive
-    count is refused, with the count in the message.
+    After the values match, the learner's step runs on a cache of ``T`` = 512 tokens with ``H`` = 4 heads of
+    ``d_h`` = 64, a latent of ``d_c`` = 8 and a RoPE part of 4, inside two work guards. Up-projecting the cache
+    costs ``2 · 2 · H · d_c · d_h`` = 8,192 FLOPs per cached token as matrix products, or 4,096 written elements as
+    a broadcast multiply (and a sum); the absorbed form needs a few hundred. An answer whose work per cached
+    token is above ``H · d_c · d_h / 2`` = 1,024, or that creates a tensor of ``T · H · d_h / 2`` elements or
+    more (half of one up-projected key or value tensor), is refused, with its numbers in the message. The
+    library's ``latent_attention_core`` is refused too.
     """
     exercise = "absorbed MLA decode step"
-    result = check_function(fn, absorbed_mla_decode_step, _mla_step_cases(), exercise=exercise, atol=1e-5,
-                            rtol=1e-4, quiet=True, reveal=reveal,
+    result = check_function(_refuse_library(fn), _solutions.absorbed_mla_decode_step, _mla_step_cases(),
+                            exercise=exercise, atol=1e-5, rtol=1e-4, quiet=True, reveal=reveal,
                             hint="the cache is read as it is, never up-projected: ask where each of W_UK and W_UV "
                                  "can move instead. Tiered hints are above the exercise.",
                             recipe="q_latent = q_c @ w_ukᵀ (B, H, 1, d_c); scores = scale · ([q_latent, q_r] · "
@@ -216,18 +146,26 @@ def check_absorbed_mla_decode_step(fn: Callable[..., torch.Tensor], reveal: bool
     if not result.passed:
         print(result.message)
         return result
-    b, h, t, d_h, d_c, d_r = 1, 4, 512, 32, 8, 4
-    args = _mla_step_args(torch.Generator().manual_seed(23), b, h, t, d_h, d_c, d_r)
-    per_token = _matmul_flops(fn, args) / t
-    naive_per_token = 2 * 2 * h * d_c * d_h
-    if per_token > naive_per_token / 4:
+    measured = absorbed_mla_work(fn)
+    h, t, d_h, d_c = _WORK_H, _WORK_T, _WORK_DH, _WORK_DC
+    per_token, largest = measured if measured is not None else (0.0, 0)
+    work_cap, size_cap = h * d_c * d_h // 2, t * h * d_h // 2
+    if per_token > work_cap or largest >= size_cap:
+        found = []
+        if per_token > work_cap:
+            found.append(f"did {per_token:,.0f} units of work per cached token (multiply-add FLOPs of matrix "
+                         f"products plus elements written by everything else; at most {work_cap:,} allowed)")
+        if largest >= size_cap:
+            found.append(f"created a tensor of {largest:,} elements (the limit is below {size_cap:,}: half of "
+                         f"T × H × d_h, one up-projected key or value tensor)")
         return _fail(exercise,
-                     f"❌ {exercise}: the values are right, but on a cache of {t} tokens (4 heads of 32, d_c=8, "
-                     f"d_R=4) your step did {per_token:,.0f} FLOPs of matrix products per cached token; "
-                     f"up-projecting the cache costs {naive_per_token:,} and the absorbed form about "
-                     f"{2 * h * (2 * d_c + d_r):,}.\n   hint    nothing of size T × H × d_h should be built: move "
-                     f"W_UK onto the query and W_UV after the attention, so the cache is only read.")
+                     f"❌ {exercise}: the values are right, but on a cache of {t} tokens ({h} heads of {d_h}, "
+                     f"d_c={d_c}, d_R={_WORK_DR}) your step " + " and ".join(found) + ". Up-projecting the cache "
+                     f"costs {2 * 2 * h * d_c * d_h:,} FLOPs per cached token as matrix products "
+                     f"({2 * h * d_c * d_h:,} written elements as a broadcast multiply); the absorbed form a few hundred.\n   hint    "
+                     "nothing of size T × H × d_h should be built, by matrix products or by broadcasting: move "
+                     "W_UK onto the query and W_UV after the attention, so the cache is only read.")
     message = (f"✅ {exercise}: passed {result.cases_total} cases, and read the cache without up-projecting it "
-               f"({per_token:,.0f} FLOPs per cached token; the naive form needs {naive_per_token:,}).")
+               f"({per_token:,.0f} units of work per cached token; up-projecting needs {2 * 2 * h * d_c * d_h:,}).")
     print(message)
     return CheckResult(exercise, "passed", message, result.cases_total, result.cases_total)

@@ -6,9 +6,11 @@ module                    holds
 ``validation``            the input guards (``require_int``, ``require_qkv``, ...): one set for all
 ``numerics``              ``rel_err``, ``assert_close``, ``seeded_randn``, ``accumulation_dtype``
 ``checking``              the exercise-checker engine (``Case``, ``check_function``, ``CheckResult``)
+``guards``                the work guards checkers use: largest tensor, operations, FLOPs + elements written,
+                          and the refusal of a library call
 ``measuring``             ``time_callable`` (the one timer), ``peak_memory_bytes``, ``sweep`` (one thread),
                           ``fit_power_law``, ``exponent_warning``
-``contention``            how busy the machine is: ``busy_warning``, ``spare_cpus``, ``print_measured``
+``contention``            how busy the machine is: ``busy_warning``, ``cpu_budget``, ``spare_cpus``, ``print_measured``
 ``costs``                 every byte and FLOP formula (KV cache, GQA/MLA/quantised caches, states, FLOPs)
 ``plotting``              ``plot_scaling``, ``plot_histories``
 ``widgets``               ``interactive_figure``: ipywidgets + plotly in every front end, a static fallback

@@ -34,6 +34,7 @@ what is wrong with *their* answer, nothing else.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 import os
@@ -68,6 +69,11 @@ __all__ = [
 #: When this environment variable is "1" (the test suite sets it), a failed check raises
 #: ``AssertionError`` after printing, so executing a chapter with a broken reference fails.
 STRICT_ENV_VAR = "LABSUPPORT_STRICT_CHECKS"
+
+#: When this environment variable names a file, every check also appends its result to it as one JSON line
+#: (``exercise``, ``checker``, ``status``, ``cases_passed``, ``cases_total``): the grader's machine-readable channel
+#: (``python -m labsupport.grade`` sets it in each submission's sandbox; docs/teaching/grading.md).
+RECORD_ENV_VAR = "LABSUPPORT_CHECK_LOG"
 
 Status = Literal["passed", "failed", "not done"]
 
@@ -572,6 +578,7 @@ def check_function(
         if status == "not done" and recipe and reveal:
             message += f"\n   recipe  {recipe}"
         result = CheckResult(exercise, status, message, passed, len(cases), found or "")
+        _record(result, checker)
         if not quiet:
             print(message)
         if status == "failed" and os.environ.get(STRICT_ENV_VAR, "") == "1":
@@ -702,6 +709,20 @@ def check_function(
 
     noun = "case" if len(cases) == 1 else "cases"
     return finish("passed", f"✅ {exercise}: passed {len(cases)} {noun}.", len(cases))
+
+
+def _record(result: CheckResult, checker: str | None) -> None:
+    """Append ``result`` to the file named by :data:`RECORD_ENV_VAR`, if any (never raises)."""
+    path = os.environ.get(RECORD_ENV_VAR, "")
+    if not path:
+        return
+    record = {"exercise": result.exercise, "checker": checker, "status": result.status,
+              "cases_passed": result.cases_passed, "cases_total": result.cases_total}
+    try:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+    except OSError:
+        pass
 
 
 class _no_context:

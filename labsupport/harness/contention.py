@@ -8,6 +8,7 @@ says when that is happening, so that a chapter can print a plain warning
 instead of a wrong lesson:
 
 * :func:`load_average` — runnable programs over the last minute (``os.getloadavg``).
+* :func:`cpu_budget` — how many CPUs this process may keep busy (affinity mask, cgroup quota).
 * :func:`spare_cpus` — how many of the CPUs this process may use nobody else is using.
 * :func:`busy_warning` — a one-line warning when the load exceeds the CPUs, else ``None``.
 * :func:`measurement_conditions` — "1 torch thread, 2 CPUs, load 0.4 (quiet)", to print beside a number.
@@ -17,20 +18,25 @@ What the load means: Linux counts every runnable thread on the machine (in a
 container without its own ``/proc/loadavg``, on the whole host), so the load is
 compared with every CPU the machine has (``os.cpu_count()``); on a plain laptop
 or lab server that is the same number as
-:func:`labsupport.harness.settings.cpu_budget`. A load above it means some
+:func:`cpu_budget`. A load above it means some
 thread is always waiting for a core: timings are slower and noisier than the
 work itself. The notebook's own running thread counts in the load too.
+
+This module imports nothing else from the harness; :mod:`labsupport.harness.settings` imports it (and
+re-exports :func:`cpu_budget`), never the other way round.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 
 __all__ = [
     "busy_warning",
+    "cpu_budget",
     "load_average",
     "machine_cpus",
     "measurement_conditions",
@@ -52,14 +58,42 @@ def machine_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), or None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # cgroup v1: -1 when unlimited
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_budget(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """How many CPUs this process can keep busy: its affinity mask, capped by a cgroup CPU quota.
+
+    At least 1. A quota of 1.5 CPUs counts as 1: a second thread would be throttled.
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        available = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        available = min(available, math.floor(limit))
+    return max(1, available)
+
+
 def spare_cpus(load: float | None = None) -> int:
     """CPUs this process may use that nobody else is using now: ``cpu_budget`` capped by ``machine_cpus - load``.
 
     Rounded to the nearest whole CPU, at least 1 (a process can always run on
     one). Without a load average (Windows) every CPU of the budget counts as spare.
     """
-    from labsupport.harness.settings import cpu_budget  # settings imports this module lazily too
-
     budget = cpu_budget()
     load = load_average() if load is None else load
     if load is None:

@@ -56,6 +56,8 @@ __all__ = [
     "mixer_state_numbers",
     "image_tokens",
     "encoder_layer_flops",
+    "mixer_token_flops",
+    "roofline_seconds",
 ]
 
 
@@ -527,3 +529,32 @@ def encoder_layer_flops(tokens: int, d_model: int, *, mlp_ratio: int = 4) -> dic
     parts = {"projections": 8 * n * d * d, "attention": 4 * n * n * d, "mlp": 4 * ratio * n * d * d}
     parts["total"] = sum(parts.values())
     return parts
+
+
+# --------------------------------------------------------------------------- choosing by bottleneck (chapter 10)
+
+
+def mixer_token_flops(kind: str, *, d_model: int, attended: int = 0, state_numbers: int = 0) -> int:
+    """Mixing FLOPs of one token in one sequence-mixer layer (projections not counted: they are weights).
+
+    * ``"attention"`` — ``4 · d_model · attended``: the scores ``q·k`` and the sum ``p·v`` over ``attended``
+      positions (the whole context for full attention, at most the window for a window), as
+      :meth:`TransformerShape.flops_per_token` counts them;
+    * ``"state"`` — ``4 · state_numbers``: a fixed-state layer (linear attention, an SSM) writes every number of
+      its state once and reads it once per token, a multiply and an add each.
+    """
+    if kind not in ("attention", "state"):
+        raise ValueError(f"kind must be 'attention' or 'state', got {kind!r}")
+    d_model = require_positive_int("d_model", d_model)
+    if kind == "attention":
+        return 4 * d_model * require_int("attended", attended, minimum=0)
+    return 4 * require_int("state_numbers", state_numbers, minimum=0)
+
+
+def roofline_seconds(flops: float, bytes_moved: float, *, flops_per_s: float, bytes_per_s: float) -> float:
+    """The roofline's time: ``max(flops / peak FLOP/s, bytes / bandwidth)`` (whichever resource runs out first)."""
+    flops = require_float("flops", flops, minimum=0.0)
+    bytes_moved = require_float("bytes_moved", bytes_moved, minimum=0.0)
+    peak = require_float("flops_per_s", flops_per_s, positive=True)
+    bandwidth = require_float("bytes_per_s", bytes_per_s, positive=True)
+    return max(flops / peak, bytes_moved / bandwidth)

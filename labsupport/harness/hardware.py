@@ -67,19 +67,33 @@ class MachineProfile:
         return min(self.gflops, intensity * self.bandwidth_gbs)
 
 
-def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256, threads: int | None = None) -> MachineProfile:
+def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256, threads: int | None = None,
+                    record_as: str | None = "00") -> MachineProfile:
     """Measure fp32 matmul GFLOP/s and copy bandwidth (about a second on a laptop).
 
     ``threads``: the torch threads to measure on (``None``: the current count).
     A roofline only describes timings taken on the same number of threads, at
     the same time: measure the peaks in the cell that times the work, with the
     sweep's ``threads`` (one by default).
+
+    ``record_as``: the chapter under which the peaks are recorded in the reader's local results file
+    (:mod:`labsupport.harness.results`; keys ``matmul_gflops_{n}thread`` and ``copy_bandwidth_gbs_{n}thread``),
+    for chapter 10 to rank designs on this machine; ``None`` records nothing. Only the default sizes are
+    recorded (smaller buffers measure the caches, not the memory).
     """
     if threads is None:
-        return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
-    threads = require_int("threads", threads, minimum=1)
-    with torch_threads(threads):
-        return MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
+        profile = MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
+        threads = torch.get_num_threads()
+    else:
+        threads = require_int("threads", threads, minimum=1)
+        with torch_threads(threads):
+            profile = MachineProfile(matmul_gflops(matmul_n), copy_bandwidth_gbs(copy_megabytes))
+    if record_as is not None and matmul_n >= 1024 and copy_megabytes >= 256:
+        from labsupport.harness.results import record
+
+        record(record_as, f"matmul_gflops_{threads}thread", profile.gflops, "GFLOP/s")
+        record(record_as, f"copy_bandwidth_gbs_{threads}thread", profile.bandwidth_gbs, "GB/s")
+    return profile
 
 
 def _parse_cache_size(text: str) -> int | None:

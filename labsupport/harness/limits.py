@@ -1,5 +1,6 @@
 """Limits on a learner's function while a checker runs it: time (:class:`TimeBudget`) and memory
-(:class:`LargestTensorRecorder`, the largest tensor it creates); and whose code raised (the learner's own line,
+(:class:`LargestTensorRecorder`, the largest tensor it creates, one of the work guards of
+:mod:`labsupport.harness.guards`); and whose code raised (the learner's own line,
 an unfinished helper, or the course's own wrapper).
 
 Used by :func:`labsupport.harness.checking.check_function`; kept apart so the engine stays one readable file.
@@ -15,47 +16,14 @@ import traceback
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from labsupport.harness.guards import LargestTensorRecorder  # its home is the guards module; kept importable here
 
 __all__ = ["LargestTensorRecorder", "OutOfTime", "TimeBudget", "raised_by_the_course", "unfinished",
            "where_in_learner_code"]
 
 _LABSUPPORT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the whole labsupport package
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
-
-
-class LargestTensorRecorder(TorchDispatchMode):
-    """Records the largest tensor created by the torch operations run inside it.
-
-    Views (a transpose, a slice, an ``expand``) share their input's memory and are
-    not counted; everything an operation allocates is, including what autograd's
-    backward creates. Use it as a context manager::
-
-        with LargestTensorRecorder() as rec:
-            out = my_attention(q, k, v)
-        rec.largest_shape  # e.g. (1, 1, 512, 512): the whole score matrix
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest_elements = 0
-        self.largest_shape: tuple[int, ...] = ()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs or {}))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest_elements:
-                if t.untyped_storage().data_ptr() in inputs:
-                    continue  # a view of an input, or an in-place result: nothing new was allocated
-                self.largest_elements = t.numel()
-                self.largest_shape = tuple(t.shape)
-        return out
 
 
 class OutOfTime(BaseException):

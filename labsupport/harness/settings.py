@@ -22,11 +22,12 @@ import random
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
+
+from labsupport.harness.contention import _cgroup_cpu_limit, cpu_budget, spare_cpus  # noqa: F401 (re-exported)
 
 __all__ = [
     "FRONT_ENDS",
@@ -173,36 +174,6 @@ def configure_plotly() -> str:
     return renderer
 
 
-def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs allowed by a cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), or None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "150000 100000"
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # cgroup v1: -1 when unlimited
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-
-
-def cpu_budget(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """How many CPUs this process can keep busy: its affinity mask, capped by a cgroup CPU quota.
-
-    At least 1. A quota of 1.5 CPUs counts as 1: a second thread would be throttled.
-    """
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        available = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit(cgroup_root)
-    if limit is not None:
-        available = min(available, math.floor(limit))
-    return max(1, available)
-
-
 def configure_torch_threads(max_threads: int | None = 1) -> int:
     """Set torch's intra-op threads for the worst case, one, unless more are asked for and free; return the count.
 
@@ -222,8 +193,6 @@ def configure_torch_threads(max_threads: int | None = 1) -> int:
     """
     if max_threads is not None and (isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1):
         raise ValueError(f"max_threads must be a positive int or None, got {max_threads!r}")
-    from labsupport.harness.contention import spare_cpus
-
     target = 1 if max_threads == 1 else min(cpu_budget(), spare_cpus(), max_threads or cpu_budget())
     if target != torch.get_num_threads():
         torch.set_num_threads(target)

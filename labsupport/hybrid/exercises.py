@@ -2,8 +2,9 @@
 registering one's own mixer.
 
 Each checker runs the learner's function on fixed cases against a reference and prints one line (pass, not done
-yet) or a short explanation, through :func:`labsupport.harness.checking.check_function`. The shortcuts each
-refuses:
+yet) or a short explanation, through :func:`labsupport.harness.checking.check_function`: what this answer got wrong
+when a known mistake matches it (``found``), a pointer to the tiered hints, and the full recipe only when asked
+(``check_…(fn, reveal=True)``). The shortcuts each refuses:
 
 * ``pattern_builder`` — handing the sub-factory the position in the pattern instead of the layer's real index,
   ignoring the layer index, or not repeating a short pattern;
@@ -25,6 +26,7 @@ from torch import nn
 
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import mixer_state_numbers
+from labsupport.harness.diagnosis import known_mistakes
 from labsupport.hybrid import registry
 
 __all__ = [
@@ -74,7 +76,25 @@ def _reference_builder(pattern: str, legend: dict[str, Callable[[int, int], nn.M
     return build
 
 
-def check_pattern_builder(fn: Callable[..., Any]) -> CheckResult:
+def _built_by(builder: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """A wrong builder as the checker sees it: ``(pattern, letters, n_layers, d_model) -> layers built``."""
+    def layers(pattern: str, letters: str, n_layers: int, d_model: int) -> torch.Tensor:
+        return _layers_built(builder, pattern, letters, n_layers, d_model)
+    return layers
+
+
+_BUILDER_MISTAKES = known_mistakes({
+    "every layer gets the pattern's first letter: the layer index has to choose the letter":
+        _built_by(lambda pattern, legend: lambda d, i: legend[pattern[0]](d, i)),
+    "the letter is right but the sub-factory received the position inside the pattern, not the layer's own "
+    "index (layer 9 of 'DDDA' must be built as layer 9)":
+        _built_by(lambda pattern, legend: lambda d, i: legend[pattern[i % len(pattern)]](d, i % len(pattern))),
+    "your layers follow the pattern read backwards":
+        _built_by(lambda pattern, legend: lambda d, i: legend[pattern[::-1][i % len(pattern)]](d, i)),
+})
+
+
+def check_pattern_builder(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(pattern, legend) -> factory``: layer ``i`` is ``legend[pattern[i % len(pattern)]](d_model, i)``."""
     cases = [
         Case("Jamba's block 'MMMMAMMM', 8 layers", ("MMMMAMMM", "MA", 8, 64)),
@@ -92,12 +112,15 @@ def check_pattern_builder(fn: Callable[..., Any]) -> CheckResult:
 
     learner.__name__ = getattr(fn, "__name__", "pattern_builder")
     if not callable(fn):
-        return check_function(fn, reference, cases, exercise="pattern_builder")
+        return check_function(fn, reference, cases, exercise="pattern_builder", checker="check_pattern_builder")
     return check_function(
-        learner, reference, cases, exercise="pattern_builder",
+        learner, reference, cases, exercise="pattern_builder", diagnose=_BUILDER_MISTAKES, reveal=reveal,
+        checker="check_pattern_builder",
         hint="each row of the output is (letter code, d_model, layer_index) as the legend's factory received them; "
-             "the layer index picks the letter, the pattern repeats, and the sub-factory gets the real layer index. "
-             "Tiered hints are above the exercise.",
+             "see Hint 1 above the exercise: which letter does layer i get when the model is deeper than the "
+             "pattern, and which index does its factory receive?",
+        recipe="def build(d_model, layer_index): return legend[pattern[layer_index % len(pattern)]](d_model, "
+               "layer_index); return build — the pattern repeats, and the sub-factory gets the layer's real index.",
     )
 
 
@@ -119,7 +142,37 @@ def _reference_bytes_per_token(layers: Sequence[tuple], context: int, bytes_per_
     return total * bytes_per_element / context
 
 
-def check_hybrid_bytes_per_token(fn: Callable[..., Any]) -> CheckResult:
+def _bytes_counting(window_rule: str, *, per_token: bool = True, with_bytes: bool = True) -> Callable[..., float]:
+    """A wrong count: a window charged ``window_rule`` tokens, or the total, or numbers instead of bytes."""
+    def wrong(layers: Sequence[tuple], context: int, bytes_per_element: int) -> float:
+        total = 0
+        for kind, *sizes in layers:
+            if kind == "attention":
+                total += sizes[0] * context
+            elif kind == "window":
+                total += sizes[0] * {"window": sizes[1], "context": context, "right": min(context, sizes[1])}[
+                    window_rule]
+            elif kind == "ssm":
+                total += sizes[0] * sizes[1]
+            else:
+                total += sizes[0] * sizes[1] * sizes[2]
+        total *= bytes_per_element if with_bytes else 1
+        return total / context if per_token else float(total)
+    return wrong
+
+
+_BYTES_MISTAKES = known_mistakes({
+    "your window layers are charged their whole window, but before the context fills it a window holds only "
+    "the tokens seen so far": _bytes_counting("window"),
+    "your window layers are charged the whole context, like attention: a window keeps at most its window":
+        _bytes_counting("context"),
+    "you returned the stack's total bytes; the exercise asks for bytes per token of context":
+        _bytes_counting("right", per_token=False),
+    "you counted numbers, not bytes: multiply by bytes_per_element": _bytes_counting("right", with_bytes=False),
+}, atol=1e-9, rtol=1e-9)
+
+
+def check_hybrid_bytes_per_token(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(layers, context, bytes_per_element) -> float``: the stack's decode state over ``context``.
 
     ``layers`` lists ``("attention", kv_width)``, ``("window", kv_width, window)``, ``("ssm", d_inner, d_state)``
@@ -138,9 +191,11 @@ def check_hybrid_bytes_per_token(fn: Callable[..., Any]) -> CheckResult:
     ]
     return check_function(
         fn, _reference_bytes_per_token, cases, exercise="hybrid_bytes_per_token", atol=1e-9, rtol=1e-9,
-        hint="sum what each layer holds at this context (a window holds at most its window, and never more than "
-             "the context), multiply by the bytes per element, divide by the context. "
-             "Tiered hints are above the exercise.",
+        diagnose=_BYTES_MISTAKES, reveal=reveal,
+        hint="see Hint 1 above the exercise: each layer type keeps something different at this context — which "
+             "grow with it, which stop growing, and which never grow?",
+        recipe="numbers = Σ over layers of: attention kv_width·L; window kv_width·min(L, window); ssm "
+               "d_inner·d_state; linear heads·d_k·d_v; return numbers · bytes_per_element / L.",
     )
 
 
@@ -154,7 +209,24 @@ def reference_pareto_front(costs: torch.Tensor, scores: torch.Tensor) -> torch.T
     return ~(better_or_equal & strictly).any(dim=1)
 
 
-def check_pareto_front(fn: Callable[..., Any]) -> CheckResult:
+def _pareto_without_duplicates(costs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    dominated = (costs[None, :] <= costs[:, None]) & (scores[None, :] >= scores[:, None])
+    return ~(dominated & ~torch.eye(len(costs), dtype=torch.bool)).any(dim=1)
+
+
+def _pareto_strict_on_both(costs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    return ~((costs[None, :] < costs[:, None]) & (scores[None, :] > scores[:, None])).any(dim=1)
+
+
+_PARETO_MISTAKES = known_mistakes({
+    "you dropped points that another point only ties: an exact duplicate is beaten by nobody, so both stay":
+        _pareto_without_duplicates,
+    "you dropped a point only when another is strictly better on both axes, so a point beaten on one axis and "
+    "tied on the other stays": _pareto_strict_on_both,
+})
+
+
+def check_pareto_front(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(costs (n,), scores (n,)) -> (n,) bool``: lower cost and higher score are better."""
     gen = torch.Generator().manual_seed(701)
     ties = (torch.tensor([1.0, 2.0, 2.0, 3.0, 1.0]), torch.tensor([0.2, 0.5, 0.5, 0.9, 0.1]))
@@ -169,9 +241,11 @@ def check_pareto_front(fn: Callable[..., Any]) -> CheckResult:
             torch.randperm(40, generator=gen)], torch.rand(40, generator=gen, dtype=torch.float64))),
     ]
     return check_function(
-        fn, reference_pareto_front, cases, exercise="pareto_front",
-        hint="a point is dropped only when another is at least as good on both axes and strictly better on one; "
-             "an exact duplicate beats nobody. Tiered hints are above the exercise.",
+        fn, reference_pareto_front, cases, exercise="pareto_front", diagnose=_PARETO_MISTAKES, reveal=reveal,
+        hint="see Hint 1 above the exercise: what exactly must another point do to push this one off the front, "
+             "and what happens with ties?",
+        recipe="dominated[i, j] = (cost_j <= cost_i) & (score_j >= score_i) & ((cost_j < cost_i) | (score_j > "
+               "score_i)); on_front = ~dominated.any(dim=1) — broadcast (n, 1) against (1, n).",
     )
 
 
@@ -220,7 +294,28 @@ def _registered_row(register: Callable[[int], Any], n_kv_heads: int) -> torch.Te
             registry.unregister(name)
 
 
-def check_register_gqa(fn: Callable[..., Any]) -> CheckResult:
+def _register_counting(formula: Callable[[int, int, int], int]) -> Callable[[int], torch.Tensor]:
+    """A wrong registration as the checker sees it: the row it leaves, for ``n_kv_heads``."""
+    def register(n_kv_heads: int) -> registry.MixerSpec:
+        from labsupport.grouped.mixers import GroupedQueryAttention
+
+        return registry.register(f"my_gqa_{n_kv_heads}", lambda d, i: GroupedQueryAttention(d, _GQA_HEADS, n_kv_heads),
+                                 family="mine", state_numbers=lambda c, d: formula(c, d, n_kv_heads),
+                                 replace_existing=True)
+    return lambda n_kv_heads: _registered_row(register, n_kv_heads)
+
+
+_REGISTER_MISTAKES = known_mistakes({
+    "your formula counts all 4 query heads; the cache holds only the KV heads (entries 0-5 against entry 7)":
+        _register_counting(lambda c, d, g: 2 * _GQA_HEADS * (d // _GQA_HEADS) * c),
+    "your formula misses the factor 2: the cache keeps a key and a value per KV head":
+        _register_counting(lambda c, d, g: g * (d // _GQA_HEADS) * c),
+    "your formula does not grow with the context, but a KV cache adds every token":
+        _register_counting(lambda c, d, g: 2 * g * (d // _GQA_HEADS)),
+}, atol=1e-9, rtol=1e-9)
+
+
+def check_register_gqa(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(n_kv_heads) -> MixerSpec``: registers ``my_gqa_{n_kv_heads}`` (family ``"mine"``), chapter 02's
     ``GroupedQueryAttention(d_model, 4, n_kv_heads)``, with a state formula that matches what its cache holds.
 
@@ -237,11 +332,14 @@ def check_register_gqa(fn: Callable[..., Any]) -> CheckResult:
 
     learner.__name__ = getattr(fn, "__name__", "register_gqa")
     if not callable(fn):
-        return check_function(fn, reference, cases, exercise="register_gqa")
+        return check_function(fn, reference, cases, exercise="register_gqa", checker="check_register_gqa")
     return check_function(
         learner, reference, cases, exercise="register_gqa", atol=1e-9, rtol=1e-9,
-        output_names=None,
+        output_names=None, diagnose=_REGISTER_MISTAKES, reveal=reveal, checker="check_register_gqa",
         hint="entries 0-5 are your formula at contexts 1, 100, 4096 × d_model 32, 64; entry 6 the decode flag; "
-             "entry 7 the numbers the real cache grows by per token: what your formula adds per token should "
-             "match it. Tiered hints are above the exercise.",
+             "entry 7 the numbers the real cache grows by per token. See Hint 1 above the exercise: what does one "
+             "token add to a GQA cache?",
+        recipe="registry.register(f'my_gqa_{n_kv_heads}', lambda d, i: GroupedQueryAttention(d, 4, n_kv_heads), "
+               "family='mine', state_numbers=lambda context, d_model: 2 * n_kv_heads * (d_model // 4) * context) "
+               "— and return the row it gives back.",
     )

@@ -257,12 +257,11 @@ def _sparse_builder(policy_name: str, *, static: str | None) -> Callable[[int, i
 
 
 def register_course_mixers() -> None:
-    """(Re-)register the course's rows: chapters 00, 02, 03, 04 and 05, plus the SSD block of this chapter."""
+    """(Re-)register the course's rows: chapters 00, 02, 03, 04 (Mamba, S4D and the SSD block) and 05."""
     from labsupport.grouped.mixers import GroupedQueryAttention, LatentAttention
-    from labsupport.hybrid.ssd import SSDMixer
     from labsupport.lm.layers import SoftmaxAttention
     from labsupport.linear_attention.mixers import LinearAttentionMixer
-    from labsupport.ssm.mixers import MambaMixer
+    from labsupport.ssm.mixers import MambaMixer, SSDMixer
 
     heads = ATTENTION_HEADS
 
@@ -318,7 +317,7 @@ def register_course_mixers() -> None:
     add("s4d", "ssm", lambda d, i: MambaMixer(d, MAMBA_STATE, selective=False), chapter="04", positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=MAMBA_STATE),
         description=f"the same block with a time-invariant S4D layer (not selective), N={MAMBA_STATE}")
-    add("ssd", "ssm", lambda d, i: SSDMixer(d, SSD_STATE), chapter="07", positional="none",
+    add("ssd", "ssm", lambda d, i: SSDMixer(d, SSD_STATE), chapter="04", positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=SSD_STATE),
         description=f"Mamba-2 / SSD block (scalar decay per head), N={SSD_STATE}, heads of 16 channels")
     from labsupport.hybrid.stacks import head_split_factory

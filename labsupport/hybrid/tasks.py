@@ -7,11 +7,13 @@ MAD (Poli et al., arXiv:2403.17844) scores a design on six synthetic tasks. Buil
 * ``noisy_recall`` — key-value pairs scattered among noise tokens from their own vocabulary (:func:`make_noisy_recall`);
 * ``selective_copy`` — :func:`labsupport.lm.tasks.make_selective_copy`;
 * ``memorization`` — a fixed key→value table, the same in every example: it lives in the weights, not the
-  context (:func:`make_memorization`).
+  context (:func:`make_memorization`);
+* ``compression`` — a sequence, then a compression token; every token must be rebuilt from that one position's
+  output alone, by a small MLP given the slot (:func:`make_compression`, :class:`CompressionModel`).
 
-MAD's *compression* task (squeeze a sequence into one token, reconstruct it with an MLP) needs a
-different head and is not built. :class:`SuiteTask` wraps any generator as a :class:`~labsupport.lm.probe.ProbeTask`
-(training batches from the caller's generator, a fixed held-out batch), and :func:`decode_recall` scores a model
+Beyond MAD the suite holds ``needle`` (needle in a haystack at a random depth). :class:`SuiteTask` wraps any
+generator as a :class:`~labsupport.lm.probe.ProbeTask` (training batches from the caller's generator, a fixed
+held-out batch), and :func:`decode_recall` scores a model
 by decoding token by token — the score that counts for a decode-time eviction policy (h2o, tova, quest).
 """
 
@@ -27,8 +29,8 @@ from torch import nn
 from labsupport.harness.validation import require_int, require_positive_int
 from labsupport.lm.tasks import IGNORE_INDEX, TaskBatch, make_mqar, make_needle, make_selective_copy
 
-__all__ = ["SUITE", "SuiteTask", "decode_recall", "make_fuzzy_recall", "make_memorization", "make_noisy_recall",
-           "make_random_needle"]
+__all__ = ["SUITE", "CompressionModel", "SuiteTask", "decode_recall", "make_compression", "make_fuzzy_recall",
+           "make_memorization", "make_noisy_recall", "make_random_needle"]
 
 
 def _gen(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
@@ -110,6 +112,61 @@ def make_memorization(num_examples: int, seq_len: int, vocab_size: int, *, table
     return TaskBatch(inputs, targets, {"task": "memorization", "seq_len": seq_len})
 
 
+def make_compression(num_examples: int, seq_len: int, vocab_size: int, *, generator: torch.Generator | None = None,
+                     seed: int | None = None) -> TaskBatch:
+    """MAD's compression: ``x_1 … x_n``, the compression token ``V − 1``, then ``n`` slots to fill with ``x_1 … x_n``.
+
+    ``n = (seq_len − 1) // 2``; data tokens come from ``[1, V − 1)``, the slots hold token 0 and a trailing pad (if
+    any) is ignored. The targets sit on the slots; :class:`CompressionModel` predicts them from the compression
+    token's output only, so the whole sequence must pass through one position's vector.
+    """
+    num_examples = require_positive_int("num_examples", num_examples)
+    seq_len, vocab_size = require_int("seq_len", seq_len, minimum=3), require_int("vocab_size", vocab_size, minimum=4)
+    n = (seq_len - 1) // 2
+    gen = _gen(generator, seed)
+    data = torch.randint(1, vocab_size - 1, (num_examples, n), generator=gen)
+    inputs = torch.zeros(num_examples, seq_len, dtype=torch.long)
+    inputs[:, :n] = data
+    inputs[:, n] = vocab_size - 1
+    targets = torch.full_like(inputs, IGNORE_INDEX)
+    targets[:, n + 1:2 * n + 1] = data
+    return TaskBatch(inputs, targets, {"task": "compression", "seq_len": seq_len, "num_tokens": n})
+
+
+class CompressionModel(nn.Module):
+    """A TinyLM whose slots are read from the compression token's output alone (MAD's compression head).
+
+    ``forward(tokens)`` runs the TinyLM's embedding and blocks, takes the normalised output ``h`` at the
+    compression position ``n``, and for slot ``i`` predicts ``head(norm(h + MLP(h + slot_i)))``. Every other
+    position gets zero logits (they are never scored), so the usual recall metric and loss apply.
+    """
+
+    def __init__(self, body: nn.Module, seq_len: int) -> None:
+        super().__init__()
+        for part in ("embed", "blocks", "norm", "head"):
+            if not hasattr(body, part):
+                raise TypeError(f"CompressionModel wraps a TinyLM; {type(body).__name__} has no {part!r}")
+        self.body = body
+        self.n = (require_int("seq_len", seq_len, minimum=3) - 1) // 2
+        d_model = body.embed.embedding_dim
+        self.slots = nn.Embedding(self.n, d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        body = self.body
+        x = body.embed(tokens)
+        if getattr(body, "pos", None) is not None:
+            x = x + body.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in body.blocks:
+            x = block(x)
+        h = body.norm(x)[:, self.n]                                         # (B, d): the compressed sequence
+        queries = h[:, None] + self.slots.weight[None]                      # (B, n, d)
+        decoded = body.head(body.norm(queries + self.mlp(queries)))         # (B, n, V)
+        logits = decoded.new_zeros(tokens.shape[0], tokens.shape[1], decoded.shape[-1])
+        logits[:, self.n + 1:2 * self.n + 1] = decoded
+        return logits
+
+
 def make_random_needle(num_examples: int, seq_len: int, vocab_size: int, *, generator: torch.Generator | None = None,
                        seed: int | None = None) -> TaskBatch:
     """Needle in a haystack with the depth drawn per batch from ``[0, 1]`` (training) — the needle task at any depth."""
@@ -122,7 +179,8 @@ def make_random_needle(num_examples: int, seq_len: int, vocab_size: int, *, gene
 class SuiteTask:
     """A synthetic task of the suite as a :class:`~labsupport.lm.probe.ProbeTask`.
 
-    ``make(num_examples, generator=, seed=)`` builds batches; ``eval_make`` (default: ``make``) the held-out one.
+    ``make(num_examples, generator=, seed=)`` builds batches; ``eval_make`` (default: ``make``) the held-out one;
+    ``wrap`` (optional) puts the task's own head around the TinyLM (:meth:`model`; compression has one).
     """
 
     name: str
@@ -132,7 +190,12 @@ class SuiteTask:
     eval_examples: int = 256
     eval_seed: int = 1234
     eval_make: Callable[..., TaskBatch] | None = None
+    wrap: Callable[[nn.Module], nn.Module] | None = None
     metric: Literal["recall", "perplexity"] = field(default="recall", init=False)
+
+    def model(self, body: nn.Module) -> nn.Module:
+        """The model to train: ``body`` itself, or ``wrap(body)`` for a task with its own head (compression)."""
+        return body if self.wrap is None else self.wrap(body)
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
         return self.make(batch_size, generator=generator)
@@ -168,13 +231,16 @@ def _suite(vocab: int = 64) -> dict[str, Callable[[int], SuiteTask]]:
                                               vocab, L),
         "memorization": lambda L: SuiteTask("memorization", lambda b, **g: make_memorization(b, L, vocab, **g),
                                             vocab, L),
+        "compression": lambda L: SuiteTask("compression", lambda b, **g: make_compression(b, L, vocab, **g), vocab,
+                                           L, wrap=lambda body: CompressionModel(body, L)),
         "needle": lambda L: SuiteTask("needle", lambda b, **g: make_random_needle(b, L, vocab, **g), vocab, L,
                                       eval_make=lambda b, seed: _needle_eval(b, seq_len=L, vocab_size=vocab,
                                                                              seed=seed)),
     }
 
 
-#: Task name → ``seq_len -> SuiteTask``: mqar, fuzzy_recall, noisy_recall, selective_copy, memorization, needle.
+#: Task name → ``seq_len -> SuiteTask``: mqar, fuzzy_recall, noisy_recall, selective_copy, memorization,
+#: compression, needle.
 SUITE: Mapping[str, Callable[..., SuiteTask]] = _suite()
 
 

@@ -16,10 +16,11 @@ module              holds
 ``mixers``          ``LinearAttentionMixer`` (reads a registry row), ``linear_mixer`` (a ``TinyLM`` factory)
 ``widget``          ``memory_decay_data``, ``memory_decay_figure``, ``widget_parameters_used``: the "memory
                     decay" explorer
-``exercises``       ``recurrent_step``, ``chunkwise_step``, ``chunkwise_decay_step``, ``delta_rule_step`` and
-                    their checkers ``check_*``
-``exercises_core``  the core exercise: ``gated_delta_chunk_step`` / ``check_gated_delta_chunk_step`` (one chunk
-                    of gated DeltaNet through the UT transform; refuses a loop over the tokens)
+``exercises``       the warm-ups' library steps ``recurrent_step``, ``chunkwise_step``, ``delta_rule_step``, and
+                    the checkers ``check_*`` of exercises 1–4 (exercise 4's refuses a loop over the tokens)
+``exercises_core``  the core exercise's checker ``check_gated_delta_chunk_step`` (one chunk of gated DeltaNet
+                    through the UT transform; refuses a loop over the tokens)
+``_solutions``      private: the core exercises' reference solutions (never in the ``la`` namespace)
 ==================  ==========================================================================================
 
 The notebook imports the package as ``la``: ``from labsupport import linear_attention as la``.
@@ -32,12 +33,11 @@ from labsupport.linear_attention.exercises import (
     check_chunkwise_step,
     check_delta_rule_step,
     check_recurrent_step,
-    chunkwise_decay_step,
     chunkwise_step,
     delta_rule_step,
     recurrent_step,
 )
-from labsupport.linear_attention.exercises_core import check_gated_delta_chunk_step, gated_delta_chunk_step
+from labsupport.linear_attention.exercises_core import check_gated_delta_chunk_step
 from labsupport.linear_attention.fast import linear_attention_chunkwise_fast
 from labsupport.linear_attention.mechanisms import (
     MECHANISMS,
@@ -82,14 +82,12 @@ __all__ = [
     "check_delta_rule_step",
     "check_gated_delta_chunk_step",
     "check_recurrent_step",
-    "chunkwise_decay_step",
     "chunkwise_step",
     "delta_rule_chunkwise",
     "delta_rule_parallel",
     "delta_rule_recurrent",
     "delta_rule_step",
     "elu_feature_map",
-    "gated_delta_chunk_step",
     "get_mechanism",
     "linear_attention_chunkwise",
     "linear_attention_chunkwise_fast",

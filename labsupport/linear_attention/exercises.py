@@ -1,12 +1,15 @@
 """Chapter 03's exercises and their checkers.
 
-The four step functions are the reference solutions of the notebook's
-exercises (and what the library's loops do once per token or per chunk):
+The three step functions are the library's versions of the notebook's warm-ups (and what the library's
+loops do once per token or per chunk); the notebook uses ``la.recurrent_step`` in section 6:
 
 * :func:`recurrent_step` — one token of (decayed) linear attention (exercise 1);
 * :func:`chunkwise_step` — one chunk without decay (exercise 2);
-* :func:`delta_rule_step` — one delta-rule write (exercise 3);
-* :func:`chunkwise_decay_step` — one chunk with a scalar decay per head and token (exercise 4).
+* :func:`delta_rule_step` — one delta-rule write (exercise 3).
+
+The warm-ups' statements say that the library holds these steps. Exercise 4, one chunk with a scalar
+decay per head and token, is a core exercise: its reference solution lives in the private :mod:`labsupport.linear_attention._solutions`,
+and its checker also refuses a loop over the chunk's tokens (:func:`refuse_token_loop`, shared with exercise 5).
 
 Each ``check_*`` compares a learner's function with the matching step on
 seeded cases (built by the ``_*_cases`` functions below) through
@@ -16,15 +19,18 @@ seeded cases (built by the ``_*_cases`` functions below) through
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.checking import STRICT_ENV_VAR, Case, CheckResult, check_function
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import OperationCounter, run_guarded
 from labsupport.harness.numerics import seeded_randn
 from labsupport.harness.validation import require_float_tensor
+from labsupport.linear_attention._solutions import chunkwise_decay_step, require_chunk_inputs
 from labsupport.linear_attention.reference import delta_rule_update, recurrent_update
 
 __all__ = [
@@ -32,7 +38,7 @@ __all__ = [
     "check_chunkwise_step",
     "check_delta_rule_step",
     "check_recurrent_step",
-    "chunkwise_decay_step",
+    "refuse_token_loop",
     "chunkwise_step",
     "delta_rule_step",
     "recurrent_step",
@@ -52,15 +58,6 @@ def _require_token_inputs(state: object, k: object, v: object, q: object = None)
                          f"{tuple(state.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q is not None and (require_float_tensor("q", q).shape != k.shape):
         raise ValueError(f"q must have the shape of k {tuple(k.shape)}, got {tuple(q.shape)}")
-
-
-def _require_chunk_inputs(state: object, q: object, k: object, v: object) -> None:
-    """One chunk's ``state (B, H, D_k, D_v)``, ``q, k (B, H, C, D_k)`` and ``v (B, H, C, D_v)``."""
-    for name, x in (("state", state), ("q", q), ("k", k), ("v", v)):
-        require_float_tensor(name, x, ndim=4)
-    if q.shape != k.shape or v.shape[:3] != k.shape[:3] or state.shape != (*k.shape[:2], k.shape[-1], v.shape[-1]):
-        raise ValueError("expected state (B, H, D_k, D_v), q and k (B, H, C, D_k), v (B, H, C, D_v); got "
-                         f"{tuple(state.shape)}, {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
 def recurrent_step(
@@ -102,43 +99,10 @@ def chunkwise_step(
     Returns:
         ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
     """
-    _require_chunk_inputs(state, q, k, v)
+    require_chunk_inputs(state, q, k, v)
     scores = (q @ k.transpose(-1, -2)).tril()
     out = q @ state + scores @ v
     return out, state + k.transpose(-1, -2) @ v
-
-
-def chunkwise_decay_step(
-    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of linear attention with a scalar decay per head and token (RetNet, a scalar gate).
-
-    With ``b_i = Σ_{r ≤ i} log α_r`` the cumulative log-decay from the chunk start
-    (token ``i`` included) and ``b_C`` its last entry::
-
-        O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) V        Γ_ij = exp(b_i − b_j) for j ≤ i, else 0
-        S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V
-
-    This is one chunk of :func:`linear_attention_chunkwise`.
-
-    Args:
-        state: ``(B, H, D_k, D_v)``; q, k: ``(B, H, C, D_k)``; v: ``(B, H, C, D_v)``;
-        log_decay: ``(B, H, C)``, ``<= 0``.
-
-    Returns:
-        ``(O, new_state)`` with ``O`` of shape ``(B, H, C, D_v)``.
-    """
-    _require_chunk_inputs(state, q, k, v)
-    require_float_tensor("log_decay", log_decay, ndim=3)
-    if log_decay.shape != k.shape[:3]:
-        raise ValueError(f"log_decay must have shape (B, H, C) = {tuple(k.shape[:3])}, got {tuple(log_decay.shape)}")
-    c = k.shape[2]
-    b = log_decay.cumsum(-1)  # (B, H, C)
-    causal = torch.ones(c, c, dtype=torch.bool, device=k.device).tril()
-    gamma = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    out = (q * b.exp()[..., None]) @ state + ((q @ k.transpose(-1, -2)) * gamma) @ v
-    new_state = b[..., -1:, None].exp() * state + (k * (b[..., -1:] - b).exp()[..., None]).transpose(-1, -2) @ v
-    return out, new_state
 
 
 def delta_rule_step(state: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -302,11 +266,48 @@ def _decay_chunk_cases() -> list[Case]:
     return cases
 
 
+def refuse_token_loop(exercise: str, fn: Callable[..., object], make_args: Callable[[int], tuple],
+                      result: CheckResult, allowance: int = 20) -> CheckResult:
+    """After the values passed (``result``), refuse ``fn`` if it loops over a chunk's tokens; print the verdict.
+
+    ``make_args(c)`` builds the arguments of a chunk of ``c`` tokens. A chunkwise answer runs the same torch
+    operations for a chunk of 32 tokens as for one of 4 (:class:`~labsupport.harness.guards.OperationCounter`);
+    a loop over the tokens runs its body once more per token. More than ``allowance`` extra operations for the
+    28 extra tokens is refused, with both counts in the message.
+    """
+    counts = []
+    for length in (4, 32):
+        counter = OperationCounter()
+        counts.append(counter.count if run_guarded(fn, make_args(length), counter) else None)
+    short, long = counts
+    if short is not None and long is not None and long - short > allowance:
+        message = (f"❌ {exercise}: the values are right, but your function ran {short} torch operations on a "
+                   f"chunk of 4 tokens and {long} on a chunk of 32: it steps through the tokens one by one, "
+                   "which is the recurrent form, not the chunkwise one.\n   hint    write every token's factor "
+                   "as an entry of a C × C (or C-long) tensor built at once from one cumulative sum, so the "
+                   "whole chunk is a few matrix products; tiered hints are above the exercise.")
+        print(message)
+        if os.environ.get(STRICT_ENV_VAR, "") == "1":
+            raise AssertionError(message)
+        return CheckResult(exercise, "failed", message)
+    message = (f"✅ {exercise}: passed {result.cases_total} cases, with no loop over the tokens "
+               f"({short} torch operations for a chunk of 4 tokens, {long} for 32).")
+    print(message)
+    return CheckResult(exercise, "passed", message, result.cases_total, result.cases_total)
+
+
+def _decay_chunk_args(length: int) -> tuple:
+    gen = torch.Generator().manual_seed(607)
+    state, q, k = _chunk_state_q_k(gen, 1, 2, length, 8, 8, torch.float64, zero_state=False, non_contiguous=False)
+    return state, q, k, seeded_randn(gen, 1, 2, length, 8), _log_gate(gen, 1, 2, length)
+
+
 def check_chunkwise_decay_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)`` against :func:`chunkwise_decay_step`."""
-    return check_function(
-        fn, chunkwise_decay_step, _decay_chunk_cases(), exercise="chunkwise_decay_step", atol=1e-6, rtol=1e-5,
-        diagnose=_DECAY_CHUNK_MISTAKES, reveal=reveal,
+    """Check ``fn(state, q, k, v, log_decay) -> (O, new_state)``: values, then no loop over the chunk's tokens."""
+    exercise = "chunkwise_decay_step"
+    result = check_function(
+        fn, chunkwise_decay_step, _decay_chunk_cases(), exercise=exercise, atol=1e-6, rtol=1e-5,
+        diagnose=_DECAY_CHUNK_MISTAKES, reveal=reveal, quiet=True, checker="check_chunkwise_decay_step",
         hint="every decay factor is a difference of one cumulative sum of log_decay (token i's own gate "
         "included); four things decay: the old state as each token reads it, each earlier pair as token i "
         "reads it, each pair until the end of the chunk, and the old state into S'. Tiered hints are above "
@@ -315,6 +316,10 @@ def check_chunkwise_decay_step(fn: Callable[..., object], reveal: bool = False) 
         "diagonal before exp); O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ) V; S' = exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V.",
         output_names=("O", "new_state"),
     )
+    if not result.passed:
+        print(result.message)
+        return result
+    return refuse_token_loop(exercise, fn, _decay_chunk_args, result)
 
 
 def _delta_cases() -> list[Case]:

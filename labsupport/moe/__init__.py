@@ -5,13 +5,22 @@
 * :mod:`~labsupport.moe.dispatch` — the per-token loop, the sorted grouped-matmul fast path,
   the expert-choice batched path.
 * :mod:`~labsupport.moe.layer` — :class:`MoELayer`, an ``lm`` channel mixer, and :func:`moe_mixer`.
-* :mod:`~labsupport.moe.parallel` — expert parallelism over ``torch.distributed`` (gloo, all-to-all).
+* :mod:`~labsupport.moe.parallel` — expert parallelism over ``torch.distributed`` (gloo on CPUs, NCCL on GPUs;
+  a differentiable all-to-all, the sharded layer, the launcher).
 * :mod:`~labsupport.moe.widget` — expert load over training, tokens dropped, characters per expert.
 * :mod:`~labsupport.moe.quality` — a lookup-table task that rewards feed-forward capacity.
 * :mod:`~labsupport.moe.exercises` — the chapter's checkers.
 """
 
-from labsupport.moe.dispatch import expert_forward, grouped_expert_mlp, moe_expert_choice, moe_loop, moe_sorted, sort_by_expert
+from labsupport.moe.dispatch import (
+    expert_forward,
+    grouped_expert_mlp,
+    moe_expert_choice,
+    moe_grouped,
+    moe_loop,
+    moe_sorted,
+    sort_by_expert,
+)
 from labsupport.moe.layer import MoELayer, moe_mixer
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
@@ -46,6 +55,7 @@ __all__ = [
     "moe_expert_choice",
     "moe_loop",
     "moe_mixer",
+    "moe_grouped",
     "moe_sorted",
     "router_entropy",
     "router_z_loss",

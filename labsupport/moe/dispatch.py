@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from labsupport.harness.validation import require_float_tensor
 from labsupport.moe.routing import Routing
 
-__all__ = ["expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_loop", "moe_sorted", "sort_by_expert"]
+__all__ = ["expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_grouped", "moe_loop", "moe_sorted",
+           "sort_by_expert"]
 
 
 def _require_weights(x: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor,
@@ -113,6 +114,52 @@ def moe_sorted(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torc
     token, _, weight, counts = sort_by_expert(routing, w_up.shape[0])
     y = grouped_expert_mlp(x[token], counts.tolist(), w_up, b_up, w_down, b_down)
     return torch.zeros_like(x).index_add_(0, token, y * weight.to(x.dtype)[:, None])
+
+
+def _grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x_sorted (N, d)`` in expert blocks ending at ``offsets (E,)`` times ``weight (E, d, h)``, block by block.
+
+    On CUDA with bf16 operands whose widths are multiples of 8 (16-byte rows) this is torch's
+    ``grouped_mm``: one kernel for all experts, offsets read on the device. Elsewhere (the CPU, float32)
+    it falls back to one matmul per expert, which reads the offsets on the host.
+    """
+    if (x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and hasattr(F, "grouped_mm") and weight.shape[1] % 8 == 0 and weight.shape[2] % 8 == 0):
+        return F.grouped_mm(x_sorted, weight, offs=offsets)
+    out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[2])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x_sorted[start:end] @ weight[e]
+        start = end
+    return out
+
+
+def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
+                w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_sorted` with no host synchronisation: the GPU path (one grouped matmul per projection).
+
+    :func:`moe_sorted` drops inactive slots with a boolean index and hands the per-expert counts to
+    Python (``.tolist()``); both wait for the device. Here every one of the ``T·k`` slots is sorted,
+    an inactive slot is sent to expert 0 with weight 0 (its answer is computed and multiplied away),
+    and the counts stay on the device as the offsets of a grouped matmul. The same function as
+    :func:`moe_sorted` for any routing; faster only where inactive slots are rare (dropless top-k).
+    """
+    _require_weights(x, w_up, b_up, w_down, b_down)
+    n_experts = w_up.shape[0]
+    tokens, k = routing.experts.shape
+    active = routing.active.reshape(-1) & (routing.experts.reshape(-1) < n_experts)
+    expert = torch.where(active, routing.experts.reshape(-1), torch.zeros_like(routing.experts.reshape(-1)))
+    weight = routing.weights.reshape(-1).to(x.dtype) * active.to(x.dtype)
+    order = torch.argsort(expert, stable=True)
+    expert, weight = expert[order], weight[order]
+    token = torch.div(order, k, rounding_mode="floor")
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).index_add_(
+        0, expert, torch.ones_like(expert))
+    offsets = counts.cumsum(0).to(torch.int32)
+    hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + b_up[expert])
+    y = _grouped_matmul(hidden, w_down, offsets) + b_down[expert]
+    return torch.zeros_like(x).index_add_(0, token, y * weight[:, None])
 
 
 def moe_expert_choice(x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,

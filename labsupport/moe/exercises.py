@@ -20,6 +20,9 @@ yet) or a short explanation. Each is built to reject the tempting shortcut:
   before the next token's first) instead of first choices first;
 * ``update_balance_bias`` — moving overloaded experts *up*, moving by the load
   instead of its sign, or modifying ``bias`` in place.
+
+Every checker takes ``reveal=True`` to print the full recipe; without it a failure names what this answer did
+(``found``, where a known mistake or a probe recognises it) and points at the notebook's tiered hints.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import Diagnose, known_mistakes
 from labsupport.moe import routing as ref
 
 __all__ = [
@@ -50,7 +54,13 @@ def reference_top_k_router(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return routing.weights, routing.experts
 
 
-def check_top_k_router(fn: Callable[..., Any]) -> CheckResult:
+_ROUTER_MISTAKES = known_mistakes({
+    "your weights are the kept probabilities, not renormalised over the k experts (rows sum to less than 1)":
+        lambda logits, k: tuple(logits.softmax(dim=-1).topk(k, dim=-1)),
+}, output=0)
+
+
+def check_top_k_router(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(logits (T, E), k) -> (weights (T, k), experts (T, k) int64)``, largest weight first."""
     gen = torch.Generator().manual_seed(601)
     cases = [
@@ -66,7 +76,9 @@ def check_top_k_router(fn: Callable[..., Any]) -> CheckResult:
         fn, reference_top_k_router, cases, exercise="top_k_router", atol=1e-6, rtol=1e-5,
         hint="compare your weights' row sums with 1, and the order of your slots with the largest-first "
              "convention. Tiered hints are above the exercise.",
-        output_names=("weights", "experts"),
+        output_names=("weights", "experts"), diagnose=_ROUTER_MISTAKES, reveal=reveal,
+        recipe="probs = logits.softmax(-1); top, experts = probs.topk(k, dim=-1); weights = top / top.sum(-1, "
+               "keepdim=True); return (weights, experts).",
     )
 
 
@@ -82,7 +94,17 @@ def _routed(gen: torch.Generator, tokens: int, n_experts: int, k: int, skew: flo
     return probs, probs.topk(k, dim=-1).indices
 
 
-def check_load_balancing_loss(fn: Callable[..., Any]) -> CheckResult:
+def _balance_counted_per_token(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    return experts.shape[-1] * ref.load_balancing_loss(probs, experts, convention="switch")
+
+
+_BALANCE_MISTAKES = known_mistakes({
+    "your f divides the counts by T, not T·k (Mixtral's counting): a balanced router then scores k, not 1":
+        _balance_counted_per_token,
+})
+
+
+def check_load_balancing_loss(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(probs (T, E), experts (T, k)) -> N · Σ_i f_i P_i`` (Switch form: f counts T·k assignments).
 
     The gradient with respect to ``probs`` is checked too: only ``P_i`` carries one.
@@ -101,10 +123,13 @@ def check_load_balancing_loss(fn: Callable[..., Any]) -> CheckResult:
         fn, _balance_reference, cases, exercise="load_balancing_loss", atol=1e-9, rtol=1e-7,
         hint="a perfectly balanced router must score 1 for every k, and only the mean probabilities may carry "
              "a gradient. Tiered hints are above the exercise.",
+        diagnose=_BALANCE_MISTAKES, reveal=reveal,
+        recipe="counts = bincount(experts.reshape(-1), minlength=E) (no gradient); f = counts / (T·k); "
+               "P = probs.mean(0); loss = E · (f · P).sum().",
     )
 
 
-def check_capacity_keep(fn: Callable[..., Any]) -> CheckResult:
+def check_capacity_keep(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(experts (T, k), n_experts, capacity) -> keep (T, k) bool``, first choices served first."""
     gen = torch.Generator().manual_seed(603)
 
@@ -120,8 +145,13 @@ def check_capacity_keep(fn: Callable[..., Any]) -> CheckResult:
         Case("T=9, E=3, k=3, capacity 100: nothing dropped", (experts(9, 3, 3), 3, 100)),
     ]
     return check_function(
-        fn, ref.capacity_keep, cases, exercise="capacity_keep",
-        hint=_safe_hint(_capacity_hint, fn),
+        fn, ref.capacity_keep, cases, exercise="capacity_keep", diagnose=_probing(_capacity_hint, fn),
+        reveal=reveal,
+        hint="serve assignments in the order the exercise states, and count each expert's slots separately. "
+             "Tiered hints are above the exercise.",
+        recipe="order = experts.t().reshape(-1) (every first choice, then every second); position = "
+               "(F.one_hot(order, E).cumsum(0) − 1).gather(1, order[:, None]); keep = position < capacity, "
+               "reshaped to (k, T) and transposed back to (T, k).",
     )
 
 
@@ -140,7 +170,15 @@ def _refuse_in_place(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def check_update_balance_bias(fn: Callable[..., Any]) -> CheckResult:
+_BIAS_UPDATE_MISTAKES = known_mistakes({
+    "your update moves an overloaded expert's bias up: a busy expert must become less attractive":
+        lambda bias, counts, gamma: bias + gamma * torch.sign(counts.to(bias.dtype) - counts.to(bias.dtype).mean()),
+    "your step is proportional to the overload: DeepSeek-V3 moves each bias by exactly ±gamma (its sign)":
+        lambda bias, counts, gamma: bias + gamma * (counts.to(bias.dtype).mean() - counts.to(bias.dtype)),
+})
+
+
+def check_update_balance_bias(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(bias (E,), counts (E,), gamma) -> new bias`` (DeepSeek-V3's sign update, not in place)."""
     gen = torch.Generator().manual_seed(604)
     cases = [
@@ -158,6 +196,8 @@ def check_update_balance_bias(fn: Callable[..., Any]) -> CheckResult:
         _refuse_in_place(fn), _bias_reference, cases, exercise="update_balance_bias", atol=1e-9, rtol=1e-7,
         hint="the step never depends on how far an expert is from the mean, only on which side it is. "
              "Tiered hints are above the exercise.",
+        diagnose=_BIAS_UPDATE_MISTAKES, reveal=reveal, checker="check_update_balance_bias",
+        recipe="return bias + gamma · torch.sign(counts.mean() − counts), in bias's dtype, as a new tensor.",
     )
 
 
@@ -181,22 +221,22 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _safe_hint(diagnose: Callable[[Callable[..., Any]], str], fn: Any) -> str:
-    """``diagnose(fn)``, or a plain pointer to the hints if the diagnosis itself trips over an odd answer."""
-    try:
-        return diagnose(fn)
-    except Exception:  # noqa: BLE001 - an odd answer (wrong dtype, shape, type) must not crash the checker
-        return "Tiered hints are above the exercise."
+def _probing(probe: Callable[[Callable[..., Any]], str | None], fn: Any) -> Diagnose:
+    """A diagnosis rule that probes the learner's function on a small telling input (``probe(fn)``)."""
+
+    def rule(case: Any, expected: Any, got: Any) -> str | None:
+        return probe(fn) if callable(fn) else None
+
+    return rule
 
 
-def _capacity_hint(fn: Callable[..., Any]) -> str:
-    tail = " Tiered hints are above the exercise."
+def _capacity_hint(fn: Callable[..., Any]) -> str | None:
     crowded = torch.tensor([[1, 0], [0, 1], [1, 2]])
     got = _quietly(fn, crowded, 3, 1) if callable(fn) else None
     if isinstance(got, torch.Tensor) and got.shape == crowded.shape and bool(got[0, 1]):
         return ("your mask gives token 0's second choice a slot before token 1's first choice: "
-                "every first choice is served before any second choice." + tail)
-    return "serve assignments in the order the exercise states, and count each expert's slots separately." + tail
+                "every first choice is served before any second choice")
+    return None
 
 
 # --------------------------------------------------------------------------- gating conventions
@@ -208,10 +248,9 @@ def reference_gate_top_k(logits: torch.Tensor, k: int, gate: str) -> tuple[torch
     return routing.weights, routing.experts
 
 
-def _gate_hint(fn: Callable[..., Any]) -> str:
-    tail = " Tiered hints are above the exercise."
+def _gate_hint(fn: Callable[..., Any]) -> str | None:
     if not callable(fn):
-        return tail.strip()
+        return None
     logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.3, 0.2, 0.1, -0.4]], dtype=torch.float64)
     notes = []
     for gate, k in (("probability", 1), ("renormalize", 2), ("sigmoid", 2)):
@@ -232,10 +271,10 @@ def _gate_hint(fn: Callable[..., Any]) -> str:
         else:
             notes.append(f"with gate={gate!r} your weights have the right sums but the wrong values: "
                          "check which scores you start from")
-    return ("; ".join(notes) + "." + tail) if notes else "check each gate's convention in the table above." + tail
+    return "; ".join(notes) if notes else None
 
 
-def check_gate_top_k(fn: Callable[..., Any]) -> CheckResult:
+def check_gate_top_k(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(logits (T, E), k, gate) -> (weights (T, k), experts (T, k) int64)`` for the three papers' gates."""
     gen = torch.Generator().manual_seed(611)
 
@@ -252,7 +291,12 @@ def check_gate_top_k(fn: Callable[..., Any]) -> CheckResult:
         Case("gate='probability', logits spread wide, T=7, E=8, k=2", (z(7, 8, 6.0), 2, "probability")),
     ]
     return check_function(fn, reference_gate_top_k, cases, exercise="gate_top_k", atol=1e-6, rtol=1e-5,
-                          hint=_safe_hint(_gate_hint, fn), output_names=("weights", "experts"))
+                          output_names=("weights", "experts"), diagnose=_probing(_gate_hint, fn), reveal=reveal,
+                          hint="check each gate's convention in the table above: which gates give rows that sum "
+                               "to 1, and where do the scores come from? Tiered hints are above the exercise.",
+                          recipe="s = softmax(logits) (sigmoid(logits) for 'sigmoid'); top, experts = s.topk(k, -1); "
+                                 "weights = top for 'probability', top / top.sum(-1, keepdim=True) for "
+                                 "'renormalize' and 'sigmoid'.")
 
 
 # --------------------------------------------------------------------------- DeepSeek-V3's sequence-wise loss
@@ -296,38 +340,43 @@ def _sequence_cases(gen: torch.Generator) -> list[Case]:
     ]
 
 
-def _sequence_hint(fn: Callable[..., Any]) -> str:
-    tail = " Tiered hints are above the exercise."
+def _sequence_hint(fn: Callable[..., Any]) -> str | None:
     if not callable(fn):
-        return tail.strip()
+        return None
     scores = torch.tensor([[[0.8, 0.2]] * 4, [[0.2, 0.8]] * 4], dtype=torch.float64)
     experts = torch.tensor([[[0]] * 4, [[1]] * 4])      # each sequence on one expert; the batch is balanced
     got = _quietly(fn, scores, experts)
     try:
         value = float(got)
     except (TypeError, ValueError, RuntimeError):
-        return "return one number (a 0-dim tensor) for the whole batch." + tail
+        return "your answer is not one number: return a 0-dim tensor for the whole batch"
     if abs(value - 1.0) < 1e-9:
         return ("two sequences that each put every token on one expert scored 1.00 (balanced): you counted over "
-                "the whole batch, but the loss is computed per sequence, then averaged." + tail)
+                "the whole batch, but the loss is computed per sequence, then averaged")
     uniform = torch.full((1, 4, 4), 0.9, dtype=torch.float64)
     spread = torch.tensor([[[0], [1], [2], [3]]])
     got = _quietly(fn, uniform, spread)
     try:
         value = float(got)
     except (TypeError, ValueError, RuntimeError):
-        return tail.strip()
+        return None
     if abs(value - 1.0) > 1e-9:
         return (f"a perfectly balanced sequence whose scores were all 0.9 scored {value:.2f}: balance must score 1 "
-                "whatever the scale of the sigmoid scores." + tail)
-    return "compare each factor with its definition above the exercise." + tail
+                "whatever the scale of the sigmoid scores")
+    return None
 
 
-def check_sequence_balance_loss(fn: Callable[..., Any]) -> CheckResult:
+def check_sequence_balance_loss(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(scores (B, L, E), experts (B, L, k)) -> loss`` (DeepSeek-V3's sequence-wise form, unscaled)."""
     gen = torch.Generator().manual_seed(612)
     return check_function(fn, reference_sequence_balance_loss, _sequence_cases(gen),
-                          exercise="sequence_balance_loss", atol=1e-9, rtol=1e-7, hint=_safe_hint(_sequence_hint, fn))
+                          exercise="sequence_balance_loss", atol=1e-9, rtol=1e-7,
+                          diagnose=_probing(_sequence_hint, fn), reveal=reveal,
+                          hint="compare each factor with its definition above the exercise: the counts are per "
+                               "sequence, and balance must score 1. Tiered hints are above the exercise.",
+                          recipe="counts (B, E) = zeros.scatter_add_(1, experts.reshape(B, -1), ones) (no gradient); "
+                                 "f = counts · E / (k·L); P = (scores / scores.sum(-1, keepdim=True)).mean(dim=1); "
+                                 "loss = (f · P).sum(-1).mean().")
 
 
 # --------------------------------------------------------------------------- bias balancing of a fixed router
@@ -343,24 +392,22 @@ def reference_bias_balance(scores: torch.Tensor, k: int, gamma: float, steps: in
     return bias
 
 
-def _bias_hint(fn: Callable[..., Any]) -> str:
-    tail = " Tiered hints are above the exercise."
+def _bias_hint(fn: Callable[..., Any]) -> str | None:
     if not callable(fn):
-        return tail.strip()
+        return None
     scores = torch.tensor([[0.9, 0.1, 0.0]] * 6, dtype=torch.float64)
     got = _quietly(fn, scores, 1, 0.1, 1)
     if isinstance(got, torch.Tensor) and got.shape == (3,) and got.is_floating_point():
         if float(got[0]) > 0:
             return (f"expert 0 took every token, yet your bias for it went up to {float(got[0]):+.2f}: "
-                    "an overloaded expert must become less attractive." + tail)
+                    "an overloaded expert must become less attractive")
         if abs(abs(float(got[0])) - 0.1) > 1e-9:
             return (f"after one step expert 0's bias is {float(got[0]):+.3f}: each step moves a bias by exactly "
-                    "gamma, whatever the size of the overload." + tail)
-    return ("one step chooses by the biased scores, counts, then moves every bias; "
-            "check the order and what you count." + tail)
+                    "gamma, whatever the size of the overload")
+    return None
 
 
-def check_bias_balance(fn: Callable[..., Any]) -> CheckResult:
+def check_bias_balance(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(scores (T, E), k, gamma, steps) -> bias (E,)``: auxiliary-loss-free balancing of a fixed router."""
     gen = torch.Generator().manual_seed(613)
 
@@ -376,4 +423,9 @@ def check_bias_balance(fn: Callable[..., Any]) -> CheckResult:
         Case("T=32, E=4, k=1, 0 steps: the bias starts at zero", (skewed(32, 4, 1.0), 1, 0.05, 0)),
     ]
     return check_function(fn, reference_bias_balance, cases, exercise="bias_balance", atol=1e-9, rtol=1e-7,
-                          hint=_safe_hint(_bias_hint, fn))
+                          diagnose=_probing(_bias_hint, fn), reveal=reveal,
+                          hint="one step chooses by the biased scores, counts, then moves every bias; check the "
+                               "order and what you count. Tiered hints are above the exercise.",
+                          recipe="bias = zeros(E); repeat steps times: experts = (scores + bias).topk(k, -1).indices; "
+                                 "counts = torch.bincount(experts.reshape(-1), minlength=E); bias = bias + gamma · "
+                                 "torch.sign(counts.mean() − counts).")

@@ -42,7 +42,7 @@ from labsupport.harness.validation import (
 )
 from labsupport.lm.contracts import ChannelMixerFactory
 from labsupport.lm.layers import MLP
-from labsupport.moe.dispatch import moe_expert_choice, moe_sorted
+from labsupport.moe.dispatch import moe_expert_choice, moe_grouped, moe_sorted
 from labsupport.moe.routing import (
     BALANCE_CONVENTIONS,
     GATES,
@@ -193,13 +193,7 @@ class MoELayer(nn.Module):
 
     def route(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor, torch.Tensor]:
         """Token-choice routing of ``tokens (T, d)``: the final routing, the router logits, the dropped mask."""
-        logits = self.router(self._jittered(tokens))
-        if self.router_kind == "top_p":
-            routing = top_p_routing(logits, self.top_p, self.top_k)
-        else:
-            bias = self.selection_bias if self.balance == "bias" else None
-            routing = top_k_routing(logits, self.top_k, selection_bias=bias, gate=self.gate)
-        routing.active = routing.active & (routing.experts < self.n_experts)  # null experts compute nothing
+        routing, logits = self.select(tokens)
         self._sent = expert_counts(routing, self.n_experts)                   # loads before any dropping
         dropped = torch.zeros_like(routing.active)
         if self.capacity_factor is not None:
@@ -209,6 +203,21 @@ class MoELayer(nn.Module):
             dropped = routing.active & ~keep
             routing.active = keep
         return routing, logits, dropped
+
+    def select(self, tokens: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+        """The token-choice router's choice for ``tokens (T, d)`` before any capacity limit: routing, logits.
+
+        Slots that picked a null expert are inactive. Nothing here reads the device from the host, so
+        expert parallelism (:mod:`~labsupport.moe.parallel`) routes with it and syncs only for its split sizes.
+        """
+        logits = self.router(self._jittered(tokens))
+        if self.router_kind == "top_p":
+            routing = top_p_routing(logits, self.top_p, self.top_k)
+        else:
+            bias = self.selection_bias if self.balance == "bias" else None
+            routing = top_k_routing(logits, self.top_k, selection_bias=bias, gate=self.gate)
+        routing.active = routing.active & (routing.experts < self.n_experts)  # null experts compute nothing
+        return routing, logits
 
     def _jittered(self, tokens: torch.Tensor) -> torch.Tensor:
         """Switch's router jitter: in training, the router's input times noise from ``U(1 − ε, 1 + ε)``."""
@@ -242,7 +251,8 @@ class MoELayer(nn.Module):
         else:
             routing, logits, dropped = self.route(tokens)
             probs = routing.probs
-            out = moe_sorted(tokens, routing, *weights)
+            # on a GPU the sort-and-group path that never waits for the device (see moe_grouped)
+            out = (moe_grouped if tokens.is_cuda else moe_sorted)(tokens, routing, *weights)
             if self.balance == "switch" and self.balance_weight > 0:
                 losses["load_balance"] = self.balance_weight * load_balancing_loss(
                     probs, routing.experts, convention=self.convention)

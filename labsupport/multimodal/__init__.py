@@ -12,6 +12,8 @@ module             holds
 ``merging``        ToMe: ``bipartite_matches``, ``merge_tokens`` (size-weighted), ``tome_merge``, ``merge_sources``
 ``vit``            ``SizedAttention`` (proportional attention), ``ToMeViT``, ``TinyVLM`` with FastV pruning,
                    ``fastv_keep``
+``routing``        Mixture-of-Depths: ``mod_route`` (top-``capacity`` tokens through a block, router-weighted),
+                   ``kept_count``, ``MoDBlock``, ``MoDViT``
 ``widget``         the scan-order explorer and the ToMe merge view
 ``exercises``      the exercise checkers ``check_*``
 =================  ===============================================================================================
@@ -31,6 +33,7 @@ from labsupport.multimodal.images import (
 )
 from labsupport.multimodal.merging import bipartite_matches, merge_sources, merge_tokens, tome_merge
 from labsupport.multimodal.models import PatchClassifier, accuracy, init_encoder, seeded, train_classifier
+from labsupport.multimodal.routing import MoDBlock, MoDViT, kept_count, mod_route
 from labsupport.multimodal.scans import (
     SCAN_ORDERS,
     GatedRecurrence,
@@ -50,6 +53,8 @@ __all__ = [
     "Digits",
     "GatedRecurrence",
     "MergeTrace",
+    "MoDBlock",
+    "MoDViT",
     "PatchClassifier",
     "PatchEmbedding",
     "ScanMixer",
@@ -63,9 +68,11 @@ __all__ = [
     "gated_recurrence_mixer",
     "init_encoder",
     "inverse_permutation",
+    "kept_count",
     "load_digits",
     "merge_sources",
     "merge_tokens",
+    "mod_route",
     "neighbour_distance",
     "patch_grid",
     "patchify",

@@ -17,17 +17,20 @@ Each checker runs the learner's function against the library's on seeded cases t
 may read with NaN, so a dense answer (which multiplies them by zero probabilities) fails; a NaN logsumexp
 where ``−inf`` belongs fails too; and one case caps the largest tensor the answer may create below the
 ``Lq × Lk`` score matrix, so a dense answer that cleans the NaN away fails as well. No hint prints a formula:
-the tiered hints in the notebook do.
+the tiered hints in the notebook do; every checker prints the full recipe when called with ``reveal=True``,
+and a failure that matches a known mistake says so (``found``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
 from labsupport.harness.numerics import seeded_randn
 from labsupport.sparse.blocksparse import block_sparse_forward
 from labsupport.sparse.masks import EMPTY, FULL, PARTIAL, BlockLayout, block_layout, sink_window_mask, sliding_window_mask
@@ -54,7 +57,15 @@ def _mask_reference(lq: int, lk: int, sinks: int, window: int) -> torch.Tensor:
     return sink_window_mask(lq, lk, sinks=sinks, window=window)
 
 
-def check_sink_window_mask(fn: Callable[..., Any]) -> CheckResult:
+_MASK_MISTAKES = known_mistakes({
+    "your mask has no sinks: it is a plain sliding window": lambda lq, lk, sinks, window: sink_window_mask(
+        lq, lk, sinks=0, window=window),
+    "your mask aligns the queries top-left: when lq < lk the queries are the last lk positions (bottom-right)":
+        lambda lq, lk, sinks, window: sink_window_mask(lk, lk, sinks=sinks, window=window)[:lq],
+})
+
+
+def check_sink_window_mask(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(lq, lk, sinks, window) -> bool (lq, lk)`` against :func:`~labsupport.sparse.masks.sink_window_mask`."""
     cases = [
         Case("square, 12 tokens, 2 sinks, window 4", (12, 12, 2, 4)),
@@ -64,7 +75,10 @@ def check_sink_window_mask(fn: Callable[..., Any]) -> CheckResult:
         Case("window of 1 (each query sees itself and the sinks)", (8, 8, 2, 1)),
         Case("more sinks than keys", (5, 5, 8, 2)),
     ]
-    return check_function(fn, _mask_reference, cases, exercise="sink_window_mask",
+    return check_function(fn, _mask_reference, cases, exercise="sink_window_mask", diagnose=_MASK_MISTAKES,
+                          reveal=reveal,
+                          recipe="i = arange(lq)[:, None] + (lk − lq) (bottom-right), j = arange(lk)[None]; "
+                                 "visible = (j <= i) & ((i − j < window) | (j < sinks)), a torch.bool (lq, lk).",
                           hint="mind the alignment when lq < lk (queries are the last positions) and causality of "
                                "the sinks themselves; return a torch.bool tensor. Tiered hints are above the exercise.")
 
@@ -89,9 +103,19 @@ def _bound_cases() -> list[Case]:
     return cases
 
 
-def check_page_upper_bound(fn: Callable[..., Any]) -> CheckResult:
+_BOUND_MISTAKES = known_mistakes({
+    "your bound uses kmax for every entry: where q_i < 0 the largest q_i·k_i is at kmin_i":
+        lambda q, kmin, kmax: (q[..., None, :] * kmax).sum(-1),
+    "your bound is the score of the box's centre, which real keys can exceed":
+        lambda q, kmin, kmax: (q[..., None, :] * (kmin + kmax) / 2).sum(-1),
+})
+
+
+def check_page_upper_bound(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(q (..., D), kmin (..., P, D), kmax (..., P, D)) -> (..., P)`` against Quest's bound."""
     return check_function(fn, page_upper_bound, _bound_cases(), exercise="page_upper_bound", atol=1e-5, rtol=1e-6,
+                          diagnose=_BOUND_MISTAKES, reveal=reveal,
+                          recipe="qe = q[..., None, :]; bound = torch.maximum(qe · kmax, qe · kmin).sum(-1).",
                           hint="the bound must hold for every key inside the box, whatever the sign of each query "
                                "entry; one score per page. Tiered hints are above the exercise.")
 
@@ -137,9 +161,33 @@ def _evict_cases() -> list[Case]:
     return cases
 
 
-def check_h2o_evict(fn: Callable[..., Any]) -> CheckResult:
+def _h2o_with(accumulated: torch.Tensor, positions: torch.Tensor, incoming: int, recent: int, *,
+              hide_empty: bool = True, protect_recent: bool = True) -> torch.Tensor:
+    filled = positions >= 0
+    candidate = (filled if hide_empty else torch.ones_like(filled)) & (
+        positions <= incoming - recent if protect_recent else torch.ones_like(filled))
+    by_score = torch.where(candidate, accumulated, torch.full_like(accumulated, math.inf)).argmin(-1)
+    oldest = torch.where(filled, positions, torch.full_like(positions, torch.iinfo(torch.int64).max)).argmin(-1)
+    victim = torch.where(candidate.any(-1), by_score, oldest)
+    return positions.scatter(-1, victim[..., None], -1)
+
+
+_H2O_MISTAKES = known_mistakes({
+    "your victim can be an empty slot (its accumulated attention is 0, the smallest of all): hide empty slots":
+        lambda a, p, i, r: _h2o_with(a, p, i, r, hide_empty=False),
+    "your victim can be a recent token: positions above incoming − recent are protected":
+        lambda a, p, i, r: _h2o_with(a, p, i, r, protect_recent=False),
+})
+
+
+def check_h2o_evict(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(accumulated, positions, incoming, recent) -> new positions`` against :func:`h2o_evict`."""
-    return check_function(fn, h2o_evict, _evict_cases(), exercise="h2o_evict",
+    return check_function(fn, h2o_evict, _evict_cases(), exercise="h2o_evict", diagnose=_H2O_MISTAKES,
+                          reveal=reveal,
+                          recipe="candidate = (positions >= 0) & (positions <= incoming − recent); by_score = argmin of "
+                                 "accumulated with non-candidates at +inf; oldest = argmin of positions with empty slots "
+                                 "at int64 max; victim = where(candidate.any(-1), by_score, oldest); "
+                                 "return positions.scatter(-1, victim[..., None], −1).",
                           hint="look at which slots may be evicted at all: empty slots and the recent window are not "
                                "candidates, and a cache whose tokens are all recent still must free one. Tiered "
                                "hints are above the exercise.")
@@ -223,18 +271,34 @@ def _loop_cases() -> list[Case]:
     return cases
 
 
-def check_block_sparse_loop(fn: Callable[..., Any]) -> CheckResult:
+def _loop_without_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block_q: int,
+                        block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _comparable(block_sparse_loop(q * math.sqrt(q.shape[-1]), k, v, mask, block_q, block_k))
+
+
+_LOOP_MISTAKES = known_mistakes({
+    "your scores are not scaled by 1/√D": _loop_without_scale,
+})
+
+
+def check_block_sparse_loop(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(q, k, v, mask, block_q, block_k) -> (out, lse)``: equal to dense attention, never reading an empty tile."""
     learner: Any = fn
     if callable(fn):
         def learner(q, k, v, mask, block_q, block_k):  # noqa: ANN001, ANN202 - the learner's own signature
             return _comparable(fn(q, k, v, mask, block_q, block_k))
+        learner.__name__ = getattr(fn, "__name__", "learner")  # the name the failure message quotes
 
     def reference(q, k, v, mask, block_q, block_k):  # noqa: ANN001, ANN202
         return _comparable(block_sparse_loop(q, k, v, mask, block_q, block_k))
 
     return check_function(
         learner, reference, _loop_cases(), exercise="block_sparse_loop", atol=1e-5, rtol=1e-4,
+        diagnose=_LOOP_MISTAKES, reveal=reveal, checker="check_block_sparse_loop",
+        recipe="per query block: m = −inf, l = 0, acc = 0; per key block: tile = mask[q0:q1, k0:k1]; skip when not "
+               "tile.any(); scores = q_tile @ k_tileᵀ / √D, masked_fill(~tile, −inf) unless tile.all(); "
+               "m, l, acc = online_softmax_step(m, l, acc, scores, v_tile). At the end out = acc / l and "
+               "lse = m + log l where l > 0; zeros and −inf where l = 0.",
         hint="a tile with no visible entry must never be read (its keys may be NaN), the answer may hold one "
              "tile of scores at a time, not the whole score matrix, and a row that saw no key is zeros with "
              "lse = −inf. Tiered hints are above the exercise.",
@@ -286,10 +350,24 @@ def _streaming_cases() -> list[Case]:
     return cases
 
 
-def check_streaming_step(fn: Callable[..., Any]) -> CheckResult:
+_STREAMING_MISTAKES = [
+    known_mistakes({"your cache positions are the text positions: the model sees each kept token's rank 0, 1, 2, "
+                    "… in text order": lambda p, i, s: (None, streaming_step(p, i, s)[0])}, output=1),
+    known_mistakes({"your step evicted a sink: the first `sinks` positions of the text are never evicted":
+                    lambda p, i, s: (streaming_step(p, i, 0)[0], None)}, output=0),
+]
+
+
+def check_streaming_step(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(positions, incoming, sinks) -> (positions, cache_positions)`` against :func:`streaming_step`."""
     return check_function(fn, streaming_step, _streaming_cases(), exercise="streaming_step",
-                          output_names=("positions", "cache_positions"),
+                          output_names=("positions", "cache_positions"), diagnose=_STREAMING_MISTAKES,
+                          reveal=reveal,
+                          recipe="big = int64 max; full = (positions >= 0).all(-1, keepdim=True); age = positions with "
+                                 "empty slots and sinks (< sinks) at big; victim = age.argmin(-1, keepdim=True); "
+                                 "positions = where(full, positions.scatter(-1, victim, −1), positions); free = "
+                                 "(positions < 0).to(int8).argmax(-1, keepdim=True); write incoming there; rank = "
+                                 "where(filled, positions, big).argsort(-1).argsort(-1), −1 for empty slots.",
                           hint="evict only when no slot is empty, never a sink; the new token goes to the first "
                                "empty slot; the model's positions are ranks in text order, not slot indices nor "
                                "text positions. Tiered hints are above the exercise.")
@@ -325,9 +403,38 @@ def _select_cases() -> list[Case]:
     return cases
 
 
-def check_block_select(fn: Callable[..., Any]) -> CheckResult:
+def _select_with(q: torch.Tensor, keys: torch.Tensor, block: int, top_n: int, *, pool: str = "mean",
+                 own: bool = True) -> torch.Tensor:
+    t = keys.shape[-2]
+    n_blocks = -(-t // block)
+    blocks = [keys[..., b * block:(b + 1) * block, :] for b in range(n_blocks)]
+    if pool == "mean":
+        scores = (torch.stack([b.mean(-2) for b in blocks], dim=-2) @ q[..., :, None])[..., 0]
+    else:
+        scores = torch.stack([(b @ q[..., :, None])[..., 0].amax(-1) for b in blocks], dim=-1)
+    if own:
+        scores[..., -1] = math.inf
+    top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :min(top_n, n_blocks)]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+    return chosen.repeat_interleave(block, -1)[..., :t]
+
+
+_SELECT_MISTAKES = known_mistakes({
+    "your blocks are scored by their largest key (max-pooling), not by their mean key":
+        lambda q, keys, block, top_n: _select_with(q, keys, block, top_n, pool="max"),
+    "your selection does not force the query's own (newest) block in":
+        lambda q, keys, block, top_n: _select_with(q, keys, block, top_n, own=False),
+})
+
+
+def check_block_select(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(q (..., D), keys (..., T, D), block, top_n) -> bool (..., T)`` against :func:`block_select_mask`."""
-    return check_function(fn, block_select, _select_cases(), exercise="block_select",
+    return check_function(fn, block_select, _select_cases(), exercise="block_select", diagnose=_SELECT_MISTAKES,
+                          reveal=reveal,
+                          recipe="pad keys to n_blocks·block; means = padded.reshape(..., n_blocks, block, D).sum(-2) / "
+                                 "(real keys per block); scores = (means @ q[..., :, None])[..., 0]; scores[..., −1] = "
+                                 "inf; top = torch.sort(scores, -1, descending=True, stable=True).indices[..., :top_n]; "
+                                 "scatter True into a (..., n_blocks) bool, repeat_interleave(block, -1)[..., :T].",
                           hint="represent each block by one summary key (which summary does the statement name?), "
                                "always include the query's own block, and return one flag per key. Tiered hints "
                                "are above the exercise.")
@@ -361,8 +468,19 @@ def _tova_cases() -> list[Case]:
     return cases
 
 
-def check_tova_evict(fn: Callable[..., Any]) -> CheckResult:
+_TOVA_MISTAKES = known_mistakes({
+    "your heads each evict their own token: TOVA averages the attention over the layer's heads and drops one "
+    "token from every head": lambda a, p, newest: p.scatter(-1, tova_victim(a, p, newest, per_head=True)[..., None],
+                                                            -1),
+})
+
+
+def check_tova_evict(fn: Callable[..., Any], reveal: bool = False) -> CheckResult:
     """Check ``fn(attention (B, H, C), positions (B, H, C), newest) -> positions`` against :func:`tova_evict`."""
-    return check_function(fn, tova_evict, _tova_cases(), exercise="tova_evict",
+    return check_function(fn, tova_evict, _tova_cases(), exercise="tova_evict", diagnose=_TOVA_MISTAKES,
+                          reveal=reveal,
+                          recipe="mean = attention.mean(dim=1); set +inf where positions[:, 0] < 0 or == newest; "
+                                 "victim = mean.argmin(-1); positions.scatter(-1, victim[:, None, None].expand(-1, H, 1), "
+                                 "−1).",
                           hint="TOVA's paper makes one choice per layer, not per head; empty slots and the newest "
                                "token are never the victim. Tiered hints are above the exercise.")

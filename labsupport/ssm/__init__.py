@@ -9,7 +9,8 @@ module          holds
 ``native``      ``native_scan``: the loop compiled to C++ on first use (one pass over memory; forward only)
 ``reference``   discretisation (ZOH, bilinear, exact ODE response), S4D init, kernel and FFT convolution,
                 the selective scan and its one-token step, Mamba-2 / SSD (recurrent, quadratic, chunked)
-``mixers``      ``MambaMixer`` (selective S6 or LTI S4D) for the ``lm`` bench, ``mamba_mixer`` factory
+``mixers``      ``MambaMixer`` (selective S6 or LTI S4D) and ``SSDMixer`` (Mamba-2) for the ``lm`` bench;
+                their factories ``mamba_mixer``, ``ssd_mixer``
 ``widget``      the impulse-response explorer's data and figure
 ``exercises``   the chapter's checkers
 ==============  ==========================================================================================
@@ -27,7 +28,7 @@ from labsupport.ssm.exercises import (
     check_zoh,
 )
 from labsupport.ssm.fused import fused_selective_scan, selective_scan_traffic
-from labsupport.ssm.mixers import MambaMixer, mamba_mixer
+from labsupport.ssm.mixers import MambaMixer, SSDMixer, mamba_mixer, ssd_mixer
 from labsupport.ssm.native import native_scan, native_scan_available, native_selective_scan
 from labsupport.ssm.reference import (
     bilinear,

@@ -15,9 +15,10 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from labsupport.harness.checking import Case, CheckResult, check_function
+from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import OperationCounter
 from labsupport.harness.numerics import seeded_randn
 from labsupport.ssm.reference import fft_causal_conv, s4d_init, selective_step, ssd_chunked, zoh
 from labsupport.ssm.scans import chunked_scan, combine
@@ -43,10 +44,25 @@ def _zoh_cases() -> list[Case]:
     return cases
 
 
-def check_zoh(fn: Callable[..., object]) -> CheckResult:
+def _euler(A: torch.Tensor, B: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler's first-order step: ``Ā = 1 + ΔA``, ``B̄ = ΔB``."""
+    return 1 + delta[..., None] * A, delta[..., None] * B
+
+
+_ZOH_MISTAKES = [
+    known_mistakes({"your Ā matches Euler's 1 + ΔA, a first-order approximation of the exact decay":
+                    lambda A, B, delta: (_euler(A, B, delta)[0], None)}, output=0),
+    known_mistakes({"your B̄ matches Euler's ΔB, a first-order approximation (exact only as Δ → 0)":
+                    lambda A, B, delta: (None, _euler(A, B, delta)[1])}, output=1),
+]
+
+
+def check_zoh(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: zero-order hold ``(A (D, N), B (D, N), delta (D,)) → (Ā, B̄)``."""
     return check_function(fn, zoh, _zoh_cases(), exercise="zero-order hold", atol=1e-10, rtol=1e-8,
-                          output_names=("Abar", "Bbar"),
+                          output_names=("Abar", "Bbar"), diagnose=_ZOH_MISTAKES, reveal=reveal,
+                          recipe="ΔA = delta[..., None] * A; Ā = exp(ΔA); B̄ = expm1(ΔA) / A · B (expm1 keeps a "
+                                 "small ΔA accurate where exp(ΔA) − 1 cancels).",
                           hint="Euler's first-order approximations are far off at Δ|A| ≈ 1; and Δ has one value "
                                "per channel, to be broadcast over the state axis. Tiered hints are above the "
                                "exercise.")
@@ -67,10 +83,17 @@ def _combine_cases() -> list[Case]:
     return cases
 
 
-def check_combine(fn: Callable[..., object]) -> CheckResult:
+_COMBINE_MISTAKES = known_mistakes({
+    "your offset is a1·b2 + b1: step 2 applied first, then step 1 (the operator is not commutative)":
+        lambda a1, b1, a2, b2: (None, a1 * b2 + b1),
+}, output=1)
+
+
+def check_combine(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: the scan operator ``(a1, b1, a2, b2) → (a1·a2, a2·b1 + b2)`` (step 1 first, then step 2)."""
     return check_function(fn, combine, _combine_cases(), exercise="scan operator", atol=1e-12, rtol=1e-6,
-                          output_names=("a", "b"),
+                          output_names=("a", "b"), diagnose=_COMBINE_MISTAKES, reveal=reveal,
+                          recipe="h ↦ a2·(a1·h + b1) + b2 = (a1·a2)·h + (a2·b1 + b2): return (a1 * a2, a2 * b1 + b2).",
                           hint="The order matters: step 1 acts first, so its offset is scaled by the second "
                                "decay, not the other way round. Tiered hints are above the exercise.")
 
@@ -91,10 +114,25 @@ def _selective_cases() -> list[Case]:
     return cases
 
 
-def check_selective_step(fn: Callable[..., object]) -> CheckResult:
+def _selective_read_before_write(h, u, delta, A, B, C, D):
+    """y read from the state before this token's write."""
+    y = (h * C[:, None, :]).sum(-1) + D * u
+    return y, torch.exp(delta[..., None] * A) * h + (delta * u)[..., None] * B[:, None, :]
+
+
+_SELECTIVE_MISTAKES = known_mistakes({
+    "your y reads the state from before this token's write: update h first, then read y from the new h":
+        _selective_read_before_write,
+}, output=0)
+
+
+def check_selective_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: one selective-SSM token ``(h, u, delta, A, B, C, D) → (y, new h)``."""
     return check_function(fn, selective_step, _selective_cases(), exercise="selective-scan step",
-                          atol=1e-5, rtol=1e-5, output_names=("y", "h"),
+                          atol=1e-5, rtol=1e-5, output_names=("y", "h"), diagnose=_SELECTIVE_MISTAKES,
+                          reveal=reveal,
+                          recipe="h' = exp(delta[..., None] · A) · h + (delta · u)[..., None] · B[:, None, :]; "
+                                 "y = (h' · C[:, None, :]).sum(-1) + D · u; return (y, h').",
                           inputs_may_change=True,  # writing the new state into h (a decode loop's own buffer) is fine
                           hint="Δ and u are per channel, B and C per state; read the output from the state after "
                                "this token's write, not before. Tiered hints are above the exercise.")
@@ -112,10 +150,26 @@ def _conv_cases() -> list[Case]:
     return cases
 
 
-def check_fft_conv(fn: Callable[..., object]) -> CheckResult:
+def _circular_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The FFT product without padding: a circular convolution."""
+    length = u.shape[1]
+    spectrum = torch.fft.rfft(u.transpose(1, 2), n=length) * torch.fft.rfft(kernel, n=length)
+    return torch.fft.irfft(spectrum, n=length).transpose(1, 2)
+
+
+_FFT_MISTAKES = known_mistakes({
+    "your outputs match a circular convolution (FFTs of length L): the end of the sequence wrapped into its "
+    "start": _circular_conv,
+})
+
+
+def check_fft_conv(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: the causal convolution by FFT ``(u (batch, L, D), kernel (D, L)) → y (batch, L, D)``."""
     return check_function(_watched(fn, _require_fft), fft_causal_conv, _conv_cases_with_a_long_one(),
-                          exercise="FFT convolution", atol=1e-5, rtol=1e-5,
+                          exercise="FFT convolution", atol=1e-5, rtol=1e-5, diagnose=_FFT_MISTAKES,
+                          reveal=reveal, checker="check_fft_conv",
+                          recipe="n = 2L; y = irfft(rfft(u.transpose(1, 2), n=n) · rfft(kernel, n=n), n=n)"
+                                 "[..., :L].transpose(1, 2), in the input's dtype.",
                           hint="If the early outputs are off and the late ones right, the end of the sequence "
                                "wrapped around into its start: the FFT's convolution is circular. Tiered hints are "
                                "above the exercise.")
@@ -128,18 +182,7 @@ class ShortcutRefused(Exception):
     """Raised (and reported by the checker) when an answer computes the right numbers the wrong way."""
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Counts the aten operations a function runs and remembers their names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+_OpRecorder = OperationCounter  # the harness's work guard: counts the aten operations and remembers their names
 
 
 def _watched(fn: Callable[..., object], check: Callable[[_OpRecorder, tuple], None]) -> Callable[..., object]:
@@ -218,14 +261,28 @@ def _reference_chunked(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None
     return chunked_scan(a, b, h0, chunk_size=chunk_size)
 
 
-def check_chunked_scan(fn: Callable[..., object]) -> CheckResult:
+def _chunked_without_h0(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    return chunked_scan(a, b, None, chunk_size=chunk_size)
+
+
+_CHUNKED_MISTAKES = known_mistakes({
+    "your scan starts from zero: h0 was not carried into the first chunk": _chunked_without_h0,
+})
+
+
+def check_chunked_scan(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: the chunked scan ``(a, b (B, L, D), h0 (B, D) or None, chunk_size) → h (B, L, D)``.
 
     Compared with the sequential loop's answer; an answer that walks the positions one by one fails the
     long case by the number of operations it runs.
     """
     return check_function(_watched(fn, _refuse_the_loop), _reference_chunked, _chunked_cases(),
-                          exercise="chunked scan", atol=5e-5, rtol=1e-5,
+                          exercise="chunked scan", atol=5e-5, rtol=1e-5, diagnose=_CHUNKED_MISTAKES,
+                          reveal=reveal, checker="check_chunked_scan",
+                          recipe="pad L to n·Q with (a, b) = (1, 0) and view (B, n, Q, D); pass 1: inside every chunk "
+                                 "at once from zero, h̃ and P = product of the chunk's a (float64); pass 2: start_0 = h0 "
+                                 "(or 0), start_{k+1} = P_k · start_k + h̃_k (float64); pass 3: inside every chunk again "
+                                 "from start_k, keeping every position; cut the padding. Never divide by P.",
                           hint="Three passes: the chunks' own summaries from a zero start (every chunk at once), "
                                "the states entering the chunks (one short loop over chunks), and every chunk again "
                                "from its true start. Mind a last chunk that is shorter, h0, and decays that are 0. "
@@ -274,10 +331,30 @@ def _reference_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size)
 
 
-def check_ssd_chunked(fn: Callable[..., object]) -> CheckResult:
+def _ssd_chunks_alone(x, dt, A, B, C, chunk_size):
+    """Each chunk computed on its own (step 1 only): no state passes between chunks."""
+    from labsupport.ssm.reference import ssd_quadratic
+    ys = [ssd_quadratic(x[:, s:s + chunk_size], dt[:, s:s + chunk_size], A, B[:, s:s + chunk_size],
+                        C[:, s:s + chunk_size]) for s in range(0, x.shape[1], chunk_size)]
+    return torch.cat(ys, dim=1), None
+
+
+_SSD_MISTAKES = known_mistakes({
+    "your y matches every chunk computed on its own: steps 3 and 4 (carry the state, read it) are missing":
+        _ssd_chunks_alone,
+}, output=0)
+
+
+def check_ssd_chunked(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Exercise: the four-step chunked SSD ``(x, dt, A, B, C, chunk_size) → (y, last state)``."""
     return check_function(fn, _reference_ssd, _ssd_cases(), exercise="chunked SSD", atol=1e-5, rtol=1e-5,
-                          output_names=("y", "state"),
+                          output_names=("y", "state"), diagnose=_SSD_MISTAKES, reveal=reveal,
+                          recipe="pad with dt = 0 and view chunks (batch, H, n, Q, …); l = dt·A per chunk; "
+                                 "seg[i, j] = Σ_{j<r≤i} l_r as a cumsum down the columns of a masked Q × Q copy of l "
+                                 "(−inf above the diagonal), never cumsum_i − cumsum_j; (1) y_intra = (C Bᵀ ⊙ exp(seg)) "
+                                 "(dt·x); (2) chunk state = Σ_j exp(seg[Q−1, j]) B_j (dt_j x_j)ᵀ; (3) entering_{k+1} = "
+                                 "exp(Σ l over chunk k) · entering_k + chunk state_k; (4) y_inter_i = exp(l_1 + … + l_i) "
+                                 "C_i · entering; return (y_intra + y_inter, last state).",
                           hint="If only the float32 case after a huge first step fails, a decay between two "
                                "positions was written as a difference of two running sums, which cancels: add "
                                "up each segment's own terms. If y is right but the state is not, check the decay "

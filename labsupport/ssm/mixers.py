@@ -15,6 +15,18 @@ FFT, which is the model that cannot do selective copying.
 
 Decoding keeps ``(conv_state (batch, d_conv − 1, d_inner), ssm_state (batch, d_inner, N))``:
 constant memory whatever the context. :func:`mamba_mixer` is the factory for ``TinyLM``.
+
+:class:`SSDMixer` is the Mamba-2 block around this chapter's SSD forms (Dao & Gu, arXiv:2405.21060, §7 —
+simplified)::
+
+    z, x, B, C, Δ = in_proj(u)                      # one projection, as Mamba-2's "parallel" block
+    x, B, C = silu(causal_depthwise_conv([x, B, C]))
+    y = SSD(x; Δ = softplus(Δ + bias), A, B, C) + D x   # heads of P channels, one scalar A per head
+    out = out_proj(rmsnorm(y · silu(z)))              # Mamba-2's gated normalisation
+
+Left out: the grouped B/C heads (one group here), the learnable initial state, the fused kernel. Decoding keeps
+the conv window ``(batch, d_conv − 1, d_inner + 2N)`` and the state ``(batch, H, N, P)``; :func:`ssd_mixer` is
+its factory. Chapter 07's registry lists both blocks.
 """
 
 from __future__ import annotations
@@ -28,10 +40,10 @@ from torch import nn
 
 from labsupport.harness.validation import require_choice, require_int, require_positive_int
 from labsupport.lm.contracts import MixerFactory
-from labsupport.ssm.reference import fft_causal_conv, selective_scan, selective_step
+from labsupport.ssm.reference import fft_causal_conv, selective_scan, selective_step, ssd_chunked
 from labsupport.ssm.scans import SCANS
 
-__all__ = ["MambaMixer", "mamba_mixer"]
+__all__ = ["MambaMixer", "SSDMixer", "mamba_mixer", "ssd_mixer"]
 
 
 class MambaMixer(nn.Module):
@@ -47,11 +59,14 @@ class MambaMixer(nn.Module):
         gated: multiply by ``silu(z)`` before the output projection.
         scan: the scan :func:`~labsupport.ssm.reference.selective_scan` uses in ``forward``.
         dt_min, dt_max: ``Δ`` starts log-uniform in ``[dt_min, dt_max]``.
+        reference_init: also start the projections as Mamba's reference code does (PyTorch's default uniform
+            init for ``in_proj``, ``x_proj``, ``out_proj``; ``dt_proj``'s weight uniform in ``±dt_rank^−½``),
+            overriding ``TinyLM``'s std-0.02 start; the default keeps the ``TinyLM`` start.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, *, expand: int = 2, d_conv: int = 4,
                  dt_rank: int | None = None, selective: bool = True, gated: bool = True, scan: str = "chunked",
-                 dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+                 dt_min: float = 1e-3, dt_max: float = 0.1, reference_init: bool = False) -> None:
         super().__init__()
         self.d_model = require_positive_int("d_model", d_model)
         self.d_state = require_positive_int("d_state", d_state)
@@ -63,6 +78,9 @@ class MambaMixer(nn.Module):
         if not (0 < dt_min <= dt_max):
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.dt_min, self.dt_max = float(dt_min), float(dt_max)
+        if not isinstance(reference_init, bool):
+            raise TypeError(f"reference_init must be a bool, got {type(reference_init).__name__}")
+        self.reference_init = reference_init
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner if gated else self.d_inner, bias=False)
         self.conv = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1)
         if self.selective:
@@ -90,6 +108,12 @@ class MambaMixer(nn.Module):
                 self.log_dt.copy_(torch.log(dt))
                 nn.init.normal_(self.B, std=1.0)
                 nn.init.normal_(self.C, std=1.0 / math.sqrt(self.d_state))
+            if self.reference_init:
+                for layer in (self.in_proj, self.out_proj) + ((self.x_proj,) if self.selective else ()):
+                    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))   # nn.Linear's own default
+                if self.selective:
+                    bound = self.dt_rank ** -0.5
+                    nn.init.uniform_(self.dt_proj.weight, -bound, bound)
 
     # ------------------------------------------------------------------ pieces
 
@@ -207,4 +231,114 @@ def mamba_mixer(d_state: int = 16, *, expand: int = 2, d_conv: int = 4, selectiv
     def build(d_model: int, layer_index: int) -> nn.Module:
         return MambaMixer(d_model, d_state, expand=expand, d_conv=d_conv, selective=selective, gated=gated,
                           scan=scan)
+    return build
+
+
+class SSDMixer(nn.Module):
+    """Mamba-2's mixer: one input projection, a short conv, the SSD recurrence, a gated RMSNorm.
+
+    Args:
+        d_model: model width. d_state: ``N``. head_dim: ``P`` channels per head (``d_inner`` must divide).
+        expand: ``d_inner = expand · d_model``. d_conv: conv width. chunk_size: SSD chunk length in ``forward``.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 32, *, head_dim: int = 16, expand: int = 2, d_conv: int = 4,
+                 chunk_size: int = 32, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        super().__init__()
+        self.d_model = require_positive_int("d_model", d_model)
+        self.d_state = require_positive_int("d_state", d_state)
+        self.d_inner = require_positive_int("expand", expand) * d_model
+        self.head_dim = require_positive_int("head_dim", head_dim)
+        if self.d_inner % head_dim:
+            raise ValueError(f"head_dim={head_dim} must divide d_inner={self.d_inner}")
+        self.n_heads = self.d_inner // head_dim
+        self.d_conv = require_int("d_conv", d_conv, minimum=2)
+        self.chunk_size = require_positive_int("chunk_size", chunk_size)
+        self.dt_min, self.dt_max = float(dt_min), float(dt_max)
+        conv_dim = self.d_inner + 2 * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + conv_dim + self.n_heads, bias=False)
+        self.conv = nn.Conv1d(conv_dim, conv_dim, self.d_conv, groups=conv_dim, padding=self.d_conv - 1)
+        self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = nn.RMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Mamba-2's start: ``A`` uniform in ``[1, 16]`` per head, ``Δ`` log-uniform in ``[dt_min, dt_max]``."""
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, self.n_heads)))
+            dt = torch.exp(torch.rand(self.n_heads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.D.fill_(1.0)
+
+    def _split(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if u.dim() != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"expected (batch, length, d_model={self.d_model}), got {tuple(u.shape)}")
+        z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1)
+        return z, xbc, dt
+
+    def _ssd_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
+        shape = x.shape[:-1]
+        x = x.reshape(*shape, self.n_heads, self.head_dim)
+        B = B.unsqueeze(-2).expand(*shape, self.n_heads, self.d_state)
+        C = C.unsqueeze(-2).expand(*shape, self.n_heads, self.d_state)
+        return x, F.softplus(dt + self.dt_bias), -torch.exp(self.A_log), B, C
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = (y + self.D[:, None] * x).flatten(-2)
+        return self.out_proj(self.norm(y * F.silu(z)))
+
+    def _sequence(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, xbc_raw, dt = self._split(u)
+        length = u.shape[1]
+        xbc = F.silu(self.conv(xbc_raw.transpose(1, 2))[..., :length].transpose(1, 2))
+        x, dt, A, B, C = self._ssd_inputs(xbc, dt)
+        y, state = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size)
+        return self._finish(y, x, z), xbc_raw, state
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """``(batch, L, d_model) → (batch, L, d_model)``, causal."""
+        return self._sequence(u)[0]
+
+    def prefill(self, u: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The whole prompt; the state is the last ``d_conv − 1`` conv inputs and the SSD state ``(B, H, N, P)``."""
+        out, xbc_raw, state = self._sequence(u)
+        keep = self.d_conv - 1
+        tail = xbc_raw[:, -keep:]
+        conv_state = torch.cat([tail.new_zeros(tail.shape[0], keep - tail.shape[1], tail.shape[2]), tail], dim=1)
+        return out, (conv_state, state)
+
+    def decode_step(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token ``(batch, 1, d_model)``: a conv window, then one SSD step. Constant memory."""
+        if u.dim() != 3 or u.shape[1] != 1:
+            raise ValueError(f"decode_step expects one token, shape (batch, 1, d_model); got {tuple(u.shape)}")
+        z, xbc_raw, dt = self._split(u)
+        if state is None:
+            state = (u.new_zeros(u.shape[0], self.d_conv - 1, xbc_raw.shape[-1]),
+                     u.new_zeros(u.shape[0], self.n_heads, self.d_state, self.head_dim))
+        conv_state, s = state
+        window = torch.cat([conv_state, xbc_raw], dim=1)
+        xbc = F.silu((window * self.conv.weight[:, 0, :].t()).sum(1, keepdim=True) + self.conv.bias)
+        x, dt, A, B, C = self._ssd_inputs(xbc, dt)                       # x (b, 1, H, P), dt (b, 1, H)
+        x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
+        s = torch.exp(dt * A)[..., None, None] * s + B[..., :, None] * (dt[..., None] * x)[..., None, :]
+        y = (C[..., :, None] * s).sum(-2)                                # (b, H, P)
+        return self._finish(y[:, None], x[:, None], z), (window[:, 1:], s)
+
+    def cache_bytes(self, state: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Bytes of the decoding state (conv window and SSD state), independent of the context."""
+        return sum(t.numel() * t.element_size() for t in state)
+
+
+def ssd_mixer(d_state: int = 32, *, head_dim: int = 16, expand: int = 2, chunk_size: int = 32) -> MixerFactory:
+    """A ``TinyLM`` factory building :class:`SSDMixer` in every layer."""
+    require_positive_int("d_state", d_state)
+
+    def build(d_model: int, layer_index: int) -> nn.Module:
+        return SSDMixer(d_model, d_state, head_dim=head_dim, expand=expand, chunk_size=chunk_size)
     return build

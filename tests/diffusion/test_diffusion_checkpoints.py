@@ -97,3 +97,17 @@ def test_a_config_that_disagrees_with_the_tensors_is_refused_clearly(tmp_path: P
     (folder / "MANIFEST.sha256").write_text(f"{sha256_file(path)}  tiny.safetensors\n")
     with pytest.raises(ValueError, match="config and the weights disagree"):
         ck.load_checkpoint("tiny.safetensors", directory=folder)
+
+
+def test_the_early_stopped_ar_model_is_the_same_run_stopped_at_its_best_step() -> None:
+    early, config = ck.load_checkpoint(ck.AR_EARLY_CHECKPOINT)
+    _, ar_config = ck.load_checkpoint(ck.AR_CHECKPOINT)
+    assert isinstance(early, TinyLM) and early.causal
+    same = ("d_model", "n_layers", "n_heads", "max_len", "vocab_size", "chars")
+    assert all(config[k] == ar_config[k] for k in same)
+    # the same schedule (a 3,000-step run) and settings, stopped after 1,250 steps
+    settings, shipped = config["settings"], ar_config["settings"]
+    assert settings["stop_after"] == 1250 and settings["steps"] == shipped["steps"] == 3000
+    for key in ("batch", "seq_len", "lr", "weight_decay", "seed"):
+        assert settings[key] == shipped[key], key
+    assert sha256_file(data_dir() / ck.AR_EARLY_CHECKPOINT) != sha256_file(data_dir() / ck.AR_CHECKPOINT)

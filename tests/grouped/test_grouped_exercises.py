@@ -13,8 +13,26 @@ from labsupport import grouped as ga
 def test_checkers_pass_the_references(capsys) -> None:
     assert ga.check_grouped_decode_step(ga.grouped_decode_step)
     assert ga.check_absorb_mla_weights(ga.absorb_mla_weights)
-    assert ga.check_quantize_dequantize(ga.quantize_dequantize)
+    assert ga.check_quantize_dequantize(_own_quantize_dequantize)
     assert capsys.readouterr().out.count("✅") == 3
+
+
+def _own_quantize_dequantize(x, bits, dim):
+    """The exercise's answer written out, as a learner would (the library's quantiser is refused)."""
+    lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round((x - lo) / scale).clamp(0, 2**bits - 1) * scale + lo
+
+
+@pytest.mark.parametrize("library", ["quantize_dequantize", "fake_quantize", "quantize_asymmetric"])
+def test_quantiser_checker_refuses_the_library_quantisers(capsys, library) -> None:
+    calls = {"quantize_dequantize": lambda x, bits, dim: ga.quantize_dequantize(x, bits, dim),
+             "fake_quantize": lambda x, bits, dim: ga.fake_quantize(x, bits, dim=dim, group=x.shape[dim]),
+             "quantize_asymmetric": lambda x, bits, dim: ga.dequantize(*ga.quantize_asymmetric(x, bits, dim=dim))}
+    result = ga.check_quantize_dequantize(calls[library])
+    assert not result
+    assert "library's quantiser" in capsys.readouterr().out
 
 
 def not_done(*args):
@@ -76,13 +94,13 @@ QUANT_WRONG = {
     "None": lambda x, bits, dim: None,
     "raises": lambda x, bits, dim: x.view(-1, 7),
     "identity (no quantisation)": lambda x, bits, dim: x.clone(),
-    "statistics over the wrong dimension": lambda x, bits, dim: ga.quantize_dequantize(x, bits, 0 if dim != 0 else 1),
+    "statistics over the wrong dimension": lambda x, bits, dim: _own_quantize_dequantize(x, bits, 0 if dim != 0 else 1),
     "2**bits levels (off by one)": _quant_levels_off_by_one,
     "symmetric instead of asymmetric": _quant_symmetric,
     "0/0 on constant slices": _quant_no_zero_guard,
     "returns codes, not values": lambda x, bits, dim: ga.quantize_asymmetric(x, bits, dim)[0],
-    "wrong dtype": lambda x, bits, dim: ga.quantize_dequantize(x, bits, dim).double(),
-    "wrong shape (keepdim=False)": lambda x, bits, dim: ga.quantize_dequantize(x, bits, dim).sum(dim),
+    "wrong dtype": lambda x, bits, dim: _own_quantize_dequantize(x, bits, dim).double(),
+    "wrong shape (keepdim=False)": lambda x, bits, dim: _own_quantize_dequantize(x, bits, dim).sum(dim),
 }
 
 
@@ -112,3 +130,11 @@ def test_checker_not_callable(capsys) -> None:
     assert not ga.check_grouped_decode_step(ga.grouped_decode_step(torch.randn(1, 2, 1, 4), torch.randn(1, 1, 3, 4),
                                                                     torch.randn(1, 1, 3, 4)))
     assert "expected a function" in capsys.readouterr().out
+
+
+def test_the_quantiser_checkers_reference_equals_the_library() -> None:
+    from labsupport.grouped import _solutions
+
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    for bits, dim in ((1, 0), (2, -1), (4, 1), (8, -2)):
+        assert torch.equal(_solutions.quantize_dequantize(x, bits, dim), ga.quantize_dequantize(x, bits, dim))

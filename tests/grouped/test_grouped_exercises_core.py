@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from labsupport import grouped as ga
-from labsupport.grouped.exercises_core import _mla_step_args, naive_mla_decode_step
+from labsupport.grouped import _solutions
+from labsupport.grouped._solutions import naive_mla_decode_step
+from labsupport.grouped.exercises_core import _mla_step_args
 
 
 def test_core_checkers_pass_the_references(capsys) -> None:
-    assert ga.check_mean_pool_kv(ga.mean_pool_kv)
-    assert ga.check_absorbed_mla_decode_step(ga.absorbed_mla_decode_step)
+    assert ga.check_mean_pool_kv(_solutions.mean_pool_kv)
+    assert ga.check_absorbed_mla_decode_step(_solutions.absorbed_mla_decode_step)
     assert capsys.readouterr().out.count("✅") == 2
 
 
@@ -24,12 +26,12 @@ def test_mean_pool_kv_is_what_the_library_conversion_does() -> None:
     attention = ga.GroupedQueryAttention(24, 8, 4)
     for n_kv in (4, 2, 1):
         pooled = ga.mean_pool_kv_heads(attention, n_kv)
-        assert torch.equal(pooled.kv.weight, ga.mean_pool_kv(attention.kv.weight, attention.head_dim, n_kv))
+        assert torch.equal(pooled.kv.weight, _solutions.mean_pool_kv(attention.kv.weight, attention.head_dim, n_kv))
 
 
 def test_absorbed_step_equals_naive_step_and_the_mixer() -> None:
     args = _mla_step_args(torch.Generator().manual_seed(0), 2, 3, 11, 4, 6, 2, torch.float64)
-    assert torch.allclose(ga.absorbed_mla_decode_step(*args), naive_mla_decode_step(*args), atol=1e-13, rtol=0)
+    assert torch.allclose(_solutions.absorbed_mla_decode_step(*args), naive_mla_decode_step(*args), atol=1e-13, rtol=0)
     torch.manual_seed(1)
     mla = ga.LatentAttention(d_model=16, n_heads=2, latent_dim=6, rope_dim=4).double()
     x = torch.randn(1, 5, 16, dtype=torch.float64)
@@ -40,22 +42,22 @@ def test_absorbed_step_equals_naive_step_and_the_mixer() -> None:
         q_c, rows, q_r = mla._project(x[:, 4:5], 4)
         w_uk = mla.w_uk.weight.view(2, mla.head_dim, 6).transpose(-1, -2)       # (H, d_c, d_h)
         w_uv = mla.w_uv.weight.view(2, mla.head_dim, 6).transpose(-1, -2)
-        heads = ga.absorbed_mla_decode_step(q_c, q_r, state.view(), w_uk, w_uv, mla.scale)
+        heads = _solutions.absorbed_mla_decode_step(q_c, q_r, state.view(), w_uk, w_uv, mla.scale)
         assert torch.allclose(mla._merge(heads), y, atol=1e-12, rtol=0)
 
 
 def test_guards_name_what_was_expected() -> None:
     with pytest.raises(ValueError, match="must divide"):
-        ga.mean_pool_kv(torch.randn(2 * 3 * 2, 4), 2, 2)
+        _solutions.mean_pool_kv(torch.randn(2 * 3 * 2, 4), 2, 2)
     with pytest.raises(ValueError, match="2 · G · head_dim"):
-        ga.mean_pool_kv(torch.randn(10, 4), 3, 1)
+        _solutions.mean_pool_kv(torch.randn(10, 4), 3, 1)
     with pytest.raises(TypeError, match="kv_weight"):
-        ga.mean_pool_kv([[1.0]], 1, 1)
+        _solutions.mean_pool_kv([[1.0]], 1, 1)
     args = list(_mla_step_args(torch.Generator().manual_seed(0), 1, 2, 3, 4, 6, 2))
     with pytest.raises(ValueError, match="cache must be"):
-        ga.absorbed_mla_decode_step(*args[:2], args[2][..., :-1], *args[3:])
+        _solutions.absorbed_mla_decode_step(*args[:2], args[2][..., :-1], *args[3:])
     with pytest.raises(ValueError, match="w_uk and w_uv"):
-        ga.absorbed_mla_decode_step(*args[:3], args[3][:1], *args[4:])
+        _solutions.absorbed_mla_decode_step(*args[:3], args[3][:1], *args[4:])
 
 
 def not_done(*args):
@@ -73,7 +75,7 @@ def _pool_pick_first(w, d, g):             # keeps the first head of each group 
 
 
 def _pool_keys_with_values(w, d, g):       # averages keys and values together
-    pooled = ga.mean_pool_kv(w, d, g)
+    pooled = _solutions.mean_pool_kv(w, d, g)
     half = pooled.shape[0] // 2
     both = (pooled[:half] + pooled[half:]) / 2
     return torch.cat([both, both])
@@ -89,8 +91,8 @@ POOL_WRONG = {
     "None": lambda w, d, g: None,
     "raises": lambda w, d, g: w.view(3, -1, 7),
     "unchanged weight (wrong shape)": lambda w, d, g: w.clone(),
-    "wrong dtype": lambda w, d, g: ga.mean_pool_kv(w, d, g).double(),
-    "NaN": lambda w, d, g: ga.mean_pool_kv(w, d, g) * float("nan"),
+    "wrong dtype": lambda w, d, g: _solutions.mean_pool_kv(w, d, g).double(),
+    "NaN": lambda w, d, g: _solutions.mean_pool_kv(w, d, g) * float("nan"),
     "interleaved groups": _pool_interleaved,
     "first head of each group": _pool_pick_first,
     "keys averaged with values": _pool_keys_with_values,
@@ -99,34 +101,34 @@ POOL_WRONG = {
 
 
 def _step_no_scale(q_c, q_r, cache, w_uk, w_uv, scale):
-    return ga.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, 1.0)
+    return _solutions.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, 1.0)
 
 
 def _step_no_rope(q_c, q_r, cache, w_uk, w_uv, scale):
-    return ga.absorbed_mla_decode_step(q_c, torch.zeros_like(q_r), cache, w_uk, w_uv, scale)
+    return _solutions.absorbed_mla_decode_step(q_c, torch.zeros_like(q_r), cache, w_uk, w_uv, scale)
 
 
 def _step_values_before_attention_wrong_weight(q_c, q_r, cache, w_uk, w_uv, scale):
-    return ga.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uk, scale)
+    return _solutions.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uk, scale)
 
 
 def _step_latent_out(q_c, q_r, cache, w_uk, w_uv, scale):   # forgets W_UV: returns the attended latent
-    return ga.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, scale) @ w_uv.transpose(-1, -2)
+    return _solutions.absorbed_mla_decode_step(q_c, q_r, cache, w_uk, w_uv, scale) @ w_uv.transpose(-1, -2)
 
 
 def _step_skips_newest(q_c, q_r, cache, w_uk, w_uv, scale):  # off by one: the newest token left out
     if cache.shape[2] == 1:
         return torch.zeros_like(q_c)
-    return ga.absorbed_mla_decode_step(q_c, q_r, cache[:, :, :-1], w_uk, w_uv, scale)
+    return _solutions.absorbed_mla_decode_step(q_c, q_r, cache[:, :, :-1], w_uk, w_uv, scale)
 
 
 MLA_STEP_WRONG = {
     "not done": not_done,
     "None": lambda *a: None,
     "raises": lambda q_c, q_r, cache, w_uk, w_uv, scale: q_c @ cache,
-    "wrong dtype": lambda *a: ga.absorbed_mla_decode_step(*a).double(),
-    "NaN": lambda *a: ga.absorbed_mla_decode_step(*a) * float("nan"),
-    "merged heads (wrong shape)": lambda *a: ga.absorbed_mla_decode_step(*a).sum(1),
+    "wrong dtype": lambda *a: _solutions.absorbed_mla_decode_step(*a).double(),
+    "NaN": lambda *a: _solutions.absorbed_mla_decode_step(*a) * float("nan"),
+    "merged heads (wrong shape)": lambda *a: _solutions.absorbed_mla_decode_step(*a).sum(1),
     "unscaled scores": _step_no_scale,
     "RoPE part ignored": _step_no_rope,
     "W_UK used for the values": _step_values_before_attention_wrong_weight,

@@ -12,6 +12,7 @@ from labsupport.harness import contention, settings
 def two_cpus(monkeypatch):
     """A 2-CPU machine of which this process may use both."""
     monkeypatch.setattr(contention, "machine_cpus", lambda: 2)
+    monkeypatch.setattr(contention, "cpu_budget", lambda *args: 2)
     monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
     return monkeypatch
 
@@ -67,6 +68,18 @@ def test_print_measured_prints_the_number_with_its_conditions(two_cpus, capsys) 
 def test_print_measured_rejects_bad_input(args, kwargs, error) -> None:
     with pytest.raises(error):
         contention.print_measured(*args, **kwargs)
+
+
+def test_contention_imports_nothing_from_the_rest_of_the_harness() -> None:
+    """settings imports contention, never the other way round: no import circle between the two."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(contention.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name.startswith("labsupport")}, imported
+    assert settings.cpu_budget is contention.cpu_budget  # re-exported, one definition
 
 
 @pytest.mark.parametrize(("load", "state"), [(1.0, "quiet"), (1.4, "quiet"), (1.6, "partly busy"),

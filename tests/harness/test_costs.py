@@ -104,3 +104,18 @@ def test_sparse_decode_formulas():
     assert decode_read_bytes(100, layers=2, kv_heads=4, head_dim=8, pages=10) == 2 * 2 * 4 * 8 * 2 * 110
     with pytest.raises(ValueError, match="policy"):
         policy_tokens_per_step("lru", 10, 4)
+
+
+def test_chapter_10_mixing_flops_and_the_roofline_time():
+    from labsupport.harness.costs import mixer_token_flops, roofline_seconds
+
+    shape = MODEL_PRESETS["LLaMA-2-7B"]
+    per_layer = mixer_token_flops("attention", d_model=shape.d_model, attended=1000)
+    assert shape.layers * per_layer == shape.flops_per_token(1000) - 2 * shape.params  # the same attention term
+    assert mixer_token_flops("state", d_model=64, state_numbers=2048) == 4 * 2048
+    assert roofline_seconds(2e9, 1e9, flops_per_s=1e12, bytes_per_s=1e9) == 1.0  # memory-bound: the larger
+    assert roofline_seconds(2e12, 1e3, flops_per_s=1e12, bytes_per_s=1e9) == 2.0
+    with pytest.raises(ValueError, match="kind must be"):
+        mixer_token_flops("window", d_model=64)
+    with pytest.raises(ValueError, match="flops_per_s must be positive"):
+        roofline_seconds(1.0, 1.0, flops_per_s=0.0, bytes_per_s=1.0)

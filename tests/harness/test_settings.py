@@ -181,6 +181,7 @@ def test_configure_torch_threads_grants_more_only_on_an_idle_machine(monkeypatch
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr(settings, "cpu_budget", lambda *args: 2)
+        monkeypatch.setattr(contention, "cpu_budget", lambda *args: 2)
         monkeypatch.setattr(contention, "machine_cpus", lambda: 2)
         monkeypatch.setattr(contention, "load_average", lambda: load)
         torch.set_num_threads(1)

@@ -80,12 +80,16 @@ CHECKERS: list[tuple[str, str]] = [
     ("labsupport.multimodal.exercises", "check_invert"),
     ("labsupport.multimodal.exercises", "check_merge_step"),
     ("labsupport.multimodal.exercises", "check_fastv_keep_set"),
+    ("labsupport.multimodal.exercises", "check_route_tokens"),
     ("labsupport.diffusion.exercises", "check_diffusion_loss"),
     ("labsupport.diffusion.exercises", "check_low_confidence_commit"),
     ("labsupport.diffusion.exercises", "check_threshold_commit"),
     ("labsupport.diffusion.exercises", "check_gap_log_posterior"),
     ("labsupport.diffusion.exercises", "check_mask_tokens"),
     ("labsupport.diffusion.exercises", "check_transfer_schedule"),
+    ("labsupport.diffusion.exercises", "check_speculative_verify"),
+    ("labsupport.capstone.exercises", "check_bottleneck_terms"),
+    ("labsupport.capstone.exercises", "check_cheapest_design"),
 ]
 
 #: Checkers whose learner returns something other than what is graded (a factory of modules, a registry row): the
@@ -787,6 +791,23 @@ def _keep_last_query(attn, image_start, image_end, keep):
 def _keep_by_rank(attn, image_start, image_end, keep):
     received = attn.mean(0).mean(0)[image_start:image_end]
     return received.topk(keep).indices + image_start
+
+
+def _mod(gate="update", skipped="x", k_of=lambda c, n: max(1, round(c * n)), ordered=True, on_all=False,
+         detach=False):
+    """Chapter 09's Mixture-of-Depths routing of one image, written as a learner would, with one slip."""
+    def route(x, scores, capacity, update):
+        s = scores.detach() if detach else scores
+        chosen = s.topk(k_of(capacity, len(x))).indices
+        chosen = chosen.sort().values if ordered else chosen
+        f = update(x)[chosen] if on_all else update(x[chosen])
+        w = torch.sigmoid(s[chosen])[:, None]
+        new = {"update": x[chosen] + w * f, "none": x[chosen] + f, "whole": w * (x[chosen] + f),
+               "softmax": x[chosen] + s[chosen].softmax(0)[:, None] * f}[gate]
+        base = x.clone() if skipped == "x" else torch.zeros_like(x)
+        base[chosen] = new
+        return base, chosen
+    return route
 def _gap_left_only(model, tokens, position):
     """p(c | left) alone: the right side of the gap ignored."""
     return model(tokens[:, :position]).double()[:, -1].log_softmax(-1)
@@ -802,10 +823,67 @@ def _gap_next_only(model, tokens, position):
     return picked.sum(1).view(tokens.shape[0], vocab).log_softmax(-1)
 
 
+def _terms_with(**slip: Any) -> Callable[..., Any]:
+    """Chapter 10's roofline terms with one slip (see ``labsupport.capstone.exercises._roofline_variant``)."""
+    def wrong(workload):
+        from labsupport.capstone.exercises import _roofline_variant
+        return _roofline_variant(workload, **slip)
+    return wrong
+
+
+def _pick_with(**slip: Any) -> Callable[..., Any]:
+    """Chapter 10's cheapest-design pick with one slip: best recall, a constraint ignored, a strict bar, ties."""
+    def wrong(costs, recalls, memory, recall_bar, memory_budget):
+        from labsupport.capstone.exercises import _pick
+        return _pick(costs, recalls, memory, recall_bar, memory_budget, **slip)
+    return wrong
+
+
 def _threshold_strict(canvas, probs, mask_id, threshold):
     """A strict > and no guaranteed progress."""
     confidence, predicted = probs.max(-1)
     return torch.where((canvas == mask_id) & (confidence > threshold), predicted, canvas)
+
+
+def _verify_accept_if_p_ge_q(p, q, drafted, u):
+    """Keeps a drafted token whenever the target gives it at least the draft's probability (no uniform)."""
+    rows = torch.arange(drafted.shape[0])
+    ok = p[rows, drafted] >= q[rows, drafted]
+    bad = (~ok).nonzero()
+    if bad.numel() == 0:
+        return torch.tensor(drafted.shape[0]), p[-1].clone()
+    n = int(bad[0, 0])
+    r = (p[n] - q[n]).clamp(min=0)
+    return torch.tensor(n), r / r.sum()
+
+
+def _verify_residual_from_p(p, q, drafted, u):
+    """Redraws a rejected token from p itself instead of the residual max(p - q, 0)."""
+    from labsupport.diffusion.speculative import verify_draft
+    n, probs = verify_draft(p, q, drafted, u)
+    return n, (p[int(n)].clone() if int(n) < drafted.shape[0] else probs)
+
+
+def _verify_ratio_flipped(p, q, drafted, u):
+    """Accepts while u < q/p (the ratio upside down)."""
+    rows = torch.arange(drafted.shape[0])
+    ok = u * p[rows, drafted] < q[rows, drafted]
+    bad = (~ok).nonzero()
+    if bad.numel() == 0:
+        return torch.tensor(drafted.shape[0]), p[-1].clone()
+    n = int(bad[0, 0])
+    r = (p[n] - q[n]).clamp(min=0)
+    return torch.tensor(n), r / r.sum()
+
+
+def _verify_residual_q_minus_p(p, q, drafted, u):
+    """Residual max(q - p, 0): the wrong way round."""
+    from labsupport.diffusion.speculative import verify_draft
+    n, probs = verify_draft(p, q, drafted, u)
+    if int(n) < drafted.shape[0]:
+        r = (q[int(n)] - p[int(n)]).clamp(min=0)
+        probs = r / r.sum()
+    return n, probs
 
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
@@ -857,9 +935,122 @@ SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "check_merge_step": [("unweighted mean", _merge_unweighted), ("dot product, not cosine", _merge_dot_product)],
     "check_fastv_keep_set": [("attention given (rows)", _keep_by_rows), ("last query only", _keep_last_query),
                              ("ordered by rank", _keep_by_rank)],
+    "check_route_tokens": [("no router weight", _mod(gate="none")), ("weight on x + update", _mod(gate="whole")),
+                           ("softmax over the chosen", _mod(gate="softmax")), ("skipped zeroed", _mod(skipped="0")),
+                           ("k rounded down", _mod(k_of=lambda c, n: max(1, int(c * n)))),
+                           ("k at least 0", _mod(k_of=lambda c, n: round(c * n))),
+                           ("score order", _mod(ordered=False)), ("update on every token", _mod(on_all=True)),
+                           ("router detached", _mod(detach=True)),
+                           ("lowest scores", lambda x, s, c, u: _mod()(x, -s, c, u))],
     "check_gap_log_posterior": [("p(c | left) only", _gap_left_only), ("next character only", _gap_next_only)],
     "check_threshold_commit": [("strict > without progress", _threshold_strict)],
+    "check_speculative_verify": [("accept when p >= q", _verify_accept_if_p_ge_q),
+                                 ("rejected token redrawn from p", _verify_residual_from_p),
+                                 ("ratio q/p", _verify_ratio_flipped),
+                                 ("residual q - p", _verify_residual_q_minus_p)],
+    "check_bottleneck_terms": [("compute + memory time", _terms_with(combine="sum")),
+                               ("FLOPs only", _terms_with(combine="flops")),
+                               ("decode at the final context", _terms_with(context="final")),
+                               ("one sequence's cache", _terms_with(batch_in_memory=False))],
+    "check_cheapest_design": [("best recall", _pick_with(by="recall")),
+                              ("memory ignored", _pick_with(use_memory=False)),
+                              ("recall bar ignored", _pick_with(use_recall=False)),
+                              ("strict bar", _pick_with(strict=True)),
+                              ("ties to the first row", _pick_with(tie="first"))],
 }
+
+
+# ----------------------------------------------------------------------------- chapters 02 and 03: work and library
+
+
+def _mla_broadcast_up_projection(q_c, q_r, cache, w_uk, w_uv, scale):
+    """The naive MLA step written as broadcast-multiply-and-sum: no matrix product, every key and value built."""
+    d_c = w_uk.shape[1]
+    c, k_r = cache[..., :d_c], cache[..., d_c:]
+    keys = (c[..., :, :, None] * w_uk[None, :, None]).sum(-2)            # (B, H, T, d_h)
+    values = (c[..., :, :, None] * w_uv[None, :, None]).sum(-2)
+    scores = ((q_c * keys).sum(-1) + (q_r * k_r).sum(-1)) * scale
+    return (scores.softmax(-1)[..., None] * values).sum(-2, keepdim=True)
+
+
+def _mla_up_projection_per_head(q_c, q_r, cache, w_uk, w_uv, scale):
+    """The naive MLA step one head at a time: no tensor of T × H × d_h, but every head's keys and values."""
+    d_c = w_uk.shape[1]
+    c, k_r = cache[:, 0, :, :d_c], cache[:, 0, :, d_c:]
+    heads = []
+    for h in range(w_uk.shape[0]):
+        scores = (q_c[:, h] @ (c @ w_uk[h]).transpose(-1, -2) + q_r[:, h] @ k_r.transpose(-1, -2)) * scale
+        heads.append(scores.softmax(-1) @ (c @ w_uv[h]))
+    return torch.stack(heads, dim=1)
+
+
+def _mla_values_up_projected(q_c, q_r, cache, w_uk, w_uv, scale):
+    """Keys absorbed, values still up-projected for every cached token."""
+    d_c = w_uk.shape[1]
+    q = torch.cat([q_c @ w_uk.transpose(-1, -2), q_r], dim=-1)
+    return (scale * q @ cache.transpose(-1, -2)).softmax(-1) @ (cache[..., :d_c] @ w_uv)
+
+
+def _mla_by_the_library(q_c, q_r, cache, w_uk, w_uv, scale):
+    from labsupport.grouped import latent_attention_core
+
+    return latent_attention_core(torch.cat([q_c @ w_uk.transpose(-1, -2), q_r], -1), cache, w_uk.shape[1],
+                                 scale) @ w_uv
+
+
+def _grouped_decode_copying_the_cache(q, k, v):
+    """Chapter 02's exercise 1 with the cache repeated for every query head (the copy GQA avoids)."""
+    reps = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
+    return ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v
+
+
+def _quantise_by_the_library(x, bits, dim):
+    from labsupport.grouped import quantize_dequantize
+
+    return quantize_dequantize(x, bits, dim)
+
+
+def _decay_chunk_token_loop(state, q, k, v, log_decay):
+    """Exercise 4 of chapter 03 by stepping through the chunk's tokens (the recurrent form)."""
+    outs = []
+    for i in range(k.shape[2]):
+        state = log_decay[..., i, None, None].exp() * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+        outs.append((q[:, :, i, :, None] * state).sum(-2))
+    return torch.stack(outs, dim=2), state
+
+
+def _gated_delta_token_loop(state, q, k, v, beta, log_decay):
+    """Exercise 5 of chapter 03 by stepping through the chunk's tokens (the recurrent form)."""
+    outs = []
+    for i in range(k.shape[2]):
+        k_i, b_i = k[:, :, i], beta[:, :, i, None]
+        state = log_decay[..., i, None, None].exp() * state
+        recalled = (k_i[..., :, None] * state).sum(-2)
+        state = state + k_i[..., :, None] * (b_i * (v[:, :, i] - recalled))[..., None, :]
+        outs.append((q[:, :, i, :, None] * state).sum(-2))
+    return torch.stack(outs, dim=2), state
+
+
+def _mean_pool_strided_groups(kv_weight, head_dim, n_kv_heads):
+    """Groups of heads taken with a stride (h % G') instead of consecutive heads."""
+    rows, d_model = kv_weight.shape
+    old = rows // (2 * head_dim)
+    grouped = kv_weight.reshape(2, old // n_kv_heads, n_kv_heads, head_dim, d_model)
+    return grouped.mean(dim=1).reshape(2 * n_kv_heads * head_dim, d_model)
+
+
+SPECIFIC.update({
+    "check_absorbed_mla_decode_step": [("up-projection by broadcast multiply-and-sum", _mla_broadcast_up_projection),
+                                       ("up-projection one head at a time", _mla_up_projection_per_head),
+                                       ("values up-projected", _mla_values_up_projected),
+                                       ("the library's latent_attention_core", _mla_by_the_library)],
+    "check_quantize_dequantize": [("the library's quantize_dequantize", _quantise_by_the_library)],
+    "check_grouped_decode_step": [("the cache repeated per query head", _grouped_decode_copying_the_cache)],
+    "check_chunkwise_decay_step": [("loop over the chunk's tokens", _decay_chunk_token_loop)],
+    "check_gated_delta_chunk_step": [("loop over the chunk's tokens", _gated_delta_token_loop)],
+    "check_mean_pool_kv": [("strided groups of heads", _mean_pool_strided_groups)],
+})
 
 
 # ----------------------------------------------------------------------------- the count

@@ -76,3 +76,33 @@ def test_frontier_points_take_the_best_lr_mean_and_sum_the_layers_state() -> Non
     assert any(trace.name == "Pareto set" for trace in fig.data)
     with pytest.raises(ValueError):
         frontier_figure([point], x_axis="flops")
+
+
+def test_frontier_points_take_the_rate_run_on_every_seed_over_a_lucky_single_run() -> None:
+    """The grid searches rates on seed 0 and runs the winner on seeds 1 and 2: a loser's one seed may score
+    above the winner's three-seed mean, and must not be picked."""
+    def row(lr: float, seed: int, score: float) -> dict:
+        return {"kind": "quality", "design": "attention", "task": "mqar", "seq_len": 64, "lr": lr, "seed": seed,
+                "width": 64, "metric": "recall", "score": score, "layer_names": ["attention"] * 2}
+
+    rows = [row(3e-3, 0, 0.55), row(1e-2, 0, 0.60), row(1e-2, 1, 0.40), row(1e-2, 2, 0.45)]
+    (point,) = frontier_points(rows)
+    assert point.lr == 1e-2 and len(point.seed_scores) == 3 and abs(point.recall - 0.48333333) < 1e-6
+
+
+def test_compression_rebuilds_the_sequence_from_one_position() -> None:
+    from labsupport.hybrid.tasks import CompressionModel, make_compression
+
+    batch = make_compression(4, 32, 16, seed=0)
+    n = 15
+    assert torch.equal(batch.targets[:, n + 1:2 * n + 1], batch.inputs[:, :n]) and (batch.inputs[:, n] == 15).all()
+    body = TinyLM(16, d_model=16, n_layers=1, max_len=32, channel_mixer=None)
+    model = CompressionModel(body, 32)
+    tokens = batch.inputs.clone()
+    out = model(tokens)
+    tokens[:, n + 1:] = 7   # what follows the compression token cannot reach the slots' logits
+    assert torch.equal(model(tokens), out)
+    tokens[:, 0] = (tokens[:, 0] % 14) + 1   # what precedes it can
+    assert not torch.equal(model(tokens), out)
+    with pytest.raises(TypeError, match="wraps a TinyLM"):
+        CompressionModel(torch.nn.Linear(2, 2), 32)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import labsupport.linear_attention as la
+from labsupport.linear_attention import _solutions
 
 DT = torch.float64
 
@@ -35,14 +36,14 @@ def test_chunkwise_decay_step_chains_into_the_chunkwise_form():
     state = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
     outs = []
     for start in range(0, 20, 6):  # a ragged last chunk of 2
-        out, state = la.chunkwise_decay_step(state, q[:, :, start:start + 6], k[:, :, start:start + 6],
+        out, state = _solutions.chunkwise_decay_step(state, q[:, :, start:start + 6], k[:, :, start:start + 6],
                                              v[:, :, start:start + 6], log_decay[:, :, start:start + 6])
         outs.append(out)
     ref, ref_state = la.linear_attention_recurrent(q, k, v, log_decay, return_state=True)
     torch.testing.assert_close(torch.cat(outs, dim=2), ref)
     torch.testing.assert_close(state, ref_state)
     with pytest.raises(ValueError, match="log_decay"):
-        la.chunkwise_decay_step(state, q[:, :, :6], k[:, :, :6], v[:, :, :6], log_decay[:, :, :5])
+        _solutions.chunkwise_decay_step(state, q[:, :, :6], k[:, :, :6], v[:, :, :6], log_decay[:, :, :5])
 
 
 # --------------------------------------------------------------------------- checkers, with wrong answers
@@ -51,7 +52,7 @@ def test_chunkwise_decay_step_chains_into_the_chunkwise_form():
 CHECKERS = {
     "recurrent_step": (la.check_recurrent_step, la.recurrent_step),
     "chunkwise_step": (la.check_chunkwise_step, la.chunkwise_step),
-    "chunkwise_decay_step": (la.check_chunkwise_decay_step, la.chunkwise_decay_step),
+    "chunkwise_decay_step": (la.check_chunkwise_decay_step, _solutions.chunkwise_decay_step),
     "delta_rule_step": (la.check_delta_rule_step, la.delta_rule_step),
 }
 
@@ -197,16 +198,16 @@ def test_step_checkers_report_code_that_needs_contiguous_inputs(capsys):
 def test_chunkwise_decay_step_checker_catches_classic_mistakes(capsys):
     def exclusive_cumsum(state, q, k, v, log_decay):  # b_i without token i's own gate
         b = log_decay.cumsum(-1) - log_decay
-        return la.chunkwise_decay_step(state, q, k, v, b.diff(dim=-1, prepend=b[..., :1] * 0))
+        return _solutions.chunkwise_decay_step(state, q, k, v, b.diff(dim=-1, prepend=b[..., :1] * 0))
 
     def no_query_decay(state, q, k, v, log_decay):  # forgets exp(b) on Q S
-        out, new_state = la.chunkwise_decay_step(state, q, k, v, log_decay)
+        out, new_state = _solutions.chunkwise_decay_step(state, q, k, v, log_decay)
         zero_state = torch.zeros_like(state)
-        intra, _ = la.chunkwise_decay_step(zero_state, q, k, v, log_decay)
+        intra, _ = _solutions.chunkwise_decay_step(zero_state, q, k, v, log_decay)
         return intra + q @ state, new_state
 
     def undecayed_state(state, q, k, v, log_decay):  # S' = S + Kᵀ V
-        out, _ = la.chunkwise_decay_step(state, q, k, v, log_decay)
+        out, _ = _solutions.chunkwise_decay_step(state, q, k, v, log_decay)
         return out, state + k.transpose(-1, -2) @ v
 
     for wrong in (exclusive_cumsum, no_query_decay, undecayed_state):

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from labsupport import linear_attention as la
+from labsupport.linear_attention import _solutions
 from labsupport.linear_attention.exercises_core import _delta_chunk_args
 
 
 def test_core_checker_passes_the_reference(capsys) -> None:
-    assert la.check_gated_delta_chunk_step(la.gated_delta_chunk_step)
+    assert la.check_gated_delta_chunk_step(_solutions.gated_delta_chunk_step)
     out = capsys.readouterr().out
     assert out.startswith("✅") and "no loop over the tokens" in out
 
@@ -29,7 +30,7 @@ def test_chunk_step_equals_recurrent_and_chains_into_the_library_form(chunk: int
     outs = []
     for start in range(0, 3 * chunk, chunk):
         window = slice(start, start + chunk)
-        o, state = la.gated_delta_chunk_step(state, q[:, :, window], k[:, :, window], v[:, :, window],
+        o, state = _solutions.gated_delta_chunk_step(state, q[:, :, window], k[:, :, window], v[:, :, window],
                                              beta[:, :, window], log_decay[:, :, window])
         outs.append(o)
     assert torch.allclose(torch.cat(outs, 2), out_ref, atol=1e-12, rtol=0)
@@ -39,9 +40,9 @@ def test_chunk_step_equals_recurrent_and_chains_into_the_library_form(chunk: int
 def test_guard_names_what_was_expected() -> None:
     state, q, k, v, beta, log_decay = _delta_chunk_args(torch.Generator().manual_seed(0), 1, 2, 4, 3, 3)
     with pytest.raises(ValueError, match="beta and log_decay"):
-        la.gated_delta_chunk_step(state, q, k, v, beta[..., :-1], log_decay)
+        _solutions.gated_delta_chunk_step(state, q, k, v, beta[..., :-1], log_decay)
     with pytest.raises(TypeError, match="log_decay"):
-        la.gated_delta_chunk_step(state, q, k, v, beta, None)
+        _solutions.gated_delta_chunk_step(state, q, k, v, beta, None)
 
 
 def not_done(*args):
@@ -53,25 +54,25 @@ def _token_loop(state, q, k, v, beta, log_decay):
 
 
 def _gate_ignored(state, q, k, v, beta, log_decay):
-    return la.gated_delta_chunk_step(state, q, k, v, beta, torch.zeros_like(log_decay))
+    return _solutions.gated_delta_chunk_step(state, q, k, v, beta, torch.zeros_like(log_decay))
 
 
 def _without_ut(state, q, k, v, beta, log_decay):   # exercise 4 with β V in place of the corrected values
-    return la.chunkwise_decay_step(state, q, k, beta[..., None] * v, log_decay)
+    return _solutions.chunkwise_decay_step(state, q, k, beta[..., None] * v, log_decay)
 
 
 def _state_not_decayed(state, q, k, v, beta, log_decay):
-    out, new = la.gated_delta_chunk_step(state, q, k, v, beta, log_decay)
+    out, new = _solutions.gated_delta_chunk_step(state, q, k, v, beta, log_decay)
     return out, new + (1 - log_decay.sum(-1).exp())[..., None, None] * state
 
 
 def _gate_off_by_one(state, q, k, v, beta, log_decay):   # exclusive cumulative sum: the own gate left out
     shifted = torch.cat([torch.zeros_like(log_decay[..., :1]), log_decay[..., :-1]], dim=-1)
-    return la.gated_delta_chunk_step(state, q, k, v, beta, shifted)
+    return _solutions.gated_delta_chunk_step(state, q, k, v, beta, shifted)
 
 
 def _only_output(state, q, k, v, beta, log_decay):
-    return la.gated_delta_chunk_step(state, q, k, v, beta, log_decay)[0]
+    return _solutions.gated_delta_chunk_step(state, q, k, v, beta, log_decay)[0]
 
 
 WRONG = {
@@ -80,8 +81,8 @@ WRONG = {
     "raises": lambda state, q, k, v, beta, log_decay: q @ v,
     "only the output (no state)": _only_output,
     "wrong dtype": lambda *a: tuple(t.double() if t.dtype == torch.float32 else t.float()
-                                    for t in la.gated_delta_chunk_step(*a)),
-    "NaN": lambda *a: tuple(t * math.nan for t in la.gated_delta_chunk_step(*a)),
+                                    for t in _solutions.gated_delta_chunk_step(*a)),
+    "NaN": lambda *a: tuple(t * math.nan for t in _solutions.gated_delta_chunk_step(*a)),
     "gate ignored": _gate_ignored,
     "no UT transform (β v written as is)": _without_ut,
     "old state not decayed": _state_not_decayed,

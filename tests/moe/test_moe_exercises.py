@@ -249,3 +249,28 @@ def test_capacity_checker_names_token_order_filling(capsys) -> None:
         return keep
     result, out = run(check_capacity_keep, token_order, capsys)
     assert not result and "before any second choice" in out
+
+
+# --------------------------------------------------------------------------- the engine's feedback: found, and the recipe
+
+from labsupport.moe import exercises as moe_ex  # noqa: E402
+
+
+@pytest.mark.parametrize("checker, wrong, found", [
+    (moe_ex.check_top_k_router, lambda z, k: tuple(z.softmax(-1).topk(k, -1)), "not renormalised"),
+    (moe_ex.check_load_balancing_loss,
+     lambda p, e: e.shape[-1] * r.load_balancing_loss(p, e, convention="switch"), "Mixtral's counting"),
+    (moe_ex.check_update_balance_bias, lambda b, c, g: b + g * torch.sign(c.to(b.dtype) - c.to(b.dtype).mean()),
+     "moves an overloaded expert's bias up"),
+    (moe_ex.check_update_balance_bias, lambda b, c, g: b + g * (c.to(b.dtype).mean() - c.to(b.dtype)),
+     "proportional to the overload"),
+    (moe_ex.check_gate_top_k, _one_rule, "no gradient"),
+    (moe_ex.check_bias_balance, lambda s, k, g, n: -reference_bias_balance(s, k, g, n), "went up"),
+])
+def test_a_known_mistake_is_found_and_the_recipe_waits(checker, wrong, found, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("LABSUPPORT_STRICT_CHECKS", raising=False)
+    result = checker(wrong)
+    out = capsys.readouterr().out
+    assert not result and "\n   found   " in out and found in out, out
+    assert "reveal=True)` prints the full recipe" in out
+    assert "\n   recipe  try the tiered hints first" not in checker(wrong, reveal=True).message

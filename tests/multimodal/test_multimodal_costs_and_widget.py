@@ -31,11 +31,17 @@ def test_layer_flops_count_a_real_layers_matmuls():
     x = torch.randn(1, n, d)
     with FlopCounterMode(display=False) as counter:
         mlp(attn(x))
-        q, k, v = torch.randn(3, 1, 2, n, d // 2).unbind(0)     # the attention core, written out (2 heads)
-        ((q @ k.transpose(-1, -2)).softmax(-1)) @ v
+    counted = counter.get_total_flops()
+    seen = {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+    if not any("scaled_dot_product" in op for op in seen):
+        # torch <= 2.14 does not count inside the CPU's scaled_dot_product_attention (2.15 does): there, the
+        # attention core written out (2 heads) adds it once
+        with FlopCounterMode(display=False) as core:
+            q, k, v = torch.randn(3, 1, 2, n, d // 2).unbind(0)
+            ((q @ k.transpose(-1, -2)).softmax(-1)) @ v
+        counted += core.get_total_flops()
     f = encoder_layer_flops(n, d, mlp_ratio=2)
-    # the counter does not see inside the CPU's scaled_dot_product_attention; the written-out core adds it once
-    assert counter.get_total_flops() == f["total"]
+    assert counted == f["total"]
 
 
 def test_training_is_deterministic_per_seed():

@@ -187,3 +187,35 @@ def test_new_checkers_catch_the_chapter_mistakes():
 
     for fn in (no_own_block, largest_key):
         assert not ex.check_block_select(fn), fn.__name__
+
+
+# --------------------------------------------------------------------------- the engine's feedback: found, and the recipe
+
+
+def _mistakes():
+    from labsupport.sparse import exercises as ex
+    return [
+        ("check_sink_window_mask", lambda lq, lk, s, w: ex.sink_window_mask(lq, lk, sinks=0, window=w), "no sinks"),
+        ("check_page_upper_bound", lambda q, lo, hi: (q[..., None, :] * hi).sum(-1), "kmax for every entry"),
+        ("check_h2o_evict", lambda a, p, i, r: ex._h2o_with(a, p, i, r, hide_empty=False), "empty slot"),
+        ("check_h2o_evict", lambda a, p, i, r: ex._h2o_with(a, p, i, r, protect_recent=False), "recent token"),
+        ("check_block_sparse_loop", lambda q, k, v, m, bq, bk: ex.block_sparse_loop(q * q.shape[-1] ** 0.5, k, v, m,
+                                                                                   bq, bk), "1/√D"),
+        ("check_streaming_step", lambda p, i, s: (ex.streaming_step(p, i, s)[0],) * 2, "text positions"),
+        ("check_streaming_step", lambda p, i, s: ex.streaming_step(p, i, 0), "evicted a sink"),
+        ("check_block_select", lambda q, k, b, n: ex._select_with(q, k, b, n, pool="max"), "max-pooling"),
+        ("check_block_select", lambda q, k, b, n: ex._select_with(q, k, b, n, own=False), "own (newest) block"),
+        ("check_tova_evict", lambda a, p, n: p.scatter(-1, ex.tova_victim(a, p, n, per_head=True)[..., None], -1),
+         "each evict their own"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_a_known_mistake_is_named_and_the_recipe_waits(index, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("LABSUPPORT_STRICT_CHECKS", raising=False)
+    from labsupport.sparse import exercises as ex
+    checker, wrong, found = _mistakes()[index]
+    result = getattr(ex, checker)(wrong)
+    out = capsys.readouterr().out
+    assert not result and "\n   found   " in out and found in out, out
+    assert "reveal=True)` prints the full recipe" in out

@@ -140,3 +140,32 @@ def test_ssd_checker_refuses_the_whole_matrix_and_cancelling_decays() -> None:
     assert check_ssd_chunked(lambda x, dt, A, B, C, chunk_size: ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size))
     assert not _passes(check_ssd_chunked, _wrong("_ssd_quadratic_answer"))
     assert not _passes(check_ssd_chunked, _wrong("_ssd_chunked_by_differences"))
+
+
+# --------------------------------------------------------------------------- the engine's feedback: found, and the recipe
+
+
+def _ssd_chunks_alone_with_the_right_state(x, dt, A, B, C, chunk_size):
+    from labsupport.ssm import exercises as ex
+    return ex._ssd_chunks_alone(x, dt, A, B, C, chunk_size)[0], ex._reference_ssd(x, dt, A, B, C, chunk_size)[1]
+
+
+@pytest.mark.parametrize("checker, wrong, found", [
+    ("check_zoh", lambda A, B, d: (1 + d[..., None] * A, torch.expm1(d[..., None] * A) / A * B), "Euler's 1 + ΔA"),
+    ("check_zoh", lambda A, B, d: (torch.exp(d[..., None] * A), d[..., None] * B), "Euler's ΔB"),
+    ("check_combine", lambda a1, b1, a2, b2: (a1 * a2, a1 * b2 + b1), "a1·b2 + b1"),
+    ("check_fft_conv", lambda u, k: torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=u.shape[1])
+                                                   * torch.fft.rfft(k, n=u.shape[1]), n=u.shape[1]).transpose(1, 2),
+     "circular convolution"),
+    ("check_chunked_scan", lambda a, b, h0, c: ssm.chunked_scan(a, b, None, chunk_size=c), "h0 was not carried"),
+    ("check_ssd_chunked", _ssd_chunks_alone_with_the_right_state, "computed on its own"),
+])
+def test_a_known_mistake_is_named_and_the_recipe_waits(checker, wrong, found, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("LABSUPPORT_STRICT_CHECKS", raising=False)
+    from labsupport.ssm import exercises as ex
+    result = getattr(ex, checker)(wrong)
+    out = capsys.readouterr().out
+    assert not result and "\n   found   " in out and found in out, out
+    assert "reveal=True)` prints the full recipe" in out
+    shown = getattr(ex, checker)(wrong, reveal=True).message
+    assert "try the tiered hints first" not in shown.split("\n   recipe  ")[-1]

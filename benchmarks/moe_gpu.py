@@ -1,0 +1,161 @@
+"""Chapter 06 on a GPU: the routed MoE layer with a grouped GEMM against a dense FFN of equal active FLOPs.
+
+Run from the repository root on a machine with a CUDA GPU (exits 0 without one):
+
+    python3 benchmarks/moe_gpu.py [--out DIR] [--tokens 16384] [--d-model 1024] [--experts 8] [--top-k 2]
+
+Workload (the issue's): T tokens of width d, E experts of hidden width 4·d, top-k routing, bf16, forward +
+backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` (CUDA events, median):
+
+* **dense FFN** of hidden width k·4·d: the same active FLOPs per token as the MoE layer's experts;
+* **MoE layer** (``labsupport.moe.MoELayer``): router, top-k, balance loss, and on CUDA the no-sync dispatch
+  ``moe_grouped`` (torch's ``grouped_mm``, one kernel per projection for all experts);
+* **dispatch only, grouped**: ``moe_grouped`` on a fixed routing (no router);
+* **dispatch only, per-expert loop**: ``moe_sorted`` (boolean index + ``.tolist()`` of the counts: two
+  host syncs per call, then one matmul per expert), the CPU path of the chapter.
+
+Also the forward alone, the FLOPs, and the host syncs counted by ``torch.cuda.set_sync_debug_mode``.
+Writes ``DIR/moe_gpu.json`` and ``DIR/moe_gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def count_syncs(fn) -> int | str:
+    """Host synchronisations in one call, as torch's sync-debug mode reports them (warnings)."""
+    import warnings
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+            torch.cuda.synchronize()
+        return sum("synchroniz" in str(w.message) for w in caught)
+    except Exception as error:  # noqa: BLE001
+        return f"{type(error).__name__}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the results")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384])
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8])
+    parser.add_argument("--top-k", type=int, default=2)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: this benchmark needs one; nothing was measured")
+        return
+    import triton
+    from triton.testing import do_bench
+
+    from labsupport.moe import MoELayer, moe_grouped, moe_sorted
+    from labsupport.moe.routing import top_k_routing
+
+    d, k = args.d_model, args.top_k
+    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "grouped_mm": hasattr(F, "grouped_mm"), "d": d, "k": k}
+    print("device:", info, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    rows = []
+    for n_experts in args.experts:
+        for tokens in args.tokens:
+            row = {"T": tokens, "E": n_experts}
+            h = 4 * d
+            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dense = torch.nn.Sequential(torch.nn.Linear(d, k * h), torch.nn.GELU(), torch.nn.Linear(k * h, d)).cuda()
+            dense = dense.bfloat16()
+            layer = MoELayer(d, n_experts, k, balance="switch").cuda().bfloat16()
+            row["flops_fwd_dense"] = 2 * 2 * tokens * d * k * h
+            row["flops_fwd_moe_experts"] = row["flops_fwd_dense"]  # k experts of width h per token
+
+            def fb(module):
+                def run():
+                    y = module(x)
+                    loss = y.float().square().mean()
+                    if module is layer:
+                        loss = loss + sum(layer.auxiliary_losses().values())
+                    loss.backward()
+                return run
+
+            with torch.no_grad():
+                logits = layer.router(x)
+            routing = top_k_routing(logits.float(), k)
+            weights = (layer.w_up, layer.b_up, layer.w_down, layer.b_down)
+            # correctness: the grouped path against the per-expert loop, same routing, bf16
+            with torch.no_grad():
+                a = moe_grouped(x, routing, *weights).float()
+                b = moe_sorted(x, routing, *weights).float()
+                row["grouped_vs_sorted_rel"] = float((a - b).norm() / b.norm())
+                counts = torch.bincount(routing.experts.reshape(-1), minlength=n_experts)
+                row["busiest_over_fair"] = float(counts.max()) / (tokens * k / n_experts)
+
+            def dispatch(fn):
+                def run():
+                    y = fn(x, routing, *weights)
+                    y.float().square().mean().backward()
+                return run
+
+            variants = {"dense": fb(dense), "moe_layer": fb(layer), "dispatch_grouped": dispatch(moe_grouped),
+                        "dispatch_loop": dispatch(moe_sorted)}
+            for name, fn in variants.items():
+                try:
+                    row[f"fb_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=[x])
+                    row[f"syncs_{name}"] = count_syncs(fn)
+                except Exception as error:  # noqa: BLE001
+                    row[f"fb_ms_{name}"] = None
+                    row[f"error_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            with torch.no_grad():
+                for name, fn in {"dense": lambda: dense(x), "moe_layer": lambda: layer(x),
+                                 "dispatch_grouped": lambda: moe_grouped(x, routing, *weights),
+                                 "dispatch_loop": lambda: moe_sorted(x, routing, *weights)}.items():
+                    try:
+                        row[f"fwd_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median")
+                    except Exception as error:  # noqa: BLE001
+                        row[f"fwd_error_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            if row.get("fb_ms_dense") and row.get("fb_ms_moe_layer"):
+                row["moe_over_dense_fb"] = row["fb_ms_moe_layer"] / row["fb_ms_dense"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del x, dense, layer
+            torch.cuda.empty_cache()
+
+    def f(v):
+        return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; d={d}, top-{k}, expert "
+             f"hidden 4·d, bf16; ms, median of do_bench; dense FFN hidden k·4·d (equal active FLOPs).", "",
+             "| T | E | dense fwd+bwd | MoE layer fwd+bwd | MoE / dense | grouped dispatch | loop dispatch | "
+             "dense fwd | MoE fwd | syncs (layer, grouped, loop) | grouped vs loop rel. diff | busiest/fair |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['E']} | {f(r.get('fb_ms_dense'))} | {f(r.get('fb_ms_moe_layer'))} | "
+                     f"{f(r.get('moe_over_dense_fb'))} | {f(r.get('fb_ms_dispatch_grouped'))} | "
+                     f"{f(r.get('fb_ms_dispatch_loop'))} | {f(r.get('fwd_ms_dense'))} | {f(r.get('fwd_ms_moe_layer'))} | "
+                     f"{r.get('syncs_moe_layer')}, {r.get('syncs_dispatch_grouped')}, {r.get('syncs_dispatch_loop')} | "
+                     f"{r['grouped_vs_sorted_rel']:.1e} | {r['busiest_over_fair']:.2f} |")
+    errors = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if "error" in k})
+    lines += ["", "Did not run:", *[f"- {e}" for e in errors]]
+    table = "\n".join(lines)
+    print("\n" + table)
+    with open(os.path.join(args.out, "moe_gpu.md"), "w") as fh:
+        fh.write(table + "\n")
+    with open(os.path.join(args.out, "moe_gpu.json"), "w") as fh:
+        json.dump({"info": info, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
