@@ -6,7 +6,7 @@ module            holds
 ``reference``     ``causal_attention``
 ``exercises``     the checkers ``check_causal_attention``, ``check_attention_decode_step``,
                   ``check_kv_cache_bytes``, ``check_decode_intensity``, the cases they grade on, and the
-                  refusals of the library shortcuts (``LibraryShortcut``)
+                  library calls each refuses (``harness.guards.LibraryCallRefused``)
 ``exercises_core``  ``check_largest_batch``
 ``timesplit``     ``time_split``: a forward pass's time, split into attention, weight matmuls and the rest
 ================  ==========================================================================================
@@ -21,7 +21,6 @@ module). The chapter's cost model (``TransformerShape``, ``KV_PRESETS``, ``MODEL
 """
 
 from labsupport.attention.exercises import (
-    LibraryShortcut,
     check_attention_decode_step,
     check_causal_attention,
     check_decode_intensity,
@@ -30,7 +29,6 @@ from labsupport.attention.exercises import (
 from labsupport.attention.reference import causal_attention
 
 __all__ = [
-    "LibraryShortcut",
     "causal_attention",
     "check_attention_decode_step",
     "check_causal_attention",

@@ -10,9 +10,9 @@ the exercise they are doing, so these live here, imported as a module by
 * :func:`kv_cache_bytes_answer` — the KV-cache count (first edition's exercise), positional form of
   :func:`labsupport.harness.costs.kv_cache_bytes`.
 
-The answers call :class:`~labsupport.harness.costs.TransformerShape`'s own methods
-through the class, so that they still work on the checkers' shapes, which refuse
-those methods to a learner (see :mod:`labsupport.attention.exercises`).
+The answers call :class:`~labsupport.harness.costs.TransformerShape`'s own methods,
+which the checkers refuse to a learner's function only (see
+:mod:`labsupport.attention.exercises`).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ Each checker compares a learner's function with its answer (in the private
 attention) through :func:`labsupport.harness.checking.check_function`.
 
 Exercises whose answer is one library call refuse that call while they grade
-(:class:`LibraryShortcut`): the decode step refuses PyTorch's
-``scaled_dot_product_attention``, and the cost exercises get
-:class:`~labsupport.harness.costs.TransformerShape` objects whose ``max_batch``
-and ``decode_step`` say that they are the answer (:func:`exercise_shape`).
+(:class:`labsupport.harness.guards.LibraryCallRefused`): the decode step refuses
+PyTorch's ``scaled_dot_product_attention``, the cost exercises
+:class:`~labsupport.harness.costs.TransformerShape`'s own ``max_batch`` and
+``decode_step`` (:func:`labsupport.harness.guards.refuse_calls`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -28,50 +27,30 @@ from labsupport.attention.reference import causal_attention
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import LibraryCallRefused, refuse_calls
 
 __all__ = [
-    "LibraryShortcut",
     "check_attention_decode_step",
     "check_causal_attention",
     "check_decode_intensity",
     "check_kv_cache_bytes",
-    "exercise_shape",
 ]
 
 
 # ----------------------------------------------------------------------------- refusing the library's answer
+# The cost exercises refuse TransformerShape's own one-call answers through the harness's call guard
+# (labsupport.harness.guards.refuse_calls). PyTorch's attention kernel is a C function that guard cannot see, so
+# the decode step refuses it with a torch-function mode that raises the same LibraryCallRefused.
 
-
-class LibraryShortcut(RuntimeError):
-    """A learner's function called the library function that *is* the exercise's answer."""
-
-
-class _ExerciseShape(TransformerShape):
-    """A :class:`TransformerShape` whose one-call answers to chapter 00's exercises refuse to run.
-
-    Everything an exercise is meant to use (``params``, ``weight_bytes``,
-    ``kv_bytes_per_token()``, ``flops_per_token()``, the fields) works as usual.
-    """
-
-    def max_batch(self, memory_bytes: int | float, context: int) -> int:  # noqa: D102
-        raise LibraryShortcut(
-            "shape.max_batch is the library's answer to this exercise: work the batch out from "
-            "shape.weight_bytes and shape.kv_bytes_per_token() (Hint 1 above the exercise)")
-
-    def decode_step(self, context: int, batch: int = 1) -> tuple[float, float]:  # noqa: D102
-        raise LibraryShortcut(
-            "shape.decode_step is the library's answer to this exercise: count the FLOPs and the bytes yourself "
-            "from shape.params, shape.bytes_per_element and shape.kv_bytes_per_token() (Hint 1 above the exercise)")
-
-
-_ExerciseShape.__qualname__ = _ExerciseShape.__name__ = "TransformerShape"  # messages show the familiar name
-
-
-def exercise_shape(shape: TransformerShape) -> TransformerShape:
-    """A copy of ``shape`` that refuses ``max_batch`` and ``decode_step`` (see :class:`LibraryShortcut`)."""
-    if not isinstance(shape, TransformerShape):
-        raise TypeError(f"shape must be a TransformerShape, got {type(shape).__name__}")
-    return _ExerciseShape(**{f.name: getattr(shape, f.name) for f in fields(shape)})
+_MAX_BATCH_REFUSED = {
+    TransformerShape.max_batch: "shape.max_batch is the library's answer to this exercise: work the batch out from "
+                                "shape.weight_bytes and shape.kv_bytes_per_token() (Hint 1 above the exercise)",
+}
+_DECODE_STEP_REFUSED = {
+    TransformerShape.decode_step: "shape.decode_step is the library's answer to this exercise: count the FLOPs and "
+                                  "the bytes yourself from shape.params, shape.bytes_per_element and "
+                                  "shape.kv_bytes_per_token() (Hint 1 above the exercise)",
+}
 
 
 class _RefuseSdpa(TorchFunctionMode):
@@ -79,7 +58,7 @@ class _RefuseSdpa(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if func is F.scaled_dot_product_attention or getattr(func, "__name__", "") == "scaled_dot_product_attention":
-            raise LibraryShortcut(
+            raise LibraryCallRefused(
                 "F.scaled_dot_product_attention is PyTorch's fused kernel, which section 2 borrowed until now; "
                 "this exercise asks for the step written from its formula (Hint 1 above the exercise)")
         return func(*args, **(kwargs or {}))
@@ -140,9 +119,9 @@ def _kv_cache_cases() -> list[Case]:
 
 
 def _decode_intensity_cases() -> list[Case]:
-    llama, mistral = (exercise_shape(MODEL_PRESETS[name]) for name in ("LLaMA-2-7B", "Mistral-7B"))
-    tiny = exercise_shape(TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
-                                           vocab=100, bytes_per_element=4, gated_mlp=False))
+    llama, mistral = MODEL_PRESETS["LLaMA-2-7B"], MODEL_PRESETS["Mistral-7B"]
+    tiny = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
+                            vocab=100, bytes_per_element=4, gated_mlp=False)
     return [
         Case("tiny fp32 model, context 1, batch 1", (tiny, 1, 1)),
         Case("tiny fp32 model, context 1000, batch 8", (tiny, 1000, 8)),
@@ -238,7 +217,7 @@ def check_causal_attention(fn: Callable[..., object], reveal: bool = False) -> C
 def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``attention_decode_step(q_new, k_cache, v_cache)``: the last row of full attention, from its formula.
 
-    ``F.scaled_dot_product_attention`` is refused while it runs (:class:`LibraryShortcut`).
+    ``F.scaled_dot_product_attention`` is refused while it runs (``LibraryCallRefused``).
     """
     return check_function(
         _without_sdpa(fn), _answers.decode_step_answer, _decode_step_cases(), exercise="decode step with a KV cache",
@@ -264,10 +243,10 @@ def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> Che
 def check_decode_intensity(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step.
 
-    The shapes refuse ``decode_step``, the library's one-call answer (:func:`exercise_shape`).
+    ``shape.decode_step``, the library's one-call answer, is refused while it runs.
     """
     return check_function(
-        fn, _answers.decode_intensity_answer, _decode_intensity_cases(), exercise="decode arithmetic intensity",
+        refuse_calls(fn, _DECODE_STEP_REFUSED), _answers.decode_intensity_answer, _decode_intensity_cases(), exercise="decode arithmetic intensity",
         atol=0, rtol=1e-6, diagnose=_intensity_diagnosis, reveal=reveal,
         hint="ask, for each of the FLOPs, the weights and the KV caches, whether it grows with the batch. Tiered "
              "hints are above the exercise.",

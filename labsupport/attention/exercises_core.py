@@ -1,9 +1,9 @@
 """Chapter 00's second-edition exercise: the largest batch that fits in an accelerator's memory.
 
 * :func:`check_largest_batch` — the checker, over published shapes, a GQA model, weights that do not fit
-  at all, and a memory size exactly on a boundary. Its shapes refuse ``max_batch``, the library's one-call
-  answer (:func:`labsupport.attention.exercises.exercise_shape`); the answer itself is in the private
-  ``_answers`` module.
+  at all, and a memory size exactly on a boundary. ``shape.max_batch``, the library's one-call answer, is
+  refused while the learner's function runs (:func:`labsupport.harness.guards.refuse_calls`); the answer
+  itself is in the private ``_answers`` module.
 
 Kept apart from :mod:`labsupport.attention.exercises` (the first edition's checkers).
 """
@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from labsupport.attention import _answers
-from labsupport.attention.exercises import exercise_shape
+from labsupport.attention.exercises import _MAX_BATCH_REFUSED
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import refuse_calls
 
 __all__ = ["check_largest_batch"]
 
@@ -24,9 +25,9 @@ GiB = 2**30  # a "24 GB" or "80 GB" accelerator holds 24 or 80 GiB
 
 
 def _cases() -> list[Case]:
-    llama, mistral = (exercise_shape(MODEL_PRESETS[name]) for name in ("LLaMA-2-7B", "Mistral-7B"))
-    tiny = exercise_shape(TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
-                                           vocab=100, bytes_per_element=4, gated_mlp=False))
+    llama, mistral = MODEL_PRESETS["LLaMA-2-7B"], MODEL_PRESETS["Mistral-7B"]
+    tiny = TransformerShape(layers=2, d_model=64, q_heads=4, kv_heads=2, head_dim=16, d_ff=256,
+                            vocab=100, bytes_per_element=4, gated_mlp=False)
     boundary = tiny.weight_bytes + 3 * 1000 * tiny.kv_bytes_per_token()
     return [
         Case("LLaMA-2-7B, 24 GiB, 4K context", (llama, 24 * GiB, 4096)),
@@ -53,7 +54,7 @@ _BATCH_MISTAKES = known_mistakes({
 def check_largest_batch(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``largest_batch(shape, memory_bytes, context) -> int`` (``shape.max_batch`` is refused)."""
     return check_function(
-        fn, _answers.largest_batch_answer, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
+        refuse_calls(fn, _MAX_BATCH_REFUSED), _answers.largest_batch_answer, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
         diagnose=_BATCH_MISTAKES, reveal=reveal,
         hint="list what the memory holds once and what it holds per sequence, and what happens at the edges "
              "(a partial sequence, weights that do not fit). Tiered hints are above the exercise.",
