@@ -10,9 +10,10 @@ the exercise they are doing, so these live here, imported as a module by
 * :func:`kv_cache_bytes_answer` — the KV-cache count (first edition's exercise), positional form of
   :func:`labsupport.harness.costs.kv_cache_bytes`.
 
-The answers call :class:`~labsupport.harness.costs.TransformerShape`'s own methods,
-which the checkers refuse to a learner's function only (see
-:mod:`labsupport.attention.exercises`).
+The cost answers are written out from the shape's fields, like a learner's, so that
+they pass their own checkers, which refuse
+:class:`~labsupport.harness.costs.TransformerShape`'s ``max_batch`` and
+``decode_step`` (see :mod:`labsupport.attention.exercises`); tests hold them equal.
 """
 
 from __future__ import annotations
@@ -49,13 +50,22 @@ def _require_shape(shape: object) -> TransformerShape:
 
 
 def largest_batch_answer(shape: TransformerShape, memory_bytes: int, context: int) -> int:
-    """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights."""
-    return TransformerShape.max_batch(_require_shape(shape), memory_bytes, context)
+    """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights.
+
+    Written out (equal to :meth:`TransformerShape.max_batch`, which the checker refuses to a learner).
+    """
+    spare = memory_bytes - _require_shape(shape).weight_bytes
+    return 0 if spare <= 0 else int(spare // (context * shape.kv_bytes_per_token()))
 
 
 def decode_intensity_answer(shape: TransformerShape, context: int, batch: int) -> float:
-    """FLOPs per byte moved of one decode step (see :meth:`TransformerShape.decode_step`)."""
-    flops, moved = TransformerShape.decode_step(_require_shape(shape), context, batch)
+    """FLOPs per byte moved of one decode step of ``batch`` sequences at ``context``.
+
+    Written out (equal to :meth:`TransformerShape.decode_step`'s ratio, which the checker refuses to a learner).
+    """
+    shape = _require_shape(shape)
+    flops = batch * (2 * shape.params + 4 * shape.layers * shape.q_heads * shape.head_dim * context)
+    moved = shape.params * shape.bytes_per_element + batch * context * shape.kv_bytes_per_token()
     return flops / moved
 
 

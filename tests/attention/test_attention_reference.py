@@ -55,3 +55,12 @@ def test_decode_intensity_reference():
     assert _answers.decode_intensity_answer(llama, 1024, 16) == flops / moved
     with pytest.raises(TypeError, match="TransformerShape"):
         _answers.decode_intensity_answer({"layers": 32}, 1024, 16)
+
+
+def test_the_written_out_cost_answers_equal_the_library_methods():
+    for shape in MODEL_PRESETS.values():
+        for context, batch in ((1, 1), (1024, 16), (32768, 3)):
+            flops, moved = shape.decode_step(context, batch)
+            assert _answers.decode_intensity_answer(shape, context, batch) == flops / moved
+        for memory in (8 * 2**30, 24 * 2**30, 80 * 2**30):
+            assert _answers.largest_batch_answer(shape, memory, 4096) == shape.max_batch(memory, 4096)
