@@ -454,6 +454,24 @@ def _library_max_batch(shape, memory_bytes, context):
     return shape.max_batch(memory_bytes, context)
 
 
+def _library_online_update(m, l, acc, scores, v):
+    """Chapter 01's exercise 1 as the library's call."""
+    from labsupport.flash.reference import online_softmax_update
+    return online_softmax_update(m, l, acc, scores, v)
+
+
+def _library_flash_forward(q, k, v, causal=False, block_q=64, block_k=64):
+    """Chapter 01's exercise 2 as the library's call (the tiled forward the chapter uses after the exercise)."""
+    from labsupport.flash import flash_attention_forward
+    return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def _library_flash_backward(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    """Chapter 01's exercise 3 as the library's call."""
+    from labsupport.flash import flash_attention_backward
+    return flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
+
+
 def _library_decode_intensity(shape, context, batch):
     """Chapter 00's exercise 3 as the library's one call."""
     flops, moved = shape.decode_step(context, batch)
@@ -1090,8 +1108,11 @@ for _name, _wrong in {
     "check_attention_decode_step": [("library call: F.scaled_dot_product_attention", _sdpa_decode_step)],
     "check_largest_batch": [("library call: shape.max_batch", _library_max_batch)],
     "check_decode_intensity": [("library call: shape.decode_step", _library_decode_intensity)],
-    "check_flash_forward": [("query-chunked: whole key axis per query block", _query_chunked_flash_forward)],
-    "check_flash_backward": [("query-chunked: whole key axis per query block", _query_chunked_flash_backward)],
+    "check_online_softmax_update": [("library call: reference.online_softmax_update", _library_online_update)],
+    "check_flash_forward": [("query-chunked: whole key axis per query block", _query_chunked_flash_forward),
+                            ("library call: ref.flash_attention_forward", _library_flash_forward)],
+    "check_flash_backward": [("query-chunked: whole key axis per query block", _query_chunked_flash_backward),
+                             ("library call: ref.flash_attention_backward", _library_flash_backward)],
 }.items():
     SPECIFIC.setdefault(_name, []).extend(_wrong)
 
