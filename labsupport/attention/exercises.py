@@ -1,7 +1,7 @@
 """Chapter 00 exercises: the ``check_*`` checkers and the cases they are graded on.
 
 Each checker compares a learner's function with its answer (in the private
-``_answers`` module, or :mod:`labsupport.attention.reference` for causal
+``_solutions`` module, or :mod:`labsupport.attention.reference` for causal
 attention) through :func:`labsupport.harness.checking.check_function`.
 
 Exercises whose answer is one library call refuse that call while they grade
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from labsupport.attention import _answers
+from labsupport.attention import _solutions as _answers
 from labsupport.attention.reference import causal_attention
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape

@@ -3,7 +3,7 @@
 * :func:`check_largest_batch` — the checker, over published shapes, a GQA model, weights that do not fit
   at all, and a memory size exactly on a boundary. ``shape.max_batch``, the library's one-call answer, is
   refused while the learner's function runs (:func:`labsupport.harness.guards.refuse_calls`); the answer
-  itself is in the private ``_answers`` module.
+  itself is in the private ``_solutions`` module.
 
 Kept apart from :mod:`labsupport.attention.exercises` (the first edition's checkers).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from labsupport.attention import _answers
+from labsupport.attention import _solutions as _answers
 from labsupport.attention.exercises import _MAX_BATCH_REFUSED
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape

@@ -3,7 +3,7 @@
 * :func:`causal_attention` — softmax attention written out from its definition.
 
 The exercises' answers (the decode step, the largest batch, the decode step's
-intensity) are not here: they live in the private ``_answers`` module that only
+intensity) are not here: they live in the private ``_solutions`` module that only
 the checkers import, so the chapter's namespace does not hand them out.
 """
 

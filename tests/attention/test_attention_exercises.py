@@ -7,7 +7,7 @@ import math
 import torch
 
 from labsupport import attention as A
-from labsupport.attention import _answers
+from labsupport.attention import _solutions as _answers
 
 
 # --- checkers: right answers pass, wrong answers are explained -------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from labsupport import attention as A
-from labsupport.attention import _answers
+from labsupport.attention import _solutions as _answers
 from labsupport.harness.costs import MODEL_PRESETS
 
 

@@ -1,4 +1,4 @@
-"""Chapter 00's exercise answers, for the checkers only (kept out of the modules a notebook imports).
+"""Chapter 00's reference solutions, for the checkers only (kept out of the modules a notebook imports).
 
 A learner who types ``ref.<name>??`` in the chapter should not find the answer of
 the exercise they are doing, so these live here, imported as a module by
