@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from labsupport import attention, flash, grouped
+from labsupport.attention import _solutions as _attention_solutions  # noqa: F401  (loads attention._solutions)
 from labsupport.harness.numerics import masked_softmax, rel_err
 from labsupport.linear_attention import reference as lin
 from labsupport.linear_attention.fast import linear_attention_chunkwise_fast
@@ -87,7 +88,7 @@ def test_online_softmax_row_with_leading_masked_entries():
 
 SOFTMAX_FORMS = {
     "attention.causal_attention": lambda q, k, v: attention.causal_attention(q, k, v),
-    "attention.attention_decode_step": lambda q, k, v: attention.attention_decode_step(q[:, :, -1:], k, v),
+    "attention._solutions.decode_step_answer": lambda q, k, v: attention._solutions.decode_step_answer(q[:, :, -1:], k, v),
     "grouped.grouped_attention": lambda q, k, v: grouped.grouped_attention(q, k, v),
     "grouped.grouped_decode_step": lambda q, k, v: grouped.grouped_decode_step(q[:, :, -1:], k, v),
     "flash.naive_attention": lambda q, k, v: flash.naive_attention(q, k, v, causal=True),

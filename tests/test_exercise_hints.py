@@ -62,12 +62,12 @@ def _online_update_without_rescaling_acc(m, l, acc, scores, v):
 
 
 def _forward_with_halved_lse(q, k, v, causal=False, block_q=64, block_k=64):
-    out, lse = flash.flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+    out, lse = flash.tiled._tiled_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)  # public: refused
     return out, lse / 2
 
 
 def _backward_with_doubled_dq(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
-    dq, dk, dv = flash.flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q,
+    dq, dk, dv = flash.tiled._tiled_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q,
                                                 block_k=block_k)
     return 2 * dq, dk, dv
 

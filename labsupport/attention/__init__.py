@@ -1,15 +1,18 @@
-"""Chapter 00 — where the time goes: attention from its definition, and the chapter's exercises.
+"""Chapter 00 — where the time goes: attention from its definition, and the chapter's checkers.
 
 ================  ==========================================================================================
 module            holds
 ================  ==========================================================================================
-``reference``     ``causal_attention``, ``attention_decode_step``, and the exercises' reference formulas
-                  ``kv_cache_bytes_reference`` and ``decode_intensity_reference``
+``reference``     ``causal_attention``
 ``exercises``     the checkers ``check_causal_attention``, ``check_attention_decode_step``,
-                  ``check_kv_cache_bytes``, ``check_decode_intensity`` and the cases they grade on
+                  ``check_kv_cache_bytes``, ``check_decode_intensity``, the cases they grade on, and the
+                  library calls each refuses (``harness.guards.LibraryCallRefused``)
+``exercises_core``  ``check_largest_batch``
+``timesplit``     ``time_split``: a forward pass's time, split into attention, weight matmuls and the rest
 ================  ==========================================================================================
 
-The chapter's cost model (``TransformerShape``, ``KV_PRESETS``, ``MODEL_PRESETS``,
+The exercises' answers are kept out of this namespace (the checkers read them from a private
+module). The chapter's cost model (``TransformerShape``, ``KV_PRESETS``, ``MODEL_PRESETS``,
 ``kv_cache_bytes``) lives in :mod:`labsupport.harness.costs`. Usage::
 
     from labsupport import attention as ref
@@ -23,20 +26,12 @@ from labsupport.attention.exercises import (
     check_decode_intensity,
     check_kv_cache_bytes,
 )
-from labsupport.attention.reference import (
-    attention_decode_step,
-    causal_attention,
-    decode_intensity_reference,
-    kv_cache_bytes_reference,
-)
+from labsupport.attention.reference import causal_attention
 
 __all__ = [
-    "attention_decode_step",
     "causal_attention",
     "check_attention_decode_step",
     "check_causal_attention",
     "check_decode_intensity",
     "check_kv_cache_bytes",
-    "decode_intensity_reference",
-    "kv_cache_bytes_reference",
 ]

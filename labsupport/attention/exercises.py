@@ -1,26 +1,33 @@
 """Chapter 00 exercises: the ``check_*`` checkers and the cases they are graded on.
 
-Each checker compares a learner's function with its reference in
-:mod:`labsupport.attention.reference` through
-:func:`labsupport.harness.checking.check_function`.
+Each checker compares a learner's function with its answer (in the private
+``_solutions`` module, or :mod:`labsupport.attention.reference` for causal
+attention) through :func:`labsupport.harness.checking.check_function`.
+
+Exercises whose answer is one library call refuse that call while they grade
+(:class:`labsupport.harness.guards.LibraryCallRefused`): the decode step refuses
+PyTorch's ``scaled_dot_product_attention``, the cost exercises
+:class:`~labsupport.harness.costs.TransformerShape`'s own ``max_batch`` and
+``decode_step`` (:func:`labsupport.harness.guards.refuse_calls`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from labsupport.attention.reference import (
-    attention_decode_step,
-    causal_attention,
-    decode_intensity_reference,
-    kv_cache_bytes_reference,
-)
+from labsupport.attention import _solutions as _answers
+from labsupport.attention.reference import causal_attention
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import LibraryCallRefused, refuse_calls
 
 __all__ = [
     "check_attention_decode_step",
@@ -28,6 +35,45 @@ __all__ = [
     "check_decode_intensity",
     "check_kv_cache_bytes",
 ]
+
+
+# ----------------------------------------------------------------------------- refusing the library's answer
+# The cost exercises refuse TransformerShape's own one-call answers through the harness's call guard
+# (labsupport.harness.guards.refuse_calls). PyTorch's attention kernel is a C function that guard cannot see, so
+# the decode step refuses it with a torch-function mode that raises the same LibraryCallRefused.
+
+_MAX_BATCH_REFUSED = {
+    TransformerShape.max_batch: "shape.max_batch is the library's answer to this exercise: work the batch out from "
+                                "shape.weight_bytes and shape.kv_bytes_per_token() (Hint 1 above the exercise)",
+}
+_DECODE_STEP_REFUSED = {
+    TransformerShape.decode_step: "shape.decode_step is the library's answer to this exercise: count the FLOPs and "
+                                  "the bytes yourself from shape.params, shape.bytes_per_element and "
+                                  "shape.kv_bytes_per_token() (Hint 1 above the exercise)",
+}
+
+
+class _RefuseSdpa(TorchFunctionMode):
+    """Refuses ``F.scaled_dot_product_attention`` while a learner's decode step runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is F.scaled_dot_product_attention or getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            raise LibraryCallRefused(
+                "F.scaled_dot_product_attention is PyTorch's fused kernel, which section 2 borrowed until now; "
+                "this exercise asks for the step written from its formula (Hint 1 above the exercise)")
+        return func(*args, **(kwargs or {}))
+
+
+def _without_sdpa(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if not callable(fn):
+        return fn  # the engine explains what a non-function is
+
+    @functools.wraps(fn)
+    def graded(*args: Any, **kwargs: Any) -> Any:
+        with _RefuseSdpa():
+            return fn(*args, **kwargs)
+
+    return graded
 
 
 def _attention_cases(seed: int = 0) -> list[Case]:
@@ -141,7 +187,7 @@ def _kv_bytes_diagnosis(case: Case, expected: object, got: object) -> str | None
 
 def _intensity_diagnosis(case: Case, expected: object, got: object) -> str | None:
     shape, context, batch = case.args
-    flops, _ = shape.decode_step(context, batch)
+    flops, _ = TransformerShape.decode_step(shape, context, batch)
     weights, cache = shape.params * shape.bytes_per_element, batch * context * shape.kv_bytes_per_token()
     for moved, text in ((batch * weights + cache, "you read the weights once per sequence; one step reads them "
                                                   "once for the whole batch"),
@@ -169,9 +215,12 @@ def check_causal_attention(fn: Callable[..., object], reveal: bool = False) -> C
 
 
 def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``attention_decode_step(q_new, k_cache, v_cache)``, including that it matches the last row of full attention."""
+    """Check ``attention_decode_step(q_new, k_cache, v_cache)``: the last row of full attention, from its formula.
+
+    ``F.scaled_dot_product_attention`` is refused while it runs (``LibraryCallRefused``).
+    """
     return check_function(
-        fn, attention_decode_step, _decode_step_cases(), exercise="decode step with a KV cache",
+        _without_sdpa(fn), _answers.decode_step_answer, _decode_step_cases(), exercise="decode step with a KV cache",
         atol=1e-5, rtol=1e-4, diagnose=_DECODE_MISTAKES, reveal=reveal,
         hint="this is the last row of the causal attention of section 1: which keys may the newest token read? "
              "Tiered hints are above the exercise.",
@@ -183,7 +232,7 @@ def check_attention_decode_step(fn: Callable[..., object], reveal: bool = False)
 def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``kv_cache_bytes(layers, kv_heads, head_dim, context, bytes_per_element)``, Jamba's figures included."""
     return check_function(
-        fn, kv_cache_bytes_reference, _kv_cache_cases(), exercise="KV-cache bytes", atol=0, rtol=0,
+        fn, _answers.kv_cache_bytes_answer, _kv_cache_cases(), exercise="KV-cache bytes", atol=0, rtol=0,
         diagnose=_kv_bytes_diagnosis, reveal=reveal,
         hint="list what one cached token stores, in one layer and one KV head, then count; the answer is in "
              "bytes. Tiered hints are above the exercise.",
@@ -192,9 +241,12 @@ def check_kv_cache_bytes(fn: Callable[..., object], reveal: bool = False) -> Che
 
 
 def check_decode_intensity(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step."""
+    """Check ``decode_intensity(shape, context, batch)`` = FLOPs / bytes of one decode step.
+
+    ``shape.decode_step``, the library's one-call answer, is refused while it runs.
+    """
     return check_function(
-        fn, decode_intensity_reference, _decode_intensity_cases(), exercise="decode arithmetic intensity",
+        refuse_calls(fn, _DECODE_STEP_REFUSED), _answers.decode_intensity_answer, _decode_intensity_cases(), exercise="decode arithmetic intensity",
         atol=0, rtol=1e-6, diagnose=_intensity_diagnosis, reveal=reveal,
         hint="ask, for each of the FLOPs, the weights and the KV caches, whether it grows with the batch. Tiered "
              "hints are above the exercise.",

@@ -1,8 +1,9 @@
 """Chapter 00's second-edition exercise: the largest batch that fits in an accelerator's memory.
 
-* :func:`largest_batch_reference` — the answer, from :meth:`labsupport.harness.costs.TransformerShape.max_batch`.
 * :func:`check_largest_batch` — the checker, over published shapes, a GQA model, weights that do not fit
-  at all, and a memory size exactly on a boundary.
+  at all, and a memory size exactly on a boundary. ``shape.max_batch``, the library's one-call answer, is
+  refused while the learner's function runs (:func:`labsupport.harness.guards.refuse_calls`); the answer
+  itself is in the private ``_solutions`` module.
 
 Kept apart from :mod:`labsupport.attention.exercises` (the first edition's checkers).
 """
@@ -11,20 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from labsupport.attention import _solutions as _answers
+from labsupport.attention.exercises import _MAX_BATCH_REFUSED
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.costs import MODEL_PRESETS, TransformerShape
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import refuse_calls
 
-__all__ = ["check_largest_batch", "largest_batch_reference"]
+__all__ = ["check_largest_batch"]
 
 GiB = 2**30  # a "24 GB" or "80 GB" accelerator holds 24 or 80 GiB
-
-
-def largest_batch_reference(shape: TransformerShape, memory_bytes: int, context: int) -> int:
-    """The most sequences of ``context`` tokens whose KV caches fit in ``memory_bytes`` beside the weights."""
-    if not isinstance(shape, TransformerShape):
-        raise TypeError(f"shape must be a TransformerShape, got {type(shape).__name__}")
-    return shape.max_batch(memory_bytes, context)
 
 
 def _cases() -> list[Case]:
@@ -55,9 +52,9 @@ _BATCH_MISTAKES = known_mistakes({
 
 
 def check_largest_batch(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
-    """Check ``largest_batch(shape, memory_bytes, context) -> int`` against :func:`largest_batch_reference`."""
+    """Check ``largest_batch(shape, memory_bytes, context) -> int`` (``shape.max_batch`` is refused)."""
     return check_function(
-        fn, largest_batch_reference, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
+        refuse_calls(fn, _MAX_BATCH_REFUSED), _answers.largest_batch_answer, _cases(), exercise="largest batch that fits", atol=0, rtol=0,
         diagnose=_BATCH_MISTAKES, reveal=reveal,
         hint="list what the memory holds once and what it holds per sequence, and what happens at the edges "
              "(a partial sequence, weights that do not fit). Tiered hints are above the exercise.",

@@ -16,12 +16,23 @@ from collections.abc import Callable
 import torch
 
 from labsupport.flash import reference as _reference  # a module, so the exercise's own name stays out of this one
-from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
+from labsupport.flash import tiled as _tiled
+from labsupport.flash.tiled import flash_attention_forward
 from labsupport.harness.checking import Case, CheckResult, check_function
 from labsupport.harness.diagnosis import known_mistakes
+from labsupport.harness.guards import refuse_calls
 from labsupport.harness.numerics import seeded_randn
 
 __all__ = ["check_flash_backward", "check_flash_forward", "check_online_softmax_update"]
+
+
+# The library's own versions of the exercises: each checker refuses them (labsupport.harness.guards.refuse_calls).
+_LIBRARY = "is the library's version of this exercise, which the chapter uses once you have written yours"
+_REFUSED_UPDATE = {_reference.online_softmax_update: f"labsupport.flash.reference.online_softmax_update {_LIBRARY}"}
+_REFUSED_FORWARD = {_tiled.flash_attention_forward: f"ref.flash_attention_forward {_LIBRARY}",
+                    _tiled.flash_attention: f"ref.flash_attention {_LIBRARY} (with autograd)"}
+_REFUSED_BACKWARD = {_tiled.flash_attention_backward: f"ref.flash_attention_backward {_LIBRARY}",
+                     _tiled.flash_attention: f"ref.flash_attention {_LIBRARY} (with autograd)"}
 
 
 def _update_cases() -> list[Case]:
@@ -95,8 +106,8 @@ _UPDATE_MISTAKES = [
 def check_online_softmax_update(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(m, l, acc, scores, v) -> (m_new, l_new, acc_new)`` against the reference update."""
     return check_function(
-        fn,
-        _reference.online_softmax_update,
+        refuse_calls(fn, _REFUSED_UPDATE),
+        _reference._online_update,
         _update_cases(),
         exercise="online_softmax_update",
         atol=1e-6,
@@ -175,7 +186,7 @@ def _tiling_guard_case(gen: torch.Generator, with_dout: bool) -> Case:
 
 
 def _forward_reference(q, k, v, causal=False, block_q=64, block_k=64):
-    return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+    return _tiled._tiled_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
 
 
 def _dense_forward(q, k, v, causal=False, block_q=64, block_k=64, *, top_left: bool = False):
@@ -207,7 +218,7 @@ def check_flash_forward(fn: Callable[..., object], reveal: bool = False) -> Chec
     scores (``-inf`` for a row that sees no key; its output row is zeros).
     """
     return check_function(
-        fn,
+        refuse_calls(fn, _REFUSED_FORWARD),
         _forward_reference,
         _attention_cases(with_dout=False),
         exercise="flash_forward",
@@ -226,13 +237,13 @@ def check_flash_forward(fn: Callable[..., object], reveal: bool = False) -> Chec
 
 
 def _backward_reference(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
-    return flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
+    return _tiled._tiled_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
 
 
 def check_flash_backward(fn: Callable[..., object], reveal: bool = False) -> CheckResult:
     """Check ``fn(q, k, v, out, lse, dout, causal=..., block_q=..., block_k=...) -> (dq, dk, dv)``."""
     return check_function(
-        fn,
+        refuse_calls(fn, _REFUSED_BACKWARD),
         _backward_reference,
         _attention_cases(with_dout=True),
         exercise="flash_backward",

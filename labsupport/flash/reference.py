@@ -120,7 +120,7 @@ def online_softmax_row(x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[
     return torch.exp(x - m_ref) / torch.where(l > 0, l, torch.ones_like(l)), history
 
 
-def online_softmax_update(
+def _online_update(
     m: torch.Tensor,
     l: torch.Tensor,
     acc: torch.Tensor,
@@ -149,3 +149,18 @@ def online_softmax_update(
     l_new = alpha * l + p.sum(dim=-1)
     acc_new = alpha[..., None] * acc + p @ v
     return m_new, l_new, acc_new
+
+
+def online_softmax_update(
+    m: torch.Tensor,
+    l: torch.Tensor,
+    acc: torch.Tensor,
+    scores: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the online softmax over a block of keys: ``(m_new, l_new, acc_new)``.
+
+    The library's version of chapter 01's exercise 1 (whose checker refuses it; it
+    is not re-exported by :mod:`labsupport.flash`); see :func:`_online_update`.
+    """
+    return _online_update(m, l, acc, scores, v)

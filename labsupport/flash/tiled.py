@@ -47,7 +47,7 @@ def _block_ranges(lq: int, lk: int, block_q: int, block_k: int, causal: bool) ->
         yield q0, q1, tiles
 
 
-def flash_attention_forward(
+def _tiled_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -94,7 +94,7 @@ def flash_attention_forward(
     return out.to(q.dtype), lse
 
 
-def flash_attention_backward(
+def _tiled_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -156,6 +156,46 @@ def flash_attention_backward(
             dq[..., q0:q1, :] += (ds @ kj) * s
             dk[..., k0:k1, :] += (ds.transpose(-1, -2) @ qi) * s
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled attention forward, FlashAttention-2 style: ``(out, lse)``; never forms the full score matrix.
+
+    The library's version of chapter 01's exercise 2 (whose checker refuses it);
+    see the implementation, :func:`_tiled_forward`, for the arguments.
+    """
+    return _tiled_forward(q, k, v, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
+
+
+def flash_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward pass by recomputation: ``(dq, dk, dv)``, rebuilding each probability tile from ``lse``.
+
+    The library's version of chapter 01's exercise 3 (whose checker refuses it);
+    see the implementation, :func:`_tiled_backward`, for the details.
+    """
+    return _tiled_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
 
 
 class FlashAttentionFunction(torch.autograd.Function):

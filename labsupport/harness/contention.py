@@ -133,8 +133,22 @@ def measurement_conditions(load: float | None = None) -> str:
     text = f"{threads} torch thread{'s' if threads != 1 else ''}, {cpus} CPU{'s' if cpus != 1 else ''}"
     if load is None:
         return text + ", load unknown"
-    state = "busy" if load > cpus else "quiet" if load < 0.5 * cpus else "partly busy"
-    return f"{text}, load {load:.1f} ({state})"
+    return f"{text}, load {load:.1f} ({_load_state(load, cpus)})"
+
+
+def _load_state(load: float, cpus: int) -> str:
+    """"quiet", "partly busy" or "busy" for a load on ``cpus`` CPUs, not counting the measuring thread itself.
+
+    The notebook that measures is one runnable thread of the load (a load of 1.0 on
+    an idle machine is that thread alone), so up to one unit of load is its own:
+    quiet while the others add less than half a CPU, busy once some thread must
+    wait for a core (load above the CPUs, as :func:`busy_warning` says), partly
+    busy in between.
+    """
+    others = max(0.0, load - 1.0)
+    if load > cpus:
+        return "busy"
+    return "quiet" if others < 0.5 else "partly busy"
 
 
 def print_measured(label: str, value: float, unit: str = "", *, digits: int = 3) -> str:

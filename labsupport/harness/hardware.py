@@ -1,14 +1,19 @@
-"""Two measurements of the reader's own machine: matmul throughput and memory bandwidth.
+"""Two measurements of the reader's own machine: matmul throughput and memory bandwidth; and its caches.
 
 Their ratio, FLOPs per byte, is the machine's *balance point*: a computation
 that performs fewer FLOPs per byte it moves than this is limited by memory
 bandwidth, not by arithmetic (the roofline model). Chapter 00 uses it to show
 that decoding one token at a time sits far below the balance point.
+
+:func:`cache_sizes` and :func:`last_level_cache_bytes` read the CPU's cache sizes
+(Linux): a memory-bound timing changes regime when its data outgrow the
+last-level cache, so a chapter prints where its sizes sit against it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,7 +21,10 @@ from labsupport.harness.measuring import time_callable
 from labsupport.harness.settings import torch_threads
 from labsupport.harness.validation import require_float, require_int
 
-__all__ = ["MachineProfile", "matmul_gflops", "copy_bandwidth_gbs", "profile_machine"]
+__all__ = ["MachineProfile", "cache_sizes", "copy_bandwidth_gbs", "last_level_cache_bytes", "matmul_gflops",
+           "profile_machine"]
+
+_CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 def matmul_gflops(n: int = 1024, *, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
@@ -86,3 +94,43 @@ def profile_machine(*, matmul_n: int = 1024, copy_megabytes: int = 256, threads:
         record(record_as, f"matmul_gflops_{threads}thread", profile.gflops, "GFLOP/s")
         record(record_as, f"copy_bandwidth_gbs_{threads}thread", profile.bandwidth_gbs, "GB/s")
     return profile
+
+
+def _parse_cache_size(text: str) -> int | None:
+    """``"32768K"``, ``"1M"``, ``"512"`` (bytes) → bytes; ``None`` when unreadable."""
+    text = text.strip().upper()
+    factor = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in "KMG" else text
+    return int(digits) * factor if digits.isdigit() else None
+
+
+def cache_sizes(root: Path | str = _CPU0_CACHES) -> dict[int, int]:
+    """Bytes of each data (or unified) cache level that one core can use: ``{1: L1d, 2: L2, 3: L3}``.
+
+    Read from Linux's ``/sys/devices/system/cpu/cpu0/cache`` (one instance of
+    each level, as the first core sees it: a shared L3 counts once, not once per
+    core as ``lscpu``'s totals do). Empty where the system does not say (macOS,
+    Windows, some containers).
+    """
+    sizes: dict[int, int] = {}
+    root = Path(root)
+    try:
+        entries = sorted(root.glob("index*"))
+    except OSError:
+        return sizes
+    for entry in entries:
+        try:
+            kind = (entry / "type").read_text().strip()
+            level = int((entry / "level").read_text().strip())
+            size = _parse_cache_size((entry / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind in ("Data", "Unified") and size:
+            sizes[level] = max(size, sizes.get(level, 0))
+    return sizes
+
+
+def last_level_cache_bytes(root: Path | str = _CPU0_CACHES) -> int | None:
+    """Bytes of the largest cache level one core can use (usually the L3), or ``None`` where unknown."""
+    sizes = cache_sizes(root)
+    return sizes[max(sizes)] if sizes else None

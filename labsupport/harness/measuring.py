@@ -252,8 +252,8 @@ def exponent_warning(label: str, exponent: float, *, expected: float | None = No
     Implausible means outside [0, 3.5] (cost that falls as the work grows, or
     grows faster than cubically), or, when ``expected`` is given (e.g. 2 for
     softmax attention's prefill), more than ``tolerance`` away from it. The
-    warning names the usual causes: a busy machine, or sizes so small that fixed
-    overhead dominates.
+    warning names the usual causes: a busy machine, sizes so small that fixed
+    overhead dominates, or sizes that straddle a CPU cache (a real effect, not noise).
     """
     if not isinstance(label, str):
         raise TypeError(f"label must be a str, got {type(label).__name__}")
@@ -271,7 +271,8 @@ def exponent_warning(label: str, exponent: float, *, expected: float | None = No
     else:
         return None
     return (
-        f"⚠️ {label}: {problem}. Usual causes: a busy machine (other programs took the cores during some calls) "
-        "or sizes so small that fixed overhead hides the growth; rerun the cell, or on a quieter machine, "
-        "before reading the slope."
+        f"⚠️ {label}: {problem}. Usual causes: a busy machine (other programs took the cores during some calls), "
+        "sizes so small that fixed overhead hides the growth, or data that outgrow a CPU cache within the fitted "
+        "sizes (memory-bound work then slows per element, and the slope rises above the work's own exponent "
+        "wherever you run it); rerun the cell, and if the slope stays, compare the sizes with your caches."
     )

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from labsupport.flash.exercises import check_flash_backward, check_flash_forward, check_online_softmax_update
-from labsupport.flash.reference import causal_mask, online_softmax_update
-from labsupport.flash.tiled import flash_attention_backward, flash_attention_forward
+from labsupport.flash.reference import _online_update as online_softmax_update  # the public ones are refused
+from labsupport.flash.reference import causal_mask
+from labsupport.flash.tiled import _tiled_backward as flash_attention_backward
+from labsupport.flash.tiled import _tiled_forward as flash_attention_forward
 
 
 # --------------------------------------------------------------------------- checkers with wrong answers
@@ -213,3 +215,18 @@ def test_the_chapter_module_does_not_hold_exercise_answers_under_their_names():
     from labsupport.flash import exercises
 
     assert not hasattr(flash, "online_softmax_update") and not hasattr(exercises, "online_softmax_update")
+
+
+def test_the_library_versions_of_the_exercises_are_refused(capsys):
+    from labsupport import flash
+    from labsupport.flash import reference
+
+    cases = [
+        (check_online_softmax_update, lambda *a: reference.online_softmax_update(*a), "online_softmax_update"),
+        (check_flash_forward, lambda q, k, v, **kw: flash.flash_attention_forward(q, k, v, **kw),
+         "ref.flash_attention_forward"),
+        (check_flash_backward, lambda *a, **kw: flash.flash_attention_backward(*a, **kw), "ref.flash_attention_backward"),
+    ]
+    for checker, fn, name in cases:
+        result, out = run_checker(checker, fn, capsys)
+        assert not result and "LibraryCallRefused" in out and name in out and "library's version" in out

@@ -80,3 +80,11 @@ def test_contention_imports_nothing_from_the_rest_of_the_harness() -> None:
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not {name for name in imported if name.startswith("labsupport")}, imported
     assert settings.cpu_budget is contention.cpu_budget  # re-exported, one definition
+
+
+@pytest.mark.parametrize(("load", "state"), [(1.0, "quiet"), (1.4, "quiet"), (1.6, "partly busy"),
+                                             (2.0, "partly busy"), (2.1, "busy")])
+def test_the_measuring_thread_itself_does_not_make_the_machine_busy(two_cpus, load, state) -> None:
+    # a load of 1.0 on 2 CPUs is the notebook's own thread: quiet, not "partly busy" (issue 24)
+    two_cpus.setattr(contention, "load_average", lambda: load)
+    assert contention.measurement_conditions().endswith(f"({state})")

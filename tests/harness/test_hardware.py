@@ -38,3 +38,20 @@ def test_profile_machine_measures_on_the_threads_asked_and_restores_them(monkeyp
             hardware.profile_machine(threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cache_sizes_read_one_instance_of_each_data_level(tmp_path):
+    from labsupport.harness.hardware import cache_sizes, last_level_cache_bytes
+
+    for index, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"),
+                                                  (2, "Unified", "512K"), (3, "Unified", "32768K")]):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "type").write_text(f"{kind}\n")
+        (entry / "size").write_text(f"{size}\n")
+    assert cache_sizes(tmp_path) == {1: 32 * 2**10, 2: 512 * 2**10, 3: 32 * 2**20}
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert cache_sizes(tmp_path / "missing") == {} and last_level_cache_bytes(tmp_path / "missing") is None
+    (tmp_path / "index3" / "size").write_text("lots\n")  # unreadable: that level is left out
+    assert last_level_cache_bytes(tmp_path) == 512 * 2**10

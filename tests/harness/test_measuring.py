@@ -236,3 +236,11 @@ def test_exponent_warning_rejects_bad_input(kwargs, error) -> None:
 
     with pytest.raises(error):
         exponent_warning("x", **kwargs)
+
+
+def test_exponent_warning_names_a_cache_as_a_cause_not_only_a_busy_machine() -> None:
+    # a decode slope of 1.6 where the cache leaves the last-level cache is real, not contention (issue 24)
+    from labsupport.harness.measuring import exponent_warning
+
+    message = exponent_warning("decode", 1.6, expected=1.0)
+    assert message is not None and "outgrow a CPU cache" in message and "compare the sizes with your caches" in message

@@ -442,6 +442,41 @@ def _query_chunked_flash_backward(q, k, v, out, lse, dout, causal=False, block_q
         dk += ds.transpose(-1, -2) @ q[..., q0:q1, :] * scale
     return dq, dk, dv
 
+
+def _sdpa_decode_step(q_new, k_cache, v_cache):
+    """Chapter 00's exercise 1 as PyTorch's one call (right numbers; the exercise asks for the formula)."""
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(q_new, k_cache, v_cache)
+
+
+def _library_max_batch(shape, memory_bytes, context):
+    """Chapter 00's exercise 2 as the library's one call."""
+    return shape.max_batch(memory_bytes, context)
+
+
+def _library_online_update(m, l, acc, scores, v):
+    """Chapter 01's exercise 1 as the library's call."""
+    from labsupport.flash.reference import online_softmax_update
+    return online_softmax_update(m, l, acc, scores, v)
+
+
+def _library_flash_forward(q, k, v, causal=False, block_q=64, block_k=64):
+    """Chapter 01's exercise 2 as the library's call (the tiled forward the chapter uses after the exercise)."""
+    from labsupport.flash import flash_attention_forward
+    return flash_attention_forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def _library_flash_backward(q, k, v, out, lse, dout, causal=False, block_q=64, block_k=64):
+    """Chapter 01's exercise 3 as the library's call."""
+    from labsupport.flash import flash_attention_backward
+    return flash_attention_backward(q, k, v, out, lse, dout, causal=causal, block_q=block_q, block_k=block_k)
+
+
+def _library_decode_intensity(shape, context, batch):
+    """Chapter 00's exercise 3 as the library's one call."""
+    flops, moved = shape.decode_step(context, batch)
+    return flops / moved
+
 def _dense_block_sparse(q, k, v, mask, block_q, block_k):
     """Chapter 05's shortcut: dense attention under the mask, with the NaN of the unread blocks cleaned away."""
     from labsupport.sparse.reference import masked_attention
@@ -871,11 +906,9 @@ def _verify_residual_q_minus_p(p, q, drafted, u):
 
 #: Wrong answers that only make sense for one checker: name -> [(kind, function)].
 SPECIFIC: dict[str, list[tuple[str, Callable[..., Any]]]] = {
-    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward),
-                            ("query-chunked: whole key axis per query block", _query_chunked_flash_forward)],
+    "check_flash_forward": [("dense (torch.logsumexp)", _dense_flash_forward)],
     "check_flash_backward": [("dense autograd", _dense_flash_backward),
-                             ("no -inf guard on lse", _unguarded_flash_backward),
-                             ("query-chunked: whole key axis per query block", _query_chunked_flash_backward)],
+                             ("no -inf guard on lse", _unguarded_flash_backward)],
     "check_block_sparse_loop": [("dense, NaN cleaned", _dense_block_sparse)],
     "check_tova_evict": [("per head", _tova_per_head)],
     "check_streaming_step": [("text positions", _streaming_slot_positions),
@@ -1068,6 +1101,20 @@ def count(kinds_filter: set[str] | None = None, checkers: list[tuple[str, str]] 
                 passed += 1
                 lines.append(f"PASSED (should fail): {name} <- {label}")
     return passed, total, lines
+
+
+# Chapters 00 and 01 (issue 24): the library's one-call answers, and query chunking in place of tiles.
+for _name, _wrong in {
+    "check_attention_decode_step": [("library call: F.scaled_dot_product_attention", _sdpa_decode_step)],
+    "check_largest_batch": [("library call: shape.max_batch", _library_max_batch)],
+    "check_decode_intensity": [("library call: shape.decode_step", _library_decode_intensity)],
+    "check_online_softmax_update": [("library call: reference.online_softmax_update", _library_online_update)],
+    "check_flash_forward": [("query-chunked: whole key axis per query block", _query_chunked_flash_forward),
+                            ("library call: ref.flash_attention_forward", _library_flash_forward)],
+    "check_flash_backward": [("query-chunked: whole key axis per query block", _query_chunked_flash_backward),
+                             ("library call: ref.flash_attention_backward", _library_flash_backward)],
+}.items():
+    SPECIFIC.setdefault(_name, []).extend(_wrong)
 
 
 if _triton_runs_here():  # chapter 01's Triton exercise: wrong kernels written as a learner would
