@@ -74,7 +74,7 @@ class Hardware:
                 f"{format_bytes(self.memory_bytes)} ({self.source})")
 
 
-#: The course's dev machine, one torch thread (2-core x86-64 Xeon, torch 2.13.0+cpu): fp32 matmul 1024³ and a
+#: The course's dev machine, one torch thread (2-vCPU AMD EPYC, torch 2.13.0+cpu): fp32 matmul 1024³ and a
 #: 256 MB copy through ``labsupport.harness.hardware.profile_machine``, in two runs of chapter 10 on 2026-12-07
 #: (76–88 GFLOP/s, 17.5–18.8 GB/s; the machine was shared), rounded.
 REFERENCE_CPU = {"gflops": 80.0, "bandwidth_gbs": 18.0}
