@@ -137,7 +137,7 @@ def _class(course: Path, folder: Path, gradebook: Path, marker: Path) -> None:
     }
     other = folder / "b_good" / "00_tiny.ipynb"
     hostile = _answered(edition, "    return 0\n",
-                        "    return 0.0\n\nfrom labsupport.attention import decode_intensity_reference as decode_intensity\n")
+                        "    return 0.0\n\nfrom labsupport.attention._solutions import decode_intensity_answer as decode_intensity\n")
     hostile = _insert(hostile, 2, HOSTILE.format(course=str(course), gradebook=str(gradebook), other=str(other),
                                                  marker=str(marker)))
     submissions["a_hostile"] = hostile
