@@ -53,17 +53,25 @@ def init_encoder(model: nn.Module, std: float = INIT_STD) -> nn.Module:
     return model
 
 
+def square_patch_embedding(image_size: int, patch: int, channels: int, d_model: int) -> tuple[PatchEmbedding, int, int]:
+    """The patch embedding of square ``image_size`` images in ``patch × patch`` patches: ``(embed, patch, grid)``.
+
+    Checks that both sizes are positive integers and that the patch divides the image.
+    """
+    image_size, patch = require_positive_int("image_size", image_size), require_positive_int("patch", patch)
+    if image_size % patch:
+        raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
+    grid = image_size // patch
+    return PatchEmbedding(channels * patch * patch, d_model, grid, grid), patch, grid
+
+
 class PatchClassifier(nn.Module):
     """``images (B, C, H, W) -> logits (B, n_classes)`` through ``lm`` blocks over patch tokens."""
 
     def __init__(self, *, image_size: int, patch: int, channels: int, d_model: int, n_layers: int,
                  n_classes: int, mixer: MixerFactory, mlp_expansion: int = 2) -> None:
         super().__init__()
-        image_size, patch = require_positive_int("image_size", image_size), require_positive_int("patch", patch)
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
-        self.patch, self.grid = patch, image_size // patch
-        self.embed = PatchEmbedding(channels * patch * patch, d_model, self.grid, self.grid)
+        self.embed, self.patch, self.grid = square_patch_embedding(image_size, patch, channels, d_model)
         self.blocks = nn.ModuleList(
             Block(d_model, mixer(d_model, i), MLP(d_model, mlp_expansion))
             for i in range(require_positive_int("n_layers", n_layers))

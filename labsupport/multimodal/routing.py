@@ -26,8 +26,8 @@ from torch import nn
 
 from labsupport.harness.validation import require_positive_int, require_tensor
 from labsupport.lm.layers import MLP
-from labsupport.multimodal.images import PatchEmbedding, patchify
-from labsupport.multimodal.models import init_encoder
+from labsupport.multimodal.images import patchify
+from labsupport.multimodal.models import init_encoder, square_patch_embedding
 from labsupport.multimodal.vit import SizedAttention
 
 __all__ = ["MoDBlock", "MoDViT", "kept_count", "mod_route"]
@@ -96,11 +96,7 @@ class MoDViT(nn.Module):
     def __init__(self, *, image_size: int, patch: int, channels: int, d_model: int, n_layers: int, n_heads: int,
                  n_classes: int, capacity: float = 1.0, mlp_expansion: int = 2) -> None:
         super().__init__()
-        image_size, self.patch = require_positive_int("image_size", image_size), require_positive_int("patch", patch)
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
-        grid = image_size // patch
-        self.embed = PatchEmbedding(channels * patch * patch, d_model, grid, grid)
+        self.embed, self.patch, grid = square_patch_embedding(image_size, patch, channels, d_model)
         self.blocks = nn.ModuleList(MoDBlock(d_model, n_heads, capacity, mlp_expansion)
                                     for _ in range(require_positive_int("n_layers", n_layers)))
         self.norm = nn.LayerNorm(d_model)

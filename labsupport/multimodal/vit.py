@@ -22,8 +22,8 @@ from torch import nn
 
 from labsupport.harness.validation import require_int, require_positive_int, require_tensor
 from labsupport.lm.layers import MLP, SoftmaxAttention
-from labsupport.multimodal.images import PatchEmbedding, patchify
-from labsupport.multimodal.models import init_encoder
+from labsupport.multimodal.images import patchify
+from labsupport.multimodal.models import init_encoder, square_patch_embedding
 from labsupport.multimodal.merging import bipartite_matches, merge_sources, merge_tokens
 
 __all__ = ["MergeTrace", "SizedAttention", "TinyVLM", "ToMeViT", "fastv_keep"]
@@ -82,11 +82,7 @@ class ToMeViT(nn.Module):
     def __init__(self, *, image_size: int, patch: int, channels: int, d_model: int, n_layers: int, n_heads: int,
                  n_classes: int, mlp_expansion: int = 2) -> None:
         super().__init__()
-        image_size, self.patch = require_positive_int("image_size", image_size), require_positive_int("patch", patch)
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
-        grid = image_size // patch
-        self.embed = PatchEmbedding(channels * patch * patch, d_model, grid, grid)
+        self.embed, self.patch, grid = square_patch_embedding(image_size, patch, channels, d_model)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, False, mlp_expansion)
                                     for _ in range(require_positive_int("n_layers", n_layers)))
         self.norm = nn.LayerNorm(d_model)
@@ -151,12 +147,8 @@ class TinyVLM(nn.Module):
     def __init__(self, *, image_size: int, patch: int, channels: int, d_model: int, n_layers: int, n_heads: int,
                  n_questions: int, n_answers: int, mlp_expansion: int = 2) -> None:
         super().__init__()
-        image_size, self.patch = require_positive_int("image_size", image_size), require_positive_int("patch", patch)
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} is not divisible by patch={patch}")
-        grid = image_size // patch
+        self.embed, self.patch, grid = square_patch_embedding(image_size, patch, channels, d_model)
         self.n_image = grid * grid
-        self.embed = PatchEmbedding(channels * patch * patch, d_model, grid, grid)
         self.question = nn.Embedding(require_positive_int("n_questions", n_questions), d_model)
         self.blocks = nn.ModuleList(_Block(d_model, n_heads, True, mlp_expansion)
                                     for _ in range(require_positive_int("n_layers", n_layers)))
