@@ -49,6 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid_runner  # noqa: E402 - benchmarks/grid_runner.py
 
 WIDTH, BATCH, STEPS, DEPTH = 64, 32, int(os.environ.get("HYBRID_GRID_STEPS", "300")), 2
+#: where the quality runs train (``--device``; the spawned workers read it from the environment); cost rows
+#: always time the CPU
+DEVICE = os.environ.get("HYBRID_GRID_DEVICE", "cpu")
 LRS = (3e-3, 1e-2)
 SEEDS = (0, 1, 2)
 PAIRS = ("linear+attention", "gated_deltanet+attention", "mamba+attention")
@@ -234,10 +237,15 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
     from labsupport.hybrid.tasks import SUITE, decode_recall
     from labsupport.lm.model import TinyLM, count_parameters
     from labsupport.lm.probe import CharLMProbe
-    from labsupport.lm.tasks import CharCorpus
+    from labsupport.lm.tasks import CharCorpus, TaskBatch
     from labsupport.lm.training import evaluate_perplexity, evaluate_recall, train
 
     _, design, task_name, length, lr, seed, width = job
+    device = torch.device(DEVICE)
+
+    def moved(batch: TaskBatch) -> TaskBatch:
+        return batch if device.type == "cpu" else TaskBatch(batch.inputs.to(device), batch.targets.to(device),
+                                                             batch.info)
     factory, n_layers, positional, names = build_design(design)
     if task_name == "char_lm":
         task = CharLMProbe(CharCorpus.from_data(), seq_len=length)
@@ -246,14 +254,14 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
     seed_everything(seed)
     body = TinyLM(task.vocab_size, d_model=width, n_layers=n_layers, max_len=length, sequence_mixer=factory,
                   channel_mixer=None, short_conv=4, positional=POSITIONAL)
-    model = task.model(body) if hasattr(task, "model") else body
+    model = (task.model(body) if hasattr(task, "model") else body).to(device)
     inexact = any(registry.get(n).exact_until is not None for n in names if n in registry.names())
     evaluate = evaluate_perplexity if task.metric == "perplexity" else evaluate_recall
-    eval_batch = task.eval_batch()
+    eval_batch = moved(task.eval_batch())
     start = time.perf_counter()
     error = None
     try:
-        history = train(model, lambda g: task.train_batch(BATCH, g), steps=STEPS, lr=lr, seed=seed,
+        history = train(model, lambda g: moved(task.train_batch(BATCH, g)), steps=STEPS, lr=lr, seed=seed,
                         eval_batch=eval_batch, eval_every=STEPS, evaluate=evaluate, progress=False)
         score = history.eval_accuracy[-1]
         if inexact and task.metric == "recall" and model is body:
@@ -266,7 +274,7 @@ def run_quality(job: tuple, deadline: float = float("inf")) -> dict:
             "positional": POSITIONAL, "short_conv": 4,
             "metric": task.metric, "score": score, "final_loss": final_loss, "error": error,
             "parameters": count_parameters(model), "decode_scored": bool(inexact and model is body),
-            "seconds": time.perf_counter() - start, "estimate_s": estimate(job), "device": "cpu",
+            "seconds": time.perf_counter() - start, "estimate_s": estimate(job), "device": str(device),
             "family": _family(design)}
 
 
@@ -365,9 +373,10 @@ def plan(rows: list[dict], configs: list[tuple]) -> list[tuple[int, tuple]]:
 def run_scheduled(args: argparse.Namespace) -> list[dict]:
     configs = [c for c in configurations() if all(t in " ".join(map(str, c)) for t in args.only)
                and (not args.designs or c[0] in args.designs.split(","))
-               and (not args.widths or c[3] in [int(w) for w in args.widths.split(",")])]
+               and (not args.widths or c[3] in [int(w) for w in args.widths.split(",")])
+               and c[0] not in args.exclude.split(",")]
     rows = grid_runner.read_rows(args.out) if args.resume and Path(args.out).exists() else []
-    factor = calibrate() * args.contention
+    factor = args.factor if args.factor is not None else calibrate() * args.contention
     total_full = sum(estimate(j) for j in cost_jobs()) + sum(
         estimate(("quality", d, t, L, 0.0, 0, w)) * runs_per_config(d, w, t) for d, t, L, w, _ in configs)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python "
@@ -504,7 +513,7 @@ def summarise(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    global STEPS
+    global STEPS, DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     grid_runner.add_arguments(parser, "benchmarks/results/hybrid_grid.jsonl")
     parser.add_argument("--budget-s", type=float, default=420.0,
@@ -516,6 +525,11 @@ def main() -> None:
     parser.add_argument("--estimate", action="store_true", help="print the plan's estimated time and exit")
     parser.add_argument("--quality-only", action="store_true", help="skip the cost rows")
     parser.add_argument("--designs", default="", help="comma-separated designs: keep only their configurations")
+    parser.add_argument("--exclude", default="", help="comma-separated designs: drop their configurations")
+    parser.add_argument("--device", default="cpu",
+                        help="where the quality runs train (e.g. cuda; the cost rows always time the CPU)")
+    parser.add_argument("--factor", type=float, default=None,
+                        help="scale the cost model by this instead of calibrating on the CPU (e.g. for --device cuda)")
     parser.add_argument("--widths", default="", help="comma-separated widths: keep only configurations at them")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training steps per run (default {STEPS}; a smaller number only to test the script)")
@@ -531,6 +545,8 @@ def main() -> None:
     if args.steps is not None:
         STEPS = args.steps
         os.environ["HYBRID_GRID_STEPS"] = str(args.steps)   # the spawned workers read it on import
+    DEVICE = args.device
+    os.environ["HYBRID_GRID_DEVICE"] = args.device   # the spawned workers read it on import
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = run_scheduled(args)
     if not args.estimate:
