@@ -105,8 +105,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop waiting after this many seconds (runs still going are dropped)")
     args = parser.parse_args()
-    jobs = [(d, w, lr, s, args.steps, args.batch, args.device) for w in sorted(args.widths, reverse=True)
-            for d in args.designs for lr in args.lrs for s in args.seeds]
+    # in the order of --designs: the first design at every width and rate before the next design starts
+    jobs = [(d, w, lr, s, args.steps, args.batch, args.device) for d in args.designs for w in args.widths
+            for lr in args.lrs for s in args.seeds]
     start = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool, open(args.out, "a") as out:
         pending = [pool.apply_async(run, (j,)) for j in jobs]
