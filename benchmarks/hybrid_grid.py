@@ -120,10 +120,11 @@ def build_design(design: str):
     if design.startswith("stack:"):
         return _stack(design)
     if design == "mamba_refinit":
-        from labsupport.hybrid.registry import MAMBA_STATE
+        from labsupport.hybrid.registry import MAMBA_STATE, own_conv
         from labsupport.ssm.mixers import MambaMixer
 
-        return (lambda d, i: MambaMixer(d, MAMBA_STATE, reference_init=True)), DEPTH, "none", ["mamba"] * DEPTH
+        return ((lambda d, i: own_conv(MambaMixer(d, MAMBA_STATE, reference_init=True))), DEPTH, "none",
+                ["mamba"] * DEPTH)
     if design.startswith("pair:"):
         first, second = design[5:].split("+")
         legend = {"X": first, "Y": second}

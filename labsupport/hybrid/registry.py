@@ -53,6 +53,7 @@ __all__ = [
     "get",
     "held_bytes",
     "names",
+    "own_conv",
     "register",
     "register_course_mixers",
     "specs",
@@ -256,6 +257,18 @@ def _sparse_builder(policy_name: str, *, static: str | None) -> Callable[[int, i
     return build
 
 
+def own_conv(module: nn.Module) -> nn.Module:
+    """Mark a mixer that brings its own short convolution (Mamba's block), so ``TinyLM`` puts none in front.
+
+    Mamba's reference block and Zoology's Mamba have one causal convolution, inside the block. ``TinyLM`` puts
+    another in front of every mixer (``short_conv``), and chapter 07 found that the second one costs Mamba its
+    MQAR recall (``benchmarks/results/hybrid_mamba_check.jsonl``: width 128, 2,000 steps, three seeds, 27–56%
+    with it, 90–95% without); so the registry's Mamba, S4D and SSD rows are built without it.
+    """
+    module.replaces_block_conv = True
+    return module
+
+
 def register_course_mixers() -> None:
     """(Re-)register the course's rows: chapters 00, 02, 03, 04 (Mamba, S4D and the SSD block) and 05."""
     from labsupport.grouped.mixers import GroupedQueryAttention, LatentAttention
@@ -311,13 +324,14 @@ def register_course_mixers() -> None:
                                              d_v=d // LINEAR_HEADS),
         chapter="03", description="TTT-linear: one gradient step per token, mini-batches of 16; its decode state "
                                   "holds two d_k·d_v memories (the mini-batch's start and now)")
-    add("mamba", "ssm", lambda d, i: MambaMixer(d, MAMBA_STATE), chapter="04", positional="none",
+    add("mamba", "ssm", lambda d, i: own_conv(MambaMixer(d, MAMBA_STATE)), chapter="04", positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=MAMBA_STATE),
         description=f"Mamba (S6), N={MAMBA_STATE}, d_inner=2d; state 2·d·N")
-    add("s4d", "ssm", lambda d, i: MambaMixer(d, MAMBA_STATE, selective=False), chapter="04", positional="none",
+    add("s4d", "ssm", lambda d, i: own_conv(MambaMixer(d, MAMBA_STATE, selective=False)), chapter="04",
+        positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=MAMBA_STATE),
         description=f"the same block with a time-invariant S4D layer (not selective), N={MAMBA_STATE}")
-    add("ssd", "ssm", lambda d, i: SSDMixer(d, SSD_STATE), chapter="04", positional="none",
+    add("ssd", "ssm", lambda d, i: own_conv(SSDMixer(d, SSD_STATE)), chapter="04", positional="none",
         state=lambda c, d: mixer_state_numbers("ssm", context=c, d_inner=2 * d, d_state=SSD_STATE),
         description=f"Mamba-2 / SSD block (scalar decay per head), N={SSD_STATE}, heads of 16 channels")
     from labsupport.hybrid.stacks import head_split_factory

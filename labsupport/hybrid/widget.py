@@ -15,12 +15,15 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
 
 from labsupport.harness.validation import require_choice, require_positive_int
 from labsupport.hybrid import registry
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 __all__ = ["FrontierPoint", "frontier_figure", "frontier_points", "pareto_mask"]
 
@@ -120,6 +123,8 @@ def frontier_figure(points: Sequence[FrontierPoint], *, x_axis: str = "bytes", f
     if x_axis == "decode":
         shown = [p for p in shown if p.decode_ms is not None]
     x_of = (lambda p: p.bytes_per_token) if x_axis == "bytes" else (lambda p: p.decode_ms)
+    import plotly.graph_objects as go   # here, so the points and the Pareto set need no plotly
+
     fig = go.Figure()
     for fam in dict.fromkeys(p.family for p in shown):
         for live in (False, True):

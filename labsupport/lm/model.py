@@ -30,13 +30,16 @@ __all__ = ["Block", "TinyLM", "count_parameters"]
 class Block(nn.Module):
     """Pre-norm residual block: optional short convolution, a sequence mixer, an optional channel mixer.
 
-    The block's decoding state is ``(conv_state, mixer_state)``.
+    The block's decoding state is ``(conv_state, mixer_state)``. A mixer whose attribute
+    ``replaces_block_conv`` is true brings its own short convolution (Mamba's block, as Zoology builds it),
+    so the block puts none in front of it even when ``short_conv`` asks for one.
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, channel_mixer: nn.Module | None,
                  short_conv: int = 0) -> None:
         super().__init__()
-        self.conv = ShortConv(d_model, short_conv) if short_conv else None
+        own_conv = bool(getattr(mixer, "replaces_block_conv", False))
+        self.conv = ShortConv(d_model, short_conv) if short_conv and not own_conv else None
         self.norm1 = nn.LayerNorm(d_model)
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(d_model) if channel_mixer is not None else None
@@ -104,7 +107,8 @@ class TinyLM(nn.Module):
         positional: ``"learned"`` absolute position embeddings, or ``"none"``
             for mixers that carry position themselves (recurrences, convolutions).
         short_conv: kernel size of a :class:`~labsupport.lm.layers.ShortConv` in front of
-            every sequence mixer (0 for none; causal models only). A width of 3-4 lets a
+            every sequence mixer (0 for none; causal models only), except a mixer that says
+            ``replaces_block_conv = True`` (it has its own; see :class:`Block`). A width of 3-4 lets a
             2-layer model learn associative recall in about a minute on a CPU.
         causal: ``True`` for a decoder (next-token prediction); ``False`` for a
             bidirectional model (every position sees every other), whose mixers

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from labsupport.hybrid import registry
+from labsupport.hybrid import PRESETS, registry
 from labsupport.lm.model import TinyLM
 
 D_MODEL = 32
@@ -147,3 +147,22 @@ def test_a_factory_that_cannot_build_says_so() -> None:
 
     with pytest.raises(ValueError, match="raised RuntimeError at d_model 16 and 64"):
         registry.register("broken_factory", broken, state_numbers=lambda c, d: 0)
+
+
+def test_mixers_with_their_own_conv_get_no_second_one_in_front() -> None:
+    """Mamba, S4D and SSD bring a conv (registry.own_conv): TinyLM's short_conv skips them, not attention."""
+    from labsupport.lm.model import TinyLM
+    from labsupport.ssm.mixers import MambaMixer
+
+    for name, wants_block_conv in (("mamba", False), ("s4d", False), ("ssd", False), ("attention", True),
+                                   ("gated_deltanet", True), ("hymba_attention+mamba", True)):
+        model = TinyLM(16, d_model=32, n_layers=2, max_len=16, sequence_mixer=registry.get(name).build,
+                       channel_mixer=None, short_conv=4, positional="none")
+        assert all((b.conv is not None) == wants_block_conv for b in model.blocks), name
+    plain = TinyLM(16, d_model=32, n_layers=1, max_len=16, sequence_mixer=lambda d, i: MambaMixer(d, 4),
+                   channel_mixer=None, short_conv=4, positional="none")
+    assert plain.blocks[0].conv is not None      # only a mixer that says so loses the block's conv
+    jamba = TinyLM(16, d_model=32, n_layers=8, max_len=16, sequence_mixer=PRESETS["jamba"].factory(),
+                   channel_mixer=None, short_conv=4, positional="none")
+    names = PRESETS["jamba"].layer_names()
+    assert [b.conv is None for b in jamba.blocks] == [n == "mamba" for n in names]
