@@ -86,6 +86,8 @@ def frontier_points(rows: Iterable[dict], *, task: str = "mqar", seq_len: int = 
         layers = tuple(runs[0]["layer_names"])
         if not all(name in registry.names() for name in layers):
             continue  # a row of a mixer this session has not registered
+        if design.startswith("stack:"):
+            continue  # its linear layers have H heads, which the registry's one-head "linear" row does not count
         d_model = runs[0]["width"]
         state = sum(registry.get(n).state_bytes(context, d_model) for n in layers) / context
         decode = None
