@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--experts", type=int, nargs="+", default=[8])
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the layer's and the grouped dispatch's forward + backward (torch.profiler) "
+                             "and write the top CUDA kernels to DIR/moe_gpu_profile.txt")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark needs one; nothing was measured")
@@ -127,6 +130,23 @@ def main() -> None:
                         row[f"fwd_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median")
                     except Exception as error:  # noqa: BLE001
                         row[f"fwd_error_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                for name in ("moe_layer", "dispatch_grouped", "dense"):
+                    fn = variants[name]
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            fn()
+                        torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+                    text = f"\n## {name}, T={tokens}, E={n_experts}: 5 forward + backward passes\n{table}\n"
+                    print(text, flush=True)
+                    with open(os.path.join(args.out, "moe_gpu_profile.txt"), "a") as handle:
+                        handle.write(text)
             if row.get("fb_ms_dense") and row.get("fb_ms_moe_layer"):
                 row["moe_over_dense_fb"] = row["fb_ms_moe_layer"] / row["fb_ms_dense"]
             rows.append(row)

@@ -157,8 +157,12 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
     counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).index_add_(
         0, expert, torch.ones_like(expert))
     offsets = counts.cumsum(0).to(torch.int32)
-    hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + b_up[expert])
-    y = _grouped_matmul(hidden, w_down, offsets) + b_down[expert]
+    # Each slot's biases as a product with its one-hot row, not the gather ``b_up[expert]``: the gather's
+    # backward adds T·k rows into E bias rows with atomics (every slot of an expert on the same row), the
+    # product's backward is one small matmul (E × T·k) @ (T·k × h).
+    one_hot = F.one_hot(expert, n_experts).to(x.dtype)
+    hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + one_hot @ b_up)
+    y = _grouped_matmul(hidden, w_down, offsets) + one_hot @ b_down
     return torch.zeros_like(x).index_add_(0, token, y * weight[:, None])
 
 
