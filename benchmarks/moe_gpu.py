@@ -142,7 +142,8 @@ def main() -> None:
                         for _ in range(5):
                             fn()
                         torch.cuda.synchronize()
-                    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60)
+                    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18,
+                                                      max_name_column_width=60)
                     text = f"\n## {name}, T={tokens}, E={n_experts}: 5 forward + backward passes\n{table}\n"
                     print(text, flush=True)
                     with open(os.path.join(args.out, "moe_gpu_profile.txt"), "a") as handle:
