@@ -115,15 +115,18 @@ PRESETS: dict[str, HybridPreset] = {p.name: p for p in (
     HybridPreset("jamba", "MMMMAMMM", {"M": "mamba", "A": "attention"}, "Jamba (arXiv:2403.19887)",
                  "1 attention : 7 Mamba, attention in the middle of each 8-layer block (no MoE here)"),
     HybridPreset("qwen3_next", "DDDA", {"D": "gated_deltanet", "A": "attention"}, "Qwen3-Next",
-                 "3 gated DeltaNet : 1 (gated) attention"),
+                 "3 gated DeltaNet : 1 attention (Qwen3-Next's attention is output-gated and its FFNs are MoE: "
+                 "neither here)"),
     HybridPreset("kimi_linear", "DDDM", {"D": "gated_deltanet", "M": "mla"}, "Kimi Linear (arXiv:2510.26692)",
-                 "3 delta-rule layers : 1 MLA (Kimi's KDA has a per-channel gate; gated DeltaNet stands in)"),
+                 "3 delta-rule layers : 1 MLA without RoPE, as Kimi's (its KDA has a per-channel gate and its own "
+                 "chunked algorithm; gated DeltaNet stands in; no MoE here)"),
     HybridPreset("gemma3", "WWWWWA", {"W": "sliding_window", "A": "attention"}, "Gemma 3 (arXiv:2503.19786)",
                  "5 local (window 32 here, 1024 in Gemma 3) : 1 global"),
     HybridPreset("gpt_oss", "WA", {"W": "sliding_window", "A": "attention"}, "gpt-oss",
-                 "alternating banded (window 32 here, 128 in gpt-oss) and dense layers, 1 : 1"),
+                 "alternating banded (sliding-window: 32 here, 128 in gpt-oss) and dense layers, 1 : 1; no MoE here"),
     HybridPreset("minimax01", "LLLLLLLA", {"L": "linear", "A": "attention"}, "MiniMax-01 (arXiv:2501.08313)",
-                 "7 linear (lightning) attention : 1 softmax; chapter 03's linear row stands in for lightning"),
+                 "7 linear (lightning) attention : 1 softmax; chapter 03's linear row stands in for lightning, "
+                 "which is a tiled kernel for a decayed linear attention; no MoE here"),
 )}
 
 
