@@ -113,6 +113,59 @@ def _largest_load_recorder() -> Iterator[list[int]]:
         InterpreterBuilder.create_masked_load = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _jit_calls_interpreted() -> Iterator[None]:
+    """While an interpreted copy of a compiled kernel runs, run the ``@triton.jit`` functions it calls interpreted too.
+
+    Where Triton was imported without ``TRITON_INTERPRET`` (the GPU path), every
+    ``@triton.jit`` function is a compiled ``JITFunction``: the learner's helpers,
+    and Triton's own ``tl.zeros``, ``tl.max`` and ``tl.sum``, which are written in
+    Triton. A ``JITFunction`` may only be called from inside a kernel being
+    compiled, so the interpreted copy's first ``tl.zeros`` raised "Cannot call
+    @triton.jit'd outside of the scope of a kernel". Here such a call runs the
+    callee's source through the interpreter instead, as Triton's own
+    ``InterpretedFunction`` does for a device call, but with the language
+    patches it needs undone as soon as the callee returns (the interpreter's own
+    device call leaves them in place, and a kernel compiled later in the same
+    process would be built from the patched language).
+
+    It also mends the interpreter's ``int()`` of a scalar (``range(0, n_k, ...)``
+    over a kernel argument): Triton 3.6 converts the one-element array that holds
+    it with ``int(array)``, which NumPy 2.4 refuses for an array of one
+    dimension; later Tritons squeeze it first, as this does.
+    """
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__dict__["__call__"]
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor(tensor: Any, *rest: Any) -> Any:
+        result = original_patch_tensor(tensor, *rest)
+        if rest and hasattr(rest[0], "set_attr"):  # the scope that undoes the interpreter's patches
+            rest[0].set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+        return result
+
+    def interpreted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rewritten = interpreter.InterpretedFunction.rewritten_fn.get(self.fn)
+        if rewritten is None:
+            rewritten = interpreter.InterpretedFunction(self.fn).rewrite()
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return rewritten(*args, **kwargs)
+        finally:
+            if scope is not None:
+                scope.restore()
+
+    JITFunction.__call__ = interpreted_call  # type: ignore[method-assign]
+    interpreter._patch_lang_tensor = patch_tensor
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original  # type: ignore[method-assign]
+        interpreter._patch_lang_tensor = original_patch_tensor
+
+
 def _interpreted_copy(kernel: Any) -> Any:
     """The kernel itself under ``TRITON_INTERPRET=1``; for a compiled kernel, an interpreted copy of its source.
 
@@ -128,14 +181,18 @@ def _interpreted_copy(kernel: Any) -> Any:
 
 
 def _ieee_launch_options() -> dict[str, str]:
-    """Launch options that make a compiled fp32 ``tl.dot`` exact to fp32 (IEEE) instead of TF32, where supported.
+    """The launch option that marks a compiled launch as one with IEEE fp32 dots; ``{}`` where unsupported.
 
     By default a compiled ``tl.dot`` of fp32 tiles runs on the tensor cores in
     TF32 (a 10-bit mantissa), whose error (about 1e-2 on the checker's cases)
-    is the hardware's, not the learner's. Triton's CUDA backend takes
-    ``default_dot_input_precision`` as a launch option; older versions without
-    it get no option (and their fp32 cases the looser tolerance of
-    :func:`_tolerances`).
+    is the hardware's, not the learner's. The option alone does not change
+    that: ``tl.dot`` settles its precision itself before the backend's
+    ``default_dot_input_precision`` is ever read (see :func:`_fp32_dots_in_ieee`,
+    which does). It still goes with the launch so that Triton caches the IEEE
+    build apart from a TF32 one the learner's own launch may have made: its
+    in-memory cache key holds the launch options, not the precision setting.
+    A Triton without the option gets none (and its fp32 cases the looser
+    tolerance of :func:`_tolerances`).
     """
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -143,6 +200,38 @@ def _ieee_launch_options() -> dict[str, str]:
         return {}
     fields = getattr(CUDAOptions, "__dataclass_fields__", {})
     return {"default_dot_input_precision": "ieee"} if "default_dot_input_precision" in fields else {}
+
+
+@contextlib.contextmanager
+def _fp32_dots_in_ieee() -> Iterator[None]:
+    """While a kernel is compiled, make each fp32 ``tl.dot`` that names no precision an IEEE fp32 one.
+
+    ``tl.dot`` picks its precision when the kernel is compiled: the
+    ``input_precision`` it is given, else Triton's fp32 default
+    (``triton.knobs.language.fp32_default``, the ``TRITON_F32_DEFAULT``
+    environment variable), else TF32 where the hardware has it. Here the
+    default is set to ``"ieee"`` (the knob and its environment variable, which
+    is also part of Triton's on-disk cache key) and put back afterwards.
+    """
+    import os
+
+    import triton
+
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    if language is not None and hasattr(language, "fp32_default") and hasattr(language, "scope"):
+        with language.scope():
+            language.fp32_default = "ieee"
+            yield
+        return
+    saved = os.environ.get("TRITON_F32_DEFAULT")  # a Triton before knobs reads the variable itself
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_F32_DEFAULT", None)
+        else:
+            os.environ["TRITON_F32_DEFAULT"] = saved
 
 
 def _cause_chain(error: BaseException) -> Iterator[BaseException]:
@@ -184,9 +273,11 @@ def launch_attention_kernel(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: to
     out = torch.full((batch * heads, n_q, dim), float("nan"), dtype=torch.float32, device=device)
     lse = torch.full((batch * heads, n_q), float("nan"), dtype=torch.float32, device=device)
     grid = (batch * heads, triton.cdiv(n_q, block_m))
+    precision = _fp32_dots_in_ieee() if options else contextlib.nullcontext()
     try:
-        kernel[grid](q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m, BLOCK_N=block_n, D=dim,
-                     **options)
+        with precision:
+            kernel[grid](q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                         D=dim, **options)
     except Exception as error:
         if any(isinstance(e, NotImplementedError) or "NotImplementedError" in str(e) for e in _cause_chain(error)):
             raise NotImplementedError("your code here") from None
@@ -238,7 +329,8 @@ def _audit_tiles(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns the interpreted run's ``(out, lse)`` and whether the loads could be
     watched (``False`` on a Triton version whose interpreter this cannot hook).
     """
-    with _largest_load_recorder() as sizes:
+    callees = contextlib.nullcontext() if _is_interpreted(kernel) else _jit_calls_interpreted()
+    with _largest_load_recorder() as sizes, callees:
         result = launch_attention_kernel(_interpreted_copy(kernel), q.cpu(), k.cpu(), v.cpu(), block_m=block_m,
                                          block_n=block_n)
     limit = max(block_m, block_n) * q.shape[-1]
