@@ -243,6 +243,18 @@ def _cause_chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    """``kernel[grid](*args, **constexprs)``; a compiled kernel built with IEEE fp32 dots where Triton can.
+
+    A compiled kernel gets the launch option of :func:`_ieee_launch_options`
+    and is launched (so compiled, on its first launch with these arguments)
+    inside :func:`_fp32_dots_in_ieee`.
+    """
+    options = {} if _is_interpreted(kernel) else _ieee_launch_options()
+    with _fp32_dots_in_ieee() if options else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs, **options)
+
+
 def launch_attention_kernel(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                             block_m: int = 16, block_n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a learner's tile kernel on ``q (B, H, Lq, D)``, ``k, v (B, H, Lk, D)``; return float32 ``(out, lse)``.
@@ -268,16 +280,13 @@ def launch_attention_kernel(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: to
     if not _is_interpreted(kernel) and not torch.cuda.is_available():
         raise RuntimeError("this kernel was compiled for a GPU and there is none: set TRITON_INTERPRET=1 "
                            "before triton is first imported (the chapter's set-up cell does it)")
-    options = {} if _is_interpreted(kernel) else _ieee_launch_options()
     q3, k3, v3 = (t.reshape(batch * heads, t.shape[-2], dim).contiguous().to(device) for t in (q, k, v))
     out = torch.full((batch * heads, n_q, dim), float("nan"), dtype=torch.float32, device=device)
     lse = torch.full((batch * heads, n_q), float("nan"), dtype=torch.float32, device=device)
     grid = (batch * heads, triton.cdiv(n_q, block_m))
-    precision = _fp32_dots_in_ieee() if options else contextlib.nullcontext()
     try:
-        with precision:
-            kernel[grid](q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                         D=dim, **options)
+        _launch(kernel, grid, q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m,
+                BLOCK_N=block_n, D=dim)
     except Exception as error:
         if any(isinstance(e, NotImplementedError) or "NotImplementedError" in str(e) for e in _cause_chain(error)):
             raise NotImplementedError("your code here") from None
