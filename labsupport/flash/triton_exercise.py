@@ -137,7 +137,7 @@ def _jit_calls_interpreted() -> Iterator[None]:
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
-    original = JITFunction.__dict__["__call__"]
+    original = JITFunction.__dict__.get("__call__")  # None: inherited, so deleting ours brings it back
     original_patch_tensor = interpreter._patch_lang_tensor
 
     def patch_tensor(tensor: Any, *rest: Any) -> Any:
@@ -162,7 +162,10 @@ def _jit_calls_interpreted() -> Iterator[None]:
     try:
         yield
     finally:
-        JITFunction.__call__ = original  # type: ignore[method-assign]
+        if original is None:
+            del JITFunction.__call__
+        else:
+            JITFunction.__call__ = original  # type: ignore[method-assign]
         interpreter._patch_lang_tensor = original_patch_tensor
 
 

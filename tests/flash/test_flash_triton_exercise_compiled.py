@@ -27,14 +27,52 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:  # found, not imported: this process keeps its TRITON_INTERPRET
+    pytest.skip("needs triton", allow_module_level=True)
 
-_KERNELS = ("solution", "dense_shortcut", "dense_with_a_dummy_loop", "no_rescale", "unmasked_tail")
+_KERNELS = ("solution", "dense_shortcut", "dense_with_a_dummy_loop", "no_rescale", "unmasked_tail", "not_done")
+
+# A correct kernel whose update step is a @triton.jit helper of the learner's (compiled, it is a JITFunction too).
+_HELPER_KERNEL_SOURCE = '''\
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online_step(m, l, acc, s, v):
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def solution_with_a_helper(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_q, n_k, scale,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    row_ok = rows < n_q
+    q = tl.load(q_ptr + (bh * n_q + rows[:, None]) * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, n_k, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        k = tl.load(k_ptr + (bh * n_k + cols[:, None]) * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + (bh * n_k + cols[:, None]) * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.where(col_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m, l, acc = _online_step(m, l, acc, s, v)
+    tl.store(o_ptr + (bh * n_q + rows[:, None]) * D + dims[None, :], acc / l[:, None], mask=row_ok[:, None])
+    tl.store(lse_ptr + bh * n_q + rows, m + tl.log(l), mask=row_ok)
+'''
 _SIGNATURE = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": "*fp32", "lse_ptr": "*fp32",
               "n_q": "i32", "n_k": "i32", "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
               "D": "constexpr"}
@@ -53,7 +91,20 @@ def _compiled_kernels() -> dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # sets TRITON_INTERPRET=1 for its own decorators: undo that
     os.environ.pop("TRITON_INTERPRET", None)
-    return {name: JITFunction(getattr(module, name).fn) for name in _KERNELS}
+    kernels = {name: JITFunction(getattr(module, name).fn) for name in _KERNELS}
+    kernels["solution_with_a_helper"] = _kernel_with_a_helper()
+    return kernels
+
+
+def _kernel_with_a_helper() -> Any:
+    """``solution_with_a_helper`` of :data:`_HELPER_KERNEL_SOURCE`, decorated as the environment says (no
+    ``TRITON_INTERPRET``: a JITFunction calling a JITFunction). ``test_flash_triton_exercise_gpu.py`` uses it too."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "_ch01_helper_kernel.py").write_text(_HELPER_KERNEL_SOURCE)
+    spec = importlib.util.spec_from_file_location("_ch01_helper_kernel", folder / "_ch01_helper_kernel.py")
+    helper_module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper_module)
+    return helper_module.solution_with_a_helper
 
 
 def _ttir(kernel: Any) -> str:
@@ -107,7 +158,8 @@ def _report() -> dict[str, Any]:
     kernels = _compiled_kernels()
     from labsupport.flash import triton_exercise as ex
 
-    report: dict[str, Any] = {"version": triton.__version__, "tl.zeros": type(tl.zeros).__name__}
+    report: dict[str, Any] = {"version": triton.__version__, "tl.zeros": type(tl.zeros).__name__,
+                              "helper": type(sys.modules["_ch01_helper_kernel"]._online_step).__name__}
     try:
         report["ttir_before"] = _ttir(kernels["solution"])
     except Exception as error:  # another Triton's internals: the parts that need the IR are skipped
@@ -135,10 +187,11 @@ def _report() -> dict[str, Any]:
     after = _snapshot()
     report["changed_by_the_checks"] = sorted(name for name, value in before.items() if after.get(name) != value)
     if "ttir_before" in report:
-        try:
-            report["ttir_after"] = _ttir(kernels["solution"])
-        except Exception as error:  # Triton's language left patched by the audit: the kernel no longer compiles
-            report["ttir_after"] = f"failed to compile: {error!r}"
+        for key, name in (("ttir_after", "solution"), ("ttir_helper_after", "solution_with_a_helper")):
+            try:
+                report[key] = _ttir(kernels[name])
+            except Exception as error:  # Triton's language left patched by the audit: the kernel no longer compiles
+                report[key] = f"failed to compile: {error!r}"
 
     seen: list[dict[str, Any]] = []
 
@@ -180,10 +233,12 @@ def report() -> dict[str, Any]:
 
 def test_the_fresh_process_has_compiled_triton_functions(report) -> None:
     assert report["tl.zeros"] == "JITFunction", report["tl.zeros"]  # as on a GPU: what the audit must call
+    assert report["helper"] == "JITFunction", report["helper"]
 
 
-def test_the_solution_passes_compiled(report) -> None:
-    result = report["solution"]
+@pytest.mark.parametrize("name", ["solution", "solution_with_a_helper"])
+def test_the_solution_passes_compiled(report, name) -> None:
+    result = report[name]
     assert result["status"] == "passed", result["printed"]
     assert "passed 5 cases" in result["printed"]
 
@@ -204,12 +259,18 @@ def test_wrong_kernels_fail_compiled_at_case_2(report, name) -> None:
     assert "Traceback" not in printed and "InterpreterError" not in printed, printed
 
 
+def test_a_compiled_kernel_not_written_yet_is_not_done(report) -> None:
+    assert report["not_done"]["status"] == "not done", report["not_done"]["printed"]
+
+
 def test_the_audit_leaves_tritons_language_as_it_found_it(report) -> None:
     assert report["changed_by_the_checks"] == []
     if "ttir_error" in report:
         pytest.skip(f"this Triton's IR cannot be built here: {report['ttir_error']}")
     assert "failed to compile" not in report["ttir_after"], report["ttir_after"]
     assert _dots(report["ttir_after"]) == _dots(report["ttir_before"])  # the kernel compiled afterwards is the same
+    assert "failed to compile" not in report["ttir_helper_after"], report["ttir_helper_after"]
+    assert _dots(report["ttir_helper_after"]) == _dots(report["ttir_before"])  # its helper's dots: the same two
 
 
 def test_a_compiled_launch_builds_its_fp32_dots_in_ieee_precision(report) -> None:
