@@ -74,6 +74,7 @@ def solution_with_a_helper(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_q, n_k, scale,
     tl.store(o_ptr + (bh * n_q + rows[:, None]) * D + dims[None, :], acc / l[:, None], mask=row_ok[:, None])
     tl.store(lse_ptr + bh * n_q + rows, m + tl.log(l), mask=row_ok)
 '''
+
 _SIGNATURE = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": "*fp32", "lse_ptr": "*fp32",
               "n_q": "i32", "n_k": "i32", "scale": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
               "D": "constexpr"}
