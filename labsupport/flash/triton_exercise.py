@@ -42,6 +42,12 @@ __all__ = ["TileRuleError", "check_triton_attention_kernel", "launch_attention_k
 
 EXERCISE = "attention_tile_kernel"
 
+# Seconds one case may take when the kernel is compiled for the GPU. Its first launch with a case's shapes and
+# block sizes compiles it, and the first in a process also builds Triton's launcher and the CUDA context: seconds
+# that are not the learner's, beyond the harness's default. (An interpreted kernel keeps the default: the
+# interpreter's run is the whole case.)
+COMPILED_TIME_BUDGET_S = 120.0
+
 
 class TileRuleError(RuntimeError):
     """A kernel broke the tiling rule: it loaded more than one tile of keys (or queries) at once."""
@@ -113,6 +119,62 @@ def _largest_load_recorder() -> Iterator[list[int]]:
         InterpreterBuilder.create_masked_load = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _jit_calls_interpreted() -> Iterator[None]:
+    """While an interpreted copy of a compiled kernel runs, run the ``@triton.jit`` functions it calls interpreted too.
+
+    Where Triton was imported without ``TRITON_INTERPRET`` (the GPU path), every
+    ``@triton.jit`` function is a compiled ``JITFunction``: the learner's helpers,
+    and Triton's own ``tl.zeros``, ``tl.max`` and ``tl.sum``, which are written in
+    Triton. A ``JITFunction`` may only be called from inside a kernel being
+    compiled, so the interpreted copy's first ``tl.zeros`` raised "Cannot call
+    @triton.jit'd outside of the scope of a kernel". Here such a call runs the
+    callee's source through the interpreter instead, as Triton's own
+    ``InterpretedFunction`` does for a device call, but with the language
+    patches it needs undone as soon as the callee returns (the interpreter's own
+    device call leaves them in place, and a kernel compiled later in the same
+    process would be built from the patched language).
+
+    It also mends the interpreter's ``int()`` of a scalar (``range(0, n_k, ...)``
+    over a kernel argument): Triton 3.6 converts the one-element array that holds
+    it with ``int(array)``, which NumPy 2.4 refuses for an array of one
+    dimension; later Tritons squeeze it first, as this does.
+    """
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__dict__.get("__call__")  # None: inherited, so deleting ours brings it back
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor(tensor: Any, *rest: Any) -> Any:
+        result = original_patch_tensor(tensor, *rest)
+        if rest and hasattr(rest[0], "set_attr"):  # the scope that undoes the interpreter's patches
+            rest[0].set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+        return result
+
+    def interpreted_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rewritten = interpreter.InterpretedFunction.rewritten_fn.get(self.fn)
+        if rewritten is None:
+            rewritten = interpreter.InterpretedFunction(self.fn).rewrite()
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return rewritten(*args, **kwargs)
+        finally:
+            if scope is not None:
+                scope.restore()
+
+    JITFunction.__call__ = interpreted_call  # type: ignore[method-assign]
+    interpreter._patch_lang_tensor = patch_tensor
+    try:
+        yield
+    finally:
+        if original is None:
+            del JITFunction.__call__
+        else:
+            JITFunction.__call__ = original  # type: ignore[method-assign]
+        interpreter._patch_lang_tensor = original_patch_tensor
+
+
 def _interpreted_copy(kernel: Any) -> Any:
     """The kernel itself under ``TRITON_INTERPRET=1``; for a compiled kernel, an interpreted copy of its source.
 
@@ -128,14 +190,18 @@ def _interpreted_copy(kernel: Any) -> Any:
 
 
 def _ieee_launch_options() -> dict[str, str]:
-    """Launch options that make a compiled fp32 ``tl.dot`` exact to fp32 (IEEE) instead of TF32, where supported.
+    """The launch option that marks a compiled launch as one with IEEE fp32 dots; ``{}`` where unsupported.
 
     By default a compiled ``tl.dot`` of fp32 tiles runs on the tensor cores in
     TF32 (a 10-bit mantissa), whose error (about 1e-2 on the checker's cases)
-    is the hardware's, not the learner's. Triton's CUDA backend takes
-    ``default_dot_input_precision`` as a launch option; older versions without
-    it get no option (and their fp32 cases the looser tolerance of
-    :func:`_tolerances`).
+    is the hardware's, not the learner's. The option alone does not change
+    that: ``tl.dot`` settles its precision itself before the backend's
+    ``default_dot_input_precision`` is ever read (see :func:`_fp32_dots_in_ieee`,
+    which does). It still goes with the launch so that Triton caches the IEEE
+    build apart from a TF32 one the learner's own launch may have made: its
+    in-memory cache key holds the launch options, not the precision setting.
+    A Triton without the option gets none (and its fp32 cases the looser
+    tolerance of :func:`_tolerances`).
     """
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -145,6 +211,38 @@ def _ieee_launch_options() -> dict[str, str]:
     return {"default_dot_input_precision": "ieee"} if "default_dot_input_precision" in fields else {}
 
 
+@contextlib.contextmanager
+def _fp32_dots_in_ieee() -> Iterator[None]:
+    """While a kernel is compiled, make each fp32 ``tl.dot`` that names no precision an IEEE fp32 one.
+
+    ``tl.dot`` picks its precision when the kernel is compiled: the
+    ``input_precision`` it is given, else Triton's fp32 default
+    (``triton.knobs.language.fp32_default``, the ``TRITON_F32_DEFAULT``
+    environment variable), else TF32 where the hardware has it. Here the
+    default is set to ``"ieee"`` (the knob and its environment variable, which
+    is also part of Triton's on-disk cache key) and put back afterwards.
+    """
+    import os
+
+    import triton
+
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    if language is not None and hasattr(language, "fp32_default") and hasattr(language, "scope"):
+        with language.scope():
+            language.fp32_default = "ieee"
+            yield
+        return
+    saved = os.environ.get("TRITON_F32_DEFAULT")  # a Triton before knobs reads the variable itself
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_F32_DEFAULT", None)
+        else:
+            os.environ["TRITON_F32_DEFAULT"] = saved
+
+
 def _cause_chain(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = error
@@ -152,6 +250,18 @@ def _cause_chain(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+    """``kernel[grid](*args, **constexprs)``; a compiled kernel built with IEEE fp32 dots where Triton can.
+
+    A compiled kernel gets the launch option of :func:`_ieee_launch_options`
+    and is launched (so compiled, on its first launch with these arguments)
+    inside :func:`_fp32_dots_in_ieee`.
+    """
+    options = {} if _is_interpreted(kernel) else _ieee_launch_options()
+    with _fp32_dots_in_ieee() if options else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs, **options)
 
 
 def launch_attention_kernel(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -179,14 +289,13 @@ def launch_attention_kernel(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: to
     if not _is_interpreted(kernel) and not torch.cuda.is_available():
         raise RuntimeError("this kernel was compiled for a GPU and there is none: set TRITON_INTERPRET=1 "
                            "before triton is first imported (the chapter's set-up cell does it)")
-    options = {} if _is_interpreted(kernel) else _ieee_launch_options()
     q3, k3, v3 = (t.reshape(batch * heads, t.shape[-2], dim).contiguous().to(device) for t in (q, k, v))
     out = torch.full((batch * heads, n_q, dim), float("nan"), dtype=torch.float32, device=device)
     lse = torch.full((batch * heads, n_q), float("nan"), dtype=torch.float32, device=device)
     grid = (batch * heads, triton.cdiv(n_q, block_m))
     try:
-        kernel[grid](q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m, BLOCK_N=block_n, D=dim,
-                     **options)
+        _launch(kernel, grid, q3, k3, v3, out, lse, n_q, n_k, 1.0 / math.sqrt(dim), BLOCK_M=block_m,
+                BLOCK_N=block_n, D=dim)
     except Exception as error:
         if any(isinstance(e, NotImplementedError) or "NotImplementedError" in str(e) for e in _cause_chain(error)):
             raise NotImplementedError("your code here") from None
@@ -238,7 +347,8 @@ def _audit_tiles(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns the interpreted run's ``(out, lse)`` and whether the loads could be
     watched (``False`` on a Triton version whose interpreter this cannot hook).
     """
-    with _largest_load_recorder() as sizes:
+    callees = contextlib.nullcontext() if _is_interpreted(kernel) else _jit_calls_interpreted()
+    with _largest_load_recorder() as sizes, callees:
         result = launch_attention_kernel(_interpreted_copy(kernel), q.cpu(), k.cpu(), v.cpu(), block_m=block_m,
                                          block_n=block_n)
     limit = max(block_m, block_n) * q.shape[-1]
@@ -295,6 +405,7 @@ def check_triton_attention_kernel(kernel: Any) -> CheckResult:
 
     learner.__name__ = getattr(kernel, "__name__", EXERCISE)
     atol, rtol = _tolerances(compiled)
+    budget = {"time_budget_s": COMPILED_TIME_BUDGET_S} if compiled else {}
     return check_function(
         learner,
         _reference,
@@ -302,6 +413,7 @@ def check_triton_attention_kernel(kernel: Any) -> CheckResult:
         exercise=EXERCISE,
         atol=atol,
         rtol=rtol,
+        **budget,
         hint="the idea first: keep m, l and acc for your rows, and for each block of keys rescale what you "
         "have by how much the running maximum moved before adding the block (tiered hints are in the "
         "chapter, above the kernel).",

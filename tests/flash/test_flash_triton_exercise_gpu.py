@@ -3,10 +3,14 @@
 Skipped without CUDA. On a GPU machine run it on its own, without ``TRITON_INTERPRET`` (the interpreter
 tests in ``test_flash_triton_exercise.py`` set it for their process)::
 
-    env -u TRITON_INTERPRET python -m pytest -q -p no:cacheprovider tests/flash/test_flash_triton_exercise_gpu.py
+    env -u TRITON_INTERPRET python -m pytest --noconftest -o addopts="" -q -p no:cacheprovider \
+        tests/flash/test_flash_triton_exercise_gpu.py tests/flash/test_flash_triton_exercise_compiled.py
 
 The kernels are the CPU tests' (solution and wrong answers), recompiled from their source as
-``@triton.jit`` makes them without the interpreter. The checker must (1) audit a compiled kernel's loads
+``@triton.jit`` makes them without the interpreter, and ``test_flash_triton_exercise_compiled.py``'s
+correct kernel whose update step is a ``@triton.jit`` helper (compiled, a JITFunction calling a
+JITFunction, as ``tl.zeros``, ``tl.max`` and ``tl.sum`` are). That file runs the same path on the CPU
+with the GPU's run stood in by the interpreter. The checker must (1) audit a compiled kernel's loads
 through an interpreted copy, so a dense kernel with a dummy loop fails although its source has a loop,
 and (2) pass the correct kernel at the fp32 tolerance, its fp32 ``tl.dot`` launched in IEEE precision
 (in TF32, the default, the correct kernel's error is about 1e-2).
@@ -39,7 +43,13 @@ def _compiled_kernels():
     else:
         os.environ["TRITON_INTERPRET"] = saved
     names = ("solution", "dense_shortcut", "dense_with_a_dummy_loop", "no_rescale", "unmasked_tail")
-    return {name: JITFunction(getattr(module, name).fn) for name in names}
+    kernels = {name: JITFunction(getattr(module, name).fn) for name in names}
+    spec = importlib.util.spec_from_file_location("_ch01_compiled_tests",
+                                                  Path(__file__).with_name("test_flash_triton_exercise_compiled.py"))
+    compiled_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compiled_tests)
+    kernels["solution_with_a_helper"] = compiled_tests._kernel_with_a_helper()  # its helper a JITFunction too
+    return kernels
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +59,12 @@ def kernels():
     return _compiled_kernels()
 
 
-def test_the_solution_passes_compiled_at_the_fp32_tolerance(kernels, capsys) -> None:
+@pytest.mark.parametrize("name", ["solution", "solution_with_a_helper"])
+def test_the_solution_passes_compiled_at_the_fp32_tolerance(kernels, capsys, name) -> None:
     from labsupport.flash import triton_exercise as ex
 
     assert ex._ieee_launch_options(), "this Triton cannot launch fp32 dots in IEEE precision"
-    result = ex.check_triton_attention_kernel(kernels["solution"])
+    result = ex.check_triton_attention_kernel(kernels[name])
     out = capsys.readouterr().out
     assert result.passed, out
     assert "passed 5 cases" in out
