@@ -1,0 +1,181 @@
+"""Chapter 01's Hopper ladder (labsupport.flash.hopper): every step, on the CPU through Triton's interpreter,
+against float64 attention; and the steps benchmark script end to end (``--cpu-smoke``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from labsupport.flash import hopper  # noqa: E402
+from labsupport.flash import triton as flash_triton  # noqa: E402
+from labsupport.flash.reference import causal_mask, naive_attention  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    not flash_triton.triton_available() or not flash_triton.interpreter_enabled(),
+    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
+)
+STEPS = [s.key for s in hopper.LADDER]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qkv(lq, lk, d=16, dtype=torch.float32, seed=0, b=1, h=2):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, d, generator=gen).to(dtype) for n in (lq, lk, lk))
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+def reference_lse(q, k, causal):
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    return torch.logsumexp(s, -1)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    "lq,lk,causal,d,dtype",
+    [
+        (40, 40, True, 16, torch.float32),  # ragged: 40 is not a multiple of the 16-row tiles
+        (20, 12, True, 16, torch.float16),  # Lq > Lk: the first 8 rows see no key
+        (9, 30, False, 64, torch.bfloat16),  # Lq < Lk, not causal
+        (33, 50, True, 128, torch.float16),  # Lq < Lk, causal (bottom-right)
+    ],
+)
+def test_every_step_matches_float64_attention(step, lq, lk, causal, d, dtype):
+    q, k, v = qkv(lq, lk, d=d, dtype=dtype)
+    out, lse = hopper.ladder_forward(q, k, v, step, causal=causal)
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert rel(out, ref) < tol
+    want = reference_lse(q, k, causal)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert float((lse.double()[finite] - want[finite]).abs().max()) < 1e-3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("step", STEPS)
+def test_fully_masked_rows_are_zero_with_lse_minus_inf(step):
+    q, k, v = qkv(36, 20)  # causal, Lq > Lk: rows 0..15 see no key, across two query tiles
+    out, lse = hopper.ladder_forward(q, k, v, step, causal=True)
+    assert torch.equal(out[..., :16, :], torch.zeros_like(out[..., :16, :]))
+    assert torch.isneginf(lse[..., :16]).all() and torch.isfinite(lse[..., 16:]).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("step", ["a", "d", "e", "g"])
+def test_other_tile_shapes(step):
+    q, k, v = qkv(45, 70, d=32)
+    for config in (hopper.KernelConfig(32, 16, 4, 1), hopper.KernelConfig(16, 32, 4, 1)):
+        out, _ = hopper.ladder_forward(q, k, v, step, causal=True, config=config)
+        assert rel(out, naive_attention(q.double(), k.double(), v.double(), causal=True)) < 1e-5
+
+
+@needs_interpreter
+@pytest.mark.parametrize("programs", [1, 2, 5, 1000])
+def test_persistent_grid_covers_every_tile_once(programs):
+    q, k, v = qkv(50, 50, h=3)  # 4 query tiles x 3 heads = 12 tiles, shared unevenly among the programs
+    for causal in (False, True):
+        out, _ = hopper.ladder_forward(q, k, v, "f", causal=causal, num_programs=programs)
+        assert rel(out, naive_attention(q.double(), k.double(), v.double(), causal=causal)) < 1e-5
+
+
+@needs_interpreter
+@pytest.mark.parametrize("growth", [0.05, 3.0, 40.0])
+def test_lazy_rescale_is_exact_when_maxima_grow_slowly_or_fast(growth):
+    """Scores rising along the keys: small steps are absorbed without rescaling, large ones force it.
+
+    A wrong threshold test either lets probabilities overflow (NaN / inf in the fp16 product) or skips a
+    needed rescale; both break the match with float64.
+    """
+    q, k, v = qkv(32, 64, d=16, dtype=torch.float16)
+    q = torch.ones_like(q)
+    ramp = torch.arange(64, dtype=torch.float32)[:, None] * growth / 16
+    k = (torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(2)) * 0.1 + ramp).half()
+    for causal in (False, True):
+        want = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+        for step in ("f", "g"):
+            out, lse = hopper.ladder_forward(q, k, v, step, causal=causal)
+            assert torch.isfinite(out).all() and rel(out, want) < 2e-3, (step, causal)
+            assert float((lse.double() - reference_lse(q, k, causal)).abs().max()) < 1e-3
+
+
+def test_ladder_is_cumulative_and_documented():
+    """Each step switches on what the one before had, plus exactly one change."""
+    flags = ("exp2", "split", "tuned", "tma", "persistent", "lazy")
+    previous = None
+    for s in hopper.LADDER:
+        on = {f for f in flags if getattr(s, f)}
+        assert s.change and s.name
+        if previous is not None:
+            assert previous <= on and len(on - previous) == 1, s.key
+        previous = on
+    assert [s.key for s in hopper.LADDER] == list("abcdefg")
+    assert hopper.ladder_step("c") is hopper.LADDER[2]
+
+
+def test_configs_per_head_dimension():
+    assert hopper.tuned_config(128).num_warps == 8 and hopper.tuned_config(128).block_m == 128
+    assert hopper.tuned_config(64).block_m == 128
+    for d in (64, 128):
+        cands = hopper.sweep_candidates(d)
+        assert 2 <= len(cands) <= 4 and hopper.tuned_config(d) in cands
+    assert hopper.GENERIC_CONFIG.label() == "64x64 w4 s2"
+    with pytest.raises(ValueError, match="head_dim"):
+        hopper.tuned_config(48)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"step": "h"}, ValueError, "step"),
+        ({"config": (64, 64, 4, 2)}, TypeError, "KernelConfig"),
+        ({"config": hopper.KernelConfig(24, 16, 4, 1)}, ValueError, "block_m"),
+        ({"num_programs": 0, "step": "f"}, ValueError, "num_programs"),
+        ({"step": hopper.LadderStep("x", "bad", "lazy without exp2", False, True, True, False, False, True)},
+         ValueError, "exp2"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    if not flash_triton.triton_available():
+        pytest.skip("triton is not installed")
+    q, k, v = qkv(8, 8)
+    with pytest.raises(error, match=match):
+        hopper.ladder_forward(q, k, v, **kwargs)
+
+
+@needs_interpreter
+def test_steps_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    """The GPU script's whole flow (sweep, contract check, grid, report) under the interpreter, tiny shapes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "flash_attention_steps_gpu.py"), "--cpu-smoke", "--quick",
+         "--dims", "32", "--lengths", "48", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "flash_steps.json").read_text())
+    assert [(r["dtype"], r["D"], r["N"], r["causal"]) for r in result["rows"]] == [
+        ("fp16", 32, 48, False), ("fp16", 32, 48, True)]
+    for row in result["rows"]:
+        for name in [*STEPS, "fp8", "sdpa_default"]:
+            assert row[f"ms_{name}"] > 0 and row[f"err_{name}"] < (0.1 if name == "fp8" else 1e-2), name
+    assert set(result["contract"].values()) == {"ok"} and not result["failures"]
+    assert {a["recipe"] for a in result["fp8_accuracy"]} >= {"fp16", "fp8 per-block"}
+    table = (tmp_path / "flash_steps.md").read_text()
+    assert "(g) lazy rescale" in table and "geometric mean" in table
