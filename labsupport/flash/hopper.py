@@ -23,7 +23,14 @@ f     ``PERSISTENT``      one program per SM loops over the tiles (the heaviest 
 g     ``LAZY``            the accumulator is rescaled only when some row's maximum grew by more
                           than ``2**8``; exact, because the final division uses the same stale
                           maximum (FlashAttention-4's conditional rescaling, per block here)
+h     ``WS``              off the ladder: step (e) with Triton's automatic warp specialisation of
+                          the key loop (producer warps copy, consumer warps compute), timed where
+                          the installed Triton compiles it for Hopper
 ====  ==================  ========================================================================
+
+With ``TMA``, lengths that are multiples of the tiles use flat ``(B·H·L, D)`` descriptors; other
+lengths use ``(B·H, L, D)`` ones, so a tile that runs past a head's end reads zeros rather than the
+next head's rows (and a store past it is clipped).
 
 Every step computes the same function as :func:`labsupport.flash.tiled.flash_attention_forward`:
 bottom-right causal mask, ``lse`` returned, zeros and ``lse = -inf`` for a row that sees no key.
@@ -51,6 +58,7 @@ except Exception:  # pragma: no cover - older or missing Triton
     TensorDescriptor = None
 
 __all__ = [
+    "EXTRAS",
     "LADDER",
     "GENERIC_CONFIG",
     "KernelConfig",
@@ -129,6 +137,7 @@ class LadderStep:
     tma: bool
     persistent: bool
     lazy: bool
+    warp_specialize: bool = False
 
 
 LADDER: tuple[LadderStep, ...] = (
@@ -147,11 +156,18 @@ LADDER: tuple[LadderStep, ...] = (
     LadderStep("g", "lazy rescale", "rescale the accumulator only when a row max grows by > 2^8",
                True, True, True, True, True, True),
 )
-_BY_KEY = {s.key: s for s in LADDER}
+#: Variants off the ladder, timed beside it: (h) is step (e) with Triton's automatic warp specialisation
+#: of the unmasked key loop (producer warps issue the TMA copies, consumer warps compute), where the
+#: installed Triton compiles it for Hopper.
+EXTRAS: tuple[LadderStep, ...] = (
+    LadderStep("h", "e + warp spec.", "step (e) with Triton's automatic warp specialisation of the key loop",
+               True, True, True, True, False, False, True),
+)
+_BY_KEY = {s.key: s for s in LADDER + EXTRAS}
 
 
 def ladder_step(step: str | LadderStep) -> LadderStep:
-    """A step by its letter (``"a"`` … ``"g"``) or the step itself."""
+    """A step by its letter (``"a"`` … ``"g"``, or the extra ``"h"``) or the step itself."""
     if isinstance(step, LadderStep):
         return step
     return _BY_KEY[require_choice("step", step, tuple(_BY_KEY))]
@@ -164,18 +180,23 @@ if triton is not None:
         acc, m_i, l_i, q, k_ptrs, v_ptrs, desc_k, desc_v, stride_kn, stride_vn, bh,
         start, stop, offs_m, offs_n, offset, n_keys, qk_scale, tau,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-        EXP2: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+        EXP2: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     ):
         """Fold key blocks ``[start, stop)`` into the running ``(acc, m_i, l_i)``.
 
         ``m_i`` is in the units of the exponent: log2 units with ``EXP2`` (``qk_scale`` then holds
-        ``scale·log2 e``), natural units without (``qk_scale`` is the plain scale).
+        ``scale·log2 e``), natural units without (``qk_scale`` is the plain scale). ``TMA``: 0 pointer
+        loads, 1 descriptors over ``(B·H, L, D)``, 2 descriptors over ``(B·H·L, D)`` (lengths that are
+        multiples of the tiles). ``WS``: Triton's automatic warp specialisation of this loop.
         """
         k_ptrs += start * stride_kn
         v_ptrs += start * stride_vn
-        for start_n in range(start, stop, BLOCK_N):
+        for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WS):
             cols = start_n + offs_n
-            if TMA:  # rows past the end arrive as zeros; the mask below still hides their scores
+            if TMA == 2:  # one 2-D tile per load; the wrapper made sure no tile crosses into the next head
+                k = desc_k.load([bh * n_keys + start_n, 0])
+                v = desc_v.load([bh * n_keys + start_n, 0])
+            elif TMA == 1:  # rows past the end arrive as zeros; the mask below still hides their scores
                 k = desc_k.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
                 v = desc_v.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
             elif MASKED:
@@ -234,7 +255,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_om, stride_od,
         pid_m, bh, n_heads, n_queries, n_keys, qk_scale, tau,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        EXP2: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+        EXP2: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
     ):
         """One block of ``BLOCK_M`` queries of one (batch, head): load Q, fold the key blocks, store O and lse."""
         b = bh // n_heads
@@ -243,7 +264,9 @@ if triton is not None:
         offs_m = first_row + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        if TMA:
+        if TMA == 2:
+            q = desc_q.load([bh * n_queries + first_row, 0])
+        elif TMA == 1:
             q = desc_q.load([bh, first_row, 0]).reshape(BLOCK_M, HEAD_DIM)
         else:
             q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -269,13 +292,13 @@ if triton is not None:
             acc, m_i, l_i = _ladder_fold(
                 acc, m_i, l_i, q, k_ptrs, v_ptrs, desc_k, desc_v, stride_kn, stride_vn, bh,
                 0, unmasked_stop, offs_m, offs_n, offset, n_keys, qk_scale, tau,
-                BLOCK_N, HEAD_DIM, False, CAUSAL, EXP2, TMA, LAZY)
+                BLOCK_N, HEAD_DIM, False, CAUSAL, EXP2, TMA, LAZY, WS)
         else:
             unmasked_stop = 0
         acc, m_i, l_i = _ladder_fold(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, desc_k, desc_v, stride_kn, stride_vn, bh,
             unmasked_stop, masked_stop, offs_m, offs_n, offset, n_keys, qk_scale, tau,
-            BLOCK_N, HEAD_DIM, True, CAUSAL, EXP2, TMA, LAZY)
+            BLOCK_N, HEAD_DIM, True, CAUSAL, EXP2, TMA, LAZY, False)
 
         # divide once; a row that saw no key (l = 0) gets zeros and lse = -inf
         seen = l_i > 0.0
@@ -285,7 +308,9 @@ if triton is not None:
             lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         else:
             lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
-        if TMA:  # rows past the end are clipped by the descriptor
+        if TMA == 2:
+            desc_o.store([bh * n_queries + first_row, 0], out.to(desc_o.dtype))
+        elif TMA == 1:  # rows past the end are clipped by the descriptor
             desc_o.store([bh, first_row, 0], out.to(desc_o.dtype).reshape(1, BLOCK_M, HEAD_DIM))
         else:
             o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -302,7 +327,7 @@ if triton is not None:
         n_heads, n_queries, n_keys, qk_scale, tau, n_m_blocks, n_tiles,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         EXP2: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
-        LAZY: tl.constexpr,
+        LAZY: tl.constexpr, WS: tl.constexpr,
     ):
         if PERSISTENT:
             # tiles in (head, query block) order, so programs running together share a head's K and V
@@ -318,7 +343,7 @@ if triton is not None:
                              stride_vb, stride_vh, stride_vn, stride_vd,
                              stride_ob, stride_oh, stride_om, stride_od,
                              pid_m, bh, n_heads, n_queries, n_keys, qk_scale, tau,
-                             HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY)
+                             HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS)
         else:
             _ladder_tile(Q, K, V, O, LSE, desc_q, desc_k, desc_v, desc_o,
                          stride_qb, stride_qh, stride_qm, stride_qd,
@@ -326,7 +351,7 @@ if triton is not None:
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_om, stride_od,
                          tl.program_id(0), tl.program_id(1), n_heads, n_queries, n_keys, qk_scale, tau,
-                         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY)
+                         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS)
 
 
 def _programs(device: torch.device, n_tiles: int, num_programs: int | None) -> int:
@@ -386,12 +411,18 @@ def ladder_forward(
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    if s.tma:
+    tma_mode = 0
+    descs: list = [None] * 4
+    if s.tma and n_q % bm == 0 and n_k % bn == 0:  # no tile crosses a head: flat 2-D descriptors
+        tma_mode = 2
+        views = [t.view(batch * heads * t.shape[2], d) for t in (q, k, v, out)]
+        descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, d])
+                 for t, rows in zip(views, (bm, bn, bn, bm))]
+    elif s.tma:  # ragged lengths: 3-D descriptors, so a tile past a head's end reads zeros, not the next head
+        tma_mode = 1
         views = [t.view(batch * heads, t.shape[2], d) for t in (q, k, v, out)]
         descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, d])
                  for t, rows in zip(views, (bm, bn, bn, bm))]
-    else:
-        descs = [None] * 4
     n_m_blocks = triton.cdiv(n_q, bm)
     n_tiles = n_m_blocks * batch * heads
     grid = (_programs(q.device, n_tiles, num_programs),) if s.persistent else (n_m_blocks, batch * heads)
@@ -400,7 +431,7 @@ def ladder_forward(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, n_q, n_k, sm_scale * (base._LOG2E if s.exp2 else 1.0), RESCALE_THRESHOLD_LOG2, n_m_blocks, n_tiles,
         HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn,
-        EXP2=s.exp2, SPLIT=s.split, TMA=s.tma, PERSISTENT=s.persistent, LAZY=s.lazy,
+        EXP2=s.exp2, SPLIT=s.split, TMA=tma_mode, PERSISTENT=s.persistent, LAZY=s.lazy, WS=s.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -24,7 +24,7 @@ needs_interpreter = pytest.mark.skipif(
     not flash_triton.triton_available() or not flash_triton.interpreter_enabled(),
     reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
 )
-STEPS = [s.key for s in hopper.LADDER]
+STEPS = [s.key for s in hopper.LADDER + hopper.EXTRAS]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -88,6 +88,19 @@ def test_other_tile_shapes(step):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("step", ["e", "f", "g", "h"])
+def test_flat_descriptors_when_lengths_are_tile_multiples(step):
+    """Lengths that are multiples of the tiles take the flat (B·H·L, D) descriptors: a tile offset wrong by one
+    head would read or overwrite a neighbour's rows, which two batches of two heads would show."""
+    q, k, v = qkv(32, 48, d=16, b=2, h=2)
+    for causal in (False, True):
+        out, lse = hopper.ladder_forward(q, k, v, step, causal=causal)
+        assert rel(out, naive_attention(q.double(), k.double(), v.double(), causal=causal)) < 1e-5
+        want = reference_lse(q, k, causal)
+        assert float((lse.double() - want).abs().max()) < 1e-4
+
+
+@needs_interpreter
 @pytest.mark.parametrize("programs", [1, 2, 5, 1000])
 def test_persistent_grid_covers_every_tile_once(programs):
     q, k, v = qkv(50, 50, h=3)  # 4 query tiles x 3 heads = 12 tiles, shared unevenly among the programs
@@ -128,6 +141,10 @@ def test_ladder_is_cumulative_and_documented():
         previous = on
     assert [s.key for s in hopper.LADDER] == list("abcdefg")
     assert hopper.ladder_step("c") is hopper.LADDER[2]
+    (ws,) = hopper.EXTRAS  # (h): step (e) plus warp specialisation, nothing else
+    e = hopper.ladder_step("e")
+    assert ws.key == "h" and ws.warp_specialize and not e.warp_specialize
+    assert all(getattr(ws, f) == getattr(e, f) for f in flags)
 
 
 def test_configs_per_head_dimension():
@@ -144,7 +161,7 @@ def test_configs_per_head_dimension():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"step": "h"}, ValueError, "step"),
+        ({"step": "z"}, ValueError, "step"),
         ({"config": (64, 64, 4, 2)}, TypeError, "KernelConfig"),
         ({"config": hopper.KernelConfig(24, 16, 4, 1)}, ValueError, "block_m"),
         ({"num_programs": 0, "step": "f"}, ValueError, "num_programs"),
