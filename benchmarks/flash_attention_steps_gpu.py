@@ -4,12 +4,14 @@ Run from the repository root on a machine with a CUDA GPU (exits 0 without one):
 
     python3 benchmarks/flash_attention_steps_gpu.py [--out DIR] [--quick] [--budget-s 210]
                                                     [--dtypes fp16 bf16] [--dims 64 128] [--lengths 4096 16384]
-                                                    [--steps a b c d e f g] [--no-sweep] [--no-fp8]
+                                                    [--steps a b c d e f g h] [--no-sweep] [--no-fp8]
 
 For B=4, H=16 and every (dtype, D, N, causal) it times with ``triton.testing.do_bench`` (CUDA events, median):
 SDPA with no backend forced (what a practitioner gets; cuDNN on Hopper), SDPA forced to its flash backend, each
-step (a)-(g) of ``labsupport.flash.hopper`` (one kernel, one compile-time switch more per step), and the FP8
-forward of ``labsupport.flash.fp8_triton`` (inputs quantised beforehand; the quantisation pass is timed apart).
+step (a)-(g) of ``labsupport.flash.hopper`` (one kernel, one compile-time switch more per step), the extra step (h)
+(step (e) with Triton's automatic warp specialisation), and the FP8 forward of ``labsupport.flash.fp8_triton``
+(inputs quantised beforehand; the quantisation pass is timed apart). About three minutes on an H100 (most of it
+compiling: about 90 kernel variants); ``--quick`` takes one shape.
 
 Before timing: (1) step (d)'s tile configuration is picked per head dimension among a few candidates, timed once at
 (fp16, first N, not causal), and used by steps (d)-(g) (``--no-sweep``: the module's fixed choice); (2) every
@@ -272,7 +274,7 @@ def main() -> None:
 
     def sync() -> None:
         if dev == "cuda":
-            sync()
+            torch.cuda.synchronize()
 
     cap = (9, 0) if args.cpu_smoke else torch.cuda.get_device_capability(0)
     info = {"device": "CPU (Triton interpreter smoke run)" if args.cpu_smoke else torch.cuda.get_device_name(0),
@@ -423,7 +425,7 @@ def main() -> None:
                                 state["failures"].append(f"{name} {dname} D={d} N={n} causal={causal}: "
                                                          f"wrong result, rel. error {err:.1e}; not timed")
                                 continue
-                            row[f"ms_{name}"] = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                            row[f"ms_{name}"] = do_bench(fn, warmup=10, rep=60, return_mode="median")
                         except GuardTimeout as error:
                             disabled[(name,)] = str(error)
                             row[f"note_{name}"] = "compile guard"
