@@ -280,7 +280,7 @@ def main() -> None:
     info = {"device": "CPU (Triton interpreter smoke run)" if args.cpu_smoke else torch.cuda.get_device_name(0),
             "sms": 3 if args.cpu_smoke else torch.cuda.get_device_properties(0).multi_processor_count,
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "triton": triton.__version__, "python": platform.python_version(), "capability": list(cap),
+            "triton": triton.__version__, "python": platform.python_version(), "capability": list(cap), "B": B, "H": H,
             "args": vars(args)}
     print("device:", info, flush=True)
     os.makedirs(args.out, exist_ok=True)

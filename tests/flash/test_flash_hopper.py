@@ -196,3 +196,50 @@ def test_steps_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert {a["recipe"] for a in result["fp8_accuracy"]} >= {"fp16", "fp8 per-block"}
     table = (tmp_path / "flash_steps.md").read_text()
     assert "(g) lazy rescale" in table and "geometric mean" in table
+
+
+def _fake_results(tmp_path, **over):
+    rows = [{"dtype": "fp16", "D": 64, "N": 4096, "causal": c, "flops": 4e12 * (0.5 if c else 1.0),
+             "ms_sdpa_default": 10.0, "ms_a": 20.0, "ms_b": 16.0, "ms_c": 16.0, "ms_d": 8.0, "ms_e": None,
+             "ms_f": 9.0, "ms_g": 8.0, "ms_h": None, "ms_fp8": 5.0} for c in (False, True)]
+    data = {"info": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6.0", "B": 4, "H": 16},
+            "rows": rows, "steps": list("abcdefgh"), "fp8": True, "failures": ["h: did not compile"],
+            "step_names": {s.key: s.name for s in hopper.LADDER + hopper.EXTRAS}}
+    data.update(over)
+    path = tmp_path / "flash_steps.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_stored_results_summaries(tmp_path):
+    from labsupport.flash import gpu_results
+
+    results = gpu_results.load_step_results(_fake_results(tmp_path))
+    gains = gpu_results.step_gains(results)
+    assert gains["b"] == pytest.approx(1.25) and gains["d"] == pytest.approx(2.0)
+    assert gains["e"] is None and gains["f"] is None  # (e) did not run: no gain either side of it
+    assert gains["g"] == pytest.approx(9 / 8) and gains["h"] is None
+    table = gpu_results.step_table(results)
+    assert "NVIDIA H100" in table and "triton 3.6.0" in table
+    assert "1.25x" in table and "1.25x" in table.splitlines()[-1]  # best step 8 ms against SDPA's 10 ms
+    first = table.splitlines()[2].split()
+    assert first[:4] == ["fp16", "64", "4096", "no"] and first[4] == "400" and first[-1] == "1.25x"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="missing"):
+        gpu_results.load_step_results(bad)
+
+
+def test_stored_results_are_found_from_the_notebooks_folder(tmp_path, monkeypatch):
+    from labsupport.flash import gpu_results
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setattr(gpu_results, "__file__", str(tmp_path / "elsewhere" / "x" / "gpu_results.py"))
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert gpu_results.find_stored_results() is None
+    target = tmp_path / "benchmarks" / "results" / gpu_results.STORED_STEPS
+    target.write_text("{}")
+    assert gpu_results.find_stored_results() == target
+    with pytest.raises(ValueError):
+        gpu_results.find_stored_results("results.csv")
