@@ -14,10 +14,11 @@ step (a)-(g) of ``labsupport.flash.hopper`` (one kernel, one compile-time switch
 compiling: about 90 kernel variants); ``--quick`` takes one shape.
 
 Before timing: (1) step (d)'s tile configuration is picked per head dimension among a few candidates, timed once at
-(fp16, first N, not causal), and used by steps (d)-(g) (``--no-sweep``: the module's fixed choice); (2) every
-variant is checked on ragged shapes (Lq ≠ Lk, lengths not multiples of the tiles, fully masked rows when causal)
-against float64 attention. A variant that fails the check is not timed. Every timed output is also compared
-with an fp32 reference on a slice (batch 0, heads 0-1).
+(fp16, first N, not causal), and used by steps (d)-(h) (``--no-sweep``: the module's fixed choice); (2) every
+variant is checked against float64 attention at Lq ≠ Lk, fully masked rows included, on lengths that are tile
+multiples (the kernels the timing runs); a variant that fails is not timed. Every timed output is also compared
+with an fp32 reference on a slice (batch 0, heads 0-1), and not timed when wrong. After the timing, while time
+is left, the same check on ragged lengths (other kernels for the TMA steps).
 
 Guards, so one slow or failing compile cannot eat the run: a variant whose first call raises (a compile error,
 out of resources) gets a row "did not compile: <error>" and is skipped for the remaining shapes with the same
@@ -104,9 +105,8 @@ def rel_err(a, ref) -> float:
     return float((a[:1, :2].float() - ref).norm() / ref.norm())
 
 
-def contract_check(name, forward, d, causal, dtype, reference_fn, device="cuda",
-                   shapes=((272, 400), (400, 272), (256, 384))) -> str | None:
-    """``None`` when ``forward`` meets the attention contract on ragged shapes, else what went wrong."""
+def contract_check(name, forward, d, causal, dtype, reference_fn, device, shapes) -> str | None:
+    """``None`` when ``forward`` meets the attention contract on ``shapes`` (Lq, Lk), else what went wrong."""
     gen = torch.Generator(device=device).manual_seed(1)
     tol = 0.08 if name == "fp8" else (1e-2 if dtype == torch.float16 else 3e-2)
     for lq, lk in shapes:
@@ -208,7 +208,8 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
             lines.append(f"- D={d}: " + ", ".join(f"{c} {v if isinstance(v, str) else f'{v:.3f} ms'}"
                                                   for c, v in results.items()))
     if state.get("contract"):
-        lines += ["", "Contract check (ragged Lq ≠ Lk, fully masked rows, against float64):", ""]
+        lines += ["", "Contract check against float64 (fp16, Lq ≠ Lk, fully masked rows; tile-multiple lengths before the "
+                  "timing, ragged lengths after it):", ""]
         lines += [f"- {k}: {v}" for k, v in state["contract"].items()]
     if state.get("fp8_accuracy"):
         lines += ["", "FP8 accuracy, PyTorch emulation against float64 (causal, 4 heads, N=512, fp16 inputs and "
@@ -340,41 +341,47 @@ def main() -> None:
         state["fp8_configs"] = {str(d): fp8_triton.fp8_config(d).label() for d in args.dims
                                 if d in fp8_triton.FP8_CONFIGS}
 
-    # 2. the contract on ragged shapes (fp16), before anything is timed
+    # 2. the contract (fp16, against float64): before timing on tile-multiple lengths (the kernels the timing
+    # uses, fully masked rows included), after timing on ragged ones (other kernels: 3-D TMA descriptors)
     variants = {s: (lambda d, s=s: step_forward(s, d)) for s in steps}
     if use_fp8:
         variants["fp8"] = lambda d: fp8_forward
     disabled: dict[tuple, str] = {}  # (name, dtype, D, causal) or (name,) -> reason
-    for name, make in variants.items():
-        for d in args.dims:
-            if name == "fp8" and d not in fp8_triton.FP8_CONFIGS:
-                continue
-            for causal in (False, True):
-                key = f"{name} D={d} causal={causal}"
-                if (name,) in disabled:
-                    state["contract"][key] = "skipped: " + disabled[(name,)][:60]
+
+    def run_contract(label: str, shapes, deadline: float, block: bool) -> None:
+        for name, make in variants.items():
+            for d in args.dims:
+                if name == "fp8" and d not in fp8_triton.FP8_CONFIGS:
                     continue
-                if over_budget():
-                    state["contract"][key] = "not reached (time budget)"
-                    continue
-                try:
-                    with time_guard(args.compile_guard_s):
-                        reason = contract_check(name, make(d), d, causal, torch.float16, naive_attention, dev,
-                                                        ((40, 56), (56, 40)) if args.cpu_smoke else
-                                                        ((272, 400), (400, 272), (256, 384)))
-                except GuardTimeout as error:
-                    reason = "compile guard: " + str(error)
-                    disabled[(name,)] = reason
-                except Exception as error:  # noqa: BLE001
-                    reason = "did not compile: " + short(error)
-                state["contract"][key] = reason or "ok"
-                if reason and name == "h":
-                    disabled[(name,)] = reason
-                if reason:
-                    for dname in args.dtypes:
-                        disabled.setdefault((name, dname, d, causal), reason)
-                    state["failures"].append(f"{key}: {reason}")
-                print(f"contract {key}: {reason or 'ok'}", flush=True)
+                for causal in (False, True):
+                    key = f"{name} D={d} causal={causal} ({label})"
+                    if (name,) in disabled:
+                        state["contract"][key] = "skipped: " + disabled[(name,)][:60]
+                        continue
+                    if time.time() - started > deadline:
+                        state["contract"][key] = "not reached (time budget)"
+                        continue
+                    try:
+                        with time_guard(args.compile_guard_s):
+                            reason = contract_check(name, make(d), d, causal, torch.float16, naive_attention, dev,
+                                                    shapes)
+                    except GuardTimeout as error:
+                        reason = "compile guard: " + str(error)
+                        disabled[(name,)] = reason
+                    except Exception as error:  # noqa: BLE001
+                        reason = "did not compile: " + short(error)
+                    state["contract"][key] = reason or "ok"
+                    if reason and name == "h":
+                        disabled[(name,)] = reason
+                    if reason and block:  # a variant that fails here is not timed at this (D, causal)
+                        for dname in args.dtypes:
+                            disabled.setdefault((name, dname, d, causal), reason)
+                    if reason:
+                        state["failures"].append(f"contract {key}: {reason}")
+                    print(f"contract {key}: {reason or 'ok'}", flush=True)
+
+    run_contract("tile multiples", ((32, 48), (48, 32)) if args.cpu_smoke else ((256, 384), (384, 256)),
+                 args.budget_s, block=True)
 
     # 3. the timed grid
     for n in args.lengths:
@@ -442,6 +449,9 @@ def main() -> None:
                     write_report(state, args.out)
                     del q, k, v, ref, fns
                     packed = None
+
+    run_contract("ragged", ((40, 56), (56, 40)) if args.cpu_smoke else ((272, 400), (400, 272)),
+                 args.budget_s + 25, block=False)
 
     # 4. FP8 accuracy (PyTorch emulation, float64 on the CPU: a few seconds)
     for d in args.dims:
