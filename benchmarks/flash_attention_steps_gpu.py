@@ -4,17 +4,18 @@ Run from the repository root on a machine with a CUDA GPU (exits 0 without one):
 
     python3 benchmarks/flash_attention_steps_gpu.py [--out DIR] [--quick] [--budget-s 210]
                                                     [--dtypes fp16 bf16] [--dims 64 128] [--lengths 4096 16384]
-                                                    [--steps a b c d e f g h] [--no-sweep] [--no-fp8]
+                                                    [--steps a b c d e f g h i] [--no-sweep] [--no-fp8]
 
 For B=4, H=16 and every (dtype, D, N, causal) it times with ``triton.testing.do_bench`` (CUDA events, median):
 SDPA with no backend forced (what a practitioner gets; cuDNN on Hopper), SDPA forced to its flash backend, each
-step (a)-(g) of ``labsupport.flash.hopper`` (one kernel, one compile-time switch more per step), the extra step (h)
-(step (e) with Triton's automatic warp specialisation), and the FP8 forward of ``labsupport.flash.fp8_triton``
+step (a)-(g) of ``labsupport.flash.hopper`` (one kernel, one compile-time switch more per step), the extra steps (h)
+(step (e) with Triton's automatic warp specialisation) and (i) (step (d) with half the exponentials computed on the
+FMA units), and the FP8 forward of ``labsupport.flash.fp8_triton``
 (inputs quantised beforehand; the quantisation pass is timed apart). About three minutes on an H100 (most of it
 compiling: about 90 kernel variants); ``--quick`` takes one shape.
 
 Before timing: (1) step (d)'s tile configuration is picked per head dimension among a few candidates, timed once at
-(fp16, first N, not causal), and used by steps (d)-(h) (``--no-sweep``: the module's fixed choice); (2) every
+(fp16, first N, not causal), and used by steps (d)-(i) (``--no-sweep``: the module's fixed choice); (2) every
 variant is checked against float64 attention at Lq ≠ Lk, fully masked rows included, on lengths that are tile
 multiples (the kernels the timing runs); a variant that fails is not timed. Every timed output is also compared
 with an fp32 reference on a slice (batch 0, heads 0-1), and not timed when wrong. After the timing, while time
@@ -47,8 +48,8 @@ import torch.nn.functional as F  # noqa: E402
 
 B, H = 4, 16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STEP_KEYS = ("a", "b", "c", "d", "e", "f", "g", "h")
-CHAIN = ("a", "b", "c", "d", "e", "f", "g")  # the cumulative ladder; (h) is step (e) + warp specialisation
+STEP_KEYS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+CHAIN = ("a", "b", "c", "d", "e", "f", "g")  # the cumulative ladder; (h) = (e) + warp specialisation, (i) = (d) + FMA exp2
 
 
 class GuardTimeout(Exception):
@@ -151,7 +152,7 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
 
     best = [s for s in steps]
     chain = [s for s in CHAIN if s in steps]
-    pairs = list(zip(chain, chain[1:])) + ([("e", "h")] if "e" in steps and "h" in steps else [])
+    pairs = list(zip(chain, chain[1:])) + [(a, b) for a, b in (("e", "h"), ("d", "i")) if a in steps and b in steps]
     lines = [f"Device: {info['device']} ({info['sms']} SMs, sm_{info['capability'][0]}{info['capability'][1]}); "
              f"torch {info['torch']} (CUDA {info['cuda']}, cuDNN {info['cudnn']}), triton {info['triton']}, "
              f"Python {info['python']}. B={B}, H={H}; each cell: ms / TFLOP/s (forward FLOPs 4·B·H·N²·D, halved "
@@ -175,7 +176,7 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
         lines.append(line)
     lines += ["", "(best step / default > 1 means the course's fastest step beats SDPA's default.)", "",
               "Gain of each step over the step before it (time before / time after; > 1 is faster; (h) is "
-              "compared with (e))", "",
+              "compared with (e), (i) with (d))", "",
               "| dtype | D | N | causal | " + " | ".join(f"({s}) {state['step_names'][s]}" for _, s in pairs) + " |",
               "|" + "---|" * (4 + len(pairs))]
     gains: dict[str, list] = {s: [] for _, s in pairs}

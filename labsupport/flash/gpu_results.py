@@ -45,10 +45,11 @@ def _tflops(row: dict, name: str) -> float | None:
 
 
 def step_gains(results: dict) -> dict[str, float | None]:
-    """Geometric mean over the measured shapes of each step's speed-up over the step before it ((h) over (e))."""
+    """Geometric mean over the measured shapes of each step's speed-up over the step before it ((h) over (e),
+    (i) over (d))."""
     steps = list(results["steps"])
     chain = [s for s in "abcdefg" if s in steps]
-    pairs = list(zip(chain, chain[1:])) + ([("e", "h")] if "e" in steps and "h" in steps else [])
+    pairs = list(zip(chain, chain[1:])) + [(a, b) for a, b in (("e", "h"), ("d", "i")) if a in steps and b in steps]
     gains: dict[str, float | None] = {}
     for prev, step in pairs:
         ratios = [r[f"ms_{prev}"] / r[f"ms_{step}"] for r in results["rows"]

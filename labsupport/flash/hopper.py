@@ -26,6 +26,9 @@ g     ``LAZY``            the accumulator is rescaled only when some row's maxim
 h     ``WS``              off the ladder: step (e) with Triton's automatic warp specialisation of
                           the key loop (producer warps copy, consumer warps compute), timed where
                           the installed Triton compiles it for Hopper
+i     ``FMA_EXP2``        off the ladder: step (d) with each unmasked key block split in two halves,
+                          the second half's exponentials computed by a cubic on the FMA units
+                          (:func:`_exp2_fma`), so the special-function units carry half the load
 ====  ==================  ========================================================================
 
 With ``TMA``, lengths that are multiples of the tiles use flat ``(B·H·L, D)`` descriptors; other
@@ -138,6 +141,7 @@ class LadderStep:
     persistent: bool
     lazy: bool
     warp_specialize: bool = False
+    fma_exp2: bool = False
 
 
 LADDER: tuple[LadderStep, ...] = (
@@ -159,9 +163,14 @@ LADDER: tuple[LadderStep, ...] = (
 #: Variants off the ladder, timed beside it: (h) is step (e) with Triton's automatic warp specialisation
 #: of the unmasked key loop (producer warps issue the TMA copies, consumer warps compute), where the
 #: installed Triton compiles it for Hopper.
+#: (i) is step (d) with half of each unmasked key block's exponentials computed on the FMA units
+#: (:func:`_exp2_fma`) instead of the special-function units, which at d = 64 do as much work per score as
+#: the tensor cores.
 EXTRAS: tuple[LadderStep, ...] = (
     LadderStep("h", "e + warp spec.", "step (e) with Triton's automatic warp specialisation of the key loop",
                True, True, True, True, False, False, True),
+    LadderStep("i", "d + FMA exp2", "step (d) with half the exponentials as a cubic on the FMA units",
+               True, True, True, False, False, False, False, True),
 )
 _BY_KEY = {s.key: s for s in LADDER + EXTRAS}
 
@@ -174,6 +183,55 @@ def ladder_step(step: str | LadderStep) -> LadderStep:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _exp2_fma(x):
+        """``2**x`` for ``x <= 0`` with FMA-unit arithmetic only (relative error below 1e-4).
+
+        Write ``x = j + f`` with ``j`` an integer and ``|f| <= 1/2``. ``2**f`` is a cubic (coefficients fitted
+        to minimise the relative error on that interval) and the factor ``2**j`` is ``j`` added to the exponent
+        bits. Adding 1.5·2**23 rounds ``x`` to ``j`` and leaves ``j`` in the low bits of the sum, so no
+        float-to-int conversion (a slow instruction too) is needed: shifted left by 23, those bits are ``j``'s
+        exponent increment. Below 2**-126 the result is not exact, but it is far under fp16's smallest number.
+        """
+        x = tl.maximum(x, -126.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = 0.05516919 * f + 0.24260498
+        p = p * f + 0.69326085
+        p = p * f + 0.99992848
+        bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _ladder_fold_halves(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start, stop, qk_scale,
+                            HALF: tl.constexpr):
+        """Unmasked key blocks ``[start, stop)`` as two halves of ``HALF`` keys each (``k_ptrs``: a half tile).
+
+        The first half's exponentials go to the special-function units (``exp2``), the second half's to the
+        FMA units (:func:`_exp2_fma`), so the two units share the softmax instead of one waiting for the other.
+        """
+        k_ptrs += start * stride_kn
+        v_ptrs += start * stride_vn
+        for start_n in range(start, stop, 2 * HALF):
+            k0 = tl.load(k_ptrs)
+            k1 = tl.load(k_ptrs + HALF * stride_kn)
+            qk0 = tl.dot(q, tl.trans(k0))
+            qk1 = tl.dot(q, tl.trans(k1))
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)) * qk_scale)
+            p0 = tl.math.exp2(qk0 * qk_scale - m_new[:, None])
+            p1 = _exp2_fma(qk1 * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+            acc = acc * alpha[:, None]
+            v0 = tl.load(v_ptrs)
+            v1 = tl.load(v_ptrs + HALF * stride_vn)
+            acc = tl.dot(p0.to(v0.dtype), v0, acc)
+            acc = tl.dot(p1.to(v1.dtype), v1, acc)
+            m_i = m_new
+            k_ptrs += 2 * HALF * stride_kn
+            v_ptrs += 2 * HALF * stride_vn
+        return acc, m_i, l_i
 
     @triton.jit
     def _ladder_fold(
@@ -256,6 +314,7 @@ if triton is not None:
         pid_m, bh, n_heads, n_queries, n_keys, qk_scale, tau,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         EXP2: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
+        FMA_EXP2: tl.constexpr,
     ):
         """One block of ``BLOCK_M`` queries of one (batch, head): load Q, fold the key blocks, store O and lse."""
         b = bh // n_heads
@@ -289,10 +348,19 @@ if triton is not None:
                 unmasked_stop = tl.minimum((n_visible_to_all // BLOCK_N) * BLOCK_N, last_full)
             else:
                 unmasked_stop = last_full
-            acc, m_i, l_i = _ladder_fold(
-                acc, m_i, l_i, q, k_ptrs, v_ptrs, desc_k, desc_v, stride_kn, stride_vn, bh,
-                0, unmasked_stop, offs_m, offs_n, offset, n_keys, qk_scale, tau,
-                BLOCK_N, HEAD_DIM, False, CAUSAL, EXP2, TMA, LAZY, WS)
+            if FMA_EXP2:  # pointer loads of half tiles
+                offs_half = tl.arange(0, BLOCK_N // 2)
+                kh_ptrs = (K + b * stride_kb + h * stride_kh + offs_half[:, None] * stride_kn
+                           + offs_d[None, :] * stride_kd)
+                vh_ptrs = (V + b * stride_vb + h * stride_vh + offs_half[:, None] * stride_vn
+                           + offs_d[None, :] * stride_vd)
+                acc, m_i, l_i = _ladder_fold_halves(acc, m_i, l_i, q, kh_ptrs, vh_ptrs, stride_kn, stride_vn,
+                                                    0, unmasked_stop, qk_scale, BLOCK_N // 2)
+            else:
+                acc, m_i, l_i = _ladder_fold(
+                    acc, m_i, l_i, q, k_ptrs, v_ptrs, desc_k, desc_v, stride_kn, stride_vn, bh,
+                    0, unmasked_stop, offs_m, offs_n, offset, n_keys, qk_scale, tau,
+                    BLOCK_N, HEAD_DIM, False, CAUSAL, EXP2, TMA, LAZY, WS)
         else:
             unmasked_stop = 0
         acc, m_i, l_i = _ladder_fold(
@@ -327,7 +395,7 @@ if triton is not None:
         n_heads, n_queries, n_keys, qk_scale, tau, n_m_blocks, n_tiles,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         EXP2: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
-        LAZY: tl.constexpr, WS: tl.constexpr,
+        LAZY: tl.constexpr, WS: tl.constexpr, FMA_EXP2: tl.constexpr,
     ):
         if PERSISTENT:
             # tiles in (head, query block) order, so programs running together share a head's K and V
@@ -343,7 +411,7 @@ if triton is not None:
                              stride_vb, stride_vh, stride_vn, stride_vd,
                              stride_ob, stride_oh, stride_om, stride_od,
                              pid_m, bh, n_heads, n_queries, n_keys, qk_scale, tau,
-                             HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS)
+                             HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS, FMA_EXP2)
         else:
             _ladder_tile(Q, K, V, O, LSE, desc_q, desc_k, desc_v, desc_o,
                          stride_qb, stride_qh, stride_qm, stride_qd,
@@ -351,7 +419,7 @@ if triton is not None:
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_om, stride_od,
                          tl.program_id(0), tl.program_id(1), n_heads, n_queries, n_keys, qk_scale, tau,
-                         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS)
+                         HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS, FMA_EXP2)
 
 
 def _programs(device: torch.device, n_tiles: int, num_programs: int | None) -> int:
@@ -393,6 +461,8 @@ def ladder_forward(
         raise RuntimeError("tensors on the CPU need TRITON_INTERPRET=1 set before triton is first imported")
     if s.lazy and not s.exp2:
         raise ValueError(f"step ({s.key}): lazy rescaling is written in log2 units and needs exp2=True")
+    if s.fma_exp2 and not (s.exp2 and s.split) or s.fma_exp2 and (s.tma or s.lazy):
+        raise ValueError(f"step ({s.key}): the FMA exp2 needs exp2 and split, with pointer loads and no lazy rescale")
     if s.tma and TensorDescriptor is None:
         raise RuntimeError(f"step ({s.key}) needs TMA descriptors (Triton >= 3.4, triton.tools.tensor_descriptor)")
     if on_cpu and q.dtype == torch.bfloat16:  # the interpreter's bf16 dot is broken (see labsupport.flash.triton)
@@ -401,9 +471,12 @@ def ladder_forward(
         return out.to(torch.bfloat16), lse
     d = q.shape[-1]
     if config is None:
-        config = KernelConfig(16, 16, 4, 1) if on_cpu else (tuned_config(d) if s.tuned else GENERIC_CONFIG)
+        config = (KernelConfig(16, 32 if s.fma_exp2 else 16, 4, 1) if on_cpu
+                  else tuned_config(d) if s.tuned else GENERIC_CONFIG)
     bm = base._require_block("block_m", config.block_m)
     bn = base._require_block("block_n", config.block_n)
+    if s.fma_exp2 and bn < 32:
+        raise ValueError(f"step ({s.key}) splits each key block in two halves of at least 16: block_n >= 32, got {bn}")
     if s.tma:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, n_q, _ = q.shape
@@ -432,6 +505,7 @@ def ladder_forward(
         heads, n_q, n_k, sm_scale * (base._LOG2E if s.exp2 else 1.0), RESCALE_THRESHOLD_LOG2, n_m_blocks, n_tiles,
         HEAD_DIM=d, CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn,
         EXP2=s.exp2, SPLIT=s.split, TMA=tma_mode, PERSISTENT=s.persistent, LAZY=s.lazy, WS=s.warp_specialize,
+        FMA_EXP2=s.fma_exp2,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
