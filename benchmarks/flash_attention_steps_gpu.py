@@ -157,7 +157,7 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
              f"torch {info['torch']} (CUDA {info['cuda']}, cuDNN {info['cudnn']}), triton {info['triton']}, "
              f"Python {info['python']}. B={B}, H={H}; each cell: ms / TFLOP/s (forward FLOPs 4·B·H·N²·D, halved "
              "when causal), median of triton.testing.do_bench; one run.", "",
-             "Configurations: steps (a)-(c) " + state["generic_config"] + "; steps (d)-(g) per head dimension: "
+             "Configurations: steps (a)-(c) " + state["generic_config"] + "; steps (d)-(i) per head dimension: "
              + ", ".join(f"D={d}: {c}" for d, c in state["configs"].items())
              + (f"; FP8: " + ", ".join(f"D={d}: {c}" for d, c in state["fp8_configs"].items()) if state["fp8"] else ""),
              "", "Forward", "",
