@@ -49,7 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 B, H = 4, 16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STEP_KEYS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
-CHAIN = ("a", "b", "c", "d", "e", "f", "g")  # the cumulative ladder; (h) = (e) + warp specialisation, (i) = (d) + FMA exp2
+# the cumulative ladder; (h) = (e) + warp specialisation and (i) = (d) + FMA exp2 are compared with their parents
+CHAIN = ("a", "b", "c", "d", "e", "f", "g")
 
 
 class GuardTimeout(Exception):
@@ -209,8 +210,8 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
             lines.append(f"- D={d}: " + ", ".join(f"{c} {v if isinstance(v, str) else f'{v:.3f} ms'}"
                                                   for c, v in results.items()))
     if state.get("contract"):
-        lines += ["", "Contract check against float64 (fp16, Lq ≠ Lk, fully masked rows; tile-multiple lengths before the "
-                  "timing, ragged lengths after it):", ""]
+        lines += ["", "Contract check against float64 (fp16, Lq ≠ Lk, fully masked rows; tile-multiple lengths "
+                  "before the timing, ragged lengths after it):", ""]
         lines += [f"- {k}: {v}" for k, v in state["contract"].items()]
     if state.get("fp8_accuracy"):
         lines += ["", "FP8 accuracy, PyTorch emulation against float64 (causal, 4 heads, N=512, fp16 inputs and "

@@ -94,7 +94,10 @@ def quantize_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hadamard_rotation(d: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A random orthogonal ``(d, d)`` matrix ``diag(±1) · H_d / sqrt(d)`` (Sylvester's Hadamard; ``d`` a power of 2)."""
+    """A random orthogonal ``(d, d)`` matrix ``diag(±1) · H_d / sqrt(d)``, ``H_d`` Sylvester's Hadamard matrix.
+
+    ``d`` must be a power of two.
+    """
     d = require_positive_int("d", d)
     if d & (d - 1):
         raise ValueError(f"d must be a power of two, got {d}")

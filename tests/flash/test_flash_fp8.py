@@ -54,7 +54,8 @@ def test_quantize_rows_zero_block_and_channels():
     x = torch.zeros(1, 1, 8, 4)
     x[..., 4:, :] = 2.0
     x8, scales = fp8.quantize_rows(x, 4)
-    assert torch.allclose(scales, torch.tensor([[[1.0, 2.0 / fp8.FP8_MAX]]])) and float(x8[..., :4, :].float().abs().max()) == 0.0
+    assert torch.allclose(scales, torch.tensor([[[1.0, 2.0 / fp8.FP8_MAX]]]))
+    assert float(x8[..., :4, :].float().abs().max()) == 0.0
     v = torch.randn(1, 2, 10, 4, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 10.0, 100.0, 0.1])
     v8, vs = fp8.quantize_channels(v)
     assert vs.shape == (1, 2, 4) and torch.allclose(vs, v.abs().amax(-2) / fp8.FP8_MAX)
