@@ -272,3 +272,48 @@ def test_stored_results_are_found_from_the_notebooks_folder(tmp_path, monkeypatc
     assert gpu_results.find_stored_results() == target
     with pytest.raises(ValueError):
         gpu_results.find_stored_results("results.csv")
+
+
+def _steps_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("steps_script", ROOT / "benchmarks" / "flash_attention_steps_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_report_survives_variants_that_failed(tmp_path):
+    """The report the GPU run writes when variants did not compile, were wrong, or were not reached."""
+    script = _steps_script()
+    row = {"dtype": "bf16", "D": 128, "N": 16384, "causal": True, "flops": 1e12, "ms_sdpa_default": 2.0,
+           "ms_sdpa_flash": 3.0, "ms_a": 4.0, "err_a": 1e-3, "note_b": "did not compile", "ms_c": 3.0,
+           "note_d": "wrong result (rel. error 1.0e+00)", "note_fp8": "not reached", "ms_fp8_quantize": 0.5}
+    state = {"info": {"device": "X", "sms": 132, "capability": [9, 0], "torch": "t", "cuda": "c", "cudnn": 1,
+                      "triton": "3.6.0", "python": "3"},
+             "rows": [row], "steps": list("abcdefghi"), "fp8": True, "failures": ["h: did not compile: boom"],
+             "started": 0.0, "step_names": {s.key: s.name for s in hopper.LADDER + hopper.EXTRAS},
+             "generic_config": "64x64 w4 s2", "configs": {"128": "128x64 w8 s3"}, "fp8_configs": {},
+             "sweep": {"128": {"128x64 w8 s3": 1.0, "128x128 w8 s2": "did not compile: OutOfResources"}},
+             "contract": {"h D=128 causal=True (ragged)": "did not compile: boom"},
+             "fp8_accuracy": [{"D": 128, "inputs": "normal", "recipe": "fp8 per-block", "max_abs": 0.1,
+                               "mean_abs": 0.01, "rel": 0.05}]}
+    script.write_report(state, str(tmp_path))
+    table = (tmp_path / "flash_steps.md").read_text()
+    assert "did not compile" in table and "wrong result" in table and "not reached" in table
+    assert "| 0.67× |" in table  # best step (c, 3 ms) against SDPA default (2 ms)
+    assert "(c) mask split" in table and "h: did not compile: boom" in table
+    saved = json.loads((tmp_path / "flash_steps.json").read_text())
+    assert saved["gain_geomean"]["b"] is None and saved["rows"][0]["note_b"] == "did not compile"
+
+
+def test_steps_time_guard_interrupts_a_slow_call():
+    import time as _time
+
+    script = _steps_script()
+    with pytest.raises(script.GuardTimeout, match="ran past"):
+        with script.time_guard(0.2):
+            _time.sleep(2.0)
+    with script.time_guard(1.0):  # a quick call passes, and the alarm is cleared afterwards
+        pass
+    _time.sleep(1.2)
