@@ -193,8 +193,8 @@ def outlier_qkv(batch: int, heads: int, length: int, d: int, *, seed: int = 0,
                 kind: str = "normal") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 test inputs: ``"normal"`` (unit Gaussians) or ``"outliers"``.
 
-    ``"outliers"`` follows FlashAttention-3's accuracy test: unit Gaussians with one entry in a thousand
-    (of each of ``Q``, ``K``, ``V``) drawn with standard deviation 10 instead.
+    ``"outliers"`` is modelled on FlashAttention-3's accuracy test: unit Gaussians with one entry in a
+    thousand (of each of ``Q``, ``K``, ``V``) ten times larger.
     """
     kind = require_choice("kind", kind, ("normal", "outliers"))
     gen = torch.Generator().manual_seed(seed)
