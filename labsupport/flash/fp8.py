@@ -49,6 +49,7 @@ __all__ = [
 FP8_MAX = 448.0
 #: ``P`` is multiplied by ``2**P_SCALE_LOG2`` before its cast to FP8 (and ``l`` carries the same factor).
 P_SCALE_LOG2 = 8
+_ANY_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fp8_dtype() -> torch.dtype:
@@ -80,6 +81,11 @@ def quantize_rows(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 def dequantize_rows(x8: torch.Tensor, scales: torch.Tensor, block: int,
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The inverse of :func:`quantize_rows`: ``x8 · scale`` of its block, in ``dtype``."""
+    block = require_positive_int("block", block)
+    if not isinstance(x8, torch.Tensor) or not isinstance(scales, torch.Tensor):
+        raise TypeError("x8 and scales must be tensors (from quantize_rows)")
+    if scales.shape[-1] != -(-x8.shape[-2] // block) or scales.shape[:-1] != x8.shape[:-2]:
+        raise ValueError(f"scales {tuple(scales.shape)} do not match x8 {tuple(x8.shape)} in blocks of {block}")
     per_row = scales.to(dtype).repeat_interleave(block, dim=-1)[..., : x8.shape[-2], None]
     return x8.to(dtype) * per_row
 
@@ -118,6 +124,9 @@ def rounded_attention(
     ``P·V``; the normaliser ``l`` is summed from the unrounded ``P``, as a kernel sums it in fp32.
     A row that sees no key gives zeros. Returns float64.
     """
+    q, k, v = require_qkv(q, k, v, ndim=None, dtypes=_ANY_FLOAT)
+    if round_p is not None and not callable(round_p):
+        raise TypeError(f"round_p must be a function of a tensor or None, got {type(round_p).__name__}")
     q, k, v = (t.double() for t in (q, k, v))
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = (q @ k.transpose(-1, -2)) * sm_scale
@@ -144,7 +153,7 @@ def fp8_attention_emulated(
     and cast to e4m3. ``rotate`` multiplies ``Q`` and ``K`` by :func:`hadamard_rotation` first. The output is
     *not* rounded to fp16 (:func:`precision_error_table` does that, as a kernel's store would).
     """
-    q, k, v = require_qkv(q, k, v, ndim=4, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    q, k, v = require_qkv(q, k, v, ndim=4, dtypes=_ANY_FLOAT)
     granularity = require_choice("granularity", granularity, ("block", "tensor"))
     d = q.shape[-1]
     if rotate:
@@ -217,6 +226,8 @@ def precision_error_table(
     fp16 operands, ``P`` rounded to fp16 (bf16) before ``P·V``, fp16 output; the FP8 recipes quantise
     fp16 inputs and write an fp16 output.
     """
+    for name, value in (("length", length), ("d", d), ("heads", heads), ("block_q", block_q), ("block_k", block_k)):
+        require_positive_int(name, value)
     rows: list[dict[str, object]] = []
     for kind in ("normal", "outliers"):
         q, k, v = outlier_qkv(1, heads, length, d, seed=seed, kind=kind)

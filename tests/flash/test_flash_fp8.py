@@ -64,6 +64,12 @@ def test_quantize_rows_zero_block_and_channels():
         fp8.quantize_rows(torch.zeros(4, dtype=torch.int64), 2)
     with pytest.raises(ValueError):
         fp8.quantize_rows(torch.zeros(1, 4, 4), 0)
+    with pytest.raises(ValueError, match="do not match"):
+        fp8.dequantize_rows(x8, scales[..., :1], 4)
+    with pytest.raises(TypeError, match="round_p"):
+        fp8.rounded_attention(x, x, x, round_p="fp8")
+    with pytest.raises(ValueError, match="length"):
+        fp8.precision_error_table(length=0)
 
 
 def test_hadamard_rotation_is_orthogonal_and_keeps_scores():
