@@ -17,9 +17,16 @@ module             holds
                    not imported here: ``from labsupport.flash import triton as flash_triton``
 ``tma``            ``tma_flash_forward``: the forward with Hopper TMA tensor descriptors (optional, not
                    imported here, like ``triton``)
+``hopper``         "the last 20% on Hopper": ``ladder_forward``, one kernel whose compile-time switches add
+                   one optimisation per step (``LADDER``, ``EXTRAS``); imports Triton, not imported here
+``fp8``            FP8 (e4m3) with per-block scales in PyTorch: ``quantize_rows``, ``quantize_channels``,
+                   ``fp8_attention_emulated``, ``precision_error_table`` (no Triton; not re-exported)
+``fp8_triton``     ``fp8_flash_forward``: the FP8 forward kernel with per-block scales (imports Triton)
+``gpu_results``    the stored GPU run of the ladder: ``find_stored_results``, ``step_table``, ``step_gains``
 =================  ===============================================================================
 
-Everything but ``triton``, ``tma`` and the exercises' answers is re-exported here, e.g. ``from labsupport import flash as ref;
+Everything but ``triton``, ``tma``, ``hopper``, ``fp8``, ``fp8_triton``, ``gpu_results`` and the exercises'
+answers is re-exported here, e.g. ``from labsupport import flash as ref;
 ref.flash_attention_forward(q, k, v, causal=True)``. The package never imports Triton itself, so
 it imports on machines without it, and ``TRITON_INTERPRET`` can still be set before the first
 ``from labsupport.flash import triton``.
