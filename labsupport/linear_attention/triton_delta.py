@@ -1,0 +1,311 @@
+"""Chapter 03 on a GPU: the chunkwise (gated) delta rule forward in two Triton kernels.
+
+The same computation as :func:`~labsupport.linear_attention.reference.delta_rule_chunkwise` (the WY/UT form),
+arranged so that only one small loop is sequential:
+
+1. **Chunk preparation** — one program per chunk of every (batch, head), all chunks at once. From the chunk's
+   keys, values, queries, writing strengths ``β`` and log-decays it computes the cumulative log-decay ``b``
+   inside the chunk, the matrix ``A = StrictLower(diag(β) (K Kᵀ ⊙ Γ))`` with ``Γ_ij = exp(b_i − b_j)``, the
+   inverse ``X = (I + A)⁻¹``, then ``T = X diag(β)``, ``W = T (exp(b) ⊙ K)``, ``U = T V``, and the causal
+   intra-chunk scores ``(Q Kᵀ ⊙ Γ)`` (diagonal included). Nothing here depends on the state.
+
+   The inverse is built by **doubling**, with matrix products only: a unit lower-triangular matrix whose
+   diagonal blocks of size ``s`` are inverted (``X_s``, block-diagonal) gives the inverse of the blocks of size
+   ``2s`` from ``[[L₁₁, 0], [L₂₁, L₂₂]]⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``, which for all blocks at
+   once reads ``X_2s = X_s − X_s (A ⊙ M_s) X_s`` with ``M_s`` the mask of the lower-left ``s × s`` corner of every
+   ``2s × 2s`` diagonal block. Starting from ``X_1 = I``, ``log₂ C`` steps reach ``X_C = (I + A)⁻¹``: exactly
+   blocked forward substitution, with no power series (whose terms can grow large and cancel).
+
+2. **State pass** — the only sequential part, one program per (batch·head, block of ``BV`` value columns), the
+   state ``S`` (``D_k × BV``, float32) held on chip for the whole sequence. Per chunk::
+
+       V' = U − W S                                       # the chunk's pseudo-values
+       O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'       # the output, written once
+       S  ← exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V'            # decayed keys write the state
+
+   The output is computed inside the pass, so neither the per-chunk states nor ``V'`` go to memory.
+
+Inputs are read in their dtype (fp16, bf16 or fp32) and computed in float32; the matrix products run on the
+tensor cores at ``precision`` (``"tf32"`` by default for fp16/bf16 inputs, ``"ieee"`` float32 for float32
+inputs). ``W``, ``U`` and the scores travel between the two kernels in ``intermediate_dtype`` (float32 by
+default; bf16 halves those bytes at some accuracy cost).
+
+**Forward only.** There is no backward kernel; inputs that require gradients are refused with an error rather
+than silently cut from the graph (use the reference form for gradients). The same kernels run on a CPU under
+``TRITON_INTERPRET=1`` (set before ``triton`` is first imported), slowly, which is how the tests check them
+without a GPU. This module imports without Triton; ``import labsupport.linear_attention`` never imports it::
+
+    from labsupport.linear_attention import triton_delta
+    out = triton_delta.delta_rule_chunkwise_triton(q, k, v, beta, log_decay)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from labsupport.harness.validation import require_choice, require_int
+from labsupport.linear_attention.reference import (
+    _require_beta,
+    _require_log_decay,
+    _require_qkv,
+    _require_state,
+)
+
+try:  # Triton is optional
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as error:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _TRITON_ERROR = error
+
+__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "triton_available"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_CHUNKS = (16, 32, 64, 128)
+
+
+def triton_available() -> bool:
+    """True when Triton imported successfully."""
+    return triton is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two ``>= max(n, 16)`` (``tl.dot`` needs tiles of at least 16)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _delta_prep_kernel(
+        Q, K, V, BETA, LD, W, U, SC, G,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+        C: tl.constexpr, LOG_C: tl.constexpr, HAS_DECAY: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)  # chunk
+        pid_bh = tl.program_id(1)  # batch * heads + head
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = tl.arange(0, BDV)
+        tok = pid_n * C + offs_c
+        valid = tok < length
+        kmask = valid[:, None] & (offs_k[None, :] < DK)
+        vmask = valid[:, None] & (offs_v[None, :] < DV)
+        beta = tl.load(BETA + pid_bh * length + tok, mask=valid, other=0.0).to(tl.float32)
+        if HAS_DECAY:
+            ld = tl.load(LD + pid_bh * length + tok, mask=valid, other=0.0).to(tl.float32)
+            g = tl.cumsum(ld, 0)  # b_i: log-decay from the chunk start to token i, inclusive
+        else:
+            g = tl.zeros((C,), dtype=tl.float32)
+        k = tl.load(K + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
+        k = k.to(tl.float32)
+        q = tl.load(Q + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
+        q = q.to(tl.float32)
+        rows = offs_c[:, None]
+        cols = offs_c[None, :]
+        diff = g[:, None] - g[None, :]
+        # intra-chunk scores (Q Kᵀ ⊙ Γ), causal with the diagonal; exp only of differences <= 0
+        causal = rows >= cols
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC)
+        scores = tl.where(causal, scores * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+        tl.store(SC + ((pid_bh * n_chunks + pid_n) * C + rows) * C + cols, scores.to(SC.dtype.element_ty))
+        # A = StrictLower(diag(β) (K Kᵀ ⊙ Γ))
+        strict = rows > cols
+        gram = tl.dot(k, tl.trans(k), input_precision=PREC)
+        a = tl.where(strict, beta[:, None] * gram * tl.exp(tl.where(strict, diff, 0.0)), 0.0)
+        # X = (I + A)⁻¹ by doubling; the first step (blocks of 1) needs no product: X_2 = I − A ⊙ M_1
+        first = strict & ((rows // 2) == (cols // 2))
+        x = tl.where(rows == cols, 1.0, 0.0) - tl.where(first, a, 0.0)
+        for level in tl.static_range(1, LOG_C):
+            s = 1 << level
+            corner = ((rows // (2 * s)) == (cols // (2 * s))) & ((rows // s) % 2 == 1) & ((cols // s) % 2 == 0)
+            step = tl.dot(tl.where(corner, a, 0.0), x, input_precision=PREC)
+            x = x - tl.dot(x, step, input_precision=PREC)
+        t = x * beta[None, :]  # T = X diag(β)
+        w = tl.dot(t, k * tl.exp(g)[:, None], input_precision=PREC)
+        out_rows = (pid_bh * n_chunks * C + tok)[:, None]  # W, U, G are padded to whole chunks
+        tl.store(W + out_rows * DK + offs_k[None, :], w.to(W.dtype.element_ty), mask=offs_k[None, :] < DK)
+        v = tl.load(V + (pid_bh * length + tok)[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0)
+        u = tl.dot(t, v.to(tl.float32), input_precision=PREC)
+        tl.store(U + out_rows * DV + offs_v[None, :], u.to(U.dtype.element_ty), mask=offs_v[None, :] < DV)
+        tl.store(G + pid_bh * n_chunks * C + tok, g)
+
+    @triton.jit
+    def _delta_state_kernel(
+        Q, K, W, U, SC, G, O, S0, SN,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+        HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid_v = tl.program_id(0)  # block of value columns
+        pid_bh = tl.program_id(1)
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        kcol = offs_k < DK
+        vcol = offs_v < DV
+        state_ptrs = (pid_bh * DK + offs_k[:, None]) * DV + offs_v[None, :]
+        state_mask = kcol[:, None] & vcol[None, :]
+        if HAS_INITIAL:
+            state = tl.load(S0 + state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros((BK, BV), dtype=tl.float32)
+        for n in range(0, n_chunks):
+            tok = n * C + offs_c
+            valid = tok < length
+            padded = pid_bh * n_chunks * C + tok  # row in W, U, G
+            g = tl.load(G + padded)
+            g_last = tl.load(G + pid_bh * n_chunks * C + n * C + C - 1)
+            w = tl.load(W + padded[:, None] * DK + offs_k[None, :], mask=kcol[None, :], other=0.0).to(tl.float32)
+            u = tl.load(U + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0).to(tl.float32)
+            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
+            rows_in = (pid_bh * length + tok)[:, None]
+            q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+            q = q.to(tl.float32) * tl.exp(g)[:, None]
+            scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
+            out = tl.dot(q, state, input_precision=PREC)
+            out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
+            tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
+                     mask=valid[:, None] & vcol[None, :])
+            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+            k = k.to(tl.float32) * tl.exp(g_last - g)[:, None]
+            state = state * tl.exp(g_last) + tl.dot(tl.trans(k), pseudo, input_precision=PREC)
+        if STORE_FINAL:
+            tl.store(SN + state_ptrs, state, mask=state_mask)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
+             initial_state: torch.Tensor | None, return_state: bool, chunk: int, precision: str,
+             intermediate_dtype: torch.dtype, block_v: int, num_warps: int, num_stages: int,
+             prep_warps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The two launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    bh = b * h
+    n = -(-length // chunk)
+    dev = q.device
+    w = torch.empty(bh, n * chunk, dk, device=dev, dtype=intermediate_dtype)
+    u = torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype)
+    sc = torch.empty(bh, n, chunk, chunk, device=dev, dtype=intermediate_dtype)
+    g = torch.empty(bh, n * chunk, device=dev, dtype=torch.float32)
+    bk, bdv = _pow2(dk), _pow2(dv)
+    _delta_prep_kernel[(n, bh)](
+        q, k, v, beta, beta if log_decay is None else log_decay, w, u, sc, g, length, n,
+        DK=dk, DV=dv, BK=bk, BDV=bdv, C=chunk, LOG_C=chunk.bit_length() - 1, HAS_DECAY=log_decay is not None,
+        PREC=precision, num_warps=prep_warps, num_stages=1,
+    )
+    out = torch.empty_like(v)
+    final = torch.empty(b, h, dk, dv, device=dev, dtype=torch.float32) if return_state else None
+    bv = min(block_v, bdv)
+    s0 = initial_state if initial_state is not None else g
+    _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
+        q, k, w, u, sc, g, out, s0, g if final is None else final, length, n,
+        DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
+        STORE_FINAL=final is not None, PREC=precision, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, final
+
+
+def delta_rule_chunkwise_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | float,
+    log_decay: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    precision: str | None = None,
+    intermediate_dtype: torch.dtype = torch.float32,
+    block_v: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    prep_warps: int = 4,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
+
+    Computes what :func:`~labsupport.linear_attention.reference.delta_rule_chunkwise` computes:
+    ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ q_t``.
+    Forward only: tensors that require gradients are refused.
+
+    Args:
+        q, k: ``(B, H, L, D_k)``; v: ``(B, H, L, D_v)``; fp16, bf16 or fp32, on a CUDA device (or on the CPU
+            with ``TRITON_INTERPRET=1``). ``L`` need not be a multiple of the chunk; any ``D_k, D_v`` (tiles are
+            padded to a power of two, at least 16).
+        beta: the writing strength, a float or ``(B, H, L)`` of the dtype of ``q``.
+        log_decay: ``None`` (DeltaNet) or ``(B, H, L)`` of the dtype of ``q``, ``<= 0`` (gated DeltaNet).
+        chunk_size: tokens per chunk, one of 16, 32, 64, 128.
+        initial_state: ``(B, H, D_k, D_v)`` of the dtype of ``q``, default zeros.
+        return_state: also return the final state (in the dtype of ``q``).
+        precision: of the matrix products on the GPU: ``"ieee"`` (float32), ``"tf32x3"`` (about float32, on
+            tensor cores) or ``"tf32"``; default ``"ieee"`` for float32 inputs, ``"tf32"`` otherwise. The CPU
+            interpreter always computes in float32.
+        intermediate_dtype: dtype of ``W``, ``U`` and the scores between the kernels: float32, bfloat16 or float16.
+        block_v: value columns per program of the state pass (a power of two, at least 16).
+        num_warps, num_stages: launch settings of the state pass; prep_warps: of the preparation kernel.
+
+    Returns:
+        ``(B, H, L, D_v)`` in the dtype of ``q``; with ``return_state``, also the final state.
+    """
+    if triton is None:
+        raise RuntimeError(f"delta_rule_chunkwise_triton needs Triton, which could not be imported "
+                           f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR})")
+    q, k, v = _require_qkv(q, k, v)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"delta_rule_chunkwise_triton takes float16, bfloat16 or float32 tensors, got "
+                        f"{str(q.dtype).removeprefix('torch.')}; for float64 use reference.delta_rule_chunkwise")
+    beta = _require_beta(beta, k)
+    log_decay = _require_log_decay(log_decay, k, vector_ok=False)
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    state = None if initial_state is None else _require_state(initial_state, b, h, dk, dv, k)
+    tensors = [t for t in (q, k, v, beta, log_decay, state) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("delta_rule_chunkwise_triton is forward-only (no backward kernel): call it under "
+                           "torch.no_grad() or on detached tensors; for gradients use "
+                           "reference.delta_rule_chunkwise")
+    chunk = require_int("chunk_size", chunk_size)
+    if chunk not in _CHUNKS:
+        raise ValueError(f"chunk_size must be one of {_CHUNKS} (a power of two the tensor cores can tile), got {chunk}")
+    if precision is None:
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = require_choice("precision", precision, _PRECISIONS)
+    if intermediate_dtype not in _DTYPES:
+        raise TypeError(f"intermediate_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
+                        f"{intermediate_dtype!r}")
+    block_v = require_int("block_v", block_v, minimum=16)
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two (at least 16), got {block_v}")
+    num_warps = require_int("num_warps", num_warps, minimum=1)
+    num_stages = require_int("num_stages", num_stages, minimum=1)
+    prep_warps = require_int("prep_warps", prep_warps, minimum=1)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    device = q.device
+    if device.type == "cpu" and not interpreter_enabled():
+        raise RuntimeError("the tensors are on the CPU but TRITON_INTERPRET=1 was not set before triton was "
+                           "imported; move them to a CUDA device or set the variable first")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {device}")
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    log_decay = None if log_decay is None else log_decay.contiguous()
+    state = None if state is None else state.float().contiguous()
+    out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, intermediate_dtype,
+                          block_v, num_warps, num_stages, prep_warps)
+    if return_state:
+        return out, final.to(q.dtype)  # type: ignore[union-attr]
+    return out

@@ -1,0 +1,158 @@
+"""Chapter 03's Triton delta rule, run on the CPU through Triton's interpreter, against the reference forms.
+
+Kept tiny: the interpreter executes each tile step in numpy. The references are the chunkwise WY/UT form
+(:func:`delta_rule_chunkwise`) and the token-by-token recurrence, both evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from labsupport.harness.numerics import rel_err  # noqa: E402
+from labsupport.linear_attention import reference as ref  # noqa: E402
+from labsupport.linear_attention import triton_delta  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    not triton_delta.triton_available() or not triton_delta.interpreter_enabled(),
+    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
+)
+run = triton_delta.delta_rule_chunkwise_triton
+
+FP32_TOL = 1e-5  # float32 arithmetic against float64: observed around 1e-7
+BF16_TOL = 2e-2  # bf16 inputs and outputs: rounding the output alone gives about 3e-3
+
+
+def inputs(b=2, h=2, length=45, dk=16, dv=32, seed=0, gated=True, key_scale=None, dtype=torch.float32):
+    """Unit keys (or keys of norm ``key_scale``), β in (0, 1), log-decays mostly in log(0.75 … 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, length, dk, generator=gen)
+    k = F.normalize(torch.randn(b, h, length, dk, generator=gen), dim=-1)
+    if key_scale is not None:
+        k = k * key_scale
+    v = torch.randn(b, h, length, dv, generator=gen)
+    beta = torch.sigmoid(torch.randn(b, h, length, generator=gen))
+    log_decay = F.logsigmoid(torch.randn(b, h, length, generator=gen) + 2.0) if gated else None
+    x = [q, k, v, beta, log_decay]
+    return [None if t is None else t.to(dtype) for t in x]
+
+
+def exact(q, k, v, beta, log_decay, **kw):
+    """The token-by-token recurrence in float64."""
+    return ref.delta_rule_recurrent(q.double(), k.double(), v.double(), beta.double(),
+                                    None if log_decay is None else log_decay.double(), **kw)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunk,length,dk,dv", [(16, 45, 16, 32), (32, 45, 32, 16), (64, 100, 24, 20),
+                                                (128, 130, 16, 16), (16, 16, 16, 16)])
+def test_float32_matches_the_recurrence_and_the_chunkwise_form(gated, chunk, length, dk, dv):
+    q, k, v, beta, log_decay = inputs(length=length, dk=dk, dv=dv, gated=gated)
+    out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, return_state=True)
+    expected, expected_state = exact(q, k, v, beta, log_decay, return_state=True)
+    chunkwise = ref.delta_rule_chunkwise(q.double(), k.double(), v.double(), beta.double(),
+                                         None if log_decay is None else log_decay.double(), chunk_size=chunk)
+    assert out.dtype == torch.float32 and out.shape == v.shape
+    assert rel_err(out, expected) < FP32_TOL
+    assert rel_err(out, chunkwise) < FP32_TOL
+    assert rel_err(state, expected_state) < FP32_TOL
+
+
+@needs_interpreter
+def test_the_gate_and_beta_are_used():
+    """The tolerance separates close variants: dropping the gate or changing β is caught."""
+    q, k, v, beta, log_decay = inputs()
+    out = run(q, k, v, beta, log_decay, chunk_size=16)
+    assert rel_err(out, exact(q, k, v, beta, None)) > 100 * FP32_TOL
+    assert rel_err(out, exact(q, k, v, beta * 0.9, log_decay)) > 100 * FP32_TOL
+    assert rel_err(out, exact(q, k, v, beta, log_decay)) < FP32_TOL
+
+
+@needs_interpreter
+def test_strong_keys_and_gates_stay_exact():
+    """Keys of norm 1.4 with β near 1 make (I + A)⁻¹ large; strong gates make exp(b) underflow-prone."""
+    q, k, v, beta, _ = inputs(length=64, key_scale=1.4, seed=3)
+    beta = 0.6 + 0.4 * beta
+    log_decay = -torch.rand(beta.shape, generator=torch.Generator().manual_seed(4)) * 3.0
+    out = run(q, k, v, beta, log_decay, chunk_size=64)
+    expected = exact(q, k, v, beta, log_decay)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < 1e-4
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gated", [False, True])
+def test_bf16_matches_to_bf16_tolerance(gated):
+    q, k, v, beta, log_decay = inputs(length=70, dk=32, dv=16, gated=gated, dtype=torch.bfloat16)
+    out = run(q, k, v, beta, log_decay, chunk_size=32)
+    assert out.dtype == torch.bfloat16
+    expected = exact(q, k, v, beta, log_decay)
+    assert rel_err(out, expected) < BF16_TOL
+    assert rel_err(out, ref.delta_rule_chunkwise(q, k, v, beta, log_decay, chunk_size=32)) < BF16_TOL
+    # bf16 intermediates between the kernels cost accuracy, but stay within bf16 tolerance
+    low = run(q, k, v, beta, log_decay, chunk_size=32, intermediate_dtype=torch.bfloat16, precision="tf32")
+    assert rel_err(low, expected) < BF16_TOL
+
+
+@needs_interpreter
+def test_initial_state_strided_inputs_and_small_value_blocks():
+    q, k, v, beta, log_decay = inputs(b=1, h=3, length=40, dk=16, dv=48)
+    s0 = torch.randn(1, 3, 16, 48, generator=torch.Generator().manual_seed(5)) * 0.3
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert not qt.is_contiguous()
+    out, state = run(qt, k, v, beta, log_decay, chunk_size=16, initial_state=s0, return_state=True, block_v=16)
+    expected, expected_state = exact(q, k, v, beta, log_decay, initial_state=s0.double(), return_state=True)
+    assert rel_err(out, expected) < FP32_TOL
+    assert rel_err(state, expected_state) < FP32_TOL
+    assert rel_err(run(q, k, v, beta, log_decay, chunk_size=16), expected) > 100 * FP32_TOL  # s0 mattered
+
+
+@needs_interpreter
+def test_float_beta_is_accepted():
+    q, k, v, _, log_decay = inputs(length=20)
+    out = run(q, k, v, 0.5, log_decay, chunk_size=16)
+    assert rel_err(out, exact(q, k, v, torch.full(q.shape[:3], 0.5), log_decay)) < FP32_TOL
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (dict(chunk_size=48), ValueError, "chunk_size must be one of"),
+    (dict(chunk_size=64.0), TypeError, "chunk_size must be an int"),
+    (dict(precision="fp8"), ValueError, "precision must be one of"),
+    (dict(intermediate_dtype=torch.float64), TypeError, "intermediate_dtype"),
+    (dict(block_v=24), ValueError, "block_v must be a power of two"),
+    (dict(block_v=8), ValueError, "block_v must be >= 16"),
+    (dict(num_warps=0), ValueError, "num_warps must be >= 1"),
+])
+def test_bad_settings_are_refused(bad, error, message):
+    q, k, v, beta, log_decay = inputs(length=8)
+    with pytest.raises(error, match=message):
+        run(q, k, v, beta, log_decay, **bad)
+
+
+def test_bad_tensors_are_refused():
+    q, k, v, beta, log_decay = inputs(length=8)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        run(q.double(), k.double(), v.double(), beta.double())
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        run(q, k, v, beta, -log_decay)
+    with pytest.raises(ValueError, match="q and k must have the same"):
+        run(q, k[..., :8], v, beta)
+    with pytest.raises(ValueError, match="beta must be a float or have shape"):
+        run(q, k, v, beta[..., :4])
+    with pytest.raises(RuntimeError, match="forward-only"):
+        run(q.requires_grad_(), k, v, beta, log_decay)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    q, k, v, beta, log_decay = inputs(length=8)
+    monkeypatch.setattr(triton_delta, "interpreter_enabled", lambda: False)
+    if not triton_delta.triton_available():
+        pytest.skip("triton is not installed")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        run(q, k, v, beta, log_decay)
