@@ -23,7 +23,11 @@ arranged so that only one small loop is sequential:
        O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'       # the output, written once
        S  ← exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V'            # decayed keys write the state
 
-   The output is computed inside the pass, so neither the per-chunk states nor ``V'`` go to memory.
+   By default the output is computed inside the pass, so neither the per-chunk states nor ``V'`` go to memory.
+   With ``fused_output=False`` the pass stores the state entering each chunk and ``V'`` instead, and
+
+3. **Output** — one program per (chunk, batch·head, value block), all chunks at once, computes
+   ``O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'`` from them: more bytes, but less work in the sequential pass.
 
 Inputs are read in their dtype (fp16, bf16 or fp32) and computed in float32; the matrix products run on the
 tensor cores at ``precision`` (``"tf32"`` by default for fp16/bf16 inputs, ``"ieee"`` float32 for float32
@@ -88,11 +92,18 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _chunk_scores(q, k, diff, causal, PREC: tl.constexpr):
+        """``(Q Kᵀ ⊙ Γ)`` with 0 above the diagonal; ``exp`` is taken only of differences ``<= 0``."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC)
+        return tl.where(causal, scores * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+
+    @triton.jit
     def _delta_prep_kernel(
         Q, K, V, BETA, LD, W, U, SC, G,
         length, n_chunks,
         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-        C: tl.constexpr, LOG_C: tl.constexpr, HAS_DECAY: tl.constexpr, PREC: tl.constexpr,
+        C: tl.constexpr, LOG_C: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_SCORES: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         pid_n = tl.program_id(0)  # chunk
         pid_bh = tl.program_id(1)  # batch * heads + head
@@ -111,16 +122,13 @@ if triton is not None:
             g = tl.zeros((C,), dtype=tl.float32)
         k = tl.load(K + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
         k = k.to(tl.float32)
-        q = tl.load(Q + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
-        q = q.to(tl.float32)
         rows = offs_c[:, None]
         cols = offs_c[None, :]
         diff = g[:, None] - g[None, :]
-        # intra-chunk scores (Q Kᵀ ⊙ Γ), causal with the diagonal; exp only of differences <= 0
-        causal = rows >= cols
-        scores = tl.dot(q, tl.trans(k), input_precision=PREC)
-        scores = tl.where(causal, scores * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
-        tl.store(SC + ((pid_bh * n_chunks + pid_n) * C + rows) * C + cols, scores.to(SC.dtype.element_ty))
+        if STORE_SCORES:  # intra-chunk scores (Q Kᵀ ⊙ Γ), causal with the diagonal, for the fused output
+            q = tl.load(Q + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
+            scores = _chunk_scores(q.to(tl.float32), k, diff, rows >= cols, PREC)
+            tl.store(SC + ((pid_bh * n_chunks + pid_n) * C + rows) * C + cols, scores.to(SC.dtype.element_ty))
         # A = StrictLower(diag(β) (K Kᵀ ⊙ Γ))
         strict = rows > cols
         gram = tl.dot(k, tl.trans(k), input_precision=PREC)
@@ -144,10 +152,10 @@ if triton is not None:
 
     @triton.jit
     def _delta_state_kernel(
-        Q, K, W, U, SC, G, O, S0, SN,
+        Q, K, W, U, SC, G, O, HS, VN, S0, SN,
         length, n_chunks,
         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-        HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+        HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, FUSED_OUTPUT: tl.constexpr, PREC: tl.constexpr,
     ):
         pid_v = tl.program_id(0)  # block of value columns
         pid_bh = tl.program_id(1)
@@ -156,7 +164,8 @@ if triton is not None:
         offs_v = pid_v * BV + tl.arange(0, BV)
         kcol = offs_k < DK
         vcol = offs_v < DV
-        state_ptrs = (pid_bh * DK + offs_k[:, None]) * DV + offs_v[None, :]
+        local = offs_k[:, None] * DV + offs_v[None, :]  # (row, column) inside one D_k × D_v state
+        state_ptrs = pid_bh * DK * DV + local
         state_mask = kcol[:, None] & vcol[None, :]
         if HAS_INITIAL:
             state = tl.load(S0 + state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
@@ -172,49 +181,111 @@ if triton is not None:
             u = tl.load(U + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0).to(tl.float32)
             pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
             rows_in = (pid_bh * length + tok)[:, None]
-            q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
-            q = q.to(tl.float32) * tl.exp(g)[:, None]
-            scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
-            out = tl.dot(q, state, input_precision=PREC)
-            out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
-            tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
-                     mask=valid[:, None] & vcol[None, :])
+            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+                q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+                q = q.to(tl.float32) * tl.exp(g)[:, None]
+                scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
+                out = tl.dot(q, state, input_precision=PREC)
+                out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
+                tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
+                         mask=valid[:, None] & vcol[None, :])
+            else:  # the state entering the chunk and V', for the output kernel
+                tl.store(HS + (pid_bh * n_chunks + n) * DK * DV + local, state.to(HS.dtype.element_ty),
+                         mask=state_mask)
+                tl.store(VN + padded[:, None] * DV + offs_v[None, :], pseudo.to(VN.dtype.element_ty),
+                         mask=vcol[None, :])
             k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
             k = k.to(tl.float32) * tl.exp(g_last - g)[:, None]
             state = state * tl.exp(g_last) + tl.dot(tl.trans(k), pseudo, input_precision=PREC)
         if STORE_FINAL:
             tl.store(SN + state_ptrs, state, mask=state_mask)
 
+    @triton.jit
+    def _delta_output_kernel(
+        Q, K, G, HS, VN, O,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)  # chunk
+        pid_bh = tl.program_id(1)
+        pid_v = tl.program_id(2)  # block of value columns
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        kcol = offs_k < DK
+        vcol = offs_v < DV
+        tok = pid_n * C + offs_c
+        valid = tok < length
+        padded = pid_bh * n_chunks * C + tok
+        g = tl.load(G + padded)
+        rows_in = (pid_bh * length + tok)[:, None]
+        q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+        k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+        q = q.to(tl.float32)
+        scores = _chunk_scores(q, k.to(tl.float32), g[:, None] - g[None, :], offs_c[:, None] >= offs_c[None, :],
+                               PREC)
+        state = tl.load(HS + ((pid_bh * n_chunks + pid_n) * DK + offs_k[:, None]) * DV + offs_v[None, :],
+                        mask=kcol[:, None] & vcol[None, :], other=0.0)
+        pseudo = tl.load(VN + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0)
+        out = tl.dot(q * tl.exp(g)[:, None], state.to(tl.float32), input_precision=PREC)
+        out = tl.dot(scores, pseudo.to(tl.float32), acc=out, input_precision=PREC)
+        tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=valid[:, None] & vcol[None, :])
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
+             chunk: int, precision: str, intermediate_dtype: torch.dtype, prep_warps: int,
+             store_scores: bool) -> dict[str, torch.Tensor]:
+    """Kernel 1 on checked, contiguous inputs: ``W, U`` (padded to whole chunks), the scores, the cumulative decays."""
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    bh, n, dev = b * h, -(-length // chunk), q.device
+    prep = {
+        "w": torch.empty(bh, n * chunk, dk, device=dev, dtype=intermediate_dtype),
+        "u": torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype),
+        "sc": torch.empty(bh, n, chunk, chunk, device=dev, dtype=intermediate_dtype) if store_scores else None,
+        "g": torch.empty(bh, n * chunk, device=dev, dtype=torch.float32),
+    }
+    _delta_prep_kernel[(n, bh)](
+        q, k, v, beta, beta if log_decay is None else log_decay, prep["w"], prep["u"],
+        prep["g"] if prep["sc"] is None else prep["sc"], prep["g"], length, n,
+        DK=dk, DV=dv, BK=_pow2(dk), BDV=_pow2(dv), C=chunk, LOG_C=chunk.bit_length() - 1,
+        HAS_DECAY=log_decay is not None, STORE_SCORES=store_scores, PREC=precision, num_warps=prep_warps,
+        num_stages=1,
+    )
+    return prep
+
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
              initial_state: torch.Tensor | None, return_state: bool, chunk: int, precision: str,
-             intermediate_dtype: torch.dtype, block_v: int, num_warps: int, num_stages: int,
-             prep_warps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The two launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
+             intermediate_dtype: torch.dtype, block_v: int, num_warps: int, num_stages: int, prep_warps: int,
+             fused_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
-    bh = b * h
-    n = -(-length // chunk)
-    dev = q.device
-    w = torch.empty(bh, n * chunk, dk, device=dev, dtype=intermediate_dtype)
-    u = torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype)
-    sc = torch.empty(bh, n, chunk, chunk, device=dev, dtype=intermediate_dtype)
-    g = torch.empty(bh, n * chunk, device=dev, dtype=torch.float32)
-    bk, bdv = _pow2(dk), _pow2(dv)
-    _delta_prep_kernel[(n, bh)](
-        q, k, v, beta, beta if log_decay is None else log_decay, w, u, sc, g, length, n,
-        DK=dk, DV=dv, BK=bk, BDV=bdv, C=chunk, LOG_C=chunk.bit_length() - 1, HAS_DECAY=log_decay is not None,
-        PREC=precision, num_warps=prep_warps, num_stages=1,
-    )
+    bh, n, dev = b * h, -(-length // chunk), q.device
+    prep = _prepare(q, k, v, beta, log_decay, chunk, precision, intermediate_dtype, prep_warps, fused_output)
     out = torch.empty_like(v)
     final = torch.empty(b, h, dk, dv, device=dev, dtype=torch.float32) if return_state else None
-    bv = min(block_v, bdv)
-    s0 = initial_state if initial_state is not None else g
+    bk, bv = _pow2(dk), min(block_v, _pow2(dv))
+    if fused_output:
+        hs = vn = prep["g"]  # unused
+    else:
+        hs = torch.empty(bh, n, dk, dv, device=dev, dtype=intermediate_dtype)
+        vn = torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype)
+    g = prep["g"]
     _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
-        q, k, w, u, sc, g, out, s0, g if final is None else final, length, n,
+        q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
+        g if initial_state is None else initial_state, g if final is None else final, length, n,
         DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
-        STORE_FINAL=final is not None, PREC=precision, num_warps=num_warps, num_stages=num_stages,
+        STORE_FINAL=final is not None, FUSED_OUTPUT=fused_output, PREC=precision, num_warps=num_warps,
+        num_stages=num_stages,
     )
+    if not fused_output:
+        _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
+            q, k, g, hs, vn, out, length, n, DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, PREC=precision,
+            num_warps=num_warps, num_stages=1,
+        )
     return out, final
 
 
@@ -234,6 +305,7 @@ def delta_rule_chunkwise_triton(
     num_warps: int = 4,
     num_stages: int = 2,
     prep_warps: int = 4,
+    fused_output: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
 
@@ -256,6 +328,9 @@ def delta_rule_chunkwise_triton(
         intermediate_dtype: dtype of ``W``, ``U`` and the scores between the kernels: float32, bfloat16 or float16.
         block_v: value columns per program of the state pass (a power of two, at least 16).
         num_warps, num_stages: launch settings of the state pass; prep_warps: of the preparation kernel.
+        fused_output: compute the output inside the state pass (default); ``False`` stores the state entering
+            every chunk and ``V'`` instead (in ``intermediate_dtype``), and a third kernel, parallel over chunks,
+            computes the output from them.
 
     Returns:
         ``(B, H, L, D_v)`` in the dtype of ``q``; with ``return_state``, also the final state.
@@ -305,7 +380,7 @@ def delta_rule_chunkwise_triton(
     log_decay = None if log_decay is None else log_decay.contiguous()
     state = None if state is None else state.float().contiguous()
     out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, intermediate_dtype,
-                          block_v, num_warps, num_stages, prep_warps)
+                          block_v, num_warps, num_stages, prep_warps, bool(fused_output))
     if return_state:
         return out, final.to(q.dtype)  # type: ignore[union-attr]
     return out

@@ -49,12 +49,14 @@ def exact(q, k, v, beta, log_decay, **kw):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk,length,dk,dv", [(16, 45, 16, 32), (32, 45, 32, 16), (64, 100, 24, 20),
                                                 (128, 130, 16, 16), (16, 16, 16, 16)])
-def test_float32_matches_the_recurrence_and_the_chunkwise_form(gated, chunk, length, dk, dv):
+def test_float32_matches_the_recurrence_and_the_chunkwise_form(fused, gated, chunk, length, dk, dv):
     q, k, v, beta, log_decay = inputs(length=length, dk=dk, dv=dv, gated=gated)
-    out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, return_state=True)
+    out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, return_state=True, fused_output=fused,
+                     block_v=16)
     expected, expected_state = exact(q, k, v, beta, log_decay, return_state=True)
     chunkwise = ref.delta_rule_chunkwise(q.double(), k.double(), v.double(), beta.double(),
                                          None if log_decay is None else log_decay.double(), chunk_size=chunk)
@@ -96,8 +98,10 @@ def test_bf16_matches_to_bf16_tolerance(gated):
     assert rel_err(out, expected) < BF16_TOL
     assert rel_err(out, ref.delta_rule_chunkwise(q, k, v, beta, log_decay, chunk_size=32)) < BF16_TOL
     # bf16 intermediates between the kernels cost accuracy, but stay within bf16 tolerance
-    low = run(q, k, v, beta, log_decay, chunk_size=32, intermediate_dtype=torch.bfloat16, precision="tf32")
-    assert rel_err(low, expected) < BF16_TOL
+    for fused in (True, False):
+        low = run(q, k, v, beta, log_decay, chunk_size=32, intermediate_dtype=torch.bfloat16, precision="tf32",
+                  fused_output=fused)
+        assert rel_err(low, expected) < BF16_TOL
 
 
 @needs_interpreter
