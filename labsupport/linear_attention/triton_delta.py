@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from labsupport.harness.validation import require_choice, require_int
+from labsupport.harness.validation import require_choice, require_float_tensor, require_int
 from labsupport.linear_attention.reference import (
     _require_beta,
     _require_log_decay,
@@ -103,7 +103,7 @@ if triton is not None:
         length, n_chunks,
         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
         C: tl.constexpr, LOG_C: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_SCORES: tl.constexpr,
-        PREC: tl.constexpr,
+        PREC: tl.constexpr, PREC_INV: tl.constexpr,
     ):
         pid_n = tl.program_id(0)  # chunk
         pid_bh = tl.program_id(1)  # batch * heads + head
@@ -139,8 +139,8 @@ if triton is not None:
         for level in tl.static_range(1, LOG_C):
             s = 1 << level
             corner = ((rows // (2 * s)) == (cols // (2 * s))) & ((rows // s) % 2 == 1) & ((cols // s) % 2 == 0)
-            step = tl.dot(tl.where(corner, a, 0.0), x, input_precision=PREC)
-            x = x - tl.dot(x, step, input_precision=PREC)
+            step = tl.dot(tl.where(corner, a, 0.0), x, input_precision=PREC_INV)
+            x = x - tl.dot(x, step, input_precision=PREC_INV)
         t = x * beta[None, :]  # T = X diag(β)
         w = tl.dot(t, k * tl.exp(g)[:, None], input_precision=PREC)
         out_rows = (pid_bh * n_chunks * C + tok)[:, None]  # W, U, G are padded to whole chunks
@@ -234,8 +234,8 @@ if triton is not None:
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
-             chunk: int, precision: str, intermediate_dtype: torch.dtype, prep_warps: int,
-             store_scores: bool) -> dict[str, torch.Tensor]:
+             chunk: int, precision: str, inverse_precision: str, intermediate_dtype: torch.dtype,
+             prep_warps: int, store_scores: bool) -> dict[str, torch.Tensor]:
     """Kernel 1 on checked, contiguous inputs: ``W, U`` (padded to whole chunks), the scores, the cumulative decays."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
@@ -250,21 +250,22 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
         q, k, v, beta, beta if log_decay is None else log_decay, prep["w"], prep["u"],
         prep["g"] if prep["sc"] is None else prep["sc"], prep["g"], length, n,
         DK=dk, DV=dv, BK=_pow2(dk), BDV=_pow2(dv), C=chunk, LOG_C=chunk.bit_length() - 1,
-        HAS_DECAY=log_decay is not None, STORE_SCORES=store_scores, PREC=precision, num_warps=prep_warps,
-        num_stages=1,
+        HAS_DECAY=log_decay is not None, STORE_SCORES=store_scores, PREC=precision, PREC_INV=inverse_precision,
+        num_warps=prep_warps, num_stages=1,
     )
     return prep
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
              initial_state: torch.Tensor | None, return_state: bool, chunk: int, precision: str,
-             intermediate_dtype: torch.dtype, block_v: int, num_warps: int, num_stages: int, prep_warps: int,
-             fused_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             inverse_precision: str, intermediate_dtype: torch.dtype, block_v: int, num_warps: int,
+             num_stages: int, prep_warps: int, fused_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     bh, n, dev = b * h, -(-length // chunk), q.device
-    prep = _prepare(q, k, v, beta, log_decay, chunk, precision, intermediate_dtype, prep_warps, fused_output)
+    prep = _prepare(q, k, v, beta, log_decay, chunk, precision, inverse_precision, intermediate_dtype, prep_warps,
+                    fused_output)
     out = torch.empty_like(v)
     final = torch.empty(b, h, dk, dv, device=dev, dtype=torch.float32) if return_state else None
     bk, bv = _pow2(dk), min(block_v, _pow2(dv))
@@ -300,12 +301,14 @@ def delta_rule_chunkwise_triton(
     initial_state: torch.Tensor | None = None,
     return_state: bool = False,
     precision: str | None = None,
+    inverse_precision: str | None = None,
     intermediate_dtype: torch.dtype = torch.float32,
     block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
     prep_warps: int = 4,
     fused_output: bool = True,
+    check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
 
@@ -325,12 +328,15 @@ def delta_rule_chunkwise_triton(
         precision: of the matrix products on the GPU: ``"ieee"`` (float32), ``"tf32x3"`` (about float32, on
             tensor cores) or ``"tf32"``; default ``"ieee"`` for float32 inputs, ``"tf32"`` otherwise. The CPU
             interpreter always computes in float32.
+        inverse_precision: of the products that build ``(I + A)⁻¹``; default ``precision``.
         intermediate_dtype: dtype of ``W``, ``U`` and the scores between the kernels: float32, bfloat16 or float16.
         block_v: value columns per program of the state pass (a power of two, at least 16).
         num_warps, num_stages: launch settings of the state pass; prep_warps: of the preparation kernel.
         fused_output: compute the output inside the state pass (default); ``False`` stores the state entering
             every chunk and ``V'`` instead (in ``intermediate_dtype``), and a third kernel, parallel over chunks,
             computes the output from them.
+        check_values: check that ``log_decay <= 0`` (reads the values: a host synchronisation). ``False`` checks
+            only shapes and dtypes, so that the call can be captured in a CUDA graph.
 
     Returns:
         ``(B, H, L, D_v)`` in the dtype of ``q``; with ``return_state``, also the final state.
@@ -343,7 +349,13 @@ def delta_rule_chunkwise_triton(
         raise TypeError(f"delta_rule_chunkwise_triton takes float16, bfloat16 or float32 tensors, got "
                         f"{str(q.dtype).removeprefix('torch.')}; for float64 use reference.delta_rule_chunkwise")
     beta = _require_beta(beta, k)
-    log_decay = _require_log_decay(log_decay, k, vector_ok=False)
+    if check_values or log_decay is None:
+        log_decay = _require_log_decay(log_decay, k, vector_ok=False)
+    else:
+        log_decay = require_float_tensor("log_decay", log_decay)
+        if log_decay.shape != k.shape[:3] or log_decay.dtype != k.dtype:
+            raise ValueError(f"log_decay must have shape (B, H, L) = {tuple(k.shape[:3])} and the dtype of q, got "
+                             f"{tuple(log_decay.shape)} {str(log_decay.dtype).removeprefix('torch.')}")
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     state = None if initial_state is None else _require_state(initial_state, b, h, dk, dv, k)
@@ -358,6 +370,7 @@ def delta_rule_chunkwise_triton(
     if precision is None:
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
     precision = require_choice("precision", precision, _PRECISIONS)
+    inverse_precision = require_choice("inverse_precision", inverse_precision or precision, _PRECISIONS)
     if intermediate_dtype not in _DTYPES:
         raise TypeError(f"intermediate_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
                         f"{intermediate_dtype!r}")
@@ -379,8 +392,8 @@ def delta_rule_chunkwise_triton(
     q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
     log_decay = None if log_decay is None else log_decay.contiguous()
     state = None if state is None else state.float().contiguous()
-    out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, intermediate_dtype,
-                          block_v, num_warps, num_stages, prep_warps, bool(fused_output))
+    out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, inverse_precision,
+                          intermediate_dtype, block_v, num_warps, num_stages, prep_warps, bool(fused_output))
     if return_state:
         return out, final.to(q.dtype)  # type: ignore[union-attr]
     return out

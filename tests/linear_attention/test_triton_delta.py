@@ -118,6 +118,19 @@ def test_initial_state_strided_inputs_and_small_value_blocks():
 
 
 @needs_interpreter
+def test_inverse_precision_and_unchecked_values():
+    q, k, v, beta, log_decay = inputs(length=33)
+    expected = exact(q, k, v, beta, log_decay)
+    out = run(q, k, v, beta, log_decay, chunk_size=16, precision="tf32", inverse_precision="tf32x3",
+              check_values=False)
+    assert rel_err(out, expected) < FP32_TOL  # the interpreter computes in float32 whatever the precision
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        run(q, k, v, beta, log_decay[..., :-1], check_values=False)
+    with pytest.raises(ValueError, match="inverse_precision must be one of"):
+        run(q, k, v, beta, log_decay, inverse_precision="fp16")
+
+
+@needs_interpreter
 def test_float_beta_is_accepted():
     q, k, v, _, log_decay = inputs(length=20)
     out = run(q, k, v, 0.5, log_decay, chunk_size=16)
