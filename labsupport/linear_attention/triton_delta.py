@@ -275,13 +275,22 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
         hs = torch.empty(bh, n, dk, dv, device=dev, dtype=intermediate_dtype)
         vn = torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype)
     g = prep["g"]
-    _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
-        q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
-        g if initial_state is None else initial_state, g if final is None else final, length, n,
-        DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
-        STORE_FINAL=final is not None, FUSED_OUTPUT=fused_output, PREC=precision, num_warps=num_warps,
-        num_stages=num_stages,
-    )
+
+    def state_pass(stages: int) -> None:
+        _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
+            q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
+            g if initial_state is None else initial_state, g if final is None else final, length, n,
+            DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
+            STORE_FINAL=final is not None, FUSED_OUTPUT=fused_output, PREC=precision, num_warps=num_warps,
+            num_stages=stages,
+        )
+
+    try:
+        state_pass(num_stages)
+    except Exception as error:  # noqa: BLE001 - only a shortage of shared memory is retried
+        if type(error).__name__ != "OutOfResources" or num_stages == 1:
+            raise
+        state_pass(1)  # no prefetching of the next chunk: less shared memory
     if not fused_output:
         _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
             q, k, g, hs, vn, out, length, n, DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, PREC=precision,
@@ -380,6 +389,9 @@ def delta_rule_chunkwise_triton(
     num_warps = require_int("num_warps", num_warps, minimum=1)
     num_stages = require_int("num_stages", num_stages, minimum=1)
     prep_warps = require_int("prep_warps", prep_warps, minimum=1)
+    if max(t.numel() for t in (q, k, v)) >= 2**31 or b * h * (-(-length // chunk)) * chunk * chunk >= 2**31:
+        raise ValueError(f"tensors of 2³¹ elements or more are not supported (32-bit offsets); got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}: split the batch")
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")

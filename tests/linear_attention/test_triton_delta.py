@@ -131,6 +131,37 @@ def test_inverse_precision_and_unchecked_values():
 
 
 @needs_interpreter
+def test_state_pass_retries_without_prefetching_when_shared_memory_runs_out(monkeypatch):
+    """On a GPU, num_stages > 1 can exceed the shared memory; the pass is then launched again with 1 stage."""
+    class OutOfResources(Exception):  # the name Triton's error has
+        pass
+
+    kernel = triton_delta._delta_state_kernel
+    stages = []
+    fits = [1]  # stage counts that fit
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                stages.append(kwargs["num_stages"])
+                if kwargs["num_stages"] not in fits:
+                    raise OutOfResources("shared memory")
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_delta, "_delta_state_kernel", Launcher())
+    q, k, v, beta, log_decay = inputs(length=20)
+    out = run(q, k, v, beta, log_decay, chunk_size=16, num_stages=3)
+    assert stages == [3, 1]
+    assert rel_err(out, exact(q, k, v, beta, log_decay)) < FP32_TOL
+    stages.clear()
+    fits.clear()
+    with pytest.raises(OutOfResources):
+        run(q, k, v, beta, log_decay, chunk_size=16, num_stages=1)  # nothing left to retry with
+    assert stages == [1]
+
+
+@needs_interpreter
 def test_float_beta_is_accepted():
     q, k, v, _, log_decay = inputs(length=20)
     out = run(q, k, v, 0.5, log_decay, chunk_size=16)
@@ -173,3 +204,28 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         pytest.skip("triton is not installed")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         run(q, k, v, beta, log_decay)
+
+
+@needs_interpreter
+def test_gpu_benchmark_script_runs_every_step_on_the_cpu(tmp_path):
+    """``benchmarks/linear_attention_gpu.py --cpu-smoke``: the script's own code, end to end, on tiny shapes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "linear_attention_gpu.py"), "--cpu-smoke",
+                           "--out", str(tmp_path), "--variants", "Triton state pass"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "linear_attention_gpu.json").read_text())["rows"]
+    assert [r["gated"] for r in rows] == [False, True]
+    for row in rows:
+        forward = {m["name"]: m for m in row["forward"]}
+        assert forward["course, Triton state pass"]["err"] < BF16_TOL
+        assert forward["course, eager"]["err"] < BF16_TOL
+        assert forward["course, Triton state pass, CUDA graph"]["error"].startswith("failed: ")  # no CUDA here
+        assert {m["name"] for m in row["backward"]} == {"fla", "course, eager"}
+    assert "| 70 | yes | course, Triton state pass |" in (tmp_path / "linear_attention_gpu.md").read_text()
