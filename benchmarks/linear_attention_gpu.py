@@ -50,15 +50,19 @@ import torch.nn.functional as F  # noqa: E402
 
 H, D = 16, 128  # the workload; --cpu-smoke shrinks them
 
-# name → keyword arguments of delta_rule_chunkwise_triton (the first is the default variant)
+# name → keyword arguments of delta_rule_chunkwise_triton (the first is the library's default settings).
+# Each variant is compiled on first use (a few seconds per kernel, twice: gated and not), so the default run
+# times the first four; the others are for --variants.
 VARIANTS = {
     "Triton state pass": {},
     "Triton, bf16 intermediates": {"intermediate_dtype": torch.bfloat16},
     "Triton, bf16 intermediates, BV=64, 8 warps": {"intermediate_dtype": torch.bfloat16, "block_v": 64,
                                                    "num_warps": 8, "prep_warps": 8},
     "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
+    "Triton, inverse by doubling on 64 × 64": {"inverse": "doubling"},
     "Triton, inverse in tf32x3": {"inverse_precision": "tf32x3"},
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:4]
 FALLBACK = ("Triton, float32 products (no tensor cores)", {"precision": "ieee"})
 
 
@@ -125,6 +129,13 @@ class Results:
                 ratio = "—" if m.get("over_fla") is None else f"{m['over_fla']:.2f}×"
                 err = "—" if m.get("err") is None else f"{m['err']:.1e}"
                 lines.append(f"| {r['T']} | {'yes' if r['gated'] else 'no'} | {m['name']} | {ms} | {ratio} | {err} |")
+        lines += ["", "Best course Triton forward per row:", ""]
+        for r in self.rows:
+            b = r.get("best_triton")
+            if b:
+                ratio = "—" if b.get("over_fla") is None else f"{b['over_fla']:.2f}× fla"
+                lines.append(f"- T={r['T']}, gated={'yes' if r['gated'] else 'no'}: {b['name']}, {b['ms']:.3f} ms, "
+                             f"{ratio}")
         lines += ["", "Forward + backward (gradients of q, k, v):", "", "| T | gated | method | ms |", "|---|---|---|---|"]
         for r in self.rows:
             for m in r["backward"]:
@@ -151,8 +162,8 @@ def main() -> None:
     parser.add_argument("--eager-backward", choices=("auto", "on", "off"), default="auto",
                         help="time the eager course form's forward + backward (auto: only for T <= 4096)")
     parser.add_argument("--fla-backward", choices=("on", "off"), default="on")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), metavar="NAME",
-                        help=f"Triton variants to time (default all): {list(VARIANTS)}")
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, metavar="NAME",
+                        help=f"Triton variants to time (default the first four; 'all' for every one): {list(VARIANTS)}")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="do_bench's time budget per timing, ms")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every step once on the CPU under TRITON_INTERPRET=1 with tiny shapes (a test of "
@@ -168,6 +179,8 @@ def main() -> None:
         return
     else:
         device = torch.device("cuda")
+    if args.variants == ["all"]:
+        args.variants = list(VARIANTS)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -304,7 +317,8 @@ def main() -> None:
                           "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
                           "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
                           "prep_warps": settings.get("prep_warps", 4),
-                          "store_scores": settings.get("fused_output", True)}
+                          "store_scores": settings.get("fused_output", True),
+                          "inverse": settings.get("inverse", "blocked")}
                     record(f"course, {name}: preparation kernel only", lambda: triton_delta._prepare(
                         x["q"], x["k"], x["v"], x["beta"], decay, **kw), check=False)
                 except Exception as error:  # noqa: BLE001
@@ -342,6 +356,12 @@ def main() -> None:
                     return torch.autograd.grad(o, [leaves[n] for n in ("q", "k", "v")], dout)
 
                 timed_backward("course, eager", course_fb)
+            timed = [m for m in row["forward"] if m["name"].startswith("course, Triton") and m.get("ms")
+                     and "preparation" not in m["name"]]
+            if timed:
+                best = min(timed, key=lambda m: m["ms"])
+                row["best_triton"] = {"name": best["name"], "ms": best["ms"], "over_fla": best.get("over_fla"),
+                                      "err": best.get("err")}
             results.add(row)
             del x, exact, leaves, dout
             if device.type == "cuda":

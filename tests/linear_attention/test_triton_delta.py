@@ -67,6 +67,19 @@ def test_float32_matches_the_recurrence_and_the_chunkwise_form(fused, gated, chu
 
 
 @needs_interpreter
+@pytest.mark.parametrize("inverse", ["blocked", "doubling"])
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_both_inverses_on_long_chunks(inverse, chunk):
+    """Weak gates (α ≈ 0.99), so that blocks of the inverse far below the diagonal matter."""
+    q, k, v, beta, _ = inputs(b=1, length=chunk + 37, key_scale=1.2, seed=7)
+    log_decay = F.logsigmoid(torch.randn(beta.shape, generator=torch.Generator().manual_seed(8)) + 5.0)
+    out = run(q, k, v, beta, log_decay, chunk_size=chunk, inverse=inverse, fused_output=inverse == "doubling")
+    assert rel_err(out, exact(q, k, v, beta, log_decay)) < FP32_TOL
+    out = run(q, k, v, beta, None, chunk_size=chunk, inverse=inverse)
+    assert rel_err(out, exact(q, k, v, beta, None)) < FP32_TOL
+
+
+@needs_interpreter
 def test_the_gate_and_beta_are_used():
     """The tolerance separates close variants: dropping the gate or changing β is caught."""
     q, k, v, beta, log_decay = inputs()
@@ -176,6 +189,8 @@ def test_float_beta_is_accepted():
     (dict(block_v=24), ValueError, "block_v must be a power of two"),
     (dict(block_v=8), ValueError, "block_v must be >= 16"),
     (dict(num_warps=0), ValueError, "num_warps must be >= 1"),
+    (dict(chunk_size=32, inverse="blocked"), ValueError, "inverse='blocked' needs chunk_size 64 or 128"),
+    (dict(inverse="lu"), ValueError, "inverse must be one of"),
 ])
 def test_bad_settings_are_refused(bad, error, message):
     q, k, v, beta, log_decay = inputs(length=8)
