@@ -28,10 +28,18 @@ Correctness: every output against a float64 evaluation of the course's chunkwise
 backward time of fla (``--fla-backward``) and of the eager course form (``--eager-backward``; ``auto``: only for
 T ≤ 4096, since at 16K one call takes about half a second).
 
-Time: Triton compiles every kernel (and fla autotunes its configurations) on first use, so the first length
-carries the compile time; each row records the wall seconds of each step (``seconds``). The results are
-rewritten after every row (``DIR/linear_attention_gpu.json`` and ``.md``), so a time limit loses at most the
-row in progress.
+Time: Triton compiles every kernel on first use, and fla autotunes its kernels there: in fla 0.6.0 the forward
+alone lists about a hundred configurations across its kernels (the state pass 12, the output kernel about 30,
+the triangular solve 16 per variant, ...), each compiled and timed for about 0.1 s, and the backward more;
+the keys hold the head sizes, not T, so all of it lands on the first length. That, not the measurements, is
+the likely reason the first version of this script overran 90 s at T = 4096 (the per-step seconds below will
+say).
+Each row records the wall seconds of each step (``seconds``). The essential steps always run (the float64
+reference, fla's forward, the first Triton variant, or its fallbacks if it fails); the optional ones (other
+variants, CUDA graphs, the preparation kernel alone, the eager form, backward passes) are skipped once a
+length has used ``--budget-s`` seconds (80 by default; the first row of a length stops its optional steps at
+half of it) and recorded as skipped. The results are rewritten after each row's forward and backward
+(``DIR/linear_attention_gpu.json`` and ``.md``), so a time limit loses at most the step in progress.
 """
 
 from __future__ import annotations
@@ -63,7 +71,9 @@ VARIANTS = {
     "Triton, inverse in tf32x3": {"inverse_precision": "tf32x3"},
 }
 DEFAULT_VARIANTS = list(VARIANTS)[:4]
-FALLBACK = ("Triton, float32 products (no tensor cores)", {"precision": "ieee"})
+# tried in turn when the first variant fails (a compile or launch error on this GPU)
+FALLBACKS = [("Triton, inverse by doubling on 64 × 64", {"inverse": "doubling"}),
+             ("Triton, float32 products (no tensor cores)", {"precision": "ieee", "inverse": "doubling"})]
 
 
 def make_inputs(batch: int, length: int, gen: torch.Generator) -> dict:
@@ -114,8 +124,14 @@ class Results:
         self.out_dir, self.info, self.rows = out_dir, info, []
 
     def add(self, row: dict) -> None:
+        """Append ``row`` (it may still grow: call :meth:`write` again) and write the files."""
+        timed = [m for m in row["forward"] if m["name"].startswith("course, Triton") and m.get("ms")
+                 and "preparation" not in m["name"]]
+        if timed:
+            best = min(timed, key=lambda m: m["ms"])
+            row["best_triton"] = {"name": best["name"], "ms": best["ms"], "over_fla": best.get("over_fla"),
+                                  "err": best.get("err")}
         self.rows.append(row)
-        print(json.dumps(row), flush=True)
         self.write()
 
     def table(self) -> str:
@@ -165,6 +181,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, metavar="NAME",
                         help=f"Triton variants to time (default the first four; 'all' for every one): {list(VARIANTS)}")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="do_bench's time budget per timing, ms")
+    parser.add_argument("--budget-s", type=float, default=80.0,
+                        help="seconds per length after which optional steps (variants past the first, CUDA graphs, "
+                             "the eager form, backward passes) are skipped; fla and the first variant always run")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every step once on the CPU under TRITON_INTERPRET=1 with tiny shapes (a test of "
                              "the script, not a measurement; fla is replaced by the course's reference if absent)")
@@ -231,7 +250,10 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     lengths = [70] if args.cpu_smoke else args.lengths
     for length in lengths:
+        start_of_length = time.perf_counter()
         for gated in (False, True):
+            # optional steps of the first row stop at half the budget, those of the second at all of it
+            deadline = start_of_length + args.budget_s * (0.5 if not gated else 1.0)
             x = make_inputs(args.batch, length, gen)
             row = {"T": length, "gated": gated, "forward": [], "backward": [], "seconds": {}}
             decay = x["log_decay"] if gated else None
@@ -241,6 +263,13 @@ def main() -> None:
                 now = time.perf_counter()
                 row["seconds"][name] = round(now - clock[0], 2)
                 clock[0] = now
+
+            def skipped(name, table="forward"):
+                """Past this length's time budget an optional step is recorded as skipped, not run."""
+                if time.perf_counter() < deadline:
+                    return False
+                row[table].append({"name": name, "error": f"skipped: past the {args.budget_s:.0f} s budget of T={length}"})
+                return True
 
             def record(name, fn, slow=False, check=True):
                 """Time ``fn`` (forward): error against ``exact``, ms, ratio to fla; a failure is recorded."""
@@ -275,56 +304,60 @@ def main() -> None:
             if chunk_delta_rule is not None:
                 record("fla", fla_fwd)
 
-            def course():
-                return ref.delta_rule_chunkwise(x["q"], x["k"], x["v"], x["beta"], decay, chunk_size=64)
-
-            record("course, eager", course, slow=True)
-            # CUDA graph of the eager form: validation off inside the capture (it syncs with the host)
-            saved = (ref._require_beta, ref._require_log_decay)
-            try:
-                ref._require_beta = lambda beta, k, name="beta": beta  # type: ignore[assignment]
-                ref._require_log_decay = lambda d, k, vector_ok=False: d  # type: ignore[assignment]
-                graph, _ = graph_of(course)
-                record("course, eager, CUDA graph", graph.replay, slow=True, check=False)
-                del graph
-            except Exception as error:  # noqa: BLE001
-                row["forward"].append({"name": "course, eager, CUDA graph", "error": failed(error)})
-                lap("course, eager, CUDA graph")
-            finally:
-                ref._require_beta, ref._require_log_decay = saved
-
             def triton_fn(settings):
                 return lambda: triton_delta.delta_rule_chunkwise_triton(
                     x["q"], x["k"], x["v"], x["beta"], decay, chunk_size=64, **settings)
 
+            # essential: the first variant (and, if it fails, the fallbacks in turn until one runs)
             chosen = [(name, VARIANTS[name]) for name in args.variants]
-            for name, settings in chosen:
-                entry = record(f"course, {name}", triton_fn(settings))
-                if name == "Triton state pass" and "error" in entry:
-                    record(f"course, {FALLBACK[0]}", triton_fn(FALLBACK[1]))
-            if chosen:  # the first variant in a CUDA graph, and its preparation kernel alone
-                name, settings = chosen[0]
-                try:
-                    graph, graph_out = graph_of(triton_fn({**settings, "check_values": False}))
-                    entry = record(f"course, {name}, CUDA graph", graph.replay, check=False)
-                    entry["err"] = rel_err(graph_out, exact)
-                    del graph, graph_out
-                except Exception as error:  # noqa: BLE001
-                    row["forward"].append({"name": f"course, {name}, CUDA graph", "error": failed(error)})
-                    lap(f"course, {name}, CUDA graph")
-                try:
-                    kw = {"chunk": 64, "precision": settings.get("precision", "tf32"),
-                          "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
-                          "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
-                          "prep_warps": settings.get("prep_warps", 4),
-                          "store_scores": settings.get("fused_output", True),
-                          "inverse": settings.get("inverse", "blocked")}
+            working = None
+            for name, settings in chosen[:1] + (FALLBACKS if chosen else []):
+                if record(f"course, {name}", triton_fn(settings)).get("ms"):
+                    working = (name, settings)
+                    break
+            # optional, while the time budget of this length lasts
+            for name, settings in chosen[1:]:
+                if not skipped(f"course, {name}"):
+                    record(f"course, {name}", triton_fn(settings))
+            if working is not None:  # the first working variant in a CUDA graph, and its preparation kernel alone
+                name, settings = working
+                if not skipped(f"course, {name}, CUDA graph"):
+                    try:
+                        graph, graph_out = graph_of(triton_fn({**settings, "check_values": False}))
+                        entry = record(f"course, {name}, CUDA graph", graph.replay, check=False)
+                        entry["err"] = rel_err(graph_out, exact)
+                        del graph, graph_out
+                    except Exception as error:  # noqa: BLE001
+                        row["forward"].append({"name": f"course, {name}, CUDA graph", "error": failed(error)})
+                        lap(f"course, {name}, CUDA graph")
+                kw = {"chunk": 64, "precision": settings.get("precision", "tf32"),
+                      "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
+                      "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
+                      "prep_warps": settings.get("prep_warps", 4), "store_scores": settings.get("fused_output", True),
+                      "inverse": settings.get("inverse", "blocked")}
+                if not skipped(f"course, {name}: preparation kernel only"):
                     record(f"course, {name}: preparation kernel only", lambda: triton_delta._prepare(
                         x["q"], x["k"], x["v"], x["beta"], decay, **kw), check=False)
+
+            def course():
+                return ref.delta_rule_chunkwise(x["q"], x["k"], x["v"], x["beta"], decay, chunk_size=64)
+
+            if not skipped("course, eager"):
+                record("course, eager", course, slow=True)
+            if not skipped("course, eager, CUDA graph"):
+                # validation off inside the capture (it syncs with the host)
+                saved = (ref._require_beta, ref._require_log_decay)
+                try:
+                    ref._require_beta = lambda beta, k, name="beta": beta  # type: ignore[assignment]
+                    ref._require_log_decay = lambda d, k, vector_ok=False: d  # type: ignore[assignment]
+                    graph, _ = graph_of(course)
+                    record("course, eager, CUDA graph", graph.replay, slow=True, check=False)
+                    del graph
                 except Exception as error:  # noqa: BLE001
-                    row["forward"].append({"name": f"course, {name}: preparation kernel only",
-                                           "error": failed(error)})
-                    lap(f"{name}: preparation kernel only")
+                    row["forward"].append({"name": "course, eager, CUDA graph", "error": failed(error)})
+                    lap("course, eager, CUDA graph")
+                finally:
+                    ref._require_beta, ref._require_log_decay = saved
 
             # forward + backward
             def timed_backward(name, fn):
@@ -337,7 +370,8 @@ def main() -> None:
 
             leaves = {n: x[n].detach().clone().requires_grad_() for n in ("q", "k", "v", "beta", "log_decay")}
             dout = torch.randn(args.batch, H, length, D, device=device, generator=gen).bfloat16()
-            if chunk_delta_rule is not None and args.fla_backward == "on":
+            results.add(row)  # the forward numbers are on disk before the backward passes start
+            if chunk_delta_rule is not None and args.fla_backward == "on" and not skipped("fla", "backward"):
                 fl = {n: to_fla(t).detach().requires_grad_() for n, t in leaves.items()}
                 dout_fla = to_fla(dout)
 
@@ -349,20 +383,16 @@ def main() -> None:
                     return torch.autograd.grad(o, [fl[n] for n in ("q", "k", "v")], dout_fla)
 
                 timed_backward("fla", fla_fb)
-            if args.eager_backward == "on" or (args.eager_backward == "auto" and length <= 4096):
+            if (args.eager_backward == "on" or (args.eager_backward == "auto" and length <= 4096)) \
+                    and not skipped("course, eager", "backward"):
                 def course_fb():
                     o = ref.delta_rule_chunkwise(leaves["q"], leaves["k"], leaves["v"], leaves["beta"],
                                                  leaves["log_decay"] if gated else None, chunk_size=64)
                     return torch.autograd.grad(o, [leaves[n] for n in ("q", "k", "v")], dout)
 
                 timed_backward("course, eager", course_fb)
-            timed = [m for m in row["forward"] if m["name"].startswith("course, Triton") and m.get("ms")
-                     and "preparation" not in m["name"]]
-            if timed:
-                best = min(timed, key=lambda m: m["ms"])
-                row["best_triton"] = {"name": best["name"], "ms": best["ms"], "over_fla": best.get("over_fla"),
-                                      "err": best.get("err")}
-            results.add(row)
+            results.write()
+            print(json.dumps(row), flush=True)
             del x, exact, leaves, dout
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -232,7 +232,7 @@ def test_gpu_benchmark_script_runs_every_step_on_the_cpu(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "linear_attention_gpu.py"), "--cpu-smoke",
-                           "--out", str(tmp_path), "--variants", "Triton state pass"],
+                           "--out", str(tmp_path), "--variants", "Triton state pass", "--budget-s", "3000"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "linear_attention_gpu.json").read_text())["rows"]
