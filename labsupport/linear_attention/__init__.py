@@ -11,6 +11,8 @@ module              holds
                     chunkwise), the delta rule (recurrent, parallel, UT transform, chunkwise), TTT-linear,
                     ``memory_recurrence`` (the one loop behind them all), the one-token kernels
 ``fast``            ``linear_attention_chunkwise_fast``: the chunkwise form arranged for a CPU
+``triton_delta``    ``delta_rule_chunkwise_triton``: the chunkwise (gated) delta rule forward in two Triton kernels
+                    (chunk preparation for all chunks at once, then one state pass); imported only on demand
 ``mechanisms``      THE registry: one ``MechanismSpec`` row per mechanism (forget/write text, feature map,
                     gates, sequence form, step form), ``MECHANISMS``, ``get_mechanism``
 ``mixers``          ``LinearAttentionMixer`` (reads a registry row), ``linear_mixer`` (a ``TinyLM`` factory)

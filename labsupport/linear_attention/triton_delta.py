@@ -1,0 +1,606 @@
+"""Chapter 03 on a GPU: the chunkwise (gated) delta rule forward in two Triton kernels.
+
+The same computation as :func:`~labsupport.linear_attention.reference.delta_rule_chunkwise` (the WY/UT form),
+arranged so that only one small loop is sequential:
+
+1. **Chunk preparation** — one program per chunk of every (batch, head), all chunks at once. From the chunk's
+   keys, values, queries, writing strengths ``β`` and log-decays it computes the cumulative log-decay ``b``
+   inside the chunk, the matrix ``A = StrictLower(diag(β) (K Kᵀ ⊙ Γ))`` with ``Γ_ij = exp(b_i − b_j)``, the
+   inverse ``X = (I + A)⁻¹``, then ``T = X diag(β)``, ``W = T (exp(b) ⊙ K)``, ``U = T V``, and the causal
+   intra-chunk scores ``(Q Kᵀ ⊙ Γ)`` (diagonal included). Nothing here depends on the state.
+
+   The inverse is built by **doubling**, with matrix products only: a unit lower-triangular matrix whose
+   diagonal blocks of size ``s`` are inverted (``X_s``, block-diagonal) gives the inverse of the blocks of size
+   ``2s`` from ``[[L₁₁, 0], [L₂₁, L₂₂]]⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``, which for all blocks at
+   once reads ``X_2s = X_s − X_s (A ⊙ M_s) X_s`` with ``M_s`` the mask of the lower-left ``s × s`` corner of every
+   ``2s × 2s`` diagonal block. Starting from ``X_1 = I``, ``log₂ C`` steps reach ``X_C = (I + A)⁻¹``: exactly
+   blocked forward substitution, with no power series (whose terms can grow large and cancel).
+   For chunks of 64 and 128 the default (``inverse="blocked"``) applies doubling only to the four diagonal
+   blocks of ``C / 4`` tokens and fills the six blocks below them by block forward substitution,
+   ``X_ij = −X_ii Σ_{j ≤ m < i} A_im X_mj``: every product is then ``C/4``-sized, and the inverse costs about
+   0.13 MFLOP per chunk of 64 instead of 5.2 (``inverse="doubling"`` keeps the whole-matrix form).
+
+2. **State pass** — the only sequential part, one program per (batch·head, block of ``BV`` value columns), the
+   state ``S`` (``D_k × BV``, float32) held on chip for the whole sequence. Per chunk::
+
+       V' = U − W S                                       # the chunk's pseudo-values
+       O  = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'       # the output, written once
+       S  ← exp(b_C) S + (exp(b_C − b) ⊙ K)ᵀ V'            # decayed keys write the state
+
+   By default the output is computed inside the pass, so neither the per-chunk states nor ``V'`` go to memory.
+   With ``fused_output=False`` the pass stores the state entering each chunk and ``V'`` instead, and
+
+3. **Output** — one program per (chunk, batch·head, value block), all chunks at once, computes
+   ``O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'`` from them: more bytes, but less work in the sequential pass.
+
+Inputs are read in their dtype (fp16, bf16 or fp32) and computed in float32; the matrix products run on the
+tensor cores at ``precision`` (``"tf32"`` by default for fp16/bf16 inputs, ``"ieee"`` float32 for float32
+inputs). ``W``, ``U`` and the scores travel between the two kernels in ``intermediate_dtype`` (float32 by
+default; bf16 halves those bytes at some accuracy cost).
+
+**Forward only.** There is no backward kernel; inputs that require gradients are refused with an error rather
+than silently cut from the graph (use the reference form for gradients). The same kernels run on a CPU under
+``TRITON_INTERPRET=1`` (set before ``triton`` is first imported), slowly, which is how the tests check them
+without a GPU. This module imports without Triton; ``import labsupport.linear_attention`` never imports it::
+
+    from labsupport.linear_attention import triton_delta
+    out = triton_delta.delta_rule_chunkwise_triton(q, k, v, beta, log_decay)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from labsupport.harness.validation import require_choice, require_float_tensor, require_int
+from labsupport.linear_attention.reference import (
+    _require_beta,
+    _require_log_decay,
+    _require_qkv,
+    _require_state,
+)
+
+try:  # Triton is optional
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as error:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _TRITON_ERROR = error
+
+__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "triton_available"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_CHUNKS = (16, 32, 64, 128)
+
+
+def triton_available() -> bool:
+    """True when Triton imported successfully."""
+    return triton is not None
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two ``>= max(n, 16)`` (``tl.dot`` needs tiles of at least 16)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_scores(q, k, diff, causal, PREC: tl.constexpr):
+        """``(Q Kᵀ ⊙ Γ)`` with 0 above the diagonal; ``exp`` is taken only of differences ``<= 0``."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC)
+        return tl.where(causal, scores * tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+
+    @triton.jit
+    def _unit_lower_inverse(a, S: tl.constexpr, LOG_S: tl.constexpr, PREC: tl.constexpr):
+        """``(I + a)⁻¹`` for a strictly lower-triangular ``S × S`` tile ``a``, by doubling (see the module)."""
+        offs = tl.arange(0, S)
+        rows = offs[:, None]
+        cols = offs[None, :]
+        # the first step (blocks of 1) needs no product: X_2 = I − A ⊙ M_1
+        first = (rows > cols) & ((rows // 2) == (cols // 2))
+        x = tl.where(rows == cols, 1.0, 0.0) - tl.where(first, a, 0.0)
+        for level in tl.static_range(1, LOG_S):
+            s = 1 << level
+            corner = ((rows // (2 * s)) == (cols // (2 * s))) & ((rows // s) % 2 == 1) & ((cols // s) % 2 == 0)
+            step = tl.dot(tl.where(corner, a, 0.0), x, input_precision=PREC)
+            x = x - tl.dot(x, step, input_precision=PREC)
+        return x
+
+    @triton.jit
+    def _delta_prep_kernel(
+        Q, K, V, BETA, LD, W, U, SC, G,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+        C: tl.constexpr, LOG_C: tl.constexpr, HAS_DECAY: tl.constexpr, STORE_SCORES: tl.constexpr,
+        PREC: tl.constexpr, PREC_INV: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)  # chunk
+        pid_bh = tl.program_id(1)  # batch * heads + head
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = tl.arange(0, BDV)
+        tok = pid_n * C + offs_c
+        valid = tok < length
+        kmask = valid[:, None] & (offs_k[None, :] < DK)
+        vmask = valid[:, None] & (offs_v[None, :] < DV)
+        beta = tl.load(BETA + pid_bh * length + tok, mask=valid, other=0.0).to(tl.float32)
+        if HAS_DECAY:
+            ld = tl.load(LD + pid_bh * length + tok, mask=valid, other=0.0).to(tl.float32)
+            g = tl.cumsum(ld, 0)  # b_i: log-decay from the chunk start to token i, inclusive
+        else:
+            g = tl.zeros((C,), dtype=tl.float32)
+        k = tl.load(K + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
+        k = k.to(tl.float32)
+        rows = offs_c[:, None]
+        cols = offs_c[None, :]
+        diff = g[:, None] - g[None, :]
+        if STORE_SCORES:  # intra-chunk scores (Q Kᵀ ⊙ Γ), causal with the diagonal, for the fused output
+            q = tl.load(Q + (pid_bh * length + tok)[:, None] * DK + offs_k[None, :], mask=kmask, other=0.0)
+            scores = _chunk_scores(q.to(tl.float32), k, diff, rows >= cols, PREC)
+            tl.store(SC + ((pid_bh * n_chunks + pid_n) * C + rows) * C + cols, scores.to(SC.dtype.element_ty))
+        # A = StrictLower(diag(β) (K Kᵀ ⊙ Γ))
+        strict = rows > cols
+        gram = tl.dot(k, tl.trans(k), input_precision=PREC)
+        a = tl.where(strict, beta[:, None] * gram * tl.exp(tl.where(strict, diff, 0.0)), 0.0)
+        x = _unit_lower_inverse(a, C, LOG_C, PREC_INV)  # X = (I + A)⁻¹
+        t = x * beta[None, :]  # T = X diag(β)
+        w = tl.dot(t, k * tl.exp(g)[:, None], input_precision=PREC)
+        out_rows = (pid_bh * n_chunks * C + tok)[:, None]  # W, U, G are padded to whole chunks
+        tl.store(W + out_rows * DK + offs_k[None, :], w.to(W.dtype.element_ty), mask=offs_k[None, :] < DK)
+        v = tl.load(V + (pid_bh * length + tok)[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0)
+        u = tl.dot(t, v.to(tl.float32), input_precision=PREC)
+        tl.store(U + out_rows * DV + offs_v[None, :], u.to(U.dtype.element_ty), mask=offs_v[None, :] < DV)
+        tl.store(G + pid_bh * n_chunks * C + tok, g)
+
+    @triton.jit
+    def _rows(PTR, pid_bh, length, tok, offs, D: tl.constexpr):
+        """Rows ``tok`` of one head of a ``(B·H, L, D)`` tensor as float32, zero past ``L`` and ``D``."""
+        mask = (tok < length)[:, None] & (offs[None, :] < D)
+        return tl.load(PTR + (pid_bh * length + tok)[:, None] * D + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _entries(PTR, pid_bh, length, tok):
+        """Entries ``tok`` of one head of a ``(B·H, L)`` tensor as float32, zero past ``L``."""
+        return tl.load(PTR + pid_bh * length + tok, mask=tok < length, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gram_block(kr, kc, br, gr, gc, PREC: tl.constexpr):
+        """``diag(β_r) (K_r K_cᵀ ⊙ Γ)`` for a block of rows entirely after the block of columns (so ``g_r ≤ g_c``)."""
+        return br[:, None] * tl.dot(kr, tl.trans(kc), input_precision=PREC) * tl.exp(gr[:, None] - gc[None, :])
+
+    @triton.jit
+    def _gram_diagonal(k, b, g, below, PREC: tl.constexpr):
+        """The same on a diagonal block, kept where ``below`` (strictly lower, or lower with the diagonal)."""
+        diff = tl.where(below, g[:, None] - g[None, :], 0.0)
+        return tl.where(below, b[:, None] * tl.dot(k, tl.trans(k), input_precision=PREC) * tl.exp(diff), 0.0)
+
+    @triton.jit
+    def _scores_diagonal(q, k, g, causal, PREC: tl.constexpr):
+        """``(Q Kᵀ ⊙ Γ)`` on a diagonal block, zero above the diagonal."""
+        return _chunk_scores(q, k, g[:, None] - g[None, :], causal, PREC)
+
+    @triton.jit
+    def _store_block(PTR, first_row, offs_r, offs_c, D: tl.constexpr, value):
+        """``value`` into rows ``first_row + offs_r`` (a ``(·, D)`` row-major tensor), columns below ``D``."""
+        tl.store(PTR + (first_row + offs_r)[:, None] * D + offs_c[None, :], value.to(PTR.dtype.element_ty),
+                 mask=offs_c[None, :] < D)
+
+    @triton.jit
+    def _delta_prep_blocked_kernel(
+        Q, K, V, BETA, LD, W, U, SC, G,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+        C: tl.constexpr, S: tl.constexpr, LOG_S: tl.constexpr, HAS_DECAY: tl.constexpr,
+        STORE_SCORES: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
+    ):
+        """The preparation kernel with ``(I + A)⁻¹`` by blocks: the chunk is 4 blocks of ``S = C / 4`` tokens.
+
+        The diagonal blocks are inverted by doubling; the blocks below them by block forward substitution,
+        ``X_ij = −X_ii Σ_{j ≤ m < i} A_im X_mj``. Every product is an ``S × S`` (or ``S × D``) one, about a
+        third of the arithmetic of doubling on the whole ``C × C`` matrix.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs = tl.arange(0, S)
+        offs_k = tl.arange(0, BK)
+        offs_v = tl.arange(0, BDV)
+        t0 = pid_n * C + offs
+        t1 = t0 + S
+        t2 = t0 + 2 * S
+        t3 = t0 + 3 * S
+        b0 = _entries(BETA, pid_bh, length, t0)
+        b1 = _entries(BETA, pid_bh, length, t1)
+        b2 = _entries(BETA, pid_bh, length, t2)
+        b3 = _entries(BETA, pid_bh, length, t3)
+        if HAS_DECAY:  # b_i, cumulative from the chunk start, carried across the four blocks
+            l0 = _entries(LD, pid_bh, length, t0)
+            l1 = _entries(LD, pid_bh, length, t1)
+            l2 = _entries(LD, pid_bh, length, t2)
+            l3 = _entries(LD, pid_bh, length, t3)
+            g0 = tl.cumsum(l0, 0)
+            g1 = tl.cumsum(l1, 0) + tl.sum(l0, 0)
+            g2 = tl.cumsum(l2, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0))
+            g3 = tl.cumsum(l3, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0) + tl.sum(l2, 0))
+        else:
+            g0 = tl.zeros((S,), dtype=tl.float32)
+            g1 = g0
+            g2 = g0
+            g3 = g0
+        k0 = _rows(K, pid_bh, length, t0, offs_k, DK)
+        k1 = _rows(K, pid_bh, length, t1, offs_k, DK)
+        k2 = _rows(K, pid_bh, length, t2, offs_k, DK)
+        k3 = _rows(K, pid_bh, length, t3, offs_k, DK)
+        strict = offs[:, None] > offs[None, :]
+        causal = offs[:, None] >= offs[None, :]
+        if STORE_SCORES:  # (Q Kᵀ ⊙ Γ) by blocks, zero above the diagonal
+            sc_row = (pid_bh * n_chunks + pid_n) * C
+            q0 = _rows(Q, pid_bh, length, t0, offs_k, DK)
+            q1 = _rows(Q, pid_bh, length, t1, offs_k, DK)
+            q2 = _rows(Q, pid_bh, length, t2, offs_k, DK)
+            q3 = _rows(Q, pid_bh, length, t3, offs_k, DK)
+            ones = tl.full((S,), 1.0, tl.float32)
+            zero = tl.zeros((S, S), dtype=tl.float32)
+            _store_block(SC, sc_row, offs, offs, C, _scores_diagonal(q0, k0, g0, causal, PREC))
+            _store_block(SC, sc_row, offs, offs + S, C, zero)
+            _store_block(SC, sc_row, offs, offs + 2 * S, C, zero)
+            _store_block(SC, sc_row, offs, offs + 3 * S, C, zero)
+            _store_block(SC, sc_row + S, offs, offs, C, _gram_block(q1, k0, ones, g1, g0, PREC))
+            _store_block(SC, sc_row + S, offs, offs + S, C, _scores_diagonal(q1, k1, g1, causal, PREC))
+            _store_block(SC, sc_row + S, offs, offs + 2 * S, C, zero)
+            _store_block(SC, sc_row + S, offs, offs + 3 * S, C, zero)
+            _store_block(SC, sc_row + 2 * S, offs, offs, C, _gram_block(q2, k0, ones, g2, g0, PREC))
+            _store_block(SC, sc_row + 2 * S, offs, offs + S, C, _gram_block(q2, k1, ones, g2, g1, PREC))
+            _store_block(SC, sc_row + 2 * S, offs, offs + 2 * S, C, _scores_diagonal(q2, k2, g2, causal, PREC))
+            _store_block(SC, sc_row + 2 * S, offs, offs + 3 * S, C, zero)
+            _store_block(SC, sc_row + 3 * S, offs, offs, C, _gram_block(q3, k0, ones, g3, g0, PREC))
+            _store_block(SC, sc_row + 3 * S, offs, offs + S, C, _gram_block(q3, k1, ones, g3, g1, PREC))
+            _store_block(SC, sc_row + 3 * S, offs, offs + 2 * S, C, _gram_block(q3, k2, ones, g3, g2, PREC))
+            _store_block(SC, sc_row + 3 * S, offs, offs + 3 * S, C, _scores_diagonal(q3, k3, g3, causal, PREC))
+        # the diagonal blocks of (I + A)⁻¹
+        x00 = _unit_lower_inverse(_gram_diagonal(k0, b0, g0, strict, PREC), S, LOG_S, PREC_INV)
+        x11 = _unit_lower_inverse(_gram_diagonal(k1, b1, g1, strict, PREC), S, LOG_S, PREC_INV)
+        x22 = _unit_lower_inverse(_gram_diagonal(k2, b2, g2, strict, PREC), S, LOG_S, PREC_INV)
+        x33 = _unit_lower_inverse(_gram_diagonal(k3, b3, g3, strict, PREC), S, LOG_S, PREC_INV)
+        # the blocks below them, by block forward substitution
+        a10 = _gram_block(k1, k0, b1, g1, g0, PREC)
+        a20 = _gram_block(k2, k0, b2, g2, g0, PREC)
+        a21 = _gram_block(k2, k1, b2, g2, g1, PREC)
+        a30 = _gram_block(k3, k0, b3, g3, g0, PREC)
+        a31 = _gram_block(k3, k1, b3, g3, g1, PREC)
+        a32 = _gram_block(k3, k2, b3, g3, g2, PREC)
+        x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC_INV), input_precision=PREC_INV)
+        x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC_INV), input_precision=PREC_INV)
+        x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC_INV), input_precision=PREC_INV)
+        x20 = tl.dot(a20, x00, input_precision=PREC_INV)
+        x20 = -tl.dot(x22, tl.dot(a21, x10, acc=x20, input_precision=PREC_INV), input_precision=PREC_INV)
+        x31 = tl.dot(a31, x11, input_precision=PREC_INV)
+        x31 = -tl.dot(x33, tl.dot(a32, x21, acc=x31, input_precision=PREC_INV), input_precision=PREC_INV)
+        x30 = tl.dot(a30, x00, input_precision=PREC_INV)
+        x30 = tl.dot(a31, x10, acc=x30, input_precision=PREC_INV)
+        x30 = -tl.dot(x33, tl.dot(a32, x20, acc=x30, input_precision=PREC_INV), input_precision=PREC_INV)
+        # T = X diag(β); W = T (exp(b) ⊙ K), U = T V, block row by block row
+        kg0 = k0 * tl.exp(g0)[:, None]
+        kg1 = k1 * tl.exp(g1)[:, None]
+        kg2 = k2 * tl.exp(g2)[:, None]
+        kg3 = k3 * tl.exp(g3)[:, None]
+        v0 = _rows(V, pid_bh, length, t0, offs_v, DV)
+        v1 = _rows(V, pid_bh, length, t1, offs_v, DV)
+        v2 = _rows(V, pid_bh, length, t2, offs_v, DV)
+        v3 = _rows(V, pid_bh, length, t3, offs_v, DV)
+        row = pid_bh * n_chunks * C + pid_n * C  # W, U, G are padded to whole chunks
+        tb0 = x00 * b0[None, :]
+        _store_block(W, row, offs, offs_k, DK, tl.dot(tb0, kg0, input_precision=PREC))
+        _store_block(U, row, offs, offs_v, DV, tl.dot(tb0, v0, input_precision=PREC))
+        tb0 = x10 * b0[None, :]
+        tb1 = x11 * b1[None, :]
+        w = tl.dot(tb1, kg1, acc=tl.dot(tb0, kg0, input_precision=PREC), input_precision=PREC)
+        u = tl.dot(tb1, v1, acc=tl.dot(tb0, v0, input_precision=PREC), input_precision=PREC)
+        _store_block(W, row + S, offs, offs_k, DK, w)
+        _store_block(U, row + S, offs, offs_v, DV, u)
+        tb0 = x20 * b0[None, :]
+        tb1 = x21 * b1[None, :]
+        tb2 = x22 * b2[None, :]
+        w = tl.dot(tb1, kg1, acc=tl.dot(tb0, kg0, input_precision=PREC), input_precision=PREC)
+        w = tl.dot(tb2, kg2, acc=w, input_precision=PREC)
+        u = tl.dot(tb1, v1, acc=tl.dot(tb0, v0, input_precision=PREC), input_precision=PREC)
+        u = tl.dot(tb2, v2, acc=u, input_precision=PREC)
+        _store_block(W, row + 2 * S, offs, offs_k, DK, w)
+        _store_block(U, row + 2 * S, offs, offs_v, DV, u)
+        tb0 = x30 * b0[None, :]
+        tb1 = x31 * b1[None, :]
+        tb2 = x32 * b2[None, :]
+        tb3 = x33 * b3[None, :]
+        w = tl.dot(tb1, kg1, acc=tl.dot(tb0, kg0, input_precision=PREC), input_precision=PREC)
+        w = tl.dot(tb3, kg3, acc=tl.dot(tb2, kg2, acc=w, input_precision=PREC), input_precision=PREC)
+        u = tl.dot(tb1, v1, acc=tl.dot(tb0, v0, input_precision=PREC), input_precision=PREC)
+        u = tl.dot(tb3, v3, acc=tl.dot(tb2, v2, acc=u, input_precision=PREC), input_precision=PREC)
+        _store_block(W, row + 3 * S, offs, offs_k, DK, w)
+        _store_block(U, row + 3 * S, offs, offs_v, DV, u)
+        gbase = G + pid_bh * n_chunks * C + pid_n * C
+        tl.store(gbase + offs, g0)
+        tl.store(gbase + S + offs, g1)
+        tl.store(gbase + 2 * S + offs, g2)
+        tl.store(gbase + 3 * S + offs, g3)
+
+    @triton.jit
+    def _delta_state_kernel(
+        Q, K, W, U, SC, G, O, HS, VN, S0, SN,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+        HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, FUSED_OUTPUT: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid_v = tl.program_id(0)  # block of value columns
+        pid_bh = tl.program_id(1)
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        kcol = offs_k < DK
+        vcol = offs_v < DV
+        local = offs_k[:, None] * DV + offs_v[None, :]  # (row, column) inside one D_k × D_v state
+        state_ptrs = pid_bh * DK * DV + local
+        state_mask = kcol[:, None] & vcol[None, :]
+        if HAS_INITIAL:
+            state = tl.load(S0 + state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros((BK, BV), dtype=tl.float32)
+        for n in range(0, n_chunks):
+            tok = n * C + offs_c
+            valid = tok < length
+            padded = pid_bh * n_chunks * C + tok  # row in W, U, G
+            g = tl.load(G + padded)
+            g_last = tl.load(G + pid_bh * n_chunks * C + n * C + C - 1)
+            w = tl.load(W + padded[:, None] * DK + offs_k[None, :], mask=kcol[None, :], other=0.0).to(tl.float32)
+            u = tl.load(U + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0).to(tl.float32)
+            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
+            rows_in = (pid_bh * length + tok)[:, None]
+            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+                q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+                q = q.to(tl.float32) * tl.exp(g)[:, None]
+                scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
+                out = tl.dot(q, state, input_precision=PREC)
+                out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
+                tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
+                         mask=valid[:, None] & vcol[None, :])
+            else:  # the state entering the chunk and V', for the output kernel
+                tl.store(HS + (pid_bh * n_chunks + n) * DK * DV + local, state.to(HS.dtype.element_ty),
+                         mask=state_mask)
+                tl.store(VN + padded[:, None] * DV + offs_v[None, :], pseudo.to(VN.dtype.element_ty),
+                         mask=vcol[None, :])
+            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+            k = k.to(tl.float32) * tl.exp(g_last - g)[:, None]
+            state = state * tl.exp(g_last) + tl.dot(tl.trans(k), pseudo, input_precision=PREC)
+        if STORE_FINAL:
+            tl.store(SN + state_ptrs, state, mask=state_mask)
+
+    @triton.jit
+    def _delta_output_kernel(
+        Q, K, G, HS, VN, O,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)  # chunk
+        pid_bh = tl.program_id(1)
+        pid_v = tl.program_id(2)  # block of value columns
+        offs_c = tl.arange(0, C)
+        offs_k = tl.arange(0, BK)
+        offs_v = pid_v * BV + tl.arange(0, BV)
+        kcol = offs_k < DK
+        vcol = offs_v < DV
+        tok = pid_n * C + offs_c
+        valid = tok < length
+        padded = pid_bh * n_chunks * C + tok
+        g = tl.load(G + padded)
+        rows_in = (pid_bh * length + tok)[:, None]
+        q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+        k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+        q = q.to(tl.float32)
+        scores = _chunk_scores(q, k.to(tl.float32), g[:, None] - g[None, :], offs_c[:, None] >= offs_c[None, :],
+                               PREC)
+        state = tl.load(HS + ((pid_bh * n_chunks + pid_n) * DK + offs_k[:, None]) * DV + offs_v[None, :],
+                        mask=kcol[:, None] & vcol[None, :], other=0.0)
+        pseudo = tl.load(VN + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0)
+        out = tl.dot(q * tl.exp(g)[:, None], state.to(tl.float32), input_precision=PREC)
+        out = tl.dot(scores, pseudo.to(tl.float32), acc=out, input_precision=PREC)
+        tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty), mask=valid[:, None] & vcol[None, :])
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
+             chunk: int, precision: str, inverse_precision: str, intermediate_dtype: torch.dtype,
+             prep_warps: int, store_scores: bool, inverse: str = "blocked") -> dict[str, torch.Tensor]:
+    """Kernel 1 on checked, contiguous inputs: ``W, U`` (padded to whole chunks), the scores, the cumulative decays."""
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    bh, n, dev = b * h, -(-length // chunk), q.device
+    prep = {
+        "w": torch.empty(bh, n * chunk, dk, device=dev, dtype=intermediate_dtype),
+        "u": torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype),
+        "sc": torch.empty(bh, n, chunk, chunk, device=dev, dtype=intermediate_dtype) if store_scores else None,
+        "g": torch.empty(bh, n * chunk, device=dev, dtype=torch.float32),
+    }
+    args = (q, k, v, beta, beta if log_decay is None else log_decay, prep["w"], prep["u"],
+            prep["g"] if prep["sc"] is None else prep["sc"], prep["g"], length, n)
+    common = {"DK": dk, "DV": dv, "BK": _pow2(dk), "BDV": _pow2(dv), "C": chunk, "HAS_DECAY": log_decay is not None,
+              "STORE_SCORES": store_scores, "PREC": precision, "PREC_INV": inverse_precision,
+              "num_warps": prep_warps, "num_stages": 1}
+    if inverse == "blocked":
+        block = chunk // 4
+        _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1, **common)
+    else:
+        _delta_prep_kernel[(n, bh)](*args, LOG_C=chunk.bit_length() - 1, **common)
+    return prep
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
+             initial_state: torch.Tensor | None, return_state: bool, chunk: int, precision: str,
+             inverse_precision: str, intermediate_dtype: torch.dtype, block_v: int, num_warps: int,
+             num_stages: int, prep_warps: int, fused_output: bool,
+             inverse: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    bh, n, dev = b * h, -(-length // chunk), q.device
+    prep = _prepare(q, k, v, beta, log_decay, chunk, precision, inverse_precision, intermediate_dtype, prep_warps,
+                    fused_output, inverse)
+    out = torch.empty_like(v)
+    final = torch.empty(b, h, dk, dv, device=dev, dtype=torch.float32) if return_state else None
+    bk, bv = _pow2(dk), min(block_v, _pow2(dv))
+    if fused_output:
+        hs = vn = prep["g"]  # unused
+    else:
+        hs = torch.empty(bh, n, dk, dv, device=dev, dtype=intermediate_dtype)
+        vn = torch.empty(bh, n * chunk, dv, device=dev, dtype=intermediate_dtype)
+    g = prep["g"]
+
+    def state_pass(stages: int) -> None:
+        _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
+            q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
+            g if initial_state is None else initial_state, g if final is None else final, length, n,
+            DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
+            STORE_FINAL=final is not None, FUSED_OUTPUT=fused_output, PREC=precision, num_warps=num_warps,
+            num_stages=stages,
+        )
+
+    try:
+        state_pass(num_stages)
+    except Exception as error:  # noqa: BLE001 - only a shortage of shared memory is retried
+        if type(error).__name__ != "OutOfResources" or num_stages == 1:
+            raise
+        state_pass(1)  # no prefetching of the next chunk: less shared memory
+    if not fused_output:
+        _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
+            q, k, g, hs, vn, out, length, n, DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, PREC=precision,
+            num_warps=num_warps, num_stages=1,
+        )
+    return out, final
+
+
+def delta_rule_chunkwise_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | float,
+    log_decay: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    precision: str | None = None,
+    inverse_precision: str | None = None,
+    intermediate_dtype: torch.dtype = torch.float32,
+    block_v: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    prep_warps: int = 4,
+    fused_output: bool = True,
+    inverse: str | None = None,
+    check_values: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
+
+    Computes what :func:`~labsupport.linear_attention.reference.delta_rule_chunkwise` computes:
+    ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ q_t``.
+    Forward only: tensors that require gradients are refused.
+
+    Args:
+        q, k: ``(B, H, L, D_k)``; v: ``(B, H, L, D_v)``; fp16, bf16 or fp32, on a CUDA device (or on the CPU
+            with ``TRITON_INTERPRET=1``). ``L`` need not be a multiple of the chunk; any ``D_k, D_v`` (tiles are
+            padded to a power of two, at least 16).
+        beta: the writing strength, a float or ``(B, H, L)`` of the dtype of ``q``.
+        log_decay: ``None`` (DeltaNet) or ``(B, H, L)`` of the dtype of ``q``, ``<= 0`` (gated DeltaNet).
+        chunk_size: tokens per chunk, one of 16, 32, 64, 128.
+        initial_state: ``(B, H, D_k, D_v)`` of the dtype of ``q``, default zeros.
+        return_state: also return the final state (in the dtype of ``q``).
+        precision: of the matrix products on the GPU: ``"ieee"`` (float32), ``"tf32x3"`` (about float32, on
+            tensor cores) or ``"tf32"``; default ``"ieee"`` for float32 inputs, ``"tf32"`` otherwise. The CPU
+            interpreter always computes in float32.
+        inverse_precision: of the products that build ``(I + A)⁻¹``; default ``precision``.
+        intermediate_dtype: dtype of ``W``, ``U`` and the scores between the kernels: float32, bfloat16 or float16.
+        block_v: value columns per program of the state pass (a power of two, at least 16).
+        num_warps, num_stages: launch settings of the state pass; prep_warps: of the preparation kernel.
+        fused_output: compute the output inside the state pass (default); ``False`` stores the state entering
+            every chunk and ``V'`` instead (in ``intermediate_dtype``), and a third kernel, parallel over chunks,
+            computes the output from them.
+        inverse: how ``(I + A)⁻¹`` is built: ``"blocked"`` (four diagonal blocks of ``C / 4`` by doubling, the
+            rest by block substitution; chunks of 64 or 128, the default there) or ``"doubling"`` (on the whole
+            ``C × C`` matrix; any chunk, the default for 16 and 32).
+        check_values: check that ``log_decay <= 0`` (reads the values: a host synchronisation). ``False`` checks
+            only shapes and dtypes, so that the call can be captured in a CUDA graph.
+
+    Returns:
+        ``(B, H, L, D_v)`` in the dtype of ``q``; with ``return_state``, also the final state.
+    """
+    if triton is None:
+        raise RuntimeError(f"delta_rule_chunkwise_triton needs Triton, which could not be imported "
+                           f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR})")
+    q, k, v = _require_qkv(q, k, v)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"delta_rule_chunkwise_triton takes float16, bfloat16 or float32 tensors, got "
+                        f"{str(q.dtype).removeprefix('torch.')}; for float64 use reference.delta_rule_chunkwise")
+    beta = _require_beta(beta, k)
+    if check_values or log_decay is None:
+        log_decay = _require_log_decay(log_decay, k, vector_ok=False)
+    else:
+        log_decay = require_float_tensor("log_decay", log_decay)
+        if log_decay.shape != k.shape[:3] or log_decay.dtype != k.dtype:
+            raise ValueError(f"log_decay must have shape (B, H, L) = {tuple(k.shape[:3])} and the dtype of q, got "
+                             f"{tuple(log_decay.shape)} {str(log_decay.dtype).removeprefix('torch.')}")
+    b, h, length, dk = k.shape
+    dv = v.shape[-1]
+    state = None if initial_state is None else _require_state(initial_state, b, h, dk, dv, k)
+    tensors = [t for t in (q, k, v, beta, log_decay, state) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("delta_rule_chunkwise_triton is forward-only (no backward kernel): call it under "
+                           "torch.no_grad() or on detached tensors; for gradients use "
+                           "reference.delta_rule_chunkwise")
+    chunk = require_int("chunk_size", chunk_size)
+    if chunk not in _CHUNKS:
+        raise ValueError(f"chunk_size must be one of {_CHUNKS} (a power of two the tensor cores can tile), got {chunk}")
+    if precision is None:
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    precision = require_choice("precision", precision, _PRECISIONS)
+    inverse = require_choice("inverse", inverse or ("blocked" if chunk >= 64 else "doubling"), ("blocked", "doubling"))
+    if inverse == "blocked" and chunk < 64:
+        raise ValueError(f"inverse='blocked' needs chunk_size 64 or 128 (blocks of at least 16), got {chunk}")
+    inverse_precision = require_choice("inverse_precision", inverse_precision or precision, _PRECISIONS)
+    if intermediate_dtype not in _DTYPES:
+        raise TypeError(f"intermediate_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
+                        f"{intermediate_dtype!r}")
+    block_v = require_int("block_v", block_v, minimum=16)
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two (at least 16), got {block_v}")
+    num_warps = require_int("num_warps", num_warps, minimum=1)
+    num_stages = require_int("num_stages", num_stages, minimum=1)
+    prep_warps = require_int("prep_warps", prep_warps, minimum=1)
+    if max(t.numel() for t in (q, k, v)) >= 2**31 or b * h * (-(-length // chunk)) * chunk * chunk >= 2**31:
+        raise ValueError(f"tensors of 2³¹ elements or more are not supported (32-bit offsets); got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}: split the batch")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    device = q.device
+    if device.type == "cpu" and not interpreter_enabled():
+        raise RuntimeError("the tensors are on the CPU but TRITON_INTERPRET=1 was not set before triton was "
+                           "imported; move them to a CUDA device or set the variable first")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), got {device}")
+    q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+    log_decay = None if log_decay is None else log_decay.contiguous()
+    state = None if state is None else state.float().contiguous()
+    out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, inverse_precision,
+                          intermediate_dtype, block_v, num_warps, num_stages, prep_warps, bool(fused_output),
+                          inverse)
+    if return_state:
+        return out, final.to(q.dtype)  # type: ignore[union-attr]
+    return out
