@@ -172,11 +172,22 @@ def top_p_routing(logits: torch.Tensor, p: float, max_k: int) -> Routing:
     return Routing(experts, weights, active, probs)
 
 
+def _counts(indices: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n,)`` float32: the (weighted) count of each index ``0..n-1``; indices ``≥ n`` (null experts) are dropped.
+
+    An ``index_add_`` into ``n + 1`` buckets, not ``torch.bincount`` or a boolean index: on a GPU both of those
+    wait for the device (they size their output from the data), this never does.
+    """
+    flat = indices.reshape(-1).clamp(max=n)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device) if weights is None \
+        else weights.reshape(-1).to(torch.float32)
+    return torch.zeros(n + 1, dtype=torch.float32, device=flat.device).index_add_(0, flat, ones)[:n]
+
+
 def expert_counts(routing: Routing, n_experts: int) -> torch.Tensor:
-    """``(E,)`` float: how many active assignments each expert received."""
+    """``(E,)`` float: how many active assignments each expert received (no host sync)."""
     n_experts = require_positive_int("n_experts", n_experts)
-    chosen = routing.experts[routing.active]
-    return torch.bincount(chosen, minlength=n_experts)[:n_experts].to(torch.float32)
+    return _counts(routing.experts, n_experts, routing.active)
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, *,
@@ -201,7 +212,7 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, *,
         raise ValueError(f"probs has {probs.shape[0]} tokens but experts has {experts.shape[0]}")
     tokens, k = experts.shape
     n_experts = probs.shape[1]
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).to(probs.dtype)
+    counts = _counts(experts, n_experts).to(probs.dtype)   # no host sync (bincount would wait for the GPU)
     fraction = counts / (tokens * k if convention == "switch" else tokens)
     return n_experts * (fraction * probs.mean(dim=0)).sum()
 
