@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from labsupport.harness import stored
+
 __all__ = ["STORED_STEPS", "find_stored_results", "load_step_results", "step_gains", "step_table"]
 
 #: The file name of the stored H100 run, under ``benchmarks/results/``.
@@ -18,16 +20,11 @@ STORED_STEPS = "flash_steps_h100.json"
 
 
 def find_stored_results(name: str = STORED_STEPS) -> Path | None:
-    """``benchmarks/results/<name>`` from the working directory, its parent (a notebook in ``notebooks/``), or
-    the checkout this package was imported from; ``None`` when there is none (e.g. a pip install)."""
+    """``benchmarks/results/<name>`` (default: the stored H100 ladder), found by
+    :func:`labsupport.harness.stored.find_stored_results`; ``None`` when this checkout has none."""
     if not isinstance(name, str) or not name.endswith(".json"):
         raise ValueError(f"name must be a .json file name, got {name!r}")
-    roots = [Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[2]]
-    for root in roots:
-        path = root / "benchmarks" / "results" / name
-        if path.is_file():
-            return path
-    return None
+    return stored.find_stored_results(name)
 
 
 def load_step_results(path: str | Path) -> dict:

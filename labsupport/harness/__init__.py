@@ -21,6 +21,8 @@ module                    holds
 ``editions``              ``python -m labsupport.harness.editions``: student editions
 ``workspace``             ``python -m labsupport.harness.workspace``: a learner's workspace (``bin/lab``)
 ``envcheck``              ``python -m labsupport.harness.envcheck``: one OK/FAIL line per requirement
+``stored``                the course's stored GPU runs under ``benchmarks/results/``: ``load_stored_json``,
+                          ``find_stored_results``, ``profile_section`` (a stored torch.profiler table)
 ========================  ==========================================================================
 
 The harness imports nothing from ``labsupport.lm`` or from any family. It

@@ -264,7 +264,9 @@ def test_stored_results_are_found_from_the_notebooks_folder(tmp_path, monkeypatc
 
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "notebooks").mkdir()
-    monkeypatch.setattr(gpu_results, "__file__", str(tmp_path / "elsewhere" / "x" / "gpu_results.py"))
+    from labsupport.harness import stored
+
+    monkeypatch.setattr(stored, "_checkout_root", lambda: tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path / "notebooks")
     assert gpu_results.find_stored_results() is None
     target = tmp_path / "benchmarks" / "results" / gpu_results.STORED_STEPS
