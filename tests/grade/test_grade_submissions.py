@@ -144,7 +144,8 @@ def _class(course: Path, folder: Path, gradebook: Path, marker: Path) -> None:
         # a wrong answer, and the other exercise's cell deleted (graded "failed" and "missing")
         "c_wrong": _without_cell(_answered(edition, WRONG_LARGEST, None), "decode_intensity"),
         "d_crash": _insert(_answered(edition, GOOD_LARGEST, GOOD_INTENSITY), 3, "raise RuntimeError('oops')"),
-        "e_hang": _insert(_answered(edition, GOOD_LARGEST, None), 2, "while True:\n    pass"),
+        # a cell that never ends (asleep: spinning would take a CPU from the rest of the suite for the whole limit)
+        "e_hang": _insert(_answered(edition, GOOD_LARGEST, None), 2, "import time\nwhile True:\n    time.sleep(1)"),
     }
     other = folder / "b_good" / "00_tiny.ipynb"
     hostile = _answered(edition, "    return 0\n",
