@@ -137,10 +137,71 @@ def save_notebook(page, path: Path, started: float) -> nbformat.NotebookNode:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if path.stat().st_mtime > started:
-            page.wait_for_timeout(500)
+            page.wait_for_timeout(300)
             return nbformat.read(path, as_version=4)
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(200)
     raise TimeoutError(f"{path.name} was not saved")
+
+
+POLL_MS = 250
+
+
+def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
+    """After *Run All Cells*: until no cell is queued, the kernel is idle and every code cell shows its execution
+    count, for one second on end (or for three seconds when some cell never ran, which the test then reports).
+
+    Polls every quarter second instead of waiting fixed seconds (``screenshot_notebook.wait_until_idle`` waits 2 s,
+    then 1 s per look and 3 s more at the end: about 6 s per chapter of nothing but waiting).
+    """
+    deadline = time.monotonic() + timeout_s
+    calm_since = None
+    state: dict = {}
+    page.wait_for_timeout(500)
+    while time.monotonic() < deadline:
+        shots.accept_kernel_dialog(page)
+        state = page.evaluate(shots.INSPECT_JS)
+        status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status") or ""
+        now = time.monotonic()
+        if state["queued"] == 0 and status == "idle":
+            calm_since = now if calm_since is None else calm_since
+            if now - calm_since >= (1.0 if state["executed"] >= code_cells else 3.0):
+                return
+        else:
+            calm_since = None
+        page.wait_for_timeout(POLL_MS)
+    raise TimeoutError(f"the notebook was still running after {timeout_s:.0f} s (last state {state})")
+
+
+def rendered(cells: list[dict], expected: dict) -> bool:
+    """Has the page drawn every output the saved notebook holds (the conditions the test asserts, sliders aside)?"""
+    outputs = [out for cell in cells for out in cell["outputs"]]
+    plotly = [out for out in outputs if out["mime"] == "plotly"]
+    widgets = [out for out in outputs if out["mime"] == "widget"]
+    closed = [out for out in outputs if out["mime"] == "closed widget"]
+    explorers = [out for out in widgets if out["figures"]]
+    return (not any(out["error"] for out in outputs)
+            and len(plotly) == expected["plotly_outputs"] and all(len(out["figures"]) == 1 for out in plotly)
+            and len(widgets) + len(closed) == expected["widget_outputs"]
+            and len(explorers) == expected["explorers"] and all(len(out["figures"]) == 1 for out in explorers))
+
+
+def wait_until_drawn(page, expected: dict, timeout_s: float = 30) -> list[dict]:
+    """What the page shows, once it shows everything the saved notebook holds, the same on two looks in a row
+    (figures and widgets draw a moment after the kernel is idle); after ``timeout_s``, whatever it shows then, for
+    the assertions to report. (It waited a fixed 3 s before.)"""
+    def drawn(cells: list[dict]) -> list[tuple] | None:
+        return [(c["cell"], o["mime"], tuple(o["figures"]), o["sliders"]) for c in cells for o in c["outputs"]] \
+            if rendered(cells, expected) else None
+
+    deadline = time.monotonic() + timeout_s
+    previous = None
+    while True:
+        cells = page.evaluate(PAGE_JS)
+        now = drawn(cells)
+        if (now is not None and now == previous) or time.monotonic() > deadline:
+            return cells
+        previous = now
+        page.wait_for_timeout(POLL_MS)
 
 
 def figure_state(handle) -> str:
@@ -155,7 +216,7 @@ def move_sliders(page, out_dir: Path) -> list[dict]:
     """Press → three times on the first enabled slider of every explorer; report whether its figure changed.
 
     A slider an explorer has disabled (a parameter the chosen setting ignores, e.g. chapter 03's decay for plain
-    linear attention) cannot change the figure, so the next slider is tried, up to four of them.
+    linear attention) cannot change the figure: it is passed over, and the next enabled slider is tried, up to four.
     """
     results = []
     areas = page.locator(
@@ -166,14 +227,20 @@ def move_sliders(page, out_dir: Path) -> list[dict]:
         area.scroll_into_view_if_needed()
         changed = False
         handles = area.locator(".widget-slider .noUi-handle")
-        for which in range(min(handles.count(), 4)):
+        tried = 0
+        for which in range(handles.count()):
+            if tried == 4:
+                break
+            if handles.nth(which).evaluate("(h) => !!h.closest('.noUi-target')?.hasAttribute('disabled')"):
+                continue  # ipywidgets marks a disabled slider so; its keys do nothing (no 10 s wait for it)
+            tried += 1
             before = figure_state(area)
             handles.nth(which).click()
             for _ in range(3):
                 page.keyboard.press("ArrowRight")
                 page.wait_for_timeout(250)
-            for _ in range(20):  # the kernel redraws; give it up to 10 s on a busy machine
-                page.wait_for_timeout(500)
+            for _ in range(40):  # the kernel redraws; give it up to 10 s on a busy machine
+                page.wait_for_timeout(POLL_MS)
                 if figure_state(area) != before:
                     changed = True
                     break
@@ -248,24 +315,36 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
     copied_at = copy.stat().st_mtime
     page = lab["browser"].new_page(viewport=shots.VIEWPORT)
     console_errors: list[str] = []
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:  # seconds since the test began, for report.json
+        phases[name] = round(time.monotonic() - started, 1)
+
     page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
     try:
         page.goto(f"http://127.0.0.1:{lab['port']}/lab/tree/{path.name}?reset", timeout=120_000)
         page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+        phase("page loaded")
         wait_for_kernel(page)
+        phase("kernel ready")
         shots.run_all_cells(page)
-        shots.wait_until_idle(page, RUN_TIMEOUT_S)
+        wait_until_run(page, sum(cell.cell_type == "code" for cell in notebook.cells), RUN_TIMEOUT_S)
+        phase("ran")
         saved = save_notebook(page, copy, copied_at)
+        phase("saved")
         (SHOTS / "executed").mkdir(exist_ok=True)
         saved.metadata["course_source_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         nbformat.write(saved, SHOTS / "executed" / path.name)  # tests/test_static_book.py builds the book from these
-        cells = page.evaluate(PAGE_JS)
+        cells = wait_until_drawn(page, expected_outputs(saved))
+        phase("drawn")
         sliders = move_sliders(page, out_dir)
+        phase("sliders moved")
         page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTo(0, 0)")
         height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollHeight")
         page.set_viewport_size({"width": shots.VIEWPORT["width"], "height": min(height + 200, shots.FULL_PAGE_MAX_HEIGHT)})
         page.wait_for_timeout(1000)
         page.screenshot(path=str(out_dir / "full.png"))
+        phase("screenshot")
     except Exception:
         page.screenshot(path=str(out_dir / "failure.png"))
         raise
@@ -298,9 +377,10 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
         "stderr": len(stderr),
         "seconds": time.monotonic() - started,
     }
+    phase("closed")
     lab["counts"][path.stem] = counts
     (out_dir / "report.json").write_text(
-        json.dumps({"counts": counts, "errors": errors, "stderr": stderr, "duplicates": duplicates,
+        json.dumps({"counts": counts, "phases": phases, "errors": errors, "stderr": stderr, "duplicates": duplicates,
                     "sliders": sliders, "console_errors": console_errors[:20]}, indent=1),
         encoding="utf-8",
     )

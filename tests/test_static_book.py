@@ -4,7 +4,9 @@ The book is built once for this module, in quick mode, into a temporary
 folder. When the browser test (tests/test_browser.py, which runs earlier in
 the same session) has left every chapter executed by JupyterLab in
 ``.screenshots/browser/executed/``, those are used (``--executed``) instead of
-running each chapter a second time; otherwise the build executes them itself.
+running each chapter a second time; otherwise the build executes them itself. Likewise the student book takes
+chapter 00's student edition as tests/test_notebooks.py executed it (``.screenshots/student/executed/``), when
+that copy carries the stamp the build would give it (same notebook, library sources, quick mode, edition).
 Skipped, with a one-line reason, when the book's tools (requirements-dev.txt)
 are missing; deselect with ``-m 'not book'``.
 """
@@ -15,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -27,6 +30,7 @@ from conftest import REPO, chapter_notebooks
 pytestmark = pytest.mark.book
 
 EXECUTED_BY_BROWSER = REPO / ".screenshots" / "browser" / "executed"
+EXECUTED_STUDENT_EDITIONS = REPO / ".screenshots" / "student" / "executed"  # by tests/test_notebooks.py
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)  # http://, https://, //cdn..., any scheme with //
 CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])([^'")\s]+)""", re.I)
 
@@ -218,6 +222,13 @@ def student_book(tmp_path_factory) -> Path:
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("student-book")
+    executed = EXECUTED_STUDENT_EDITIONS / STUDENT_CHAPTER
+    build_book = _build_book_module()
+    if executed.is_file() and nbformat.read(executed, as_version=4).metadata.get(build_book.STAMP_KEY) == \
+            build_book.source_stamp(REPO / "notebooks" / STUDENT_CHAPTER, quick=True, student=True):
+        # the build reuses an executed copy whose stamp is current ("unchanged, reusing its executed copy")
+        (out / "src" / "notebooks").mkdir(parents=True)
+        shutil.copy2(executed, out / "src" / "notebooks" / STUDENT_CHAPTER)
     command = [sys.executable, str(REPO / "tools" / "build_book.py"), "--quick", "--student", "--out", str(out),
                str(REPO / "notebooks" / STUDENT_CHAPTER)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

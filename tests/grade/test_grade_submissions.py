@@ -5,6 +5,10 @@ The tiny course is a copy of ``labsupport`` plus one notebook, ``00_tiny.ipynb``
 cheapest exercises (``largest_batch`` and ``decode_intensity``, their real checkers). Every submission starts
 from the student edition that :mod:`labsupport.harness.editions` makes of it, as a learner's would.
 
+Each submission costs two sandboxed runs (the notebook's, then the grader's re-check), so cases that cannot hide
+each other share one: the wrong answer's notebook also lacks its second exercise cell (a wrong answer is graded
+"failed", a deleted cell "missing", in one row).
+
 The hostile student (graded first, so that it could reach everyone after it) tries every attack the threat model
 names: it monkeypatches the checkers in its kernel, prints fake result lines, writes fake result records, rewrites
 the course's files (its own copy and the grader's), overwrites the gradebook, rewrites another student's
@@ -30,7 +34,7 @@ from labsupport.harness.editions import CODE_PLACEHOLDER, make_student_edition
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 25.0
 
-# About three minutes on the 2-core dev machine: kernels start and import torch for every submission twice.
+# About two minutes on the 2-core dev machine: kernels start and import torch for every submission twice.
 pytestmark = pytest.mark.notebooks
 
 IMPORTS = "import torch\nfrom labsupport import attention as ref\nfrom labsupport.attention.exercises_core import check_largest_batch"
@@ -125,15 +129,23 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_course(tmp_path_factory.mktemp("course"))
 
 
+def _without_cell(notebook: nbformat.NotebookNode, defining: str) -> nbformat.NotebookNode:
+    """The notebook less the cell that defines ``defining`` (a learner deleted the exercise)."""
+    kept = [cell for cell in notebook.cells if f"def {defining}(" not in cell.source]
+    assert len(kept) == len(notebook.cells) - 1
+    return nbformat.from_dict({**notebook, "cells": kept})
+
+
 def _class(course: Path, folder: Path, gradebook: Path, marker: Path) -> None:
     edition = make_student_edition(_course_notebook(), name="00_tiny")
     good = _answered(edition, GOOD_LARGEST, GOOD_INTENSITY)
     submissions = {
         "b_good": good,
-        "c_wrong": _answered(edition, WRONG_LARGEST, None),
+        # a wrong answer, and the other exercise's cell deleted (graded "failed" and "missing")
+        "c_wrong": _without_cell(_answered(edition, WRONG_LARGEST, None), "decode_intensity"),
         "d_crash": _insert(_answered(edition, GOOD_LARGEST, GOOD_INTENSITY), 3, "raise RuntimeError('oops')"),
-        "e_hang": _insert(_answered(edition, GOOD_LARGEST, None), 2, "while True:\n    pass"),
-        "f_deleted": nbformat.from_dict({**good, "cells": good.cells[:2] + good.cells[4:]}),
+        # a cell that never ends (asleep: spinning would take a CPU from the rest of the suite for the whole limit)
+        "e_hang": _insert(_answered(edition, GOOD_LARGEST, None), 2, "import time\nwhile True:\n    time.sleep(1)"),
     }
     other = folder / "b_good" / "00_tiny.ipynb"
     hostile = _answered(edition, "    return 0\n",
@@ -154,7 +166,11 @@ def graded(course: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict
     gradebook, marker = base / "out" / "grades.csv", base / "daemon-was-here"
     _class(course, base / "submissions", gradebook, marker)
     rows = grade(base / "submissions", gradebook, course_root=course, timeout=TIMEOUT_S, jobs=1)
-    time.sleep(5)  # longer than the hostile daemon waits before it writes
+    # The daemon writes 4 s after the hostile run started it. The runs graded after that one (one at a time) took at
+    # least the sum of their run times since; wait for the rest of 5 s, if any (it waited 5 s after grading before).
+    after_hostile = rows[[row.student for row in rows].index("a_hostile") + 1:]  # rows come in grading order
+    since_hostile = sum(row.run_seconds for row in after_hostile)
+    time.sleep(max(0.0, 5.0 - since_hostile))
     return {row.student: row for row in rows}, gradebook, marker
 
 
@@ -172,7 +188,7 @@ def test_a_good_submission_passes_everything(graded) -> None:
 def test_a_wrong_answer_fails_with_the_checkers_diagnosis(graded) -> None:
     row = graded[0]["c_wrong"]
     assert row.run == "ok"
-    assert _statuses(row) == {"largest_batch": "failed", "decode_intensity": "not done"}
+    assert _statuses(row)["largest_batch"] == "failed"
     assert "❌ largest batch that fits: case" in row.exercises["largest_batch"]["message"]
 
 
@@ -190,9 +206,9 @@ def test_a_hanging_notebook_is_stopped_at_the_time_limit(graded) -> None:
 
 
 def test_deleted_exercise_cells_count_as_missing(graded) -> None:
-    row = graded[0]["f_deleted"]
+    row = graded[0]["c_wrong"]  # its decode_intensity cell is deleted
     assert row.run == "ok"
-    assert _statuses(row) == {"largest_batch": "missing", "decode_intensity": "missing"}
+    assert _statuses(row) == {"largest_batch": "failed", "decode_intensity": "missing"}
 
 
 def test_an_unreadable_notebook_gets_its_row(graded) -> None:
@@ -228,7 +244,8 @@ def test_feedback_explains_each_exercise(graded) -> None:
     _, gradebook, _ = graded
     feedback = (gradebook.parent / "feedback" / "c_wrong.md").read_text()
     assert "### `largest_batch`: failed" in feedback and "❌ largest batch that fits" in feedback
-    assert "### `decode_intensity`: not done" in feedback
+    assert "### `decode_intensity`: missing" in feedback
+    assert "### `decode_intensity`: not done" in (gradebook.parent / "feedback" / "e_hang.md").read_text()
     hostile = (gradebook.parent / "feedback" / "a_hostile.md").read_text()
     assert "your notebook's own check said: passed" in hostile
 
