@@ -152,6 +152,13 @@ class Results:
                 ratio = "—" if b.get("over_fla") is None else f"{b['over_fla']:.2f}× fla"
                 lines.append(f"- T={r['T']}, gated={'yes' if r['gated'] else 'no'}: {b['name']}, {b['ms']:.3f} ms, "
                              f"{ratio}")
+        lines += ["", "Kernel resources (registers per thread, spilled registers, shared memory bytes), first length:", ""]
+        for r in self.rows[:2]:
+            for m in r["forward"]:
+                if isinstance(m.get("kernels"), dict) and m["kernels"]:
+                    parts = "; ".join(f"{k} {v['registers']}/{v['spills']}/{v['shared_bytes']}"
+                                      for k, v in m["kernels"].items())
+                    lines.append(f"- gated={'yes' if r['gated'] else 'no'}, {m['name']}: {parts}")
         lines += ["", "Forward + backward (gradients of q, k, v):", "", "| T | gated | method | ms |", "|---|---|---|---|"]
         for r in self.rows:
             for m in r["backward"]:
@@ -312,13 +319,19 @@ def main() -> None:
             chosen = [(name, VARIANTS[name]) for name in args.variants]
             working = None
             for name, settings in chosen[:1] + (FALLBACKS if chosen else []):
-                if record(f"course, {name}", triton_fn(settings)).get("ms"):
+                entry = record(f"course, {name}", triton_fn(settings))
+                try:  # registers, spills and shared memory of its kernels (from the compiled kernels)
+                    entry["kernels"] = triton_delta.last_kernel_resources()
+                except Exception as error:  # noqa: BLE001
+                    entry["kernels"] = failed(error)
+                if entry.get("ms"):
                     working = (name, settings)
                     break
             # optional, while the time budget of this length lasts
             for name, settings in chosen[1:]:
                 if not skipped(f"course, {name}"):
-                    record(f"course, {name}", triton_fn(settings))
+                    entry = record(f"course, {name}", triton_fn(settings))
+                    entry["kernels"] = triton_delta.last_kernel_resources()
             if working is not None:  # the first working variant in a CUDA graph, and its preparation kernel alone
                 name, settings = working
                 if not skipped(f"course, {name}, CUDA graph"):

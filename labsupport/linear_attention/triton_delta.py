@@ -71,7 +71,7 @@ except Exception as error:  # pragma: no cover - depends on the environment
     tl = None  # type: ignore[assignment]
     _TRITON_ERROR = error
 
-__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "triton_available"]
+__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "last_kernel_resources", "triton_available"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -86,6 +86,23 @@ def triton_available() -> bool:
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_LAST_KERNELS: dict[str, object] = {}  # what the last launches returned (compiled kernels on a GPU)
+
+
+def last_kernel_resources() -> dict[str, dict[str, int | None]]:
+    """Registers per thread, spilled registers and shared memory (bytes) of the kernels last launched, by name.
+
+    Read from what Triton's launch returns on a GPU (a compiled kernel); ``None`` where it does not say (the CPU
+    interpreter returns nothing). For a benchmark's report: spills mean a tile did not fit in registers.
+    """
+    out = {}
+    for name, kernel in _LAST_KERNELS.items():
+        meta = getattr(kernel, "metadata", None)
+        out[name] = {"registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+                     "shared_bytes": getattr(meta, "shared", None)}
+    return out
 
 
 def _pow2(n: int) -> int:
@@ -436,9 +453,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
               "num_warps": prep_warps, "num_stages": 1}
     if inverse == "blocked":
         block = chunk // 4
-        _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1, **common)
+        _LAST_KERNELS["prepare"] = _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1,
+                                                                      **common)
     else:
-        _delta_prep_kernel[(n, bh)](*args, LOG_C=chunk.bit_length() - 1, **common)
+        _LAST_KERNELS["prepare"] = _delta_prep_kernel[(n, bh)](*args, LOG_C=chunk.bit_length() - 1, **common)
     return prep
 
 
@@ -451,6 +469,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     bh, n, dev = b * h, -(-length // chunk), q.device
+    _LAST_KERNELS.clear()
     prep = _prepare(q, k, v, beta, log_decay, chunk, precision, inverse_precision, intermediate_dtype, prep_warps,
                     fused_output, inverse)
     out = torch.empty_like(v)
@@ -464,7 +483,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     g = prep["g"]
 
     def state_pass(stages: int) -> None:
-        _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
+        _LAST_KERNELS["state pass"] = _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
             q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
             g if initial_state is None else initial_state, g if final is None else final, length, n,
             DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
@@ -479,7 +498,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
             raise
         state_pass(1)  # no prefetching of the next chunk: less shared memory
     if not fused_output:
-        _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
+        _LAST_KERNELS["output"] = _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
             q, k, g, hs, vn, out, length, n, DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, PREC=precision,
             num_warps=num_warps, num_stages=1,
         )
