@@ -33,6 +33,17 @@ arranged so that only one small loop is sequential:
 3. **Output** — one program per (chunk, batch·head, value block), all chunks at once, computes
    ``O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'`` from them: more bytes, but less work in the sequential pass.
 
+Cost per chunk of ``C = 64`` tokens and one head, ``D_k = D_v = 128``, bf16 inputs, float32 intermediates:
+the preparation reads ``Q, K, V`` (48 KiB), writes ``W, U`` (64 KiB) and the scores (16 KiB), and does about
+3.0 MFLOP (scores 0.66, Gram blocks 0.66, inverse 0.33, ``W`` and ``U`` 1.31); the state pass reads ``W, U, Q, K``
+and the scores (112 KiB if its four programs of 32 columns share them through L2; 88 KiB pulled into each
+program's SM) and writes ``O`` (16 KiB), doing 7.3 MFLOP. About 256 KiB and 10 MFLOP per chunk, 40 FLOP/byte:
+below the tensor cores' ridge (about 150 FLOP/byte for tf32 on an H100), so the whole is bound by memory
+traffic (bf16 intermediates: about 176 KiB). The state pass has only ``B·H·D_v/32`` programs (128 for
+``B = 2, H = 16``), about one per SM, so each chunk's 88 KiB must reach one SM before its two dependent products
+(``W S``, then ``Kᵀ V'``) can finish: the per-SM load bandwidth, and the latency of that chain where loads are
+not prefetched (``num_stages``), bound it, not the arithmetic.
+
 Inputs are read in their dtype (fp16, bf16 or fp32) and computed in float32; the matrix products run on the
 tensor cores at ``precision`` (``"tf32"`` by default for fp16/bf16 inputs, ``"ieee"`` float32 for float32
 inputs). ``W``, ``U`` and the scores travel between the two kernels in ``intermediate_dtype`` (float32 by
