@@ -386,16 +386,19 @@ if triton is not None:
             tok = n * C + offs_c
             valid = tok < length
             padded = pid_bh * n_chunks * C + tok  # row in W, U, G
+            rows_in = (pid_bh * length + tok)[:, None]
+            # every load of the chunk first: none depends on the state, so they overlap the products below
             g = tl.load(G + padded)
             g_last = tl.load(G + pid_bh * n_chunks * C + n * C + C - 1)
             w = tl.load(W + padded[:, None] * DK + offs_k[None, :], mask=kcol[None, :], other=0.0).to(tl.float32)
             u = tl.load(U + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0).to(tl.float32)
-            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
-            rows_in = (pid_bh * length + tok)[:, None]
-            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+            if FUSED_OUTPUT:
                 q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
-                q = q.to(tl.float32) * tl.exp(g)[:, None]
                 scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
+            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
+            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+                q = q.to(tl.float32) * tl.exp(g)[:, None]
                 out = tl.dot(q, state, input_precision=PREC)
                 out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
                 tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
@@ -405,7 +408,6 @@ if triton is not None:
                          mask=state_mask)
                 tl.store(VN + padded[:, None] * DV + offs_v[None, :], pseudo.to(VN.dtype.element_ty),
                          mask=vcol[None, :])
-            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
             k = k.to(tl.float32) * tl.exp(g_last - g)[:, None]
             state = state * tl.exp(g_last) + tl.dot(tl.trans(k), pseudo, input_precision=PREC)
         if STORE_FINAL:
