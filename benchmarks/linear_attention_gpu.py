@@ -17,11 +17,13 @@ gated variant with log-decays ``logsigmoid(·)``, no 1/√d scaling (the course'
 * **course, CUDA graph**: the same function captured once in a CUDA graph and replayed (input validation,
   which syncs with the host, runs once before capture and is switched off inside the graph);
 * **course, Triton state pass** (and variants): ``labsupport.linear_attention.triton_delta`` — one kernel that
-  prepares every chunk at once (decays, ``(I + A)⁻¹`` by doubling, ``W``, ``U``, scores), then ONE kernel that
-  walks the chunks with the state on chip. Variants change the dtype of the intermediates, the value-block
-  width, whether the output is computed inside the pass, and the precision of the inverse; each is guarded
-  (a failure is recorded as ``failed: <error>`` in the table, the run goes on). The default variant is also
-  timed captured in a CUDA graph, and its preparation kernel alone.
+  prepares every chunk at once (decays, ``(I + A)⁻¹`` by blocks, ``W``, ``U``, scores), then ONE kernel that
+  walks the chunks with the state on chip. The first variant (the library's defaults) always runs, also without
+  the value check of ``log_decay`` (``check_values=False``: the check costs two host syncs per call); the
+  others change warps, the value-block width, the dtype of the intermediates, whether the output is computed
+  inside the pass, and the inverse. Each is guarded (a failure is recorded as ``failed: <error>`` in the
+  table, the run goes on), records its kernels' registers, spills and shared memory, and has its preparation
+  kernel timed alone (the state pass is the rest). The first is also timed captured in a CUDA graph.
 
 Correctness: every output against a float64 evaluation of the course's chunkwise form on the same inputs
 (relative Frobenius error); bf16 operands land near 1e-2, float32 arithmetic far below. Also the forward +
@@ -36,9 +38,9 @@ the likely reason the first version of this script overran 90 s at T = 4096 (the
 say).
 Each row records the wall seconds of each step (``seconds``). The essential steps always run (the float64
 reference, fla's forward, the first Triton variant, or its fallbacks if it fails); the optional ones (other
-variants, CUDA graphs, the preparation kernel alone, the eager form, backward passes) are skipped once a
-length has used ``--budget-s`` seconds (80 by default; the first row of a length stops its optional steps at
-half of it) and recorded as skipped. The results are rewritten after each row's forward and backward
+variants, CUDA graphs, the eager form, backward passes) are skipped once a length has used ``--budget-s``
+seconds (80 by default; the first row of a length stops its optional steps at half of it; fla's first call,
+which autotunes, is not charged) and recorded as skipped. The results are rewritten after each row's forward and backward
 (``DIR/linear_attention_gpu.json`` and ``.md``), so a time limit loses at most the step in progress.
 """
 
@@ -60,17 +62,21 @@ H, D = 16, 128  # the issue's workload; --cpu-smoke shrinks them
 
 # name → keyword arguments of delta_rule_chunkwise_triton (the first is the library's default settings).
 # Each variant is compiled on first use (a few seconds per kernel, twice: gated and not), so the default run
-# times the first four; the others are for --variants.
+# times the first seven, most promising first (the first H100 run, 4K, spent its budget before any); the
+# others are for --variants all.
 VARIANTS = {
     "Triton state pass": {},
+    "Triton, 8 warps (both kernels)": {"num_warps": 8, "prep_warps": 8},
+    "Triton, BV=16 (two programs per SM)": {"block_v": 16},
+    "Triton, bf16 intermediates, 8 warps": {"intermediate_dtype": torch.bfloat16, "num_warps": 8, "prep_warps": 8},
+    "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, bf16 intermediates": {"intermediate_dtype": torch.bfloat16},
     "Triton, bf16 intermediates, BV=64, 8 warps": {"intermediate_dtype": torch.bfloat16, "block_v": 64,
                                                    "num_warps": 8, "prep_warps": 8},
-    "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, inverse by doubling on 64 × 64": {"inverse": "doubling"},
     "Triton, inverse in tf32x3": {"inverse_precision": "tf32x3"},
 }
-DEFAULT_VARIANTS = list(VARIANTS)[:4]
+DEFAULT_VARIANTS = list(VARIANTS)[:7]
 # tried in turn when the first variant fails (a compile or launch error on this GPU)
 FALLBACKS = [("Triton, inverse by doubling on 64 × 64", {"inverse": "doubling"}),
              ("Triton, float32 products (no tensor cores)", {"precision": "ieee", "inverse": "doubling"})]
@@ -138,13 +144,17 @@ class Results:
         i = self.info
         lines = [f"Device: {i['device']}; torch {i['torch']}, triton {i['triton']}, fla {i['fla']}. "
                  f"B={i['B']}, H={i['H']}, D_k=D_v={i['D']}, bf16 inputs; ms = median of do_bench.", "",
-                 "Forward:", "", "| T | gated | method | ms | ÷ fla | rel. error vs float64 |", "|---|---|---|---|---|---|"]
+                 "Forward:", "", "| T | gated | method | ms | ÷ fla | rel. error vs float64 | of which preparation kernel, ms |",
+                 "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             for m in r["forward"]:
                 ms = m.get("error") or f"{m['ms']:.3f}"
                 ratio = "—" if m.get("over_fla") is None else f"{m['over_fla']:.2f}×"
                 err = "—" if m.get("err") is None else f"{m['err']:.1e}"
-                lines.append(f"| {r['T']} | {'yes' if r['gated'] else 'no'} | {m['name']} | {ms} | {ratio} | {err} |")
+                prep = m.get("prep_ms")
+                prep = "—" if prep is None else (prep if isinstance(prep, str) else f"{prep:.3f}")
+                lines.append(f"| {r['T']} | {'yes' if r['gated'] else 'no'} | {m['name']} | {ms} | {ratio} | {err} | "
+                             f"{prep} |")
         lines += ["", "Best course Triton forward per row:", ""]
         for r in self.rows:
             b = r.get("best_triton")
@@ -152,6 +162,13 @@ class Results:
                 ratio = "—" if b.get("over_fla") is None else f"{b['over_fla']:.2f}× fla"
                 lines.append(f"- T={r['T']}, gated={'yes' if r['gated'] else 'no'}: {b['name']}, {b['ms']:.3f} ms, "
                              f"{ratio}")
+        lines += ["", "Kernel resources (registers per thread, spilled registers, shared memory bytes), first length:", ""]
+        for r in self.rows[:2]:
+            for m in r["forward"]:
+                if isinstance(m.get("kernels"), dict) and m["kernels"]:
+                    parts = "; ".join(f"{k} {v['registers']}/{v['spills']}/{v['shared_bytes']}"
+                                      for k, v in m["kernels"].items())
+                    lines.append(f"- gated={'yes' if r['gated'] else 'no'}, {m['name']}: {parts}")
         lines += ["", "Forward + backward (gradients of q, k, v):", "", "| T | gated | method | ms |", "|---|---|---|---|"]
         for r in self.rows:
             for m in r["backward"]:
@@ -302,7 +319,24 @@ def main() -> None:
                 return chunk_delta_rule(fq, fk, fv, fb, scale=1.0)[0].transpose(1, 2)
 
             if chunk_delta_rule is not None:
+                before = time.perf_counter()
                 record("fla", fla_fwd)
+                deadline += time.perf_counter() - before  # fla's autotuning is not charged to the budget
+
+            def prep_time(entry, settings):
+                """The variant's preparation kernel alone, in ms (the state pass is the rest)."""
+                kw = {"chunk": 64, "precision": settings.get("precision", "tf32"),
+                      "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
+                      "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
+                      "prep_warps": settings.get("prep_warps", 4), "store_scores": settings.get("fused_output", True),
+                      "inverse": settings.get("inverse", "blocked")}
+                try:
+                    with torch.no_grad():
+                        entry["prep_ms"] = bench(lambda: triton_delta._prepare(
+                            x["q"], x["k"], x["v"], x["beta"], decay, **kw))
+                except Exception as error:  # noqa: BLE001
+                    entry["prep_ms"] = failed(error)
+                    sync()
 
             def triton_fn(settings):
                 return lambda: triton_delta.delta_rule_chunkwise_triton(
@@ -312,14 +346,25 @@ def main() -> None:
             chosen = [(name, VARIANTS[name]) for name in args.variants]
             working = None
             for name, settings in chosen[:1] + (FALLBACKS if chosen else []):
-                if record(f"course, {name}", triton_fn(settings)).get("ms"):
+                entry = record(f"course, {name}", triton_fn(settings))
+                try:  # registers, spills and shared memory of its kernels (from the compiled kernels)
+                    entry["kernels"] = triton_delta.last_kernel_resources()
+                except Exception as error:  # noqa: BLE001
+                    entry["kernels"] = failed(error)
+                if entry.get("ms"):
                     working = (name, settings)
+                    prep_time(entry, settings)
+                    # the same kernels without the value check of log_decay (two host syncs per call)
+                    record(f"course, {name}, values unchecked", triton_fn({**settings, "check_values": False}))
                     break
             # optional, while the time budget of this length lasts
             for name, settings in chosen[1:]:
                 if not skipped(f"course, {name}"):
-                    record(f"course, {name}", triton_fn(settings))
-            if working is not None:  # the first working variant in a CUDA graph, and its preparation kernel alone
+                    entry = record(f"course, {name}", triton_fn(settings))
+                    entry["kernels"] = triton_delta.last_kernel_resources()
+                    if entry.get("ms"):
+                        prep_time(entry, settings)
+            if working is not None:  # the first working variant in a CUDA graph
                 name, settings = working
                 if not skipped(f"course, {name}, CUDA graph"):
                     try:
@@ -330,14 +375,6 @@ def main() -> None:
                     except Exception as error:  # noqa: BLE001
                         row["forward"].append({"name": f"course, {name}, CUDA graph", "error": failed(error)})
                         lap(f"course, {name}, CUDA graph")
-                kw = {"chunk": 64, "precision": settings.get("precision", "tf32"),
-                      "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
-                      "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
-                      "prep_warps": settings.get("prep_warps", 4), "store_scores": settings.get("fused_output", True),
-                      "inverse": settings.get("inverse", "blocked")}
-                if not skipped(f"course, {name}: preparation kernel only"):
-                    record(f"course, {name}: preparation kernel only", lambda: triton_delta._prepare(
-                        x["q"], x["k"], x["v"], x["beta"], decay, **kw), check=False)
 
             def course():
                 return ref.delta_rule_chunkwise(x["q"], x["k"], x["v"], x["beta"], decay, chunk_size=64)

@@ -33,6 +33,17 @@ arranged so that only one small loop is sequential:
 3. **Output** — one program per (chunk, batch·head, value block), all chunks at once, computes
    ``O = (exp(b) ⊙ Q) S + (Q Kᵀ ⊙ Γ ⊙ causal) V'`` from them: more bytes, but less work in the sequential pass.
 
+Cost per chunk of ``C = 64`` tokens and one head, ``D_k = D_v = 128``, bf16 inputs, float32 intermediates:
+the preparation reads ``Q, K, V`` (48 KiB), writes ``W, U`` (64 KiB) and the scores (16 KiB), and does about
+3.0 MFLOP (scores 0.66, Gram blocks 0.66, inverse 0.33, ``W`` and ``U`` 1.31); the state pass reads ``W, U, Q, K``
+and the scores (112 KiB if its four programs of 32 columns share them through L2; 88 KiB pulled into each
+program's SM) and writes ``O`` (16 KiB), doing 7.3 MFLOP. About 256 KiB and 10 MFLOP per chunk, 40 FLOP/byte:
+below the tensor cores' ridge (about 150 FLOP/byte for tf32 on an H100), so the whole is bound by memory
+traffic (bf16 intermediates: about 176 KiB). The state pass has only ``B·H·D_v/32`` programs (128 for
+``B = 2, H = 16``), about one per SM, so each chunk's 88 KiB must reach one SM before its two dependent products
+(``W S``, then ``Kᵀ V'``) can finish: the per-SM load bandwidth, and the latency of that chain where loads are
+not prefetched (``num_stages``), bound it, not the arithmetic.
+
 Inputs are read in their dtype (fp16, bf16 or fp32) and computed in float32; the matrix products run on the
 tensor cores at ``precision`` (``"tf32"`` by default for fp16/bf16 inputs, ``"ieee"`` float32 for float32
 inputs). ``W``, ``U`` and the scores travel between the two kernels in ``intermediate_dtype`` (float32 by
@@ -71,7 +82,7 @@ except Exception as error:  # pragma: no cover - depends on the environment
     tl = None  # type: ignore[assignment]
     _TRITON_ERROR = error
 
-__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "triton_available"]
+__all__ = ["delta_rule_chunkwise_triton", "interpreter_enabled", "last_kernel_resources", "triton_available"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -86,6 +97,23 @@ def triton_available() -> bool:
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_LAST_KERNELS: dict[str, object] = {}  # what the last launches returned (compiled kernels on a GPU)
+
+
+def last_kernel_resources() -> dict[str, dict[str, int | None]]:
+    """Registers per thread, spilled registers and shared memory (bytes) of the kernels last launched, by name.
+
+    Read from what Triton's launch returns on a GPU (a compiled kernel); ``None`` where it does not say (the CPU
+    interpreter returns nothing). For a benchmark's report: spills mean a tile did not fit in registers.
+    """
+    out = {}
+    for name, kernel in _LAST_KERNELS.items():
+        meta = getattr(kernel, "metadata", None)
+        out[name] = {"registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+                     "shared_bytes": getattr(meta, "shared", None)}
+    return out
 
 
 def _pow2(n: int) -> int:
@@ -358,16 +386,19 @@ if triton is not None:
             tok = n * C + offs_c
             valid = tok < length
             padded = pid_bh * n_chunks * C + tok  # row in W, U, G
+            rows_in = (pid_bh * length + tok)[:, None]
+            # every load of the chunk first: none depends on the state, so they overlap the products below
             g = tl.load(G + padded)
             g_last = tl.load(G + pid_bh * n_chunks * C + n * C + C - 1)
             w = tl.load(W + padded[:, None] * DK + offs_k[None, :], mask=kcol[None, :], other=0.0).to(tl.float32)
             u = tl.load(U + padded[:, None] * DV + offs_v[None, :], mask=vcol[None, :], other=0.0).to(tl.float32)
-            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
-            rows_in = (pid_bh * length + tok)[:, None]
-            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
+            if FUSED_OUTPUT:
                 q = tl.load(Q + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
-                q = q.to(tl.float32) * tl.exp(g)[:, None]
                 scores = tl.load(SC + ((pid_bh * n_chunks + n) * C + offs_c[:, None]) * C + offs_c[None, :])
+            pseudo = u - tl.dot(w, state, input_precision=PREC)  # V' = U − W S
+            if FUSED_OUTPUT:  # O = (exp(b) ⊙ Q) S + scores V', written here
+                q = q.to(tl.float32) * tl.exp(g)[:, None]
                 out = tl.dot(q, state, input_precision=PREC)
                 out = tl.dot(scores.to(tl.float32), pseudo, acc=out, input_precision=PREC)
                 tl.store(O + rows_in * DV + offs_v[None, :], out.to(O.dtype.element_ty),
@@ -377,7 +408,6 @@ if triton is not None:
                          mask=state_mask)
                 tl.store(VN + padded[:, None] * DV + offs_v[None, :], pseudo.to(VN.dtype.element_ty),
                          mask=vcol[None, :])
-            k = tl.load(K + rows_in * DK + offs_k[None, :], mask=valid[:, None] & kcol[None, :], other=0.0)
             k = k.to(tl.float32) * tl.exp(g_last - g)[:, None]
             state = state * tl.exp(g_last) + tl.dot(tl.trans(k), pseudo, input_precision=PREC)
         if STORE_FINAL:
@@ -436,9 +466,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
               "num_warps": prep_warps, "num_stages": 1}
     if inverse == "blocked":
         block = chunk // 4
-        _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1, **common)
+        _LAST_KERNELS["prepare"] = _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1,
+                                                                      **common)
     else:
-        _delta_prep_kernel[(n, bh)](*args, LOG_C=chunk.bit_length() - 1, **common)
+        _LAST_KERNELS["prepare"] = _delta_prep_kernel[(n, bh)](*args, LOG_C=chunk.bit_length() - 1, **common)
     return prep
 
 
@@ -451,6 +482,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     bh, n, dev = b * h, -(-length // chunk), q.device
+    _LAST_KERNELS.clear()
     prep = _prepare(q, k, v, beta, log_decay, chunk, precision, inverse_precision, intermediate_dtype, prep_warps,
                     fused_output, inverse)
     out = torch.empty_like(v)
@@ -464,7 +496,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     g = prep["g"]
 
     def state_pass(stages: int) -> None:
-        _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
+        _LAST_KERNELS["state pass"] = _delta_state_kernel[(triton.cdiv(dv, bv), bh)](
             q, k, prep["w"], prep["u"], g if prep["sc"] is None else prep["sc"], g, out, hs, vn,
             g if initial_state is None else initial_state, g if final is None else final, length, n,
             DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, HAS_INITIAL=initial_state is not None,
@@ -479,7 +511,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
             raise
         state_pass(1)  # no prefetching of the next chunk: less shared memory
     if not fused_output:
-        _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
+        _LAST_KERNELS["output"] = _delta_output_kernel[(n, bh, triton.cdiv(dv, bv))](
             q, k, g, hs, vn, out, length, n, DK=dk, DV=dv, BK=bk, BV=bv, C=chunk, PREC=precision,
             num_warps=num_warps, num_stages=1,
         )

@@ -175,6 +175,16 @@ def test_state_pass_retries_without_prefetching_when_shared_memory_runs_out(monk
 
 
 @needs_interpreter
+@pytest.mark.parametrize("fused", [True, False])
+def test_last_kernel_resources_names_every_launch(fused):
+    q, k, v, beta, log_decay = inputs(length=20)
+    run(q, k, v, beta, log_decay, chunk_size=16, fused_output=fused)
+    resources = triton_delta.last_kernel_resources()
+    assert sorted(resources) == sorted(["prepare", "state pass"] + ([] if fused else ["output"]))
+    assert all(set(r) == {"registers", "spills", "shared_bytes"} for r in resources.values())
+
+
+@needs_interpreter
 def test_float_beta_is_accepted():
     q, k, v, _, log_decay = inputs(length=20)
     out = run(q, k, v, 0.5, log_decay, chunk_size=16)
