@@ -20,8 +20,8 @@ to e4m3's 3 mantissa bits with integer arithmetic; the cast then has nothing lef
 the hardware conversion is used as is.
 
 The causal split and ``exp2`` of :mod:`labsupport.flash.hopper` steps (b)-(c) are kept. Quantising
-costs a pass over ``Q``, ``K``, ``V`` (:func:`quantize_for_kernel`, PyTorch); FlashAttention-3 counts
-it outside the kernel too, as a producer of the inputs would write them in FP8 already.
+costs a pass over ``Q``, ``K``, ``V`` (:func:`quantize_for_kernel`, PyTorch), timed apart by the benchmark: a
+producer of the inputs could write them in FP8 directly.
 
 Not imported by ``labsupport.flash``: ``from labsupport.flash import fp8_triton``.
 """
