@@ -72,7 +72,8 @@ def ratio_ranges(results: dict) -> dict[str, tuple[float, float]]:
             found.setdefault("FP8 / SDPA default", []).append(default / r["ms_fp8"])
         if r.get("ms_fp8") and best:
             found.setdefault("FP8 / best step", []).append(best / r["ms_fp8"])
-    return {key: (min(v), max(v)) for key, v in found.items()}
+    order = sorted(found, key=lambda key: (not key.startswith("best"), len(key), key))  # D=64 before D=128
+    return {key: (min(found[key]), max(found[key])) for key in order}
 
 
 def step_table(results: dict) -> str:
