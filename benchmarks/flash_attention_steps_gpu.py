@@ -15,7 +15,8 @@ FMA units), and the FP8 forward of ``labsupport.flash.fp8_triton``
 compiling: about 90 kernel variants); ``--quick`` takes one shape.
 
 Before timing: (1) step (d)'s tile configuration is picked per head dimension among a few candidates, timed once at
-(fp16, first N, not causal), and used by steps (d)-(i) (``--no-sweep``: the module's fixed choice); (2) every
+(fp16, first N, not causal), and used by steps (d)-(i), and the FP8 kernel's among three the same way
+(``--no-sweep``: the modules' fixed choices); (2) every
 variant is checked against float64 attention at Lq ≠ Lk, fully masked rows included, on lengths that are tile
 multiples (the kernels the timing runs); a variant that fails is not timed. Every timed output is also compared
 with an fp32 reference on a slice (batch 0, heads 0-1), and not timed when wrong. After the timing, while time
