@@ -15,7 +15,8 @@ FMA units), and the FP8 forward of ``labsupport.flash.fp8_triton``
 compiling: about 90 kernel variants); ``--quick`` takes one shape.
 
 Before timing: (1) step (d)'s tile configuration is picked per head dimension among a few candidates, timed once at
-(fp16, first N, not causal), and used by steps (d)-(i) (``--no-sweep``: the module's fixed choice); (2) every
+(fp16, first N, not causal), and used by steps (d)-(i), and the FP8 kernel's among three the same way
+(``--no-sweep``: the modules' fixed choices); (2) every
 variant is checked against float64 attention at Lq ≠ Lk, fully masked rows included, on lengths that are tile
 multiples (the kernels the timing runs); a variant that fails is not timed. Every timed output is also compared
 with an fp32 reference on a slice (batch 0, heads 0-1), and not timed when wrong. After the timing, while time
@@ -209,6 +210,11 @@ def write_report(state: dict, out_dir: str, echo: bool = False) -> None:
         for d, results in state["sweep"].items():
             lines.append(f"- D={d}: " + ", ".join(f"{c} {v if isinstance(v, str) else f'{v:.3f} ms'}"
                                                   for c, v in results.items()))
+    if state.get("fp8_sweep"):
+        lines += ["", "The FP8 kernel's configuration, timed once per head dimension (fp16 inputs, not causal):", ""]
+        for d, results in state["fp8_sweep"].items():
+            lines.append(f"- D={d}: " + ", ".join(f"{c} {v if isinstance(v, str) else f'{v:.3f} ms'}"
+                                                  for c, v in results.items()))
     if state.get("contract"):
         lines += ["", "Contract check against float64 (fp16, Lq ≠ Lk, fully masked rows; tile-multiple lengths "
                   "before the timing, ragged lengths after it):", ""]
@@ -293,6 +299,7 @@ def main() -> None:
              "step_names": {s.key: s.name for s in hopper.LADDER + hopper.EXTRAS},
              "step_changes": {s.key: s.change for s in hopper.LADDER + hopper.EXTRAS},
              "generic_config": hopper.GENERIC_CONFIG.label(), "configs": {}, "fp8_configs": {}, "sweep": {},
+             "fp8_sweep": {},
              "contract": {}, "fp8_accuracy": []}
     if not use_fp8 and not args.no_fp8:
         state["failures"].append(f"fp8: needs compute capability 8.9 or more, this GPU has {cap}")
@@ -307,8 +314,10 @@ def main() -> None:
         cfg = chosen[d] if hopper.ladder_step(key).tuned else hopper.GENERIC_CONFIG
         return lambda q, k, v, causal: hopper.ladder_forward(q, k, v, key, causal=causal, config=cfg)
 
+    chosen8: dict[int, hopper.KernelConfig] = {}
+
     def fp8_forward(q, k, v, causal):
-        return fp8_triton.fp8_flash_forward(q, k, v, causal=causal)
+        return fp8_triton.fp8_flash_forward(q, k, v, causal=causal, config=chosen8.get(q.shape[-1]))
 
     # 1. step (d)'s configuration per head dimension
     for d in args.dims:
@@ -339,9 +348,40 @@ def main() -> None:
         print(f"sweep D={d}: {results} -> {chosen[d].label()}", flush=True)
         del q, k, v
     state["configs"] = {str(d): chosen[d].label() for d in args.dims}
-    if use_fp8:
-        state["fp8_configs"] = {str(d): fp8_triton.fp8_config(d).label() for d in args.dims
-                                if d in fp8_triton.FP8_CONFIGS}
+    # 1b. the FP8 kernel's configuration per head dimension, the same way
+    for d in args.dims if use_fp8 else []:
+        if d not in fp8_triton.FP8_CONFIGS:
+            continue
+        chosen8[d] = fp8_triton.fp8_config(d)
+        if args.no_sweep:
+            continue
+        q, k, v = (torch.randn(B, H, args.lengths[0], d, device=dev, dtype=torch.float16, generator=gen)
+                   for _ in range(3))
+        results = {}
+        best = None
+        for cfg in fp8_triton.fp8_sweep_candidates(d):
+            if over_budget():
+                break
+            try:
+                packed = fp8_triton.quantize_for_kernel(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n)
+                fn = lambda: fp8_triton.fp8_forward_quantized(  # noqa: E731
+                    packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)[0]
+                with time_guard(args.compile_guard_s):
+                    fn()
+                    sync()
+                ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                results[cfg.label()] = ms
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            except Exception as error:  # noqa: BLE001 - a config that does not compile here
+                results[cfg.label()] = "did not compile: " + short(error)
+        if best is not None:
+            chosen8[d] = best[1]
+        state["fp8_sweep"][str(d)] = results
+        print(f"FP8 sweep D={d}: {results} -> {chosen8[d].label()}", flush=True)
+        del q, k, v
+        packed = None
+    state["fp8_configs"] = {str(d): c.label() for d, c in chosen8.items()}
 
     # 2. the contract (fp16, against float64): before timing on tile-multiple lengths (the kernels the timing
     # uses, fully masked rows included), after timing on ragged ones (other kernels: 3-D TMA descriptors)
@@ -401,8 +441,8 @@ def main() -> None:
                            "sdpa_flash": lambda: sdpa("FLASH_ATTENTION")(q, k, v, causal)}
                     for s in steps:
                         fns[s] = (lambda f: (lambda: f(q, k, v, causal)[0]))(step_forward(s, d))
-                    if use_fp8 and d in fp8_triton.FP8_CONFIGS:
-                        cfg8 = fp8_triton.fp8_config(d)
+                    if use_fp8 and d in chosen8:
+                        cfg8 = chosen8[d]
                         try:
                             packed = fp8_triton.quantize_for_kernel(q, k, v, block_m=cfg8.block_m,
                                                                     block_n=cfg8.block_n)
@@ -410,7 +450,8 @@ def main() -> None:
                                 lambda: fp8_triton.quantize_for_kernel(q, k, v, block_m=cfg8.block_m,
                                                                        block_n=cfg8.block_n),
                                 warmup=5, rep=20, return_mode="median")
-                            fns["fp8"] = lambda: fp8_triton.fp8_forward_quantized(packed, causal=causal)[0]
+                            fns["fp8"] = lambda: fp8_triton.fp8_forward_quantized(
+                                packed, causal=causal, num_warps=cfg8.num_warps, num_stages=cfg8.num_stages)[0]
                         except Exception as error:  # noqa: BLE001
                             row["note_fp8"] = "quantisation failed: " + short(error)
                     for name, fn in fns.items():

@@ -20,8 +20,8 @@ to e4m3's 3 mantissa bits with integer arithmetic; the cast then has nothing lef
 the hardware conversion is used as is.
 
 The causal split and ``exp2`` of :mod:`labsupport.flash.hopper` steps (b)-(c) are kept. Quantising
-costs a pass over ``Q``, ``K``, ``V`` (:func:`quantize_for_kernel`, PyTorch); FlashAttention-3 counts
-it outside the kernel too, as a producer of the inputs would write them in FP8 already.
+costs a pass over ``Q``, ``K``, ``V`` (:func:`quantize_for_kernel`, PyTorch), timed apart by the benchmark: a
+producer of the inputs could write them in FP8 directly.
 
 Not imported by ``labsupport.flash``: ``from labsupport.flash import fp8_triton``.
 """
@@ -39,8 +39,8 @@ from labsupport.flash.hopper import KernelConfig
 
 triton, tl = base.triton, base.tl
 
-__all__ = ["FP8_CONFIGS", "Fp8Inputs", "fp8_config", "fp8_flash_forward", "fp8_forward_quantized",
-           "quantize_for_kernel"]
+__all__ = ["FP8_CONFIGS", "FP8_SWEEP", "Fp8Inputs", "fp8_config", "fp8_flash_forward", "fp8_forward_quantized",
+           "fp8_sweep_candidates", "quantize_for_kernel"]
 
 #: Head dimensions the FP8 kernel takes (Hopper's FP8 products need at least 32 along the summed axis).
 FP8_HEAD_DIMS = (32, 64, 128, 256)
@@ -51,6 +51,18 @@ FP8_CONFIGS: dict[int, KernelConfig] = {
     128: KernelConfig(128, 128, 8, 2),
     256: KernelConfig(64, 64, 4, 2),
 }
+
+
+#: Alternatives the benchmark times once per head dimension before choosing the FP8 kernel's configuration.
+FP8_SWEEP: dict[int, tuple[KernelConfig, ...]] = {
+    64: (KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 4)),
+    128: (KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3)),
+}
+
+
+def fp8_sweep_candidates(head_dim: int) -> tuple[KernelConfig, ...]:
+    """Configurations worth timing once for ``head_dim`` (the default :func:`fp8_config` first)."""
+    return FP8_SWEEP.get(head_dim, (fp8_config(head_dim),))
 
 
 def fp8_config(head_dim: int) -> KernelConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from labsupport.harness import stored
 
-__all__ = ["STORED_STEPS", "find_stored_results", "load_step_results", "step_gains", "step_table"]
+__all__ = ["STORED_STEPS", "find_stored_results", "load_step_results", "ratio_ranges", "step_gains", "step_table"]
 
 #: The file name of the stored H100 run, under ``benchmarks/results/``.
 STORED_STEPS = "flash_steps_h100.json"
@@ -55,6 +55,24 @@ def step_gains(results: dict) -> dict[str, float | None]:
     return gains
 
 
+def ratio_ranges(results: dict) -> dict[str, tuple[float, float]]:
+    """``(lowest, highest)`` over the measured shapes of: the fastest step against SDPA's default backend, per
+    head dimension (``"best step / SDPA default, D=64"``), and the FP8 kernel against SDPA's default and against
+    the fastest fp16/bf16 step (``> 1``: faster)."""
+    found: dict[str, list[float]] = {}
+    for r in results["rows"]:
+        best = min((r[f"ms_{s}"] for s in results["steps"] if r.get(f"ms_{s}")), default=None)
+        default = r.get("ms_sdpa_default")
+        if best and default:
+            found.setdefault(f"best step / SDPA default, D={r['D']}", []).append(default / best)
+        if r.get("ms_fp8") and default:
+            found.setdefault("FP8 / SDPA default", []).append(default / r["ms_fp8"])
+        if r.get("ms_fp8") and best:
+            found.setdefault("FP8 / best step", []).append(best / r["ms_fp8"])
+    order = sorted(found, key=lambda key: (not key.startswith("best"), len(key), key))  # D=64 before D=128
+    return {key: (min(found[key]), max(found[key])) for key in order}
+
+
 def step_table(results: dict) -> str:
     """A plain-text table: TFLOP/s of SDPA's default backend, each step and FP8 per shape, and the best step's
     speed relative to SDPA's default; then each step's mean gain. "—" where a variant did not run."""
@@ -75,4 +93,5 @@ def step_table(results: dict) -> str:
     gains = step_gains(results)
     lines.append("mean gain over the step before: " + ", ".join(
         f"({s}) {results['step_names'][s]} {g:.2f}x" if g else f"({s}) —" for s, g in gains.items()))
+    lines += [f"{key}: {low:.2f}x to {high:.2f}x" for key, (low, high) in ratio_ranges(results).items()]
     return "\n".join(lines)

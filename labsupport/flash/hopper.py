@@ -18,8 +18,8 @@ d     tuned tiles         tile sizes, warps and pipeline depth chosen per head d
                           register budget: a 128 × D fp32 accumulator spread over the warps)
 e     ``TMA``             tiles arrive through Hopper's tensor-memory accelerator (host-built
                           descriptors) instead of a grid of pointers
-f     ``PERSISTENT``      one program per SM loops over the tiles (the heaviest causal tiles of a
-                          head first) instead of one program per tile
+f     ``PERSISTENT``      a fixed grid (two programs per SM) loops over the tiles, the heaviest
+                          causal tiles of a head first, instead of one program per tile
 g     ``LAZY``            the accumulator is rescaled only when some row's maximum grew by more
                           than ``2**8``; exact, because the final division uses the same stale
                           maximum (FlashAttention-4's conditional rescaling, per block here)
@@ -102,16 +102,19 @@ GENERIC_CONFIG = KernelConfig(64, 64, 4, 2)
 _TUNED: dict[int, KernelConfig] = {
     16: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
-    64: KernelConfig(128, 64, 4, 3),
+    64: KernelConfig(128, 64, 8, 4),
     128: KernelConfig(128, 64, 8, 3),
     256: KernelConfig(64, 64, 4, 2),
 }
 # A few alternatives per head dimension that the benchmark may time once to pick step (d)'s config.
+# First H100 sweep (triton 3.6, fp16, N = 4096, not causal; ms): D = 64: 128x64 w8 s4 0.627, w4 s3 0.689,
+# 128x128 w4 s2 0.747, w8 s3 0.791; D = 128: 128x64 w8 s3 1.115, 128x128 w8 s2 1.324, 128x64 w8 s2 1.439,
+# 128x32 w8 s3 1.474. The losers gave way to deeper pipelines and 256-row tiles over 16 warps.
 _SWEEP: dict[int, tuple[KernelConfig, ...]] = {
-    64: (KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4),
-         KernelConfig(128, 128, 4, 2)),
-    128: (KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 2),
-          KernelConfig(128, 32, 8, 3)),
+    64: (KernelConfig(128, 64, 8, 4), KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 8, 5),
+         KernelConfig(256, 64, 16, 3)),
+    128: (KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
+          KernelConfig(256, 64, 16, 2)),
 }
 
 
@@ -155,7 +158,7 @@ LADDER: tuple[LadderStep, ...] = (
                True, True, True, False, False, False),
     LadderStep("e", "TMA", "tiles loaded through TMA tensor descriptors",
                True, True, True, True, False, False),
-    LadderStep("f", "persistent", "one program per SM looping over tiles, heavy causal tiles first",
+    LadderStep("f", "persistent", "two programs per SM looping over tiles, heavy causal tiles first",
                True, True, True, True, True, False),
     LadderStep("g", "lazy rescale", "rescale the accumulator only when a row max grows by > 2^8",
                True, True, True, True, True, True),
@@ -422,10 +425,17 @@ if triton is not None:
                          HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, EXP2, SPLIT, TMA, LAZY, WS, FMA_EXP2)
 
 
+#: A persistent launch starts this many programs per SM. Two, because the first H100 run with one per SM was
+#: 0.65-0.72x as fast at d = 64: the one-tile-per-program grid fits two programs on an SM there, and while
+#: one waits for its exponentials the other's matrix products run; one program per SM gave that up.
+PROGRAMS_PER_SM = 2
+
+
 def _programs(device: torch.device, n_tiles: int, num_programs: int | None) -> int:
-    """How many programs a persistent launch starts: one per SM (or ``num_programs``), never more than tiles."""
+    """How many programs a persistent launch starts: :data:`PROGRAMS_PER_SM` per SM (or ``num_programs``),
+    never more than there are tiles."""
     if num_programs is None:
-        num_programs = (torch.cuda.get_device_properties(device).multi_processor_count
+        num_programs = (PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 3)
     return max(1, min(require_positive_int("num_programs", num_programs), n_tiles))
 
@@ -447,7 +457,7 @@ def ladder_forward(
     bf16 or fp32 tensors. ``config`` overrides the step's configuration (steps (a)-(c):
     :data:`GENERIC_CONFIG`; from (d): :func:`tuned_config`); under the CPU interpreter the default is
     16 × 16 tiles. TMA steps copy non-contiguous inputs to contiguous ones first. ``num_programs``
-    sets a persistent step's grid (default: one program per SM; 3 on the CPU, so tests loop).
+    sets a persistent step's grid (default: :data:`PROGRAMS_PER_SM` per SM; 3 on the CPU, so tests loop).
     """
     if triton is None:
         raise RuntimeError("ladder_forward needs Triton, which could not be imported "

@@ -250,7 +250,10 @@ def test_stored_results_summaries(tmp_path):
     assert gains["g"] == pytest.approx(9 / 8) and gains["h"] is None
     table = gpu_results.step_table(results)
     assert "NVIDIA H100" in table and "triton 3.6.0" in table
-    assert "1.25x" in table and "1.25x" in table.splitlines()[-1]  # best step 8 ms against SDPA's 10 ms
+    gain_line = next(line for line in table.splitlines() if line.startswith("mean gain"))
+    assert "(b) exp2 1.25x" in gain_line and "(d) tiles per D 2.00x" in gain_line
+    assert "best step / SDPA default, D=64: 1.25x to 1.25x" in table  # best step 8 ms against SDPA's 10 ms
+    assert "FP8 / SDPA default: 2.00x to 2.00x" in table and "FP8 / best step: 1.60x to 1.60x" in table
     first = table.splitlines()[2].split()
     assert first[:4] == ["fp16", "64", "4096", "no"] and first[4] == "400" and first[-1] == "1.25x"
     bad = tmp_path / "bad.json"
