@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["find_stored_results", "load_stored_json", "load_stored_text", "profile_section"]
+__all__ = ["find_stored_results", "load_stored_json", "load_stored_rows", "load_stored_text", "profile_section"]
 
 
 def _checkout_root() -> Path:
@@ -28,10 +28,10 @@ def find_stored_results(name: str) -> Path | None:
     """``benchmarks/results/<name>`` from the working directory, its parent (a notebook in ``notebooks/``), or
     the checkout this package was imported from; ``None`` when there is none (e.g. a pip install).
 
-    ``name`` is a plain file name ending in ``.json`` or ``.txt`` (no folders)."""
-    if not isinstance(name, str) or not name.endswith((".json", ".txt")) or Path(name).name != name \
-            or name in (".json", ".txt"):
-        raise ValueError(f"name must be a .json or .txt file name without folders, got {name!r}")
+    ``name`` is a plain file name ending in ``.json``, ``.jsonl`` or ``.txt`` (no folders)."""
+    if not isinstance(name, str) or not name.endswith((".json", ".jsonl", ".txt")) or Path(name).name != name \
+            or name in (".json", ".jsonl", ".txt"):
+        raise ValueError(f"name must be a .json, .jsonl or .txt file name without folders, got {name!r}")
     for root in (Path.cwd(), Path.cwd().parent, _checkout_root()):
         path = root / "benchmarks" / "results" / name
         if path.is_file():
@@ -51,6 +51,20 @@ def load_stored_json(name: str) -> dict | list | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_stored_rows(name: str) -> list[dict]:
+    """The rows of the JSONL file ``benchmarks/results/<name>`` (blank lines skipped), or ``[]`` when it is not there
+    (a notebook run from a copy outside the checkout still finds the checkout it imported ``labsupport`` from)."""
+    if not isinstance(name, str) or not name.endswith(".jsonl"):
+        raise ValueError(f"name must be a .jsonl file name, got {name!r}")
+    path = find_stored_results(name)
+    if path is None:
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSONL: {err}") from err
 
 
 def load_stored_text(name: str) -> str | None:

@@ -94,3 +94,15 @@ def test_the_stored_h100_runs_of_this_checkout_read():
         assert run is not None and "rows" in run and run["rows"], name
     profile = stored.profile_section(stored.load_stored_text("moe_gpu_h100_profile.txt"), "moe_layer")
     assert profile["passes"] == 5 and "aten::_grouped_mm" in profile["ops"]
+
+
+def test_jsonl_rows_are_read_and_a_missing_file_gives_no_rows(checkout):
+    """Chapter 07 reads its grid through load_stored_rows; a name that is not .jsonl is refused."""
+    (checkout / "grid.jsonl").write_text(json.dumps({"a": 1}) + "\n\n" + json.dumps({"a": 2}) + "\n")
+    assert stored.load_stored_rows("grid.jsonl") == [{"a": 1}, {"a": 2}]
+    assert stored.load_stored_rows("no_such_grid.jsonl") == []
+    (checkout / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="broken.jsonl"):
+        stored.load_stored_rows("broken.jsonl")
+    with pytest.raises(ValueError, match="jsonl"):
+        stored.load_stored_rows("grid.json")
