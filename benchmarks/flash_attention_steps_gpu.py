@@ -43,9 +43,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling script's SDPA runner and fp32 slice
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from flash_attention_hopper_gpu import reference_slice, sdpa  # noqa: E402
 
 B, H = 4, 16
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,32 +77,6 @@ def short(error: BaseException) -> str:
     """One line for a table: the exception's type and the first 160 characters of its message."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:160]}"
-
-
-def sdpa(backend: str | None):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def run(q, k, v, causal):
-        if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        with sdpa_kernel(getattr(SDPBackend, backend)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return run
-
-
-def reference_slice(q, k, v, causal):
-    """fp32 attention of batch 0, heads 0-1, in chunks of 2048 queries (square, top-left causal mask)."""
-    qs, ks, vs = (t[:1, :2].float() for t in (q, k, v))
-    n = qs.shape[-2]
-    out = torch.empty_like(qs)
-    for r0 in range(0, n, 2048):
-        r1 = min(n, r0 + 2048)
-        s = (qs[..., r0:r1, :] @ ks.transpose(-1, -2)) / math.sqrt(qs.shape[-1])
-        if causal:
-            rows = torch.arange(r0, r1, device=q.device)[:, None]
-            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
-        out[..., r0:r1, :] = torch.softmax(s, dim=-1) @ vs
-    return out
 
 
 def rel_err(a, ref) -> float:
