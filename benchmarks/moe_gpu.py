@@ -10,7 +10,11 @@ backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` 
 * **dense FFN** of hidden width k·4·d: the same active FLOPs per token as the MoE layer's experts;
 * **MoE layer** (``labsupport.moe.MoELayer``): router, top-k, balance loss, and on CUDA the no-sync dispatch
   ``moe_grouped`` (torch's ``grouped_mm``, one kernel per projection for all experts);
-* **dispatch only, grouped**: ``moe_grouped`` on a fixed routing (no router);
+* **dispatch only, grouped**: ``moe_grouped`` on a fixed routing (no router), with the up-projection bias
+  folded into the grouped matmul (the default) and as a separate one-hot product (``up_bias="one_hot"``);
+* **CUDA graph**: the dense FFN's and the layer's whole forward + backward captured once in a CUDA graph and
+  replayed, which removes the host's kernel launches (it needs a pass with no host synchronisation);
+* with ``--compile``, both modules under ``torch.compile`` (the first call's compile time is printed);
 * **dispatch only, per-expert loop**: ``moe_sorted`` (boolean index + ``.tolist()`` of the counts: two
   host syncs per call, then one matmul per expert), the CPU path of the chapter.
 
@@ -48,6 +52,42 @@ def count_syncs(fn) -> int | str:
         torch.cuda.set_sync_debug_mode(0)
 
 
+def cuda_graph(fn, holders) -> callable:
+    """``fn`` (a forward + backward) captured in a CUDA graph; returns its replay.
+
+    Warm-up runs on a side stream first (as torch's docs ask), gradients are set to None so that the
+    captured backward allocates them from the graph's pool, and the capture fails loudly if ``fn`` waits
+    for the host (a synchronisation is not allowed while capturing).
+    """
+    def clear():
+        for h in holders:
+            if isinstance(h, torch.Tensor):
+                h.grad = None
+            else:
+                h.zero_grad(set_to_none=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            clear()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def compiled_layer_fb(compiled, layer, x):
+    """Forward + backward of a compiled MoE layer; the balancing loss is read from the eager module."""
+    def run():
+        y = compiled(x)
+        loss = y.float().square().mean() + sum(layer.auxiliary_losses().values())
+        loss.backward()
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the results")
@@ -58,6 +98,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile the layer's and the grouped dispatch's forward + backward (torch.profiler) "
                              "and write the top CUDA kernels to DIR/moe_gpu_profile.txt")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both modules under torch.compile (compiles take tens of seconds)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark needs one; nothing was measured")
@@ -113,12 +155,36 @@ def main() -> None:
                     y.float().square().mean().backward()
                 return run
 
+            def onehot(*a):
+                return moe_grouped(*a, up_bias="one_hot")
+
             variants = {"dense": fb(dense), "moe_layer": fb(layer), "dispatch_grouped": dispatch(moe_grouped),
-                        "dispatch_loop": dispatch(moe_sorted)}
-            for name, fn in variants.items():
+                        "dispatch_grouped_onehot": dispatch(onehot), "dispatch_loop": dispatch(moe_sorted)}
+            graphs = {}
+            for name in ("dense", "moe_layer"):
                 try:
-                    row[f"fb_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=[x])
-                    row[f"syncs_{name}"] = count_syncs(fn)
+                    graphs[f"{name}_graph"] = cuda_graph(variants[name], [x, dense, layer])
+                except Exception as error:  # noqa: BLE001
+                    row[f"error_{name}_graph"] = f"{type(error).__name__}: {str(error)[:200]}"
+            if args.compile:
+                for name, module in (("dense", dense), ("moe_layer", layer)):
+                    import time
+                    compiled = torch.compile(module)
+                    start = time.perf_counter()
+                    try:
+                        fn = fb(compiled) if module is dense else compiled_layer_fb(compiled, layer, x)
+                        fn()
+                        torch.cuda.synchronize()
+                        row[f"compile_s_{name}"] = time.perf_counter() - start
+                        variants[f"{name}_compiled"] = fn
+                    except Exception as error:  # noqa: BLE001
+                        row[f"error_{name}_compiled"] = f"{type(error).__name__}: {str(error)[:200]}"
+            for name, fn in [*variants.items(), *graphs.items()]:
+                try:
+                    grads = [] if name.endswith("_graph") else [x]  # a graph's gradients live in its own pool
+                    row[f"fb_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=grads)
+                    if not name.endswith("_graph"):
+                        row[f"syncs_{name}"] = count_syncs(fn)
                 except Exception as error:  # noqa: BLE001
                     row[f"fb_ms_{name}"] = None
                     row[f"error_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
@@ -150,6 +216,11 @@ def main() -> None:
                         handle.write(text)
             if row.get("fb_ms_dense") and row.get("fb_ms_moe_layer"):
                 row["moe_over_dense_fb"] = row["fb_ms_moe_layer"] / row["fb_ms_dense"]
+            for mode in ("graph", "compiled"):
+                if row.get(f"fb_ms_dense_{mode}") and row.get(f"fb_ms_moe_layer_{mode}"):
+                    row[f"moe_over_dense_fb_{mode}"] = row[f"fb_ms_moe_layer_{mode}"] / row[f"fb_ms_dense_{mode}"]
+                if row.get("fb_ms_dense") and row.get(f"fb_ms_moe_layer_{mode}"):
+                    row[f"moe_{mode}_over_dense_eager_fb"] = row[f"fb_ms_moe_layer_{mode}"] / row["fb_ms_dense"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             del x, dense, layer
@@ -168,6 +239,16 @@ def main() -> None:
                      f"{f(r.get('fb_ms_dispatch_loop'))} | {f(r.get('fwd_ms_dense'))} | {f(r.get('fwd_ms_moe_layer'))} | "
                      f"{r.get('syncs_moe_layer')}, {r.get('syncs_dispatch_grouped')}, {r.get('syncs_dispatch_loop')} | "
                      f"{r['grouped_vs_sorted_rel']:.1e} | {r['busiest_over_fair']:.2f} |")
+    lines += ["", "| T | E | grouped dispatch, bias folded / one-hot | dense, MoE layer as CUDA graphs | MoE / dense "
+              "(graphs) | MoE graph / dense eager | dense, MoE compiled (compile s) | MoE / dense (compiled) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['E']} | {f(r.get('fb_ms_dispatch_grouped'))} / "
+                     f"{f(r.get('fb_ms_dispatch_grouped_onehot'))} | {f(r.get('fb_ms_dense_graph'))}, "
+                     f"{f(r.get('fb_ms_moe_layer_graph'))} | {f(r.get('moe_over_dense_fb_graph'))} | "
+                     f"{f(r.get('moe_graph_over_dense_eager_fb'))} | {f(r.get('fb_ms_dense_compiled'))}, "
+                     f"{f(r.get('fb_ms_moe_layer_compiled'))} ({f(r.get('compile_s_dense'))}, "
+                     f"{f(r.get('compile_s_moe_layer'))}) | {f(r.get('moe_over_dense_fb_compiled'))} |")
     errors = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if "error" in k})
     lines += ["", "Did not run:", *[f"- {e}" for e in errors]]
     table = "\n".join(lines)

@@ -100,12 +100,13 @@ _FWD_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     128: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3)),
     256: ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 1), (128, 64, 8, 1)),
 }
-# backward, (outer, inner, warps, stages): outer = keys (dK/dV kernel) or queries (dQ kernel)
+# backward, (outer, inner, warps, stages): outer = keys (dK/dV kernel) or queries (dQ kernel). Long outer and
+# short inner blocks (128 × 32) keep a program's resident tiles large and its streamed ones small.
 _BWD_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
     16: ((64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)),
     32: ((64, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)),
-    64: ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)),
-    128: ((64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2)),
+    64: ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 5)),
+    128: ((64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)),
     256: ((64, 32, 4, 1), (32, 32, 4, 1), (64, 32, 8, 2)),
 }
 

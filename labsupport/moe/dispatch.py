@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from labsupport.harness.validation import require_float_tensor
 from labsupport.moe.routing import Routing
 
-__all__ = ["expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_grouped", "moe_loop", "moe_sorted",
+__all__ = ["UP_BIAS_MODES", "expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_grouped", "moe_loop", "moe_sorted",
            "sort_by_expert"]
 
 
@@ -135,8 +135,11 @@ def _grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch
     return out
 
 
+UP_BIAS_MODES = ("folded", "one_hot")
+
+
 def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
-                w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+                w_down: torch.Tensor, b_down: torch.Tensor, *, up_bias: str = "folded") -> torch.Tensor:
     """:func:`moe_sorted` with no host synchronisation: the GPU path (one grouped matmul per projection).
 
     :func:`moe_sorted` drops inactive slots with a boolean index and hands the per-expert counts to
@@ -144,9 +147,19 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
     an inactive slot is sent to expert 0 with weight 0 (its answer is computed and multiplied away),
     and the counts stay on the device as the offsets of a grouped matmul. The same function as
     :func:`moe_sorted` for any routing; faster only where inactive slots are rare (dropless top-k).
+
+    ``up_bias`` says how each slot gets its expert's up-projection bias, the widest one (``h`` numbers):
+
+    * ``"folded"`` (default): the bias is one more row of ``W_up`` and every token one more input, a 1
+      (homogeneous coordinates), so the grouped matmul adds it and its gradient comes out of the weight
+      gradient. Costs ``(d + 8)/d`` of the matmul (the ones column is padded to 8 for aligned rows) and
+      saves two full passes over the ``(T·k, h)`` hidden activations, forward and backward.
+    * ``"one_hot"``: a separate product ``one_hot(expert) @ b_up`` added to the matmul's output.
     """
     _require_weights(x, w_up, b_up, w_down, b_down)
-    n_experts = w_up.shape[0]
+    if up_bias not in UP_BIAS_MODES:
+        raise ValueError(f"up_bias must be one of {UP_BIAS_MODES}, got {up_bias!r}")
+    n_experts, d, h = w_up.shape
     tokens, k = routing.experts.shape
     active = routing.active.reshape(-1) & (routing.experts.reshape(-1) < n_experts)
     expert = torch.where(active, routing.experts.reshape(-1), torch.zeros_like(routing.experts.reshape(-1)))
@@ -161,7 +174,14 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
     # backward adds T·k rows into E bias rows with atomics (every slot of an expert on the same row), the
     # product's backward is one small matmul (E × T·k) @ (T·k × h).
     one_hot = F.one_hot(expert, n_experts).to(x.dtype)
-    hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + one_hot @ b_up)
+    if up_bias == "folded":
+        pad = 8  # a 1 and seven 0s: rows of d + 8 bf16 numbers stay 16-byte aligned for grouped_mm
+        ones = torch.cat([x.new_ones(tokens, 1), x.new_zeros(tokens, pad - 1)], dim=1)
+        x_aug = torch.cat([x, ones], dim=1)                                           # (T, d + 8)
+        w_aug = torch.cat([w_up, b_up[:, None, :], w_up.new_zeros(n_experts, pad - 1, h)], dim=1)
+        hidden = F.gelu(_grouped_matmul(x_aug[token], w_aug, offsets))
+    else:
+        hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + one_hot @ b_up)
     y = _grouped_matmul(hidden, w_down, offsets) + one_hot @ b_down
     return torch.zeros_like(x).index_add_(0, token, y * weight[:, None])
 

@@ -12,8 +12,9 @@ def _weights(gen, e, d, h, dtype=torch.float64):
             torch.randn(e, h, d, generator=gen, dtype=dtype), torch.randn(e, d, generator=gen, dtype=dtype))
 
 
+@pytest.mark.parametrize("up_bias", ["folded", "one_hot"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_grouped_equals_sorted_with_inactive_slots_and_empty_experts(k):
+def test_grouped_equals_sorted_with_inactive_slots_and_empty_experts(k, up_bias):
     gen = torch.Generator().manual_seed(k)
     t, d, h, e = 37, 8, 16, 6
     x = torch.randn(t, d, generator=gen, dtype=torch.float64)
@@ -22,16 +23,17 @@ def test_grouped_equals_sorted_with_inactive_slots_and_empty_experts(k):
     routing = top_k_routing(logits, k)
     routing.active = routing.active & (torch.rand(t, k, generator=gen) > 0.3)  # some slots dropped
     weights = _weights(gen, e, d, h)
-    torch.testing.assert_close(moe_grouped(x, routing, *weights), moe_sorted(x, routing, *weights))
+    torch.testing.assert_close(moe_grouped(x, routing, *weights, up_bias=up_bias), moe_sorted(x, routing, *weights))
 
 
-def test_grouped_gradients_equal_sorted():
+@pytest.mark.parametrize("up_bias", ["folded", "one_hot"])
+def test_grouped_gradients_equal_sorted(up_bias):
     gen = torch.Generator().manual_seed(0)
     t, d, h, e = 20, 8, 8, 4
     x = torch.randn(t, d, generator=gen, dtype=torch.float64)
     routing = top_k_routing(torch.randn(t, e, generator=gen, dtype=torch.float64), 2)
     grads = []
-    for fn in (moe_grouped, moe_sorted):
+    for fn in (lambda *a: moe_grouped(*a, up_bias=up_bias), moe_sorted):
         leaves = [w.clone().requires_grad_() for w in _weights(torch.Generator().manual_seed(1), e, d, h)]
         xi = x.clone().requires_grad_()
         fn(xi, routing, *leaves).square().sum().backward()
@@ -46,3 +48,11 @@ def test_grouped_rejects_mismatched_weights():
     w_up, b_up, w_down, b_down = _weights(torch.Generator().manual_seed(0), 3, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="w_down must have shape"):
         moe_grouped(x, routing, w_up, b_up, w_down[:, :2], b_down)
+
+
+def test_grouped_rejects_an_unknown_bias_mode():
+    x = torch.randn(4, 8)
+    routing = top_k_routing(torch.randn(4, 3), 1)
+    weights = _weights(torch.Generator().manual_seed(0), 3, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="up_bias must be one of"):
+        moe_grouped(x, routing, *weights, up_bias="gather")
