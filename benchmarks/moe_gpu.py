@@ -11,7 +11,8 @@ backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` 
 * **MoE layer** (``labsupport.moe.MoELayer``): router, top-k, balance loss, and on CUDA the no-sync dispatch
   ``moe_grouped`` (torch's ``grouped_mm``, one kernel per projection for all experts);
 * **dispatch only, grouped**: ``moe_grouped`` on a fixed routing (no router), with the up-projection bias
-  folded into the grouped matmul (the default) and as a separate one-hot product (``up_bias="one_hot"``);
+  folded into the grouped matmul (the default) or a separate one-hot product (``up_bias="one_hot"``), and the
+  answers combined by gathers (the default) or by ``index_add_`` (``combine="index_add"``): four variants;
 * **CUDA graph**: the dense FFN's and the layer's whole forward + backward captured once in a CUDA graph and
   replayed, which removes the host's kernel launches (it needs a pass with no host synchronisation);
 * with ``--compile``, both modules under ``torch.compile`` (the first call's compile time is printed);
@@ -155,11 +156,14 @@ def main() -> None:
                     y.float().square().mean().backward()
                 return run
 
-            def onehot(*a):
-                return moe_grouped(*a, up_bias="one_hot")
+            def grouped_as(up_bias, combine):
+                return lambda *a: moe_grouped(*a, up_bias=up_bias, combine=combine)
 
             variants = {"dense": fb(dense), "moe_layer": fb(layer), "dispatch_grouped": dispatch(moe_grouped),
-                        "dispatch_grouped_onehot": dispatch(onehot), "dispatch_loop": dispatch(moe_sorted)}
+                        "dispatch_grouped_onehot": dispatch(grouped_as("one_hot", "gather")),
+                        "dispatch_grouped_indexadd": dispatch(grouped_as("folded", "index_add")),
+                        "dispatch_grouped_onehot_indexadd": dispatch(grouped_as("one_hot", "index_add")),
+                        "dispatch_loop": dispatch(moe_sorted)}
             graphs = {}
             for name in ("dense", "moe_layer"):
                 try:
@@ -239,12 +243,13 @@ def main() -> None:
                      f"{f(r.get('fb_ms_dispatch_loop'))} | {f(r.get('fwd_ms_dense'))} | {f(r.get('fwd_ms_moe_layer'))} | "
                      f"{r.get('syncs_moe_layer')}, {r.get('syncs_dispatch_grouped')}, {r.get('syncs_dispatch_loop')} | "
                      f"{r['grouped_vs_sorted_rel']:.1e} | {r['busiest_over_fair']:.2f} |")
-    lines += ["", "| T | E | grouped dispatch, bias folded / one-hot | dense, MoE layer as CUDA graphs | MoE / dense "
+    lines += ["", "| T | E | grouped dispatch: folded+gather / one-hot+gather / folded+index_add / one-hot+index_add | dense, MoE layer as CUDA graphs | MoE / dense "
               "(graphs) | MoE graph / dense eager | dense, MoE compiled (compile s) | MoE / dense (compiled) |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['T']} | {r['E']} | {f(r.get('fb_ms_dispatch_grouped'))} / "
-                     f"{f(r.get('fb_ms_dispatch_grouped_onehot'))} | {f(r.get('fb_ms_dense_graph'))}, "
+                     f"{f(r.get('fb_ms_dispatch_grouped_onehot'))} / {f(r.get('fb_ms_dispatch_grouped_indexadd'))} / "
+                     f"{f(r.get('fb_ms_dispatch_grouped_onehot_indexadd'))} | {f(r.get('fb_ms_dense_graph'))}, "
                      f"{f(r.get('fb_ms_moe_layer_graph'))} | {f(r.get('moe_over_dense_fb_graph'))} | "
                      f"{f(r.get('moe_graph_over_dense_eager_fb'))} | {f(r.get('fb_ms_dense_compiled'))}, "
                      f"{f(r.get('fb_ms_moe_layer_compiled'))} ({f(r.get('compile_s_dense'))}, "

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from labsupport.harness.validation import require_float_tensor
 from labsupport.moe.routing import Routing
 
-__all__ = ["UP_BIAS_MODES", "expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_grouped", "moe_loop", "moe_sorted",
+__all__ = ["COMBINE_MODES", "UP_BIAS_MODES", "expert_forward", "grouped_expert_mlp", "moe_expert_choice", "moe_grouped", "moe_loop", "moe_sorted",
            "sort_by_expert"]
 
 
@@ -136,10 +136,46 @@ def _grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch
 
 
 UP_BIAS_MODES = ("folded", "one_hot")
+COMBINE_MODES = ("gather", "index_add")
+
+
+class _CopyToSlots(torch.autograd.Function):
+    """``x[order // k]``: every token copied into its ``k`` slots, the slots in expert order.
+
+    Backward without atomics: the slots' gradients are put back in slot order (``grad[inverse]``, the
+    inverse permutation) and each token sums its ``k`` rows. Autograd's own backward for the gather would
+    scatter-add ``T·k`` rows into ``T`` with atomics.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[torch.div(order, k, rounding_mode="floor")]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``y[perm]`` for a permutation ``perm``; its gradient is the inverse permutation, ``grad[perm_inverse]``."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, perm: torch.Tensor, perm_inverse: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(perm_inverse)
+        return y[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (perm_inverse,) = ctx.saved_tensors
+        return grad[perm_inverse], None, None
 
 
 def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
-                w_down: torch.Tensor, b_down: torch.Tensor, *, up_bias: str = "folded") -> torch.Tensor:
+                w_down: torch.Tensor, b_down: torch.Tensor, *, up_bias: str = "folded",
+                combine: str = "gather") -> torch.Tensor:
     """:func:`moe_sorted` with no host synchronisation: the GPU path (one grouped matmul per projection).
 
     :func:`moe_sorted` drops inactive slots with a boolean index and hands the per-expert counts to
@@ -155,21 +191,37 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
       gradient. Costs ``(d + 8)/d`` of the matmul (the ones column is padded to 8 for aligned rows) and
       saves two full passes over the ``(T·k, h)`` hidden activations, forward and backward.
     * ``"one_hot"``: a separate product ``one_hot(expert) @ b_up`` added to the matmul's output.
+
+    ``combine`` says how the tokens travel to their slots and the answers back:
+
+    * ``"gather"`` (default): sorting the ``T·k`` slots is a permutation, and a permutation's gradient is
+      the inverse permutation. So both directions are gathers, forward and backward: a token's answer is
+      its ``k`` slots' rows read back (``y[inverse]``) and summed with their weights. No atomics, and the
+      result does not depend on the order threads run in.
+    * ``"index_add"``: the answers scatter-added into the tokens (``index_add_``), autograd's gathers
+      and scatters in the backward; on a GPU the scatters are atomic adds.
     """
     _require_weights(x, w_up, b_up, w_down, b_down)
     if up_bias not in UP_BIAS_MODES:
         raise ValueError(f"up_bias must be one of {UP_BIAS_MODES}, got {up_bias!r}")
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     n_experts, d, h = w_up.shape
     tokens, k = routing.experts.shape
     active = routing.active.reshape(-1) & (routing.experts.reshape(-1) < n_experts)
     expert = torch.where(active, routing.experts.reshape(-1), torch.zeros_like(routing.experts.reshape(-1)))
-    weight = routing.weights.reshape(-1).to(x.dtype) * active.to(x.dtype)
-    order = torch.argsort(expert, stable=True)
-    expert, weight = expert[order], weight[order]
+    slot_weight = routing.weights.reshape(-1).to(x.dtype) * active.to(x.dtype)   # slot order (token, slot)
+    order = torch.argsort(expert, stable=True)                                    # sorted position -> slot
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    expert = expert[order]
     token = torch.div(order, k, rounding_mode="floor")
     counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).index_add_(
         0, expert, torch.ones_like(expert))
     offsets = counts.cumsum(0).to(torch.int32)
+
+    def to_slots(rows: torch.Tensor) -> torch.Tensor:
+        return _CopyToSlots.apply(rows, order, inverse, k) if combine == "gather" else rows[token]
+
     # Each slot's biases as a product with its one-hot row, not the gather ``b_up[expert]``: the gather's
     # backward adds T·k rows into E bias rows with atomics (every slot of an expert on the same row), the
     # product's backward is one small matmul (E × T·k) @ (T·k × h).
@@ -179,11 +231,14 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
         ones = torch.cat([x.new_ones(tokens, 1), x.new_zeros(tokens, pad - 1)], dim=1)
         x_aug = torch.cat([x, ones], dim=1)                                           # (T, d + 8)
         w_aug = torch.cat([w_up, b_up[:, None, :], w_up.new_zeros(n_experts, pad - 1, h)], dim=1)
-        hidden = F.gelu(_grouped_matmul(x_aug[token], w_aug, offsets))
+        hidden = F.gelu(_grouped_matmul(to_slots(x_aug), w_aug, offsets))
     else:
-        hidden = F.gelu(_grouped_matmul(x[token], w_up, offsets) + one_hot @ b_up)
-    y = _grouped_matmul(hidden, w_down, offsets) + one_hot @ b_down
-    return torch.zeros_like(x).index_add_(0, token, y * weight[:, None])
+        hidden = F.gelu(_grouped_matmul(to_slots(x), w_up, offsets) + one_hot @ b_up)
+    y = _grouped_matmul(hidden, w_down, offsets) + one_hot @ b_down                 # sorted slots
+    if combine == "gather":
+        per_slot = _PermuteRows.apply(y, inverse, order).view(tokens, k, -1)         # back to slot order
+        return (per_slot * slot_weight.view(tokens, k, 1)).sum(dim=1)
+    return torch.zeros_like(x).index_add_(0, token, y * slot_weight[order][:, None])
 
 
 def moe_expert_choice(x: torch.Tensor, tokens: torch.Tensor, gates: torch.Tensor, w_up: torch.Tensor,
