@@ -62,14 +62,18 @@ H, D = 16, 128  # the issue's workload; --cpu-smoke shrinks them
 
 # name → keyword arguments of delta_rule_chunkwise_triton (the first is the library's default settings).
 # Each variant is compiled on first use (a few seconds per kernel, twice: gated and not), so the default run
-# times the first seven, most promising first (the first H100 run, 4K, spent its budget before any); the
-# others are for --variants all.
+# times the first seven, most promising first (the H100 run at 16K: the preparation kernel spills registers and
+# takes over half the time; without the scores it spills less); the others are for --variants all.
 VARIANTS = {
     "Triton state pass": {},
+    "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
+    "Triton, output kernel apart, bf16 intermediates, preparation in 8 warps": {
+        "fused_output": False, "intermediate_dtype": torch.bfloat16, "prep_warps": 8},
+    "Triton, output kernel apart, preparation in 8 warps": {"fused_output": False, "prep_warps": 8},
+    "Triton, preparation in 8 warps": {"prep_warps": 8},
     "Triton, 8 warps (both kernels)": {"num_warps": 8, "prep_warps": 8},
     "Triton, BV=16 (two programs per SM)": {"block_v": 16},
     "Triton, bf16 intermediates, 8 warps": {"intermediate_dtype": torch.bfloat16, "num_warps": 8, "prep_warps": 8},
-    "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, bf16 intermediates": {"intermediate_dtype": torch.bfloat16},
     "Triton, bf16 intermediates, BV=64, 8 warps": {"intermediate_dtype": torch.bfloat16, "block_v": 64,
                                                    "num_warps": 8, "prep_warps": 8},
