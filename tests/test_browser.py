@@ -12,7 +12,9 @@ notebook's own outputs:
   shows the same figure twice (JupyterLab must not draw the static fallback too);
 * moving the first slider of each explorer changes its figure.
 
-Screenshots (``full.jpg`` and ``slider_NN.png`` per chapter) and ``counts.md``,
+Screenshots (``slider_NN.png`` per chapter, ``failure.png`` when a chapter fails, and the whole page,
+``full.jpg``, when ``COURSE_BROWSER_FULL_SCREENSHOTS=1``: drawing a page up to 30,000 pixels tall costs Chromium
+seconds of CPU per chapter, which ``bin/test`` spends on the checks instead) and ``counts.md``,
 a table of what was counted, go to ``.screenshots/browser/`` (ignored by git) for
 a person to look at; the executed chapters go to ``.screenshots/browser/executed/``,
 where tests/test_static_book.py builds the book from them. Skipped, with a one-line reason, where Chromium or
@@ -149,6 +151,21 @@ def save_notebook(page, path: Path, started: float) -> nbformat.NotebookNode:
 
 POLL_MS = 250
 
+# What wait_until_run needs, four times a second while the chapter runs: read with textContent, which (unlike
+# innerText, which screenshot_notebook.INSPECT_JS reads from every output) makes Chromium lay out nothing.
+RUN_STATE_JS = """
+() => {
+  let queued = 0, executed = 0;
+  for (const prompt of document.querySelectorAll('.jp-Notebook .jp-InputPrompt')) {
+    const text = prompt.textContent || '';
+    if (text.includes('*')) queued++;
+    else if (prompt.closest('.jp-CodeCell') && /\\[\\d+\\]/.test(text)) executed++;
+  }
+  const indicator = document.querySelector('.jp-Notebook-ExecutionIndicator');
+  return {queued, executed, status: (indicator && indicator.dataset.status) || ''};
+}
+"""
+
 
 def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
     """After *Run All Cells*: until no cell is queued, the kernel is idle and every code cell shows its execution
@@ -163,10 +180,9 @@ def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
     page.wait_for_timeout(500)
     while time.monotonic() < deadline:
         shots.accept_kernel_dialog(page)
-        state = page.evaluate(shots.INSPECT_JS)
-        status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status") or ""
+        state = page.evaluate(RUN_STATE_JS)
         now = time.monotonic()
-        if state["queued"] == 0 and status == "idle":
+        if state["queued"] == 0 and state["status"] == "idle":
             calm_since = now if calm_since is None else calm_since
             if now - calm_since >= (1.0 if state["executed"] >= code_cells else 3.0):
                 return
@@ -380,14 +396,14 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
         phase("drawn")
         sliders = move_sliders(page, out_dir)
         phase("sliders moved")
-        page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTo(0, 0)")
-        height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollHeight")
-        page.set_viewport_size({"width": shots.VIEWPORT["width"], "height": min(height + 200, shots.FULL_PAGE_MAX_HEIGHT)})
-        page.evaluate(SETTLE_JS)
-        page.wait_for_timeout(300)
-        # JPEG: encoding a page up to 30,000 pixels tall as PNG cost Chromium seconds of CPU per chapter
-        page.screenshot(path=str(out_dir / "full.jpg"), type="jpeg", quality=70)
-        phase("screenshot")
+        if os.environ.get("COURSE_BROWSER_FULL_SCREENSHOTS") == "1":  # for a person to look at; no check uses it
+            page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTo(0, 0)")
+            height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollHeight")
+            page.set_viewport_size({"width": shots.VIEWPORT["width"], "height": min(height + 200, shots.FULL_PAGE_MAX_HEIGHT)})
+            page.evaluate(SETTLE_JS)
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(out_dir / "full.jpg"), type="jpeg", quality=70)  # JPEG: PNG took seconds more
+            phase("screenshot")
         failed = False
     except Exception:
         page.screenshot(path=str(out_dir / "failure.png"))
