@@ -12,7 +12,9 @@ notebook's own outputs:
   shows the same figure twice (JupyterLab must not draw the static fallback too);
 * moving the first slider of each explorer changes its figure.
 
-Screenshots (``full.png`` and ``slider_NN.png`` per chapter) and ``counts.md``,
+Screenshots (``slider_NN.png`` per chapter, ``failure.png`` when a chapter fails, and the whole page,
+``full.jpg``, when ``COURSE_BROWSER_FULL_SCREENSHOTS=1``: drawing a page up to 30,000 pixels tall costs Chromium
+seconds of CPU per chapter, which ``bin/test`` spends on the checks instead) and ``counts.md``,
 a table of what was counted, go to ``.screenshots/browser/`` (ignored by git) for
 a person to look at; the executed chapters go to ``.screenshots/browser/executed/``,
 where tests/test_static_book.py builds the book from them. Skipped, with a one-line reason, where Chromium or
@@ -104,15 +106,19 @@ def expected_outputs(notebook: nbformat.NotebookNode) -> dict:
             "progress_bars": progress_bars}
 
 
+# The kernels shut down while the next chapter loads: ``keepalive`` requests outlive the page that sends them.
 SHUT_DOWN_JS = """
 async () => {
   const xsrf = decodeURIComponent((document.cookie.match(/_xsrf=([^;]+)/) || [])[1] || '');
   const sessions = await (await fetch('/api/sessions')).json();
   for (const s of sessions)
-    await fetch('/api/sessions/' + s.id, {method: 'DELETE', headers: {'X-XSRFToken': xsrf}});
+    fetch('/api/sessions/' + s.id, {method: 'DELETE', headers: {'X-XSRFToken': xsrf}, keepalive: true});
   return sessions.length;
 }
 """
+
+# Two animation frames: the page has laid itself out after a resize.
+SETTLE_JS = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
 
 
 def wait_for_kernel(page, timeout_s: float = 120) -> None:
@@ -145,6 +151,21 @@ def save_notebook(page, path: Path, started: float) -> nbformat.NotebookNode:
 
 POLL_MS = 250
 
+# What wait_until_run needs, four times a second while the chapter runs: read with textContent, which (unlike
+# innerText, which screenshot_notebook.INSPECT_JS reads from every output) makes Chromium lay out nothing.
+RUN_STATE_JS = """
+() => {
+  let queued = 0, executed = 0;
+  for (const prompt of document.querySelectorAll('.jp-Notebook .jp-InputPrompt')) {
+    const text = prompt.textContent || '';
+    if (text.includes('*')) queued++;
+    else if (prompt.closest('.jp-CodeCell') && /\\[\\d+\\]/.test(text)) executed++;
+  }
+  const indicator = document.querySelector('.jp-Notebook-ExecutionIndicator');
+  return {queued, executed, status: (indicator && indicator.dataset.status) || ''};
+}
+"""
+
 
 def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
     """After *Run All Cells*: until no cell is queued, the kernel is idle and every code cell shows its execution
@@ -159,10 +180,9 @@ def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
     page.wait_for_timeout(500)
     while time.monotonic() < deadline:
         shots.accept_kernel_dialog(page)
-        state = page.evaluate(shots.INSPECT_JS)
-        status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status") or ""
+        state = page.evaluate(RUN_STATE_JS)
         now = time.monotonic()
-        if state["queued"] == 0 and status == "idle":
+        if state["queued"] == 0 and state["status"] == "idle":
             calm_since = now if calm_since is None else calm_since
             if now - calm_since >= (1.0 if state["executed"] >= code_cells else 3.0):
                 return
@@ -269,7 +289,9 @@ def lab(tmp_path_factory):
     os.environ.update(LABSUPPORT_QUICK="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     os.environ.pop("LABSUPPORT_STRICT_CHECKS", None)  # checkers are graded at full size by nbval, not at quick sizes
     try:
-        server = shots.start_jupyter_lab(root, port, scratch, SHOTS / "jupyter.log")
+        # window.jupyterapp: the chapters open and close in one JupyterLab page (see lab_page)
+        server = shots.start_jupyter_lab(root, port, scratch, SHOTS / "jupyter.log",
+                                         extra_args=("--LabApp.expose_app_in_browser=True",))
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -278,11 +300,46 @@ def lab(tmp_path_factory):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shots.CHROMIUM, headless=True, args=shots.CHROMIUM_ARGS)
             try:
-                yield {"root": root, "port": port, "browser": browser, "counts": {}}
+                context = browser.new_context(viewport=shots.VIEWPORT)
+                lab = {"root": root, "port": port, "browser": browser, "context": context, "page": None,
+                       "console": [], "counts": {}}
+                yield lab
+                if lab["page"] is not None:
+                    lab["page"].close()
             finally:
                 browser.close()
     finally:
         shots.stop(server)
+
+
+LAB_READY_JS = "() => !!(window.jupyterapp && document.querySelector('.jp-LabShell'))"
+OPEN_JS = "async (path) => { await window.jupyterapp.commands.execute('docmanager:open', {path, factory: 'Notebook'}); return true; }"
+# Close every document in the main area without the unsaved-changes dialog (the slider moves after the save change
+# the widgets' state), then end the kernels' sessions; the next chapter opens while they shut down.
+CLOSE_JS = """
+async () => {
+  for (const widget of Array.from(window.jupyterapp.shell.widgets('main')))
+    if (widget.context) widget.dispose();
+  const xsrf = decodeURIComponent((document.cookie.match(/_xsrf=([^;]+)/) || [])[1] || '');
+  const sessions = await (await fetch('/api/sessions')).json();
+  for (const s of sessions)
+    fetch('/api/sessions/' + s.id, {method: 'DELETE', headers: {'X-XSRFToken': xsrf}});
+  return sessions.length;
+}
+"""
+
+
+def lab_page(lab):
+    """The JupyterLab page the chapters open in, one after another (started on first use, or again after a chapter
+    failed). Loading JupyterLab itself took about 5 s of Chromium's CPU per chapter when each chapter had a page."""
+    if lab["page"] is None:
+        page = lab["context"].new_page()
+        page.on("console", lambda msg: lab["console"].append(msg.text) if msg.type == "error" else None)
+        page.goto(f"http://127.0.0.1:{lab['port']}/lab?reset", timeout=120_000)
+        page.wait_for_function(LAB_READY_JS, timeout=120_000)
+        page.evaluate("async () => { await window.jupyterapp.restored; }")
+        lab["page"] = page
+    return lab["page"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -313,16 +370,16 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(notebook, copy)  # a copy that names its kernel: JupyterLab asks nothing
     copied_at = copy.stat().st_mtime
-    page = lab["browser"].new_page(viewport=shots.VIEWPORT)
-    console_errors: list[str] = []
     phases: dict[str, float] = {}
 
     def phase(name: str) -> None:  # seconds since the test began, for report.json
         phases[name] = round(time.monotonic() - started, 1)
 
-    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    page = lab_page(lab)
+    console_from = len(lab["console"])
+    failed = True
     try:
-        page.goto(f"http://127.0.0.1:{lab['port']}/lab/tree/{path.name}?reset", timeout=120_000)
+        page.evaluate(OPEN_JS, path.name)
         page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
         phase("page loaded")
         wait_for_kernel(page)
@@ -339,18 +396,27 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
         phase("drawn")
         sliders = move_sliders(page, out_dir)
         phase("sliders moved")
-        page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTo(0, 0)")
-        height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollHeight")
-        page.set_viewport_size({"width": shots.VIEWPORT["width"], "height": min(height + 200, shots.FULL_PAGE_MAX_HEIGHT)})
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out_dir / "full.png"))
-        phase("screenshot")
+        if os.environ.get("COURSE_BROWSER_FULL_SCREENSHOTS") == "1":  # for a person to look at; no check uses it
+            page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollTo(0, 0)")
+            height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer').scrollHeight")
+            page.set_viewport_size({"width": shots.VIEWPORT["width"], "height": min(height + 200, shots.FULL_PAGE_MAX_HEIGHT)})
+            page.evaluate(SETTLE_JS)
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(out_dir / "full.jpg"), type="jpeg", quality=70)  # JPEG: PNG took seconds more
+            phase("screenshot")
+        failed = False
     except Exception:
         page.screenshot(path=str(out_dir / "failure.png"))
         raise
     finally:
-        page.evaluate(SHUT_DOWN_JS)  # free the chapter's kernel (its memory) before the next one
-        page.close()
+        console_errors = lab["console"][console_from:]
+        if failed:  # the next chapter starts from a fresh JupyterLab page
+            page.evaluate(SHUT_DOWN_JS)
+            page.close()
+            lab["page"] = None
+        else:
+            page.evaluate(CLOSE_JS)  # free the chapter's kernel (its memory) before the next one
+            page.set_viewport_size(shots.VIEWPORT)
 
     expected = expected_outputs(saved)
     outputs = [(cell["cell"], out) for cell in cells for out in cell["outputs"]]

@@ -116,7 +116,7 @@ def write_lab_settings(settings_dir: Path) -> None:
         path.write_text(json.dumps(content))
 
 
-def start_jupyter_lab(root: Path, port: int, scratch: Path, log_path: Path) -> subprocess.Popen:
+def start_jupyter_lab(root: Path, port: int, scratch: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
     settings_dir = scratch / "user-settings"
     write_lab_settings(settings_dir)
     command = [
@@ -126,6 +126,7 @@ def start_jupyter_lab(root: Path, port: int, scratch: Path, log_path: Path) -> s
         f"--ServerApp.root_dir={root}",
         f"--LabApp.user_settings_dir={settings_dir}",
         f"--LabApp.workspaces_dir={scratch / 'workspaces'}",
+        *extra_args,
     ]
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(scratch / "runtime")}
     log = log_path.open("w")

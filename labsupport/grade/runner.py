@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import nbformat
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import KernelManager
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.update(status="unreadable", error=f"{type(error).__name__}: {error}"[:_MAX_ERROR])
         print(json.dumps(report | {"seconds": 0.0}), flush=True)
         return 0
-    manager = KernelManager(kernel_spec_manager=_ThisInterpreter(), kernel_name="python3")
+    # The asynchronous manager: with a blocking client, nbclient's wait for a cell's output blocks its event loop,
+    # and the cell's time limit never fires (a hanging cell then ran until the grader killed the run, 30 s later).
+    manager = AsyncKernelManager(kernel_spec_manager=_ThisInterpreter(), kernel_name="python3")
     client = NotebookClient(notebook, km=manager, timeout=max(1, int(args.timeout)), allow_errors=False,
                             record_timing=False, interrupt_on_timeout=False, shutdown_kernel="immediate")
     try:
