@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import KernelManager
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -116,7 +116,9 @@ def _describe_failure(notebook: nbformat.NotebookNode, name: str, error: Excepti
 def execute_notebook(path: Path, *, name: str | None = None, timeout: int = CELL_TIMEOUT_S) -> nbformat.NotebookNode:
     """Run ``path`` top to bottom (cwd ``notebooks/``); return it with outputs, or fail naming the cell."""
     notebook = nbformat.read(path, as_version=4)
-    manager = KernelManager(kernel_spec_manager=_ThisInterpreterKernelSpecs(), kernel_name="python3")
+    # Asynchronous: with a blocking manager, nbclient's wait for a cell's output blocks its event loop, and the
+    # cell's time limit never fires (see labsupport/grade/runner.py).
+    manager = AsyncKernelManager(kernel_spec_manager=_ThisInterpreterKernelSpecs(), kernel_name="python3")
     client = NotebookClient(
         notebook,
         km=manager,
