@@ -282,6 +282,26 @@ def main() -> None:
     def over_budget() -> bool:
         return time.time() - started > args.budget_s
 
+    def sweep(candidates, runner):
+        """Time ``runner(cfg)()`` for each candidate until the budget runs out: ({label: ms or why not}, fastest)."""
+        results: dict[str, object] = {}
+        best = None
+        for cfg in candidates:
+            if over_budget():
+                break
+            try:
+                fn = runner(cfg)
+                with time_guard(args.compile_guard_s):
+                    fn()
+                    sync()
+                ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                results[cfg.label()] = ms
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            except Exception as error:  # noqa: BLE001 - a config that does not compile here
+                results[cfg.label()] = "did not compile: " + short(error)
+        return results, None if best is None else best[1]
+
     chosen: dict[int, hopper.KernelConfig] = {}
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -301,24 +321,10 @@ def main() -> None:
             continue
         q, k, v = (torch.randn(B, H, args.lengths[0], d, device=dev, dtype=torch.float16, generator=gen)
                    for _ in range(3))
-        results: dict[str, object] = {}
-        best = None
-        for cfg in hopper.sweep_candidates(d):
-            if over_budget():
-                break
-            fn = lambda: hopper.ladder_forward(q, k, v, "d", config=cfg)[0]  # noqa: E731
-            try:
-                with time_guard(args.compile_guard_s):
-                    fn()
-                    sync()
-                ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
-                results[cfg.label()] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            except Exception as error:  # noqa: BLE001 - a config that does not compile here
-                results[cfg.label()] = "did not compile: " + short(error)
+        results, best = sweep(hopper.sweep_candidates(d),
+                              lambda cfg: lambda: hopper.ladder_forward(q, k, v, "d", config=cfg)[0])
         if best is not None:
-            chosen[d] = best[1]
+            chosen[d] = best
         state["sweep"][str(d)] = results
         print(f"sweep D={d}: {results} -> {chosen[d].label()}", flush=True)
         del q, k, v
@@ -332,30 +338,17 @@ def main() -> None:
             continue
         q, k, v = (torch.randn(B, H, args.lengths[0], d, device=dev, dtype=torch.float16, generator=gen)
                    for _ in range(3))
-        results = {}
-        best = None
-        for cfg in fp8_triton.fp8_sweep_candidates(d):
-            if over_budget():
-                break
-            try:
-                packed = fp8_triton.quantize_for_kernel(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n)
-                fn = lambda: fp8_triton.fp8_forward_quantized(  # noqa: E731
-                    packed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)[0]
-                with time_guard(args.compile_guard_s):
-                    fn()
-                    sync()
-                ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
-                results[cfg.label()] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            except Exception as error:  # noqa: BLE001 - a config that does not compile here
-                results[cfg.label()] = "did not compile: " + short(error)
+        def fp8_runner(cfg):
+            packed = fp8_triton.quantize_for_kernel(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n)
+            return lambda: fp8_triton.fp8_forward_quantized(packed, num_warps=cfg.num_warps,
+                                                            num_stages=cfg.num_stages)[0]
+
+        results, best = sweep(fp8_triton.fp8_sweep_candidates(d), fp8_runner)
         if best is not None:
-            chosen8[d] = best[1]
+            chosen8[d] = best
         state["fp8_sweep"][str(d)] = results
         print(f"FP8 sweep D={d}: {results} -> {chosen8[d].label()}", flush=True)
         del q, k, v
-        packed = None
     state["fp8_configs"] = {str(d): c.label() for d, c in chosen8.items()}
 
     # 2. the contract (fp16, against float64): before timing on tile-multiple lengths (the kernels the timing
