@@ -30,6 +30,8 @@ import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
 
@@ -53,7 +55,7 @@ def count_syncs(fn) -> int | str:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def cuda_graph(fn, holders) -> callable:
+def cuda_graph(fn: Callable[[], None], holders: list) -> Callable[[], None]:
     """``fn`` (a forward + backward) captured in a CUDA graph; returns its replay.
 
     Warm-up runs on a side stream first (as torch's docs ask), gradients are set to None so that the
@@ -172,7 +174,6 @@ def main() -> None:
                     row[f"error_{name}_graph"] = f"{type(error).__name__}: {str(error)[:200]}"
             if args.compile:
                 for name, module in (("dense", dense), ("moe_layer", layer)):
-                    import time
                     compiled = torch.compile(module)
                     start = time.perf_counter()
                     try:
