@@ -65,7 +65,14 @@ H, D = 16, 128  # the issue's workload; --cpu-smoke shrinks them
 # times the first seven, most promising first (the H100 run at 16K: the preparation kernel spills registers and
 # takes over half the time; without the scores it spills less); the others are for --variants all.
 VARIANTS = {
+    "Triton, preparation in pieces of 16 columns": {"prep_columns": 16},
     "Triton state pass": {},
+    "Triton, preparation in pieces of 16 columns, 2 warps": {"prep_columns": 16, "prep_warps": 2},
+    "Triton, preparation in pieces of 32 columns": {"prep_columns": 32},
+    "Triton, preparation in pieces of 16 columns, bf16 intermediates": {"prep_columns": 16,
+                                                                        "intermediate_dtype": torch.bfloat16},
+    "Triton, preparation in pieces of 16 columns, output kernel apart, bf16 intermediates": {
+        "prep_columns": 16, "fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, output kernel apart, bf16 intermediates, preparation in 8 warps": {
         "fused_output": False, "intermediate_dtype": torch.bfloat16, "prep_warps": 8},
@@ -80,7 +87,7 @@ VARIANTS = {
     "Triton, inverse by doubling on 64 × 64": {"inverse": "doubling"},
     "Triton, inverse in tf32x3": {"inverse_precision": "tf32x3"},
 }
-DEFAULT_VARIANTS = list(VARIANTS)[:7]
+DEFAULT_VARIANTS = list(VARIANTS)[:8]
 # tried in turn when the first variant fails (a compile or launch error on this GPU)
 FALLBACKS = [("Triton, inverse by doubling on 64 × 64", {"inverse": "doubling"}),
              ("Triton, float32 products (no tensor cores)", {"precision": "ieee", "inverse": "doubling"})]
@@ -200,7 +207,7 @@ def main() -> None:
                         help="time the eager course form's forward + backward (auto: only for T <= 4096)")
     parser.add_argument("--fla-backward", choices=("on", "off"), default="on")
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, metavar="NAME",
-                        help=f"Triton variants to time (default the first four; 'all' for every one): {list(VARIANTS)}")
+                        help=f"Triton variants to time (default the first eight; 'all' for every one): {list(VARIANTS)}")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="do_bench's time budget per timing, ms")
     parser.add_argument("--budget-s", type=float, default=80.0,
                         help="seconds per length after which optional steps (variants past the first, CUDA graphs, "
@@ -333,7 +340,7 @@ def main() -> None:
                       "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
                       "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
                       "prep_warps": settings.get("prep_warps", 4), "store_scores": settings.get("fused_output", True),
-                      "inverse": settings.get("inverse", "blocked")}
+                      "inverse": settings.get("inverse", "blocked"), "prep_columns": settings.get("prep_columns")}
                 try:
                     with torch.no_grad():
                         entry["prep_ms"] = bench(lambda: triton_delta._prepare(

@@ -362,6 +362,205 @@ if triton is not None:
         tl.store(gbase + 3 * S + offs, g3)
 
     @triton.jit
+    def _piece(PTR, pid_bh, length, tok, cols, D: tl.constexpr, F32: tl.constexpr):
+        """Rows ``tok``, columns ``cols`` of one head of a ``(B·H, L, D)`` tensor, zero past ``L`` and ``D``.
+
+        In the tensor's dtype (bf16 operands go to the tensor cores as they are: their products are exact in
+        float32, as tf32 products of the same numbers are), or as float32 where ``F32`` (the CPU interpreter,
+        whose products of bf16 tiles are wrong in Triton 3.9).
+        """
+        mask = (tok < length)[:, None] & (cols[None, :] < D)
+        x = tl.load(PTR + (pid_bh * length + tok)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        if F32:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _dt(a, b, acc, PREC: tl.constexpr):
+        """``acc + a bᵀ``."""
+        return tl.dot(a, tl.trans(b), acc=acc, input_precision=PREC)
+
+    @triton.jit
+    def _decayed(raw, br, gr, gc, mask):
+        """``diag(β_r) (raw ⊙ Γ)`` where ``mask``, else 0; ``exp`` only of differences taken where ``mask``."""
+        return tl.where(mask, br[:, None] * raw * tl.exp(tl.where(mask, gr[:, None] - gc[None, :], 0.0)), 0.0)
+
+    @triton.jit
+    def _mm(a, b, acc, PREC: tl.constexpr):
+        """``acc + a b``."""
+        return tl.dot(a, b, acc=acc, input_precision=PREC)
+
+    @triton.jit
+    def _delta_prep_pieces_kernel(
+        Q, K, V, BETA, LD, W, U, SC, G,
+        length, n_chunks,
+        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+        C: tl.constexpr, S: tl.constexpr, LOG_S: tl.constexpr, HAS_DECAY: tl.constexpr,
+        STORE_SCORES: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, BD: tl.constexpr,
+        F32: tl.constexpr,
+    ):
+        """The blocked preparation, reading ``Q, K, V`` in pieces of ``BD`` columns (``prep_columns``).
+
+        The same arithmetic as :func:`_delta_prep_blocked_kernel`, arranged so that few registers are live: a
+        product of two ``S``-row blocks (``K_i K_jᵀ``, ``Q_i K_jᵀ``) is accumulated over pieces of ``BD`` columns
+        instead of taking whole ``D``-wide rows at once, and ``W`` and ``U`` are written a piece of columns at a
+        time. A ``S × D`` block as the left operand of a product is copied into every warp's registers (the warps
+        split the product's columns), so four of them at ``D = 128`` cannot be held by 128 threads without spilling
+        to local memory; pieces of 16 columns can. The scores are accumulated and stored before the Gram blocks,
+        so the two sets of ten accumulators are never live together. ``K`` is read three times (scores, Gram
+        blocks, ``W``): the re-reads come from the L1/L2 caches.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs = tl.arange(0, S)
+        offs_d = tl.arange(0, BD)
+        t0 = pid_n * C + offs
+        t1 = t0 + S
+        t2 = t0 + 2 * S
+        t3 = t0 + 3 * S
+        b0 = _entries(BETA, pid_bh, length, t0)
+        b1 = _entries(BETA, pid_bh, length, t1)
+        b2 = _entries(BETA, pid_bh, length, t2)
+        b3 = _entries(BETA, pid_bh, length, t3)
+        if HAS_DECAY:
+            l0 = _entries(LD, pid_bh, length, t0)
+            l1 = _entries(LD, pid_bh, length, t1)
+            l2 = _entries(LD, pid_bh, length, t2)
+            l3 = _entries(LD, pid_bh, length, t3)
+            g0 = tl.cumsum(l0, 0)
+            g1 = tl.cumsum(l1, 0) + tl.sum(l0, 0)
+            g2 = tl.cumsum(l2, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0))
+            g3 = tl.cumsum(l3, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0) + tl.sum(l2, 0))
+        else:
+            g0 = tl.zeros((S,), dtype=tl.float32)
+            g1 = g0
+            g2 = g0
+            g3 = g0
+        z = tl.zeros((S, S), dtype=tl.float32)
+        strict = offs[:, None] > offs[None, :]
+        causal = offs[:, None] >= offs[None, :]
+        full = offs[:, None] >= 0
+        if STORE_SCORES:  # q_i k_jᵀ (i ≥ j) over pieces of BD columns, stored before the Gram pass
+            s00 = z; s10 = z; s11 = z; s20 = z; s21 = z; s22 = z; s30 = z; s31 = z; s32 = z; s33 = z
+            for d in range(0, BK, BD):
+                cols = d + offs_d
+                k0 = _piece(K, pid_bh, length, t0, cols, DK, F32)
+                k1 = _piece(K, pid_bh, length, t1, cols, DK, F32)
+                k2 = _piece(K, pid_bh, length, t2, cols, DK, F32)
+                k3 = _piece(K, pid_bh, length, t3, cols, DK, F32)
+                q = _piece(Q, pid_bh, length, t0, cols, DK, F32)
+                s00 = _dt(q, k0, s00, PREC)
+                q = _piece(Q, pid_bh, length, t1, cols, DK, F32)
+                s10 = _dt(q, k0, s10, PREC)
+                s11 = _dt(q, k1, s11, PREC)
+                q = _piece(Q, pid_bh, length, t2, cols, DK, F32)
+                s20 = _dt(q, k0, s20, PREC)
+                s21 = _dt(q, k1, s21, PREC)
+                s22 = _dt(q, k2, s22, PREC)
+                q = _piece(Q, pid_bh, length, t3, cols, DK, F32)
+                s30 = _dt(q, k0, s30, PREC)
+                s31 = _dt(q, k1, s31, PREC)
+                s32 = _dt(q, k2, s32, PREC)
+                s33 = _dt(q, k3, s33, PREC)
+            ones = tl.full((S,), 1.0, tl.float32)
+            sc_row = (pid_bh * n_chunks + pid_n) * C
+            _store_block(SC, sc_row, offs, offs, C, _decayed(s00, ones, g0, g0, causal))
+            _store_block(SC, sc_row, offs, offs + S, C, z)
+            _store_block(SC, sc_row, offs, offs + 2 * S, C, z)
+            _store_block(SC, sc_row, offs, offs + 3 * S, C, z)
+            _store_block(SC, sc_row + S, offs, offs, C, _decayed(s10, ones, g1, g0, full))
+            _store_block(SC, sc_row + S, offs, offs + S, C, _decayed(s11, ones, g1, g1, causal))
+            _store_block(SC, sc_row + S, offs, offs + 2 * S, C, z)
+            _store_block(SC, sc_row + S, offs, offs + 3 * S, C, z)
+            _store_block(SC, sc_row + 2 * S, offs, offs, C, _decayed(s20, ones, g2, g0, full))
+            _store_block(SC, sc_row + 2 * S, offs, offs + S, C, _decayed(s21, ones, g2, g1, full))
+            _store_block(SC, sc_row + 2 * S, offs, offs + 2 * S, C, _decayed(s22, ones, g2, g2, causal))
+            _store_block(SC, sc_row + 2 * S, offs, offs + 3 * S, C, z)
+            _store_block(SC, sc_row + 3 * S, offs, offs, C, _decayed(s30, ones, g3, g0, full))
+            _store_block(SC, sc_row + 3 * S, offs, offs + S, C, _decayed(s31, ones, g3, g1, full))
+            _store_block(SC, sc_row + 3 * S, offs, offs + 2 * S, C, _decayed(s32, ones, g3, g2, full))
+            _store_block(SC, sc_row + 3 * S, offs, offs + 3 * S, C, _decayed(s33, ones, g3, g3, causal))
+        # raw Gram blocks k_i k_jᵀ (i ≥ j), over pieces of BD columns
+        a00 = z; a10 = z; a11 = z; a20 = z; a21 = z; a22 = z; a30 = z; a31 = z; a32 = z; a33 = z
+        for d in range(0, BK, BD):
+            cols = d + offs_d
+            k0 = _piece(K, pid_bh, length, t0, cols, DK, F32)
+            k1 = _piece(K, pid_bh, length, t1, cols, DK, F32)
+            k2 = _piece(K, pid_bh, length, t2, cols, DK, F32)
+            k3 = _piece(K, pid_bh, length, t3, cols, DK, F32)
+            a00 = _dt(k0, k0, a00, PREC)
+            a10 = _dt(k1, k0, a10, PREC)
+            a11 = _dt(k1, k1, a11, PREC)
+            a20 = _dt(k2, k0, a20, PREC)
+            a21 = _dt(k2, k1, a21, PREC)
+            a22 = _dt(k2, k2, a22, PREC)
+            a30 = _dt(k3, k0, a30, PREC)
+            a31 = _dt(k3, k1, a31, PREC)
+            a32 = _dt(k3, k2, a32, PREC)
+            a33 = _dt(k3, k3, a33, PREC)
+        x00 = _unit_lower_inverse(_decayed(a00, b0, g0, g0, strict), S, LOG_S, PREC_INV)
+        x11 = _unit_lower_inverse(_decayed(a11, b1, g1, g1, strict), S, LOG_S, PREC_INV)
+        x22 = _unit_lower_inverse(_decayed(a22, b2, g2, g2, strict), S, LOG_S, PREC_INV)
+        x33 = _unit_lower_inverse(_decayed(a33, b3, g3, g3, strict), S, LOG_S, PREC_INV)
+        a10 = _decayed(a10, b1, g1, g0, full)
+        a20 = _decayed(a20, b2, g2, g0, full)
+        a21 = _decayed(a21, b2, g2, g1, full)
+        a30 = _decayed(a30, b3, g3, g0, full)
+        a31 = _decayed(a31, b3, g3, g1, full)
+        a32 = _decayed(a32, b3, g3, g2, full)
+        x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC_INV), input_precision=PREC_INV)
+        x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC_INV), input_precision=PREC_INV)
+        x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC_INV), input_precision=PREC_INV)
+        x20 = tl.dot(a20, x00, input_precision=PREC_INV)
+        x20 = -tl.dot(x22, tl.dot(a21, x10, acc=x20, input_precision=PREC_INV), input_precision=PREC_INV)
+        x31 = tl.dot(a31, x11, input_precision=PREC_INV)
+        x31 = -tl.dot(x33, tl.dot(a32, x21, acc=x31, input_precision=PREC_INV), input_precision=PREC_INV)
+        x30 = tl.dot(a30, x00, input_precision=PREC_INV)
+        x30 = tl.dot(a31, x10, acc=x30, input_precision=PREC_INV)
+        x30 = -tl.dot(x33, tl.dot(a32, x20, acc=x30, input_precision=PREC_INV), input_precision=PREC_INV)
+        # T = X diag(β)
+        x00 = x00 * b0[None, :]
+        x10 = x10 * b0[None, :]
+        x11 = x11 * b1[None, :]
+        x20 = x20 * b0[None, :]
+        x21 = x21 * b1[None, :]
+        x22 = x22 * b2[None, :]
+        x30 = x30 * b0[None, :]
+        x31 = x31 * b1[None, :]
+        x32 = x32 * b2[None, :]
+        x33 = x33 * b3[None, :]
+        row = pid_bh * n_chunks * C + pid_n * C
+        e0 = tl.exp(g0)[:, None]
+        e1 = tl.exp(g1)[:, None]
+        e2 = tl.exp(g2)[:, None]
+        e3 = tl.exp(g3)[:, None]
+        for d in range(0, BK, BD):  # W = T (exp(b) ⊙ K), a piece of columns at a time
+            cols = d + offs_d
+            k0 = _piece(K, pid_bh, length, t0, cols, DK, F32).to(tl.float32) * e0
+            k1 = _piece(K, pid_bh, length, t1, cols, DK, F32).to(tl.float32) * e1
+            k2 = _piece(K, pid_bh, length, t2, cols, DK, F32).to(tl.float32) * e2
+            k3 = _piece(K, pid_bh, length, t3, cols, DK, F32).to(tl.float32) * e3
+            _store_block(W, row, offs, cols, DK, tl.dot(x00, k0, input_precision=PREC))
+            _store_block(W, row + S, offs, cols, DK, _mm(x11, k1, tl.dot(x10, k0, input_precision=PREC), PREC))
+            _store_block(W, row + 2 * S, offs, cols, DK, _mm(x22, k2, _mm(x21, k1, tl.dot(x20, k0, input_precision=PREC), PREC), PREC))
+            _store_block(W, row + 3 * S, offs, cols, DK, _mm(x33, k3, _mm(x32, k2, _mm(x31, k1, tl.dot(x30, k0, input_precision=PREC), PREC), PREC), PREC))
+        for d in range(0, BDV, BD):  # U = T V
+            cols = d + offs_d
+            v0 = _piece(V, pid_bh, length, t0, cols, DV, F32).to(tl.float32)
+            v1 = _piece(V, pid_bh, length, t1, cols, DV, F32).to(tl.float32)
+            v2 = _piece(V, pid_bh, length, t2, cols, DV, F32).to(tl.float32)
+            v3 = _piece(V, pid_bh, length, t3, cols, DV, F32).to(tl.float32)
+            _store_block(U, row, offs, cols, DV, tl.dot(x00, v0, input_precision=PREC))
+            _store_block(U, row + S, offs, cols, DV, _mm(x11, v1, tl.dot(x10, v0, input_precision=PREC), PREC))
+            _store_block(U, row + 2 * S, offs, cols, DV, _mm(x22, v2, _mm(x21, v1, tl.dot(x20, v0, input_precision=PREC), PREC), PREC))
+            _store_block(U, row + 3 * S, offs, cols, DV, _mm(x33, v3, _mm(x32, v2, _mm(x31, v1, tl.dot(x30, v0, input_precision=PREC), PREC), PREC), PREC))
+        gbase = G + pid_bh * n_chunks * C + pid_n * C
+        tl.store(gbase + offs, g0)
+        tl.store(gbase + S + offs, g1)
+        tl.store(gbase + 2 * S + offs, g2)
+        tl.store(gbase + 3 * S + offs, g3)
+
+    @triton.jit
     def _delta_state_kernel(
         Q, K, W, U, SC, G, O, HS, VN, S0, SN,
         length, n_chunks,
@@ -448,7 +647,8 @@ if triton is not None:
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor | None,
              chunk: int, precision: str, inverse_precision: str, intermediate_dtype: torch.dtype,
-             prep_warps: int, store_scores: bool, inverse: str = "blocked") -> dict[str, torch.Tensor]:
+             prep_warps: int, store_scores: bool, inverse: str = "blocked",
+             prep_columns: int | None = None) -> dict[str, torch.Tensor]:
     """Kernel 1 on checked, contiguous inputs: ``W, U`` (padded to whole chunks), the scores, the cumulative decays."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
@@ -464,7 +664,12 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
     common = {"DK": dk, "DV": dv, "BK": _pow2(dk), "BDV": _pow2(dv), "C": chunk, "HAS_DECAY": log_decay is not None,
               "STORE_SCORES": store_scores, "PREC": precision, "PREC_INV": inverse_precision,
               "num_warps": prep_warps, "num_stages": 1}
-    if inverse == "blocked":
+    if inverse == "blocked" and prep_columns is not None:
+        block = chunk // 4
+        _LAST_KERNELS["prepare"] = _delta_prep_pieces_kernel[(n, bh)](
+            *args, S=block, LOG_S=block.bit_length() - 1, BD=min(prep_columns, common["BK"], common["BDV"]),
+            F32=interpreter_enabled() and q.dtype == torch.bfloat16, **common)
+    elif inverse == "blocked":
         block = chunk // 4
         _LAST_KERNELS["prepare"] = _delta_prep_blocked_kernel[(n, bh)](*args, S=block, LOG_S=block.bit_length() - 1,
                                                                       **common)
@@ -477,14 +682,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tens
              initial_state: torch.Tensor | None, return_state: bool, chunk: int, precision: str,
              inverse_precision: str, intermediate_dtype: torch.dtype, block_v: int, num_warps: int,
              num_stages: int, prep_warps: int, fused_output: bool,
-             inverse: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+             inverse: str, prep_columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The launches on checked, contiguous inputs; no host synchronisation (safe inside a CUDA graph)."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     bh, n, dev = b * h, -(-length // chunk), q.device
     _LAST_KERNELS.clear()
     prep = _prepare(q, k, v, beta, log_decay, chunk, precision, inverse_precision, intermediate_dtype, prep_warps,
-                    fused_output, inverse)
+                    fused_output, inverse, prep_columns)
     out = torch.empty_like(v)
     final = torch.empty(b, h, dk, dv, device=dev, dtype=torch.float32) if return_state else None
     bk, bv = _pow2(dk), min(block_v, _pow2(dv))
@@ -537,6 +742,7 @@ def delta_rule_chunkwise_triton(
     prep_warps: int = 4,
     fused_output: bool = True,
     inverse: str | None = None,
+    prep_columns: int | None = None,
     check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
@@ -567,6 +773,9 @@ def delta_rule_chunkwise_triton(
         inverse: how ``(I + A)⁻¹`` is built: ``"blocked"`` (four diagonal blocks of ``C / 4`` by doubling, the
             rest by block substitution; chunks of 64 or 128, the default there) or ``"doubling"`` (on the whole
             ``C × C`` matrix; any chunk, the default for 16 and 32).
+        prep_columns: with ``inverse="blocked"``, the preparation reads ``Q, K, V`` and writes ``W, U`` in pieces
+            of this many columns (a power of two, at least 16), which keeps its registers from spilling at
+            ``D = 128``; ``None`` takes whole rows at once.
         check_values: check that ``log_decay <= 0`` (reads the values: a host synchronisation). ``False`` checks
             only shapes and dtypes, so that the call can be captured in a CUDA graph.
 
@@ -606,6 +815,12 @@ def delta_rule_chunkwise_triton(
     if inverse == "blocked" and chunk < 64:
         raise ValueError(f"inverse='blocked' needs chunk_size 64 or 128 (blocks of at least 16), got {chunk}")
     inverse_precision = require_choice("inverse_precision", inverse_precision or precision, _PRECISIONS)
+    if prep_columns is not None:
+        prep_columns = require_int("prep_columns", prep_columns, minimum=16)
+        if prep_columns & (prep_columns - 1):
+            raise ValueError(f"prep_columns must be a power of two (at least 16) or None, got {prep_columns}")
+        if inverse != "blocked":
+            raise ValueError(f"prep_columns applies to inverse='blocked' (chunks of 64 or 128), got inverse={inverse!r}")
     if intermediate_dtype not in _DTYPES:
         raise TypeError(f"intermediate_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
                         f"{intermediate_dtype!r}")
@@ -632,7 +847,7 @@ def delta_rule_chunkwise_triton(
     state = None if state is None else state.float().contiguous()
     out, final = _forward(q, k, v, beta, log_decay, state, return_state, chunk, precision, inverse_precision,
                           intermediate_dtype, block_v, num_warps, num_stages, prep_warps, bool(fused_output),
-                          inverse)
+                          inverse, prep_columns)
     if return_state:
         return out, final.to(q.dtype)  # type: ignore[union-attr]
     return out

@@ -80,6 +80,31 @@ def test_both_inverses_on_long_chunks(inverse, chunk):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("chunk,length,dk,dv,columns", [(64, 100, 24, 40, 16), (64, 64, 48, 16, 32),
+                                                         (128, 150, 16, 24, 16)])
+def test_preparation_in_pieces_of_columns_equals_whole_rows(gated, chunk, length, dk, dv, columns):
+    """``prep_columns``: the same W, U and scores, a piece of columns at a time (ragged D, ragged last chunk)."""
+    q, k, v, beta, log_decay = inputs(b=1, length=length, dk=dk, dv=dv, gated=gated, key_scale=1.2, seed=5)
+    expected, expected_state = exact(q, k, v, beta, log_decay, return_state=True)
+    for fused in (True, False):
+        out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, prep_columns=columns, fused_output=fused,
+                         return_state=True)
+        assert rel_err(out, expected) < FP32_TOL
+        assert rel_err(state, expected_state) < FP32_TOL
+    assert triton_delta.last_kernel_resources()["prepare"] is not None
+
+
+@needs_interpreter
+def test_preparation_in_pieces_in_bf16():
+    q, k, v, beta, log_decay = inputs(length=70, dk=32, dv=16, dtype=torch.bfloat16)
+    out = run(q, k, v, beta, log_decay, chunk_size=64, prep_columns=16)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, exact(q, k, v, beta, log_decay)) < BF16_TOL
+    assert rel_err(out, run(q, k, v, beta, log_decay, chunk_size=64)) < BF16_TOL
+
+
+@needs_interpreter
 def test_the_gate_and_beta_are_used():
     """The tolerance separates close variants: dropping the gate or changing β is caught."""
     q, k, v, beta, log_decay = inputs()
@@ -201,6 +226,9 @@ def test_float_beta_is_accepted():
     (dict(num_warps=0), ValueError, "num_warps must be >= 1"),
     (dict(chunk_size=32, inverse="blocked"), ValueError, "inverse='blocked' needs chunk_size 64 or 128"),
     (dict(inverse="lu"), ValueError, "inverse must be one of"),
+    (dict(prep_columns=24), ValueError, "prep_columns must be a power of two"),
+    (dict(prep_columns=8), ValueError, "prep_columns must be >= 16"),
+    (dict(chunk_size=32, prep_columns=16), ValueError, "prep_columns applies to inverse='blocked'"),
 ])
 def test_bad_settings_are_refused(bad, error, message):
     q, k, v, beta, log_decay = inputs(length=8)
