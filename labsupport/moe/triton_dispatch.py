@@ -37,7 +37,8 @@ Every sum is taken by one program in a fixed order: no atomics, and two runs giv
 Inputs are read in their dtype (fp16, bf16, fp32; fp32 with ``input_precision="ieee"`` dots) and accumulated
 in float32; ``pre``, ``hid``, ``z`` are stored in the input dtype, as torch's own layers store them. The same
 kernels run on a CPU under ``TRITON_INTERPRET=1`` (set before ``triton`` is imported), slowly, which is how
-the tests check them. This module imports without Triton::
+the tests check them (bf16 there runs in float32 and is rounded: the interpreter misreads bf16 tensors).
+This module imports without Triton::
 
     from labsupport.moe.triton_dispatch import moe_scatter
     y = moe_scatter(x, routing, w_up, b_up, w_down, b_down)   # or moe_grouped(..., kernel="triton")
@@ -215,7 +216,7 @@ if triton is not None:
         A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``OUT[e] = Σ_{s ∈ e} A[s']ᵀ (SCALE · B[s''])`` for one ``BLOCK_M × BLOCK_N`` tile of expert ``e``'s weight.
+        """``OUT[e] = Σ_{s ∈ e} A[s']ᵀ (SCALE · B[s''])``, one ``BLOCK_M × BLOCK_N`` tile of expert ``e``'s weight.
 
         Loops over the expert's sorted rows ``[BOUNDS[e], BOUNDS[e+1])`` ``BLOCK_K`` at a time; ``s'`` / ``s''``
         are tokens (``*_GATHER``) or the sorted rows. With ``BIAS_GRAD`` the programs of the first row tile
@@ -427,7 +428,8 @@ def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
     if n_experts is None:
         raise ValueError(f"w_up must be (experts, d, h), got shape {tuple(w_up.shape)}")
     d, h = x.shape[1], w_up.shape[2]
-    expected = {"w_up": (n_experts, d, h), "b_up": (n_experts, h), "w_down": (n_experts, h, d), "b_down": (n_experts, d)}
+    expected = {"w_up": (n_experts, d, h), "b_up": (n_experts, h), "w_down": (n_experts, h, d),
+                "b_down": (n_experts, d)}
     for name, tensor in (("w_up", w_up), ("b_up", b_up), ("w_down", w_down), ("b_down", b_down)):
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} (experts, ...), got {tuple(tensor.shape)}")
@@ -451,5 +453,13 @@ def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
     slot_weight = routing.weights.reshape(-1).to(x.dtype) * active.to(x.dtype)   # slot order (token, slot)
     order = torch.argsort(expert, stable=True)
     tiles = slot_tiles(expert[order], n_experts, block_m)
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        # Triton's CPU interpreter (seen with 3.9) reads bf16 tensors as garbage, even in a plain load and
+        # store: run the interpreted kernels in float32 and round the answer (the gradients come back to
+        # bf16 through the casts). The bf16 kernels themselves only run on a GPU.
+        up, bu, down, bd = (w.float() for w in (w_up, b_up, w_down, b_down))
+        return _ScatterMoE.apply(x.float().contiguous(), slot_weight.float().contiguous(), up.contiguous(),
+                                 bu.contiguous(), down.contiguous(), bd.contiguous(), order.to(torch.int32),
+                                 tiles, k, blocks).to(torch.bfloat16)
     return _ScatterMoE.apply(x.contiguous(), slot_weight.contiguous(), w_up.contiguous(), b_up.contiguous(),
                              w_down.contiguous(), b_down.contiguous(), order.to(torch.int32), tiles, k, blocks)
