@@ -216,7 +216,7 @@ if triton is not None:
         A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``OUT[e] = Σ_{s ∈ e} A[s']ᵀ (SCALE · B[s''])``, one ``BLOCK_M × BLOCK_N`` tile of expert ``e``'s weight.
+        """``OUT[e] = Σ_{s ∈ e} A[s']ᵀ (SCALE · B[s''])``: one ``BLOCK_M × BLOCK_N`` tile of ``OUT[e]``.
 
         Loops over the expert's sorted rows ``[BOUNDS[e], BOUNDS[e+1])`` ``BLOCK_K`` at a time; ``s'`` / ``s''``
         are tokens (``*_GATHER``) or the sorted rows. With ``BIAS_GRAD`` the programs of the first row tile
@@ -286,15 +286,24 @@ if triton is not None:
     _rows_fixed = triton.heuristics({"EVEN_K": _even_k})(_rows_kernel)
 
     # Autotuned on a GPU, keyed on the layer's widths only (not on T: no re-tune when the token count
-    # changes). BLOCK_M is fixed (the tile table is built for it); each config fits the H100's 227 KiB of
-    # shared memory at bf16 (stages × (128 + BN) × 64 × 2 bytes).
+    # changes). BLOCK_M is fixed (the tile table is built for it). Compiled ahead of time for sm_90 with
+    # triton 3.9 (bf16, contiguous weights), the configurations spill as follows, so those that spill are
+    # pruned per epilogue: up (GELU, two stores) and dpre (gelu') spill at 4 warps or BLOCK_N = 256 and fit
+    # at 8 warps and BLOCK_N = 128 (171 and 255 registers); down and dx fit everywhere (116-237 registers).
     _ROWS_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-                     for bn, w, s in ((128, 4, 4), (128, 8, 3), (256, 8, 3), (256, 8, 4), (128, 8, 4))]
-    _rows_tuned = triton.autotune(_ROWS_CONFIGS, key=["n_cols", "k_dim", "A_GATHER", "OUT_SCATTER", "EPILOGUE"])(
-        _rows_fixed)
+                     for bn, w, s in ((128, 8, 3), (128, 8, 4), (128, 4, 4), (256, 8, 3), (256, 8, 4))]
+
+    def _prune_rows(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's callback
+        if kwargs.get("EPILOGUE", named_args.get("EPILOGUE", 0)) == 0:
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_N"] == 128 and c.num_warps == 8]
+
+    _rows_tuned = triton.autotune(_ROWS_CONFIGS, key=["n_cols", "k_dim", "A_GATHER", "OUT_SCATTER", "EPILOGUE"],
+                                  prune_configs_by={"early_config_prune": _prune_rows})(_rows_fixed)
+    # None of these spills (sm_90 ahead of time: 123-139 registers at 8 warps, 211-254 at 4 or BLOCK_N = 256).
     _WGRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                      for bm, bn, bk, w, s in ((128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                               (128, 128, 32, 4, 4))]
+                      for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                               (128, 128, 64, 4, 4), (128, 128, 32, 4, 4))]
     _wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["n_rows_w", "n_cols_w", "A_GATHER", "B_GATHER"])(
         _weight_grad_kernel)
 
