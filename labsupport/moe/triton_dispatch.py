@@ -210,17 +210,37 @@ if triton is not None:
                 tl.store(OUT2 + o_off, _gelu(acc).to(OUT2.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _sorted_rows(ORDER, s, s_ok, top_k, GATHER: tl.constexpr):
+        """Rows of the sorted slots ``s``: their tokens ``ORDER[s] // top_k`` (``GATHER``) or ``s`` itself."""
+        if GATHER:
+            return tl.load(ORDER + s, mask=s_ok, other=0) // top_k
+        else:
+            return s
+
+    @triton.jit
+    def _scaled_rows(B, ORDER, SCALE, s, s_ok, c, c_ok, top_k, stride_bm,
+                     B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """``SCALE[ORDER[s]] · B[rows(s), c]`` (or unscaled) as a ``(len(s), len(c))`` tile in ``B``'s dtype."""
+        b_rows = _sorted_rows(ORDER, s, s_ok, top_k, B_GATHER)
+        b = tl.load(B + b_rows.to(tl.int64)[:, None] * stride_bm + c[None, :],
+                    mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        if HAS_SCALE:
+            scale = tl.load(SCALE + tl.load(ORDER + s, mask=s_ok, other=0), mask=s_ok, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * scale[:, None]).to(B.dtype.element_ty)
+        return b
+
+    @triton.jit
     def _weight_grad_kernel(
         A, B, OUT, BIAS_OUT, ORDER, SCALE, BOUNDS,
         n_rows_w, n_cols_w, top_k, stride_am, stride_bm,
-        A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+        A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """``OUT[e] = Σ_{s ∈ e} A[s']ᵀ (SCALE · B[s''])``: one ``BLOCK_M × BLOCK_N`` tile of ``OUT[e]``.
 
         Loops over the expert's sorted rows ``[BOUNDS[e], BOUNDS[e+1])`` ``BLOCK_K`` at a time; ``s'`` / ``s''``
-        are tokens (``*_GATHER``) or the sorted rows. With ``BIAS_GRAD`` the programs of the first row tile
-        also store the column sums of the scaled ``B`` rows (a bias's gradient).
+        are tokens (``*_GATHER``) or the sorted rows. Programs past the last row tile (launched when a bias's
+        gradient is wanted) store the column sums of the scaled ``B`` rows in ``BIAS_OUT`` and do no product.
         """
         pid_w = tl.program_id(0)
         expert = tl.program_id(1)
@@ -229,41 +249,31 @@ if triton is not None:
         pid_n = pid_w % n_pid_n
         start = tl.load(BOUNDS + expert)
         end = tl.load(BOUNDS + expert + 1)
-        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_ok = r < n_rows_w
         c_ok = c < n_cols_w
         offs = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for s0 in range(start, end, BLOCK_K):
-            s = s0 + offs
-            s_ok = s < end
-            if A_GATHER or B_GATHER or HAS_SCALE:
-                slot = tl.load(ORDER + s, mask=s_ok, other=0)
-            if A_GATHER:
-                a_rows = slot // top_k
-            else:
-                a_rows = s
-            if B_GATHER:
-                b_rows = slot // top_k
-            else:
-                b_rows = s
-            a = tl.load(A + a_rows.to(tl.int64)[None, :] * stride_am + r[:, None],
-                        mask=s_ok[None, :] & r_ok[:, None], other=0.0)
-            b = tl.load(B + b_rows.to(tl.int64)[:, None] * stride_bm + c[None, :],
-                        mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-            if HAS_SCALE:
-                scale = tl.load(SCALE + slot, mask=s_ok, other=0.0).to(tl.float32)
-                b = (b.to(tl.float32) * scale[:, None]).to(B.dtype.element_ty)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-            if BIAS_GRAD:
+        if pid_m * BLOCK_M >= n_rows_w:  # the bias programs
+            col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s0 in range(start, end, BLOCK_K):
+                s = s0 + offs
+                s_ok = s < end
+                b = _scaled_rows(B, ORDER, SCALE, s, s_ok, c, c_ok, top_k, stride_bm, B_GATHER, HAS_SCALE)
                 col_sum += tl.sum(b.to(tl.float32), axis=0)
-        w_off = expert.to(tl.int64) * n_rows_w * n_cols_w + r[:, None] * n_cols_w + c[None, :]
-        tl.store(OUT + w_off, acc.to(OUT.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
-        if BIAS_GRAD:
-            if pid_m == 0:
-                tl.store(BIAS_OUT + expert * n_cols_w + c, col_sum.to(BIAS_OUT.dtype.element_ty), mask=c_ok)
+            tl.store(BIAS_OUT + expert * n_cols_w + c, col_sum.to(BIAS_OUT.dtype.element_ty), mask=c_ok)
+        else:
+            r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            r_ok = r < n_rows_w
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s0 in range(start, end, BLOCK_K):
+                s = s0 + offs
+                s_ok = s < end
+                a_rows = _sorted_rows(ORDER, s, s_ok, top_k, A_GATHER)
+                a = tl.load(A + a_rows.to(tl.int64)[None, :] * stride_am + r[:, None],
+                            mask=s_ok[None, :] & r_ok[:, None], other=0.0)
+                b = _scaled_rows(B, ORDER, SCALE, s, s_ok, c, c_ok, top_k, stride_bm, B_GATHER, HAS_SCALE)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+            w_off = expert.to(tl.int64) * n_rows_w * n_cols_w + r[:, None] * n_cols_w + c[None, :]
+            tl.store(OUT + w_off, acc.to(OUT.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
     @triton.jit
     def _combine_kernel(Z, W, OUT, n_tokens, n_cols, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -300,7 +310,7 @@ if triton is not None:
 
     _rows_tuned = triton.autotune(_ROWS_CONFIGS, key=["n_cols", "k_dim", "A_GATHER", "OUT_SCATTER", "EPILOGUE"],
                                   prune_configs_by={"early_config_prune": _prune_rows})(_rows_fixed)
-    # None of these spills (sm_90 ahead of time: 123-139 registers at 8 warps, 211-254 at 4 or BLOCK_N = 256).
+    # None of these spills (sm_90 ahead of time: 116-118 registers at 8 warps, 167-214 at 4 or BLOCK_N = 256).
     _WGRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                       for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
                                                (128, 128, 64, 4, 4), (128, 128, 32, 4, 4))]
@@ -341,13 +351,13 @@ def _launch_wgrad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias_out:
     n_experts, n_rows_w, n_cols_w = out.shape
     args = (a, b, out, out if bias_out is None else bias_out, order, out if scale is None else scale, bounds,
             n_rows_w, n_cols_w, top_k, a.stride(0), b.stride(0))
-    flags = {"A_GATHER": a_gather, "B_GATHER": b_gather, "HAS_SCALE": scale is not None,
-             "BIAS_GRAD": bias_out is not None, "PREC": _prec(a.dtype)}
+    flags = {"A_GATHER": a_gather, "B_GATHER": b_gather, "HAS_SCALE": scale is not None, "PREC": _prec(a.dtype)}
+    extra = int(bias_out is not None)  # one more row of programs for the bias
     if blocks is None:
-        _wgrad_tuned[lambda meta: (triton.cdiv(n_rows_w, meta["BLOCK_M"]) * triton.cdiv(n_cols_w, meta["BLOCK_N"]),
-                                   n_experts)](*args, **flags)
+        _wgrad_tuned[lambda meta: ((triton.cdiv(n_rows_w, meta["BLOCK_M"]) + extra)
+                                   * triton.cdiv(n_cols_w, meta["BLOCK_N"]), n_experts)](*args, **flags)
     else:
-        grid = (triton.cdiv(n_rows_w, blocks.block_m) * triton.cdiv(n_cols_w, blocks.block_n), n_experts)
+        grid = ((triton.cdiv(n_rows_w, blocks.block_m) + extra) * triton.cdiv(n_cols_w, blocks.block_n), n_experts)
         _weight_grad_kernel[grid](*args, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
                                   num_warps=blocks.num_warps, num_stages=blocks.num_stages, **flags)
 
