@@ -16,6 +16,10 @@ backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` 
 * **CUDA graph**: the dense FFN's and the layer's whole forward + backward captured once in a CUDA graph and
   replayed, which removes the host's kernel launches (it needs a pass with no host synchronisation);
 * with ``--compile``, both modules under ``torch.compile`` (the first call's compile time is printed);
+* **fused Triton dispatch** (``moe_grouped(..., kernel="triton")``, ``labsupport.moe.triton_dispatch``): grouped
+  GEMMs that gather the tokens inside their loads and scatter the answers inside their stores, forward and
+  backward; timed as dispatch only and inside the layer (``MoELayer.dispatch_kernel = "triton"``), eager and as
+  a CUDA graph, with its autotuned configurations recorded (the first call autotunes: warm-up covers it);
 * **dispatch only, per-expert loop**: ``moe_sorted`` (boolean index + ``.tolist()`` of the counts: two
   host syncs per call, then one matmul per expert), the CPU path of the chapter.
 
@@ -80,6 +84,35 @@ def cuda_graph(fn: Callable[[], None], holders: list) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def gradient_gaps(x, routing, weights, moe_grouped) -> dict[str, float]:
+    """Relative differences between the fused Triton path's gradients and the torch grouped path's (bf16, same dy)."""
+    grads = []
+    for kernel in ("torch", "triton"):
+        xi = x.detach().clone().requires_grad_()
+        leaves = [w.detach().clone().requires_grad_() for w in weights]
+        rw = routing.weights.detach().clone().requires_grad_()
+        r = type(routing)(routing.experts, rw, routing.active, routing.probs)
+        y = moe_grouped(xi, r, *leaves, kernel=kernel)
+        y.backward(torch.ones_like(y))
+        grads.append([xi.grad, rw.grad, *(w.grad for w in leaves)])
+    out = {}
+    for name, a, b in zip(("x", "routing_weights", "w_up", "b_up", "w_down", "b_down"), *grads):
+        out[f"triton_grad_rel_{name}"] = float((b.float() - a.float()).norm() / a.float().norm())
+    out["triton_grad_rel_max"] = max(out.values())
+    return out
+
+
+def triton_configs() -> dict[str, str]:
+    """The configurations the fused dispatch's autotuners chose, by kernel and key."""
+    try:
+        from labsupport.moe import triton_dispatch
+        return {f"{name} {key}": str(config) for name, tuner in (("rows", triton_dispatch._rows_tuned),
+                                                                 ("weight_grad", triton_dispatch._wgrad_tuned))
+                for key, config in tuner.cache.items()}
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
 def compiled_layer_fb(compiled, layer, x):
@@ -149,6 +182,15 @@ def main() -> None:
                 a = moe_grouped(x, routing, *weights).float()
                 b = moe_sorted(x, routing, *weights).float()
                 row["grouped_vs_sorted_rel"] = float((a - b).norm() / b.norm())
+                try:
+                    c = moe_grouped(x, routing, *weights, kernel="triton").float()
+                    row["triton_vs_sorted_rel"] = float((c - b).norm() / b.norm())
+                except Exception as error:  # noqa: BLE001
+                    row["error_triton_forward"] = f"{type(error).__name__}: {str(error)[:200]}"
+            try:  # gradients of the fused path against the torch grouped path, bf16, same dy
+                row.update(gradient_gaps(x, routing, weights, moe_grouped))
+            except Exception as error:  # noqa: BLE001
+                row["error_triton_gradients"] = f"{type(error).__name__}: {str(error)[:200]}"
                 counts = torch.bincount(routing.experts.reshape(-1), minlength=n_experts)
                 row["busiest_over_fair"] = float(counts.max()) / (tokens * k / n_experts)
 
@@ -161,13 +203,22 @@ def main() -> None:
             def grouped_as(up_bias, combine):
                 return lambda *a: moe_grouped(*a, up_bias=up_bias, combine=combine)
 
-            variants = {"dense": fb(dense), "moe_layer": fb(layer), "dispatch_grouped": dispatch(moe_grouped),
+            def layer_triton():
+                layer.dispatch_kernel = "triton"
+                try:
+                    fb(layer)()
+                finally:
+                    layer.dispatch_kernel = "torch"
+
+            variants = {"dense": fb(dense), "moe_layer": fb(layer), "moe_layer_triton": layer_triton,
+                        "dispatch_triton": dispatch(lambda *a: moe_grouped(*a, kernel="triton")),
+                        "dispatch_grouped": dispatch(moe_grouped),
                         "dispatch_grouped_onehot": dispatch(grouped_as("one_hot", "gather")),
                         "dispatch_grouped_indexadd": dispatch(grouped_as("folded", "index_add")),
                         "dispatch_grouped_onehot_indexadd": dispatch(grouped_as("one_hot", "index_add")),
                         "dispatch_loop": dispatch(moe_sorted)}
             graphs = {}
-            for name in ("dense", "moe_layer"):
+            for name in ("dense", "moe_layer", "moe_layer_triton"):
                 try:
                     graphs[f"{name}_graph"] = cuda_graph(variants[name], [x, dense, layer])
                 except Exception as error:  # noqa: BLE001
@@ -196,6 +247,7 @@ def main() -> None:
             with torch.no_grad():
                 for name, fn in {"dense": lambda: dense(x), "moe_layer": lambda: layer(x),
                                  "dispatch_grouped": lambda: moe_grouped(x, routing, *weights),
+                                 "dispatch_triton": lambda: moe_grouped(x, routing, *weights, kernel="triton"),
                                  "dispatch_loop": lambda: moe_sorted(x, routing, *weights)}.items():
                     try:
                         row[f"fwd_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -221,6 +273,11 @@ def main() -> None:
                         handle.write(text)
             if row.get("fb_ms_dense") and row.get("fb_ms_moe_layer"):
                 row["moe_over_dense_fb"] = row["fb_ms_moe_layer"] / row["fb_ms_dense"]
+            if row.get("fb_ms_dense") and row.get("fb_ms_moe_layer_triton"):
+                row["moe_triton_over_dense_fb"] = row["fb_ms_moe_layer_triton"] / row["fb_ms_dense"]
+            if row.get("fb_ms_dense_graph") and row.get("fb_ms_moe_layer_triton_graph"):
+                row["moe_triton_over_dense_fb_graph"] = row["fb_ms_moe_layer_triton_graph"] / row["fb_ms_dense_graph"]
+            row["triton_configs"] = triton_configs()
             for mode in ("graph", "compiled"):
                 if row.get(f"fb_ms_dense_{mode}") and row.get(f"fb_ms_moe_layer_{mode}"):
                     row[f"moe_over_dense_fb_{mode}"] = row[f"fb_ms_moe_layer_{mode}"] / row[f"fb_ms_dense_{mode}"]
@@ -255,6 +312,19 @@ def main() -> None:
                      f"{f(r.get('moe_graph_over_dense_eager_fb'))} | {f(r.get('fb_ms_dense_compiled'))}, "
                      f"{f(r.get('fb_ms_moe_layer_compiled'))} ({f(r.get('compile_s_dense'))}, "
                      f"{f(r.get('compile_s_moe_layer'))}) | {f(r.get('moe_over_dense_fb_compiled'))} |")
+    lines += ["", "Fused Triton dispatch (gather in the loads, scatter in the stores; labsupport.moe.triton_dispatch):",
+              "",
+              "| T | E | MoE layer fwd+bwd, Triton | MoE (Triton) / dense | as CUDA graphs: MoE (Triton) / dense | "
+              "dispatch fwd+bwd: Triton / torch grouped | dispatch fwd: Triton / torch grouped | syncs (layer, "
+              "dispatch) | fwd rel. diff vs loop | grad rel. diff vs torch grouped (max over x, weights, routing) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['E']} | {f(r.get('fb_ms_moe_layer_triton'))} | "
+                     f"{f(r.get('moe_triton_over_dense_fb'))} | {f(r.get('moe_triton_over_dense_fb_graph'))} | "
+                     f"{f(r.get('fb_ms_dispatch_triton'))} / {f(r.get('fb_ms_dispatch_grouped'))} | "
+                     f"{f(r.get('fwd_ms_dispatch_triton'))} / {f(r.get('fwd_ms_dispatch_grouped'))} | "
+                     f"{r.get('syncs_moe_layer_triton')}, {r.get('syncs_dispatch_triton')} | "
+                     f"{f(r.get('triton_vs_sorted_rel'))} | {f(r.get('triton_grad_rel_max'))} |")
     errors = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if "error" in k})
     lines += ["", "Did not run:", *[f"- {e}" for e in errors]]
     table = "\n".join(lines)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from labsupport.harness.validation import require_float_tensor
 from labsupport.moe.routing import Routing
 
-__all__ = ["COMBINE_MODES", "UP_BIAS_MODES", "expert_forward", "grouped_expert_mlp", "moe_expert_choice",
+__all__ = ["COMBINE_MODES", "KERNELS", "UP_BIAS_MODES", "expert_forward", "grouped_expert_mlp", "moe_expert_choice",
            "moe_grouped", "moe_loop", "moe_sorted", "sort_by_expert"]
 
 
@@ -137,6 +137,7 @@ def _grouped_matmul(x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch
 
 UP_BIAS_MODES = ("folded", "one_hot")
 COMBINE_MODES = ("gather", "index_add")
+KERNELS = ("torch", "triton")
 
 
 class _CopyToSlots(torch.autograd.Function):
@@ -175,7 +176,7 @@ class _PermuteRows(torch.autograd.Function):
 
 def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor,
                 w_down: torch.Tensor, b_down: torch.Tensor, *, up_bias: str = "folded",
-                combine: str = "gather") -> torch.Tensor:
+                combine: str = "gather", kernel: str = "torch") -> torch.Tensor:
     """:func:`moe_sorted` with no host synchronisation: the GPU path (one grouped matmul per projection).
 
     :func:`moe_sorted` drops inactive slots with a boolean index and hands the per-expert counts to
@@ -201,12 +202,27 @@ def moe_grouped(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
       result does not depend on the order threads run in (3–5% faster than ``index_add`` on an H100).
     * ``"index_add"``: the answers scatter-added into the tokens (``index_add_``), autograd's gathers
       and scatters in the backward; on a GPU the scatters are atomic adds.
+
+    ``kernel`` says who runs the two projections:
+
+    * ``"torch"`` (default): the copies and permutations above around torch's grouped matmuls.
+    * ``"triton"``: :func:`labsupport.moe.triton_dispatch.moe_scatter`, Triton grouped GEMMs that read the
+      tokens through the sort's index inside their loads and write each answer to its slot inside their
+      stores, so neither the ``(T·k, d)`` copy of the tokens nor the permuted answers are materialised;
+      forward and backward (ScatterMoE's idea). ``up_bias`` and ``combine`` do not apply (the bias is added
+      in the kernel's epilogue; the combine reads each token's ``k`` rows). Needs triton and a CUDA device,
+      or ``TRITON_INTERPRET=1``. Not yet measured on a GPU.
     """
     _require_weights(x, w_up, b_up, w_down, b_down)
     if up_bias not in UP_BIAS_MODES:
         raise ValueError(f"up_bias must be one of {UP_BIAS_MODES}, got {up_bias!r}")
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton":
+        from labsupport.moe.triton_dispatch import moe_scatter  # imports triton only when asked for
+        return moe_scatter(x, routing, w_up, b_up, w_down, b_down)
     n_experts, _, h = w_up.shape
     tokens, k = routing.experts.shape
     active = routing.active.reshape(-1) & (routing.experts.reshape(-1) < n_experts)

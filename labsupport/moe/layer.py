@@ -88,6 +88,9 @@ class MoELayer(nn.Module):
             expert choice uses it (default 1) to size each expert's pick.
         n_shared: always-on experts of width ``expert_hidden`` each.
         n_null: zero-compute experts the router may pick.
+
+    Attribute ``dispatch_kernel`` (``"torch"``, set after construction) picks ``moe_grouped``'s ``kernel`` on
+    a CUDA device; ``"triton"`` runs the fused gather/scatter GEMMs of :mod:`labsupport.moe.triton_dispatch`.
     """
 
     def __init__(self, d_model: int, n_experts: int = 8, top_k: int = 2, expert_hidden: int | None = None, *,
@@ -137,6 +140,7 @@ class MoELayer(nn.Module):
         self.last_top_expert: torch.Tensor | None = None
         self.last_router_logits: torch.Tensor | None = None
         self._sent = torch.zeros(E)
+        self.dispatch_kernel = "torch"  # moe_grouped's kernel on a CUDA device ("triton": fused gather/scatter)
 
     # ------------------------------------------------------------------ construction
 
@@ -252,7 +256,10 @@ class MoELayer(nn.Module):
             routing, logits, dropped = self.route(tokens)
             probs = routing.probs
             # on a GPU the sort-and-group path that never waits for the device (see moe_grouped)
-            out = (moe_grouped if tokens.is_cuda else moe_sorted)(tokens, routing, *weights)
+            if tokens.is_cuda:
+                out = moe_grouped(tokens, routing, *weights, kernel=self.dispatch_kernel)
+            else:
+                out = moe_sorted(tokens, routing, *weights)
             if self.balance == "switch" and self.balance_weight > 0:
                 losses["load_balance"] = self.balance_weight * load_balancing_loss(
                     probs, routing.experts, convention=self.convention)

@@ -1,0 +1,149 @@
+"""Chapter 06's fused Triton dispatch (``moe_scatter``), run on the CPU through Triton's interpreter.
+
+Against the float64 ``moe_grouped`` (itself tested against ``moe_sorted`` and ``moe_loop``): the forward and
+the gradients of ``x``, of the four weights and of the routing weights, on ragged expert blocks, empty experts,
+inactive slots, and widths that are not multiples of the tiles. Kept tiny: the interpreter runs every program
+in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from labsupport.harness.numerics import rel_err  # noqa: E402
+from labsupport.moe import moe_grouped  # noqa: E402
+from labsupport.moe.routing import Routing, top_k_routing  # noqa: E402
+from labsupport.moe import triton_dispatch as td  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    not td.triton_available() or not td.interpreter_enabled(),
+    reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
+)
+
+FP32_TOL = 1e-5   # float32 against float64: observed around 3e-7
+LOW_TOL = 3e-2    # bf16 / fp16 inputs, activations and gradients: bf16 rounding alone is about 4e-3
+
+
+def problem(t, d, h, e, k, seed=0, empty=(), drop=0.3):
+    """Tokens, a top-k routing with some experts never chosen and some slots inactive, and weights (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=gen, dtype=torch.float64)
+    logits = torch.randn(t, e, generator=gen, dtype=torch.float64)
+    for expert in empty:
+        logits[:, expert] = -1e9
+    routing = top_k_routing(logits, k)
+    routing.active = routing.active & (torch.rand(t, k, generator=gen) >= drop)
+    weights = [torch.randn(e, d, h, generator=gen, dtype=torch.float64) / d ** 0.5,
+               torch.randn(e, h, generator=gen, dtype=torch.float64),
+               torch.randn(e, h, d, generator=gen, dtype=torch.float64) / h ** 0.5,
+               torch.randn(e, d, generator=gen, dtype=torch.float64)]
+    return x, routing, weights
+
+
+def forward_backward(fn, x, routing, weights, dtype, **kw):
+    """``fn``'s output and the gradients of x, the routing weights and the four weights, for a fixed ``dy``."""
+    xi = x.detach().to(dtype).requires_grad_()
+    leaves = [w.detach().to(dtype).requires_grad_() for w in weights]
+    rw = routing.weights.detach().to(dtype).requires_grad_()
+    r = Routing(routing.experts, rw, routing.active, routing.probs)
+    y = fn(xi, r, *leaves, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(dtype)
+    y.backward(dy)
+    return [y, xi.grad, rw.grad, *(w.grad for w in leaves)]
+
+
+NAMES = ["y", "dx", "d_routing_weights", "dw_up", "db_up", "dw_down", "db_down"]
+
+
+def assert_matches(got, expected, tol):
+    for name, a, b in zip(NAMES, got, expected):
+        assert a is not None and a.shape == b.shape, name
+        assert rel_err(a.double(), b) < tol, (name, rel_err(a.double(), b))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,d,h,e,k,empty,blocks", [
+    (37, 24, 40, 5, 2, (2,), td.Blocks()),                          # ragged blocks, an empty expert, odd d, h
+    (16, 16, 32, 2, 1, (), td.Blocks()),                            # everything a multiple of the tiles
+    (29, 20, 36, 4, 3, (0, 3), td.Blocks(block_m=32, block_n=32)),  # expert 0 empty, k = 3, a 32-row tile
+])
+def test_float32_equals_the_grouped_dispatch_forward_and_backward(t, d, h, e, k, empty, blocks):
+    x, routing, weights = problem(t, d, h, e, k, empty=empty)
+    expected = forward_backward(moe_grouped, x, routing, weights, torch.float64)
+    got = forward_backward(td.moe_scatter, x, routing, weights, torch.float32, blocks=blocks)
+    assert got[0].dtype == torch.float32
+    assert_matches(got, expected, FP32_TOL)
+    inactive = ~routing.active
+    assert inactive.any() and bool((got[2][inactive] == 0).all()), "an inactive slot's weight gets no gradient"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_equals_the_grouped_dispatch_loosely(dtype):
+    x, routing, weights = problem(45, 24, 48, 4, 2, seed=1, empty=(1,))
+    expected = forward_backward(moe_grouped, x, routing, weights, torch.float64)
+    got = forward_backward(td.moe_scatter, x, routing, weights, dtype)
+    assert got[0].dtype == dtype
+    assert_matches(got, expected, LOW_TOL)
+
+
+@needs_interpreter
+def test_two_runs_give_identical_bits():
+    """No atomics: every sum is one program's, in a fixed order (several K-steps per expert here)."""
+    x, routing, weights = problem(40, 16, 32, 2, 2, seed=2, drop=0.1)
+    runs = [forward_backward(td.moe_scatter, x, routing, weights, torch.float16) for _ in range(2)]
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a, b), name
+
+
+@needs_interpreter
+def test_the_grouped_dispatch_option_calls_it():
+    x, routing, weights = problem(21, 16, 16, 3, 2, seed=3)
+    args = (x.float(), routing, *(w.float() for w in weights))
+    with torch.no_grad():
+        torch.testing.assert_close(moe_grouped(*args, kernel="triton"), td.moe_scatter(*args))
+        assert rel_err(moe_grouped(*args, kernel="triton"), moe_grouped(*args)) < FP32_TOL
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_the_tile_table_covers_every_sorted_row_once_within_one_expert(block_m):
+    counts = torch.tensor([0, 17, 32, 0, 1, 50, 0])
+    expert_sorted = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    tile_expert, start, end, bounds = td.slot_tiles(expert_sorted, len(counts), block_m)
+    assert tile_expert.numel() == -(-int(counts.sum()) // block_m) + len(counts)
+    assert bounds.tolist() == [0, *counts.cumsum(0).tolist()]
+    covered = torch.zeros(int(counts.sum()), dtype=torch.long)
+    for e, s, f in zip(tile_expert.tolist(), start.tolist(), end.tolist()):
+        if e < 0:
+            continue
+        assert 0 < f - s <= block_m
+        assert bool((expert_sorted[s:f] == e).all()), "a tile straddles two experts"
+        covered[s:f] += 1
+    assert bool((covered == 1).all())
+    assert (tile_expert[:int((tile_expert >= 0).sum())] >= 0).all(), "unused tiles come last"
+
+
+@needs_interpreter
+def test_rejects_bad_inputs(monkeypatch):
+    x, routing, weights = problem(8, 16, 16, 3, 2)
+    x, weights = x.float(), [w.float() for w in weights]
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        td.moe_scatter(x, routing, weights[0], weights[1], weights[2][:, :8], weights[3])
+    with pytest.raises(ValueError, match="dtype of x"):
+        td.moe_scatter(x, routing, weights[0].half(), *weights[1:])
+    with pytest.raises(TypeError, match="float64"):
+        td.moe_scatter(x.double(), routing, *(w.double() for w in weights))
+    with pytest.raises(ValueError, match="routing is for 8 tokens"):
+        td.moe_scatter(x[:5], routing, *weights)
+    with pytest.raises(ValueError, match="power of two"):
+        td.moe_scatter(x, routing, *weights, blocks=td.Blocks(block_n=24))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        moe_grouped(x, routing, *weights, kernel="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA device"):
+        td.moe_scatter(x, routing, *weights)
