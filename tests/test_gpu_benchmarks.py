@@ -51,3 +51,40 @@ def test_gpu_benchmark_runs_from_a_plain_checkout_and_skips_without_a_gpu(script
     assert done.returncode == 0, f"{script.name} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert "no CUDA GPU" in done.stdout, done.stdout
     assert list(tmp_path.iterdir()) == [], "nothing should be written without a GPU"
+
+
+RESOURCES_PROBE = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+import triton, triton.language as tl
+from triton_resources_cpu import compile_for_sm90, resources
+
+@triton.jit
+def tile_sum(X, O, ROWS: tl.constexpr, COLS: tl.constexpr):
+    r = tl.arange(0, ROWS)[:, None]
+    c = tl.arange(0, COLS)[None, :]
+    x = tl.load(X + r * COLS + c)
+    y = tl.load(X + ROWS * COLS + r * COLS + c)
+    tl.store(O + r * COLS + c, x * tl.sum(y, 0)[None, :] + y * tl.sum(x, 1)[:, None])
+
+small = resources(compile_for_sm90(tile_sum, {"X": "*fp32", "O": "*fp32"}, {"ROWS": 16, "COLS": 16}, 4))
+large = resources(compile_for_sm90(tile_sum, {"X": "*fp32", "O": "*fp32"}, {"ROWS": 128, "COLS": 128}, 1))
+print(json.dumps({"small": small, "large": large}))
+"""
+
+
+def test_register_and_spill_counts_for_an_h100_are_read_without_a_gpu(tmp_path: Path) -> None:
+    """``benchmarks/triton_resources_cpu.py``: a small tile fits in registers, a 128 × 128 one in one warp spills."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    probe = tmp_path / "probe.py"  # Triton reads a kernel's source from its file
+    probe.write_text(RESOURCES_PROBE.replace('sys.path.insert(0, "benchmarks")',
+                                             f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})"))
+    done = subprocess.run([sys.executable, str(probe)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < found["small"]["registers"] < 128 and found["small"]["stack_bytes"] == 0, found
+    assert found["large"]["registers"] > found["small"]["registers"] and found["large"]["stack_bytes"] > 0, found
