@@ -147,3 +147,21 @@ def test_rejects_bad_inputs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA device"):
         td.moe_scatter(x, routing, *weights)
+
+
+@pytest.mark.skipif(not td.triton_available(), reason="needs triton")
+def test_the_resource_script_compiles_a_kept_configuration_for_sm90_without_spills():
+    """``benchmarks/moe_triton_resources.py`` on one kernel: it compiles for an H100 here and reads the cubin."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "benchmarks/moe_triton_resources.py", "--kernels", "dx", "--configs", "0"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "did not compile" in done.stdout and "nvidia" not in str(td.triton.backends.backends):
+        pytest.skip("this triton has no CUDA backend")
+    assert "dx       config 0" in done.stdout and "'registers'" in done.stdout, done.stdout
+    assert "'stack': 0," in done.stdout, done.stdout
