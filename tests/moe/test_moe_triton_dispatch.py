@@ -71,6 +71,8 @@ def assert_matches(got, expected, tol):
     (37, 24, 40, 5, 2, (2,), td.Blocks()),                          # ragged blocks, an empty expert, odd d, h
     (16, 16, 32, 2, 1, (), td.Blocks()),                            # everything a multiple of the tiles
     (29, 20, 36, 4, 3, (0, 3), td.Blocks(block_m=32, block_n=32)),  # expert 0 empty, k = 3, a 32-row tile
+    (150, 96, 160, 3, 2, (1,), td.Blocks(128, 128, 64, 8, 3)),      # the H100's tiles, ragged in d, h and rows
+    (150, 128, 256, 3, 2, (), td.Blocks(128, 128, 64, 8, 3)),       # the H100's tiles, whole in d and h
 ])
 def test_float32_equals_the_grouped_dispatch_forward_and_backward(t, d, h, e, k, empty, blocks):
     x, routing, weights = problem(t, d, h, e, k, empty=empty)
