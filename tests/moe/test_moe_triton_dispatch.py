@@ -112,6 +112,28 @@ def test_the_grouped_dispatch_option_calls_it():
         assert rel_err(moe_grouped(*args, kernel="triton"), moe_grouped(*args)) < FP32_TOL
 
 
+@needs_interpreter
+def test_the_layer_runs_it_when_asked():
+    from labsupport.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, n_experts=4, top_k=2, expert_hidden=32)
+    with torch.no_grad():
+        layer.b_up.normal_()
+        layer.b_down.normal_()
+    x = torch.randn(2, 9, 16)
+    results = []
+    for kernel in ("torch", "triton"):
+        layer.zero_grad()
+        layer.dispatch_kernel = kernel
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y.square().sum() + sum(layer.auxiliary_losses().values())).backward()
+        results.append([y, xi.grad, layer.router.weight.grad, layer.w_up.grad, layer.b_down.grad])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < FP32_TOL
+
+
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_the_tile_table_covers_every_sorted_row_once_within_one_expert(block_m):
     counts = torch.tensor([0, 17, 32, 0, 1, 50, 0])
