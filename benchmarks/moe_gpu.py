@@ -24,6 +24,7 @@ backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` 
   host syncs per call, then one matmul per expert), the CPU path of the chapter.
 
 Also the forward alone, the FLOPs, and the host syncs counted by ``torch.cuda.set_sync_debug_mode``.
+``--only VARIANT ...`` times a subset (the dense FFN always), e.g. ``--only moe_layer moe_layer_triton``.
 Writes ``DIR/moe_gpu.json`` and ``DIR/moe_gpu.md``.
 """
 
@@ -136,6 +137,9 @@ def main() -> None:
                              "and write the top CUDA kernels to DIR/moe_gpu_profile.txt")
     parser.add_argument("--compile", action="store_true",
                         help="also time both modules under torch.compile (compiles take tens of seconds)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                        help="time only these variants (and the dense FFN), e.g. moe_layer moe_layer_triton "
+                             "dispatch_grouped dispatch_triton; their CUDA graphs come with them")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: this benchmark needs one; nothing was measured")
@@ -217,8 +221,10 @@ def main() -> None:
                         "dispatch_grouped_indexadd": dispatch(grouped_as("folded", "index_add")),
                         "dispatch_grouped_onehot_indexadd": dispatch(grouped_as("one_hot", "index_add")),
                         "dispatch_loop": dispatch(moe_sorted)}
+            if args.only:
+                variants = {name: fn for name, fn in variants.items() if name in args.only or name == "dense"}
             graphs = {}
-            for name in ("dense", "moe_layer", "moe_layer_triton"):
+            for name in [n for n in ("dense", "moe_layer", "moe_layer_triton") if n in variants]:
                 try:
                     graphs[f"{name}_graph"] = cuda_graph(variants[name], [x, dense, layer])
                 except Exception as error:  # noqa: BLE001
@@ -249,6 +255,8 @@ def main() -> None:
                                  "dispatch_grouped": lambda: moe_grouped(x, routing, *weights),
                                  "dispatch_triton": lambda: moe_grouped(x, routing, *weights, kernel="triton"),
                                  "dispatch_loop": lambda: moe_sorted(x, routing, *weights)}.items():
+                    if name not in variants:
+                        continue
                     try:
                         row[f"fwd_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median")
                     except Exception as error:  # noqa: BLE001
@@ -256,7 +264,8 @@ def main() -> None:
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
-                for name in ("moe_layer", "dispatch_grouped", "dense"):
+                for name in [n for n in ("moe_layer", "moe_layer_triton", "dispatch_grouped", "dense")
+                             if n in variants]:
                     fn = variants[name]
                     for _ in range(3):
                         fn()
