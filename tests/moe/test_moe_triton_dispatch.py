@@ -189,3 +189,25 @@ def test_the_resource_script_compiles_a_kept_configuration_for_sm90_without_spil
         pytest.skip("this triton has no CUDA backend")
     assert "dx       config 0" in done.stdout and "'registers'" in done.stdout, done.stdout
     assert "'stack': 0," in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not td.triton_available(), reason="needs triton")
+def test_the_gpu_benchmark_runs_its_triton_variants_on_the_cpu(tmp_path):
+    """``benchmarks/moe_gpu.py --cpu-smoke``: every line the GPU run would take for the fused path, on tiny sizes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.update(CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path))
+    done = subprocess.run([sys.executable, "benchmarks/moe_gpu.py", "--cpu-smoke", "--only", "moe_layer_triton",
+                           "dispatch_triton", "dispatch_grouped"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "moe_gpu.json").read_text())["rows"][0]
+    assert not [key for key in row if "error" in key], row
+    assert row["fb_ms_moe_layer_triton"] > 0 and row["fwd_ms_dispatch_triton"] > 0
+    assert row["triton_vs_sorted_rel"] < 1e-5 and row["triton_grad_rel_max"] < 1e-5
+    assert "Fused Triton dispatch" in (tmp_path / "moe_gpu.md").read_text()
