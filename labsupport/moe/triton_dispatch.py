@@ -399,22 +399,30 @@ class _ScatterMoE(torch.autograd.Function):
         n_slots = order.numel()
         dy = dy.contiguous().to(x.dtype)
         bounds = tiles[3]
-        # dweight[t, j] = <z[t·k + j], dy[t]>
-        d_weight = torch.bmm(z.view(n_tokens, top_k, d), dy[:, :, None]).view(-1)
-        # dpre = weight · (dy[token] @ W_downᵀ) ⊙ gelu'(pre), in sorted order
-        dpre = torch.empty_like(pre)
-        _launch_rows(dy, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), None, dpre, tiles, order,
-                     top_k, blocks, a_gather=True, out_scatter=False, epilogue=2, pre=pre, scale=slot_weight)
-        dw_down, db_down = torch.empty_like(w_down), x.new_empty(w_down.shape[0], d, dtype=w_down.dtype)
-        _launch_wgrad(hid, dy, dw_down, db_down, order, slot_weight, bounds, top_k, blocks, a_gather=False,
-                      b_gather=True)
-        dw_up, db_up = torch.empty_like(w_up), x.new_empty(w_up.shape[0], w_up.shape[2], dtype=w_up.dtype)
-        _launch_wgrad(x, dpre, dw_up, db_up, order, None, bounds, top_k, blocks, a_gather=True, b_gather=False)
-        dx_slot = x.new_empty(n_slots, d)
-        _launch_rows(dpre, w_up, (w_up.stride(0), w_up.stride(2), w_up.stride(1)), None, dx_slot, tiles, order,
-                     top_k, blocks, a_gather=False, out_scatter=True, epilogue=0)
-        dx = dx_slot.view(n_tokens, top_k, d).sum(dim=1)
-        return dx, d_weight.to(slot_weight.dtype), dw_up, db_up, dw_down, db_down, None, None, None, None
+        need_x, need_weight, need_up, need_bu, need_down, need_bd = ctx.needs_input_grad[:6]
+        d_weight = dx = dw_up = db_up = dw_down = db_down = None
+        if need_weight:  # dweight[t, j] = <z[t·k + j], dy[t]>
+            d_weight = torch.bmm(z.view(n_tokens, top_k, d), dy[:, :, None]).view(-1).to(slot_weight.dtype)
+        if need_down or need_bd:  # dW_down[e] = Σ hid[s]ᵀ (weight · dy[token]), db_down[e] = Σ weight · dy[token]
+            dw_down, db_down = torch.empty_like(w_down), x.new_empty(w_down.shape[0], d, dtype=w_down.dtype)
+            _launch_wgrad(hid, dy, dw_down, db_down, order, slot_weight, bounds, top_k, blocks, a_gather=False,
+                          b_gather=True)
+        if need_x or need_up or need_bu:
+            # dpre = weight · (dy[token] @ W_downᵀ) ⊙ gelu'(pre), in sorted order
+            dpre = torch.empty_like(pre)
+            _launch_rows(dy, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), None, dpre, tiles,
+                         order, top_k, blocks, a_gather=True, out_scatter=False, epilogue=2, pre=pre,
+                         scale=slot_weight)
+            if need_up or need_bu:  # dW_up[e] = Σ x[token]ᵀ dpre[s], db_up[e] = Σ dpre[s]
+                dw_up, db_up = torch.empty_like(w_up), x.new_empty(w_up.shape[0], w_up.shape[2], dtype=w_up.dtype)
+                _launch_wgrad(x, dpre, dw_up, db_up, order, None, bounds, top_k, blocks, a_gather=True,
+                              b_gather=False)
+            if need_x:  # each slot's dpre @ W_upᵀ stored in slot order, then each token sums its k rows
+                dx_slot = x.new_empty(n_slots, d)
+                _launch_rows(dpre, w_up, (w_up.stride(0), w_up.stride(2), w_up.stride(1)), None, dx_slot, tiles,
+                             order, top_k, blocks, a_gather=False, out_scatter=True, epilogue=0)
+                dx = dx_slot.view(n_tokens, top_k, d).sum(dim=1)
+        return dx, d_weight, dw_up, db_up, dw_down, db_down, None, None, None, None
 
 
 def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor,
@@ -466,6 +474,8 @@ def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
             if value & (value - 1):
                 raise ValueError(f"blocks.{name} must be a power of two, got {value}")
     block_m = GPU_BLOCK_M if blocks is None else blocks.block_m
+    if tokens == 0:
+        return x.new_zeros(x.shape)
     experts = routing.experts.reshape(-1)
     active = routing.active.reshape(-1) & (experts < n_experts) & (experts >= 0)
     expert = torch.where(active, experts, torch.zeros_like(experts))

@@ -211,3 +211,17 @@ def test_the_gpu_benchmark_runs_its_triton_variants_on_the_cpu(tmp_path):
     assert row["fb_ms_moe_layer_triton"] > 0 and row["fwd_ms_dispatch_triton"] > 0
     assert row["triton_vs_sorted_rel"] < 1e-5 and row["triton_grad_rel_max"] < 1e-5
     assert "Fused Triton dispatch" in (tmp_path / "moe_gpu.md").read_text()
+
+
+@needs_interpreter
+def test_only_the_gradients_asked_for_and_no_tokens():
+    x, routing, weights = problem(19, 16, 16, 3, 2, seed=4)
+    x, weights = x.float(), [w.float() for w in weights]
+    expected = forward_backward(moe_grouped, x.double(), routing, [w.double() for w in weights], torch.float64)
+    w_down = weights[2].clone().requires_grad_()  # only W_down asks for a gradient
+    y = td.moe_scatter(x, routing, weights[0], weights[1], w_down, weights[3])
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).float())
+    assert rel_err(w_down.grad.double(), expected[5]) < FP32_TOL
+    empty = td.moe_scatter(x[:0], Routing(routing.experts[:0], routing.weights[:0], routing.active[:0],
+                                          routing.probs[:0]), *weights)
+    assert empty.shape == (0, 16)
