@@ -20,6 +20,9 @@ Forward, three kernels::
     down   z[order[s]] = hid[s] @ W_down[e] + b_down[e]          scatter fused into the store: z in slot order
     combine  y[t] = Σ_j weight[t, j] · z[t·k + j]                 k rows per token, no atomics
 
+``z`` is kept unweighted (the routing weights' gradient needs it) and read back by the combine: the one
+``(T·k, d)`` tensor this path adds to a dense FFN's traffic, with ``dx_slot`` in the backward.
+
 Backward (one :class:`torch.autograd.Function`), given ``dy (T, d)``::
 
     dpre[s]   = weight[slot] · (dy[token] @ W_down[e]ᵀ) ⊙ gelu'(pre[s])   gather in the load, both factors in
@@ -28,11 +31,19 @@ Backward (one :class:`torch.autograd.Function`), given ``dy (T, d)``::
     db_down[e] = Σ_{s∈e} weight[slot] · dy[token]                          rows of expert e (same kernel)
     dW_up[e]  = Σ_{s∈e} x[token]ᵀ dpre[s],  db_up[e] = Σ_{s∈e} dpre[s]   gather in the load
     dx_slot[order[s]] = dpre[s] @ W_up[e]ᵀ;  dx[t] = Σ_j dx_slot[t·k+j]   scatter in the store, then a sum
-    dweight[t, j] = <z[t·k + j], dy[t]>
+    dweight[t, j] = <z[t·k + j], dy[t]>                                   a batched dot (torch.bmm)
 
-The weight-gradient kernel runs one program per (expert, tile of the weight) and loops over that expert's
-sorted rows ``BLOCK_K`` at a time, masking the rows past the expert's end, so expert boundaries never mix.
-Every sum is taken by one program in a fixed order: no atomics, and two runs give identical bits.
+GELU's derivative is applied in the epilogue of the ``dpre`` GEMM, so the gradient of the hidden activations
+is never stored. The weight-gradient kernel runs one program per (expert, tile of the weight) and loops over
+that expert's sorted rows ``BLOCK_K`` at a time, masking the rows past the expert's end, so expert boundaries
+never mix; one more row of programs sums the bias gradients. Every sum is taken by one program in a fixed
+order: no atomics, and two runs give identical bits. Only the gradients asked for are computed.
+
+As in ``moe_grouped``, an inactive slot is sent to expert 0 with weight 0 and computed (dropless top-k has
+none). On a GPU the kernels are autotuned over a short list keyed on the widths ``d`` and ``h`` (never on
+``T``), with ``BLOCK_M = 128`` sorted rows per tile; ``benchmarks/moe_triton_resources.py`` compiles every
+configuration for sm_90 without a GPU and prints its registers and spills, and the lists keep only those that
+do not spill. Not done: TMA loads of the weights, a persistent grid, warp specialisation.
 
 Inputs are read in their dtype (fp16, bf16, fp32; fp32 with ``input_precision="ieee"`` dots) and accumulated
 in float32; ``pre``, ``hid``, ``z`` are stored in the input dtype, as torch's own layers store them. The same
