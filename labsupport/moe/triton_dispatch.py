@@ -120,6 +120,10 @@ def slot_tiles(expert_sorted: torch.Tensor, n_experts: int, block_m: int) -> tup
     all rows of one expert); and ``expert_bounds (E + 1,)`` (int32), expert ``e`` owning rows
     ``[bounds[e], bounds[e+1])``.
     """
+    if not isinstance(expert_sorted, torch.Tensor) or expert_sorted.ndim != 1 or expert_sorted.dtype != torch.long:
+        raise TypeError(f"expert_sorted must be a 1-D int64 tensor, got {expert_sorted!r:.80}")
+    n_experts = require_int("n_experts", n_experts, minimum=1)
+    block_m = require_int("block_m", block_m, minimum=1)
     n = expert_sorted.numel()
     device = expert_sorted.device
     counts = torch.zeros(n_experts, dtype=torch.long, device=device).index_add_(

@@ -150,6 +150,10 @@ def test_the_tile_table_covers_every_sorted_row_once_within_one_expert(block_m):
         covered[s:f] += 1
     assert bool((covered == 1).all())
     assert (tile_expert[:int((tile_expert >= 0).sum())] >= 0).all(), "unused tiles come last"
+    with pytest.raises(TypeError, match="1-D int64"):
+        td.slot_tiles(expert_sorted.int(), len(counts), block_m)
+    with pytest.raises(ValueError, match="block_m"):
+        td.slot_tiles(expert_sorted, len(counts), 0)
 
 
 @needs_interpreter
