@@ -24,6 +24,9 @@ backward (a sum of squares as the loss). Timed with ``triton.testing.do_bench`` 
   host syncs per call, then one matmul per expert), the CPU path of the chapter.
 
 Also the forward alone, the FLOPs, and the host syncs counted by ``torch.cuda.set_sync_debug_mode``.
+``--only VARIANT ...`` times a subset (the dense FFN always), e.g. ``--only moe_layer moe_layer_triton``.
+``--cpu-smoke`` runs the whole script on tiny sizes on the CPU (the Triton path under its interpreter) to
+check it without a GPU; its timings mean nothing.
 Writes ``DIR/moe_gpu.json`` and ``DIR/moe_gpu.md``.
 """
 
@@ -136,18 +139,37 @@ def main() -> None:
                              "and write the top CUDA kernels to DIR/moe_gpu_profile.txt")
     parser.add_argument("--compile", action="store_true",
                         help="also time both modules under torch.compile (compiles take tens of seconds)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                        help="time only these variants (and the dense FFN), e.g. moe_layer moe_layer_triton "
+                             "dispatch_grouped dispatch_triton; their CUDA graphs come with them")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="check the script without a GPU: tiny sizes on the CPU in float32, the Triton path "
+                             "under TRITON_INTERPRET=1, no graphs or sync counts; the timings mean nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
         print("no CUDA GPU: this benchmark needs one; nothing was measured")
         return
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        args.tokens, args.d_model, args.experts = [40], 32, [3]
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench as cuda_bench
+
+    def do_bench(fn, warmup, rep, return_mode, grad_to_none=None):
+        if cuda:
+            return cuda_bench(fn, warmup=warmup, rep=rep, return_mode=return_mode, grad_to_none=grad_to_none)
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
 
     from labsupport.moe import MoELayer, moe_grouped, moe_sorted
     from labsupport.moe.routing import top_k_routing
 
     d, k = args.d_model, args.top_k
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    info = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)", "torch": torch.__version__,
+            "triton": triton.__version__,
             "python": platform.python_version(), "grouped_mm": hasattr(F, "grouped_mm"), "d": d, "k": k}
     print("device:", info, flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -157,10 +179,10 @@ def main() -> None:
         for tokens in args.tokens:
             row = {"T": tokens, "E": n_experts}
             h = 4 * d
-            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            dense = torch.nn.Sequential(torch.nn.Linear(d, k * h), torch.nn.GELU(), torch.nn.Linear(k * h, d)).cuda()
-            dense = dense.bfloat16()
-            layer = MoELayer(d, n_experts, k, balance="switch").cuda().bfloat16()
+            x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+            dense = torch.nn.Sequential(torch.nn.Linear(d, k * h), torch.nn.GELU(), torch.nn.Linear(k * h, d))
+            dense = dense.to(device, dtype)
+            layer = MoELayer(d, n_experts, k, balance="switch").to(device, dtype)
             row["flops_fwd_dense"] = 2 * 2 * tokens * d * k * h
             row["flops_fwd_moe_experts"] = row["flops_fwd_dense"]  # k experts of width h per token
 
@@ -187,12 +209,12 @@ def main() -> None:
                     row["triton_vs_sorted_rel"] = float((c - b).norm() / b.norm())
                 except Exception as error:  # noqa: BLE001
                     row["error_triton_forward"] = f"{type(error).__name__}: {str(error)[:200]}"
+                counts = torch.bincount(routing.experts.reshape(-1), minlength=n_experts)
+                row["busiest_over_fair"] = float(counts.max()) / (tokens * k / n_experts)
             try:  # gradients of the fused path against the torch grouped path, bf16, same dy
                 row.update(gradient_gaps(x, routing, weights, moe_grouped))
             except Exception as error:  # noqa: BLE001
                 row["error_triton_gradients"] = f"{type(error).__name__}: {str(error)[:200]}"
-                counts = torch.bincount(routing.experts.reshape(-1), minlength=n_experts)
-                row["busiest_over_fair"] = float(counts.max()) / (tokens * k / n_experts)
 
             def dispatch(fn):
                 def run():
@@ -217,13 +239,15 @@ def main() -> None:
                         "dispatch_grouped_indexadd": dispatch(grouped_as("folded", "index_add")),
                         "dispatch_grouped_onehot_indexadd": dispatch(grouped_as("one_hot", "index_add")),
                         "dispatch_loop": dispatch(moe_sorted)}
+            if args.only:
+                variants = {name: fn for name, fn in variants.items() if name in args.only or name == "dense"}
             graphs = {}
-            for name in ("dense", "moe_layer", "moe_layer_triton"):
+            for name in [n for n in ("dense", "moe_layer", "moe_layer_triton") if n in variants and cuda]:
                 try:
                     graphs[f"{name}_graph"] = cuda_graph(variants[name], [x, dense, layer])
                 except Exception as error:  # noqa: BLE001
                     row[f"error_{name}_graph"] = f"{type(error).__name__}: {str(error)[:200]}"
-            if args.compile:
+            if args.compile and cuda:
                 for name, module in (("dense", dense), ("moe_layer", layer)):
                     compiled = torch.compile(module)
                     start = time.perf_counter()
@@ -239,7 +263,7 @@ def main() -> None:
                 try:
                     grads = [] if name.endswith("_graph") else [x]  # a graph's gradients live in its own pool
                     row[f"fb_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=grads)
-                    if not name.endswith("_graph"):
+                    if not name.endswith("_graph") and cuda:
                         row[f"syncs_{name}"] = count_syncs(fn)
                 except Exception as error:  # noqa: BLE001
                     row[f"fb_ms_{name}"] = None
@@ -249,14 +273,17 @@ def main() -> None:
                                  "dispatch_grouped": lambda: moe_grouped(x, routing, *weights),
                                  "dispatch_triton": lambda: moe_grouped(x, routing, *weights, kernel="triton"),
                                  "dispatch_loop": lambda: moe_sorted(x, routing, *weights)}.items():
+                    if name not in variants:
+                        continue
                     try:
                         row[f"fwd_ms_{name}"] = do_bench(fn, warmup=10, rep=50, return_mode="median")
                     except Exception as error:  # noqa: BLE001
                         row[f"fwd_error_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
-            if args.profile:
+            if args.profile and cuda:
                 from torch.profiler import ProfilerActivity, profile
 
-                for name in ("moe_layer", "dispatch_grouped", "dense"):
+                for name in [n for n in ("moe_layer", "moe_layer_triton", "dispatch_grouped", "dense")
+                             if n in variants]:
                     fn = variants[name]
                     for _ in range(3):
                         fn()
@@ -286,10 +313,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del x, dense, layer
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
 
     def f(v):
         return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    def e(v):
+        return "—" if v is None else f"{v:.1e}"
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; d={d}, top-{k}, expert "
              f"hidden 4·d, bf16; ms, median of do_bench; dense FFN hidden k·4·d (equal active FLOPs).", "",
              "| T | E | dense fwd+bwd | MoE layer fwd+bwd | MoE / dense | grouped dispatch | loop dispatch | "
@@ -324,7 +355,7 @@ def main() -> None:
                      f"{f(r.get('fb_ms_dispatch_triton'))} / {f(r.get('fb_ms_dispatch_grouped'))} | "
                      f"{f(r.get('fwd_ms_dispatch_triton'))} / {f(r.get('fwd_ms_dispatch_grouped'))} | "
                      f"{r.get('syncs_moe_layer_triton')}, {r.get('syncs_dispatch_triton')} | "
-                     f"{f(r.get('triton_vs_sorted_rel'))} | {f(r.get('triton_grad_rel_max'))} |")
+                     f"{e(r.get('triton_vs_sorted_rel'))} | {e(r.get('triton_grad_rel_max'))} |")
     errors = sorted({f"{k}: {v}" for r in rows for k, v in r.items() if "error" in k})
     lines += ["", "Did not run:", *[f"- {e}" for e in errors]]
     table = "\n".join(lines)

@@ -4,6 +4,8 @@
   loss (both top-k conventions), the router z-loss, capacity and dropping, the bias update.
 * :mod:`~labsupport.moe.dispatch` — the per-token loop, the sorted grouped-matmul fast path,
   the expert-choice batched path.
+* :mod:`~labsupport.moe.triton_dispatch` — the GPU path as Triton grouped GEMMs with the gather fused into their
+  loads and the scatter into their stores, forward and backward (imported on demand: it needs Triton).
 * :mod:`~labsupport.moe.layer` — :class:`MoELayer`, an ``lm`` channel mixer, and :func:`moe_mixer`.
 * :mod:`~labsupport.moe.parallel` — expert parallelism over ``torch.distributed`` (gloo on CPUs, NCCL on GPUs;
   a differentiable all-to-all, the sharded layer, the launcher).

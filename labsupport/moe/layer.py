@@ -90,7 +90,8 @@ class MoELayer(nn.Module):
         n_null: zero-compute experts the router may pick.
 
     Attribute ``dispatch_kernel`` (``"torch"``, set after construction) picks ``moe_grouped``'s ``kernel`` on
-    a CUDA device; ``"triton"`` runs the fused gather/scatter GEMMs of :mod:`labsupport.moe.triton_dispatch`.
+    a CUDA device; ``"triton"`` runs the fused gather/scatter GEMMs of :mod:`labsupport.moe.triton_dispatch`
+    on any device (on the CPU only under ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, d_model: int, n_experts: int = 8, top_k: int = 2, expert_hidden: int | None = None, *,
@@ -256,7 +257,7 @@ class MoELayer(nn.Module):
             routing, logits, dropped = self.route(tokens)
             probs = routing.probs
             # on a GPU the sort-and-group path that never waits for the device (see moe_grouped)
-            if tokens.is_cuda:
+            if tokens.is_cuda or self.dispatch_kernel != "torch":
                 out = moe_grouped(tokens, routing, *weights, kernel=self.dispatch_kernel)
             else:
                 out = moe_sorted(tokens, routing, *weights)

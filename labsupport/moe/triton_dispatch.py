@@ -20,6 +20,9 @@ Forward, three kernels::
     down   z[order[s]] = hid[s] @ W_down[e] + b_down[e]          scatter fused into the store: z in slot order
     combine  y[t] = Σ_j weight[t, j] · z[t·k + j]                 k rows per token, no atomics
 
+``z`` is kept unweighted (the routing weights' gradient needs it) and read back by the combine: the one
+``(T·k, d)`` tensor this path adds to a dense FFN's traffic, with ``dx_slot`` in the backward.
+
 Backward (one :class:`torch.autograd.Function`), given ``dy (T, d)``::
 
     dpre[s]   = weight[slot] · (dy[token] @ W_down[e]ᵀ) ⊙ gelu'(pre[s])   gather in the load, both factors in
@@ -28,11 +31,19 @@ Backward (one :class:`torch.autograd.Function`), given ``dy (T, d)``::
     db_down[e] = Σ_{s∈e} weight[slot] · dy[token]                          rows of expert e (same kernel)
     dW_up[e]  = Σ_{s∈e} x[token]ᵀ dpre[s],  db_up[e] = Σ_{s∈e} dpre[s]   gather in the load
     dx_slot[order[s]] = dpre[s] @ W_up[e]ᵀ;  dx[t] = Σ_j dx_slot[t·k+j]   scatter in the store, then a sum
-    dweight[t, j] = <z[t·k + j], dy[t]>
+    dweight[t, j] = <z[t·k + j], dy[t]>                                   a batched dot (torch.bmm)
 
-The weight-gradient kernel runs one program per (expert, tile of the weight) and loops over that expert's
-sorted rows ``BLOCK_K`` at a time, masking the rows past the expert's end, so expert boundaries never mix.
-Every sum is taken by one program in a fixed order: no atomics, and two runs give identical bits.
+GELU's derivative is applied in the epilogue of the ``dpre`` GEMM, so the gradient of the hidden activations
+is never stored. The weight-gradient kernel runs one program per (expert, tile of the weight) and loops over
+that expert's sorted rows ``BLOCK_K`` at a time, masking the rows past the expert's end, so expert boundaries
+never mix; one more row of programs sums the bias gradients. Every sum is taken by one program in a fixed
+order: no atomics, and two runs give identical bits. Only the gradients asked for are computed.
+
+As in ``moe_grouped``, an inactive slot is sent to expert 0 with weight 0 and computed (dropless top-k has
+none). On a GPU the kernels are autotuned over a short list keyed on the widths ``d`` and ``h`` (never on
+``T``), with ``BLOCK_M = 128`` sorted rows per tile; ``benchmarks/moe_triton_resources.py`` compiles every
+configuration for sm_90 without a GPU and prints its registers and spills, and the lists keep only those that
+do not spill. Not done: TMA loads of the weights, a persistent grid, warp specialisation.
 
 Inputs are read in their dtype (fp16, bf16, fp32; fp32 with ``input_precision="ieee"`` dots) and accumulated
 in float32; ``pre``, ``hid``, ``z`` are stored in the input dtype, as torch's own layers store them. The same
@@ -109,6 +120,10 @@ def slot_tiles(expert_sorted: torch.Tensor, n_experts: int, block_m: int) -> tup
     all rows of one expert); and ``expert_bounds (E + 1,)`` (int32), expert ``e`` owning rows
     ``[bounds[e], bounds[e+1])``.
     """
+    if not isinstance(expert_sorted, torch.Tensor) or expert_sorted.ndim != 1 or expert_sorted.dtype != torch.long:
+        raise TypeError(f"expert_sorted must be a 1-D int64 tensor, got {expert_sorted!r:.80}")
+    n_experts = require_int("n_experts", n_experts, minimum=1)
+    block_m = require_int("block_m", block_m, minimum=1)
     n = expert_sorted.numel()
     device = expert_sorted.device
     counts = torch.zeros(n_experts, dtype=torch.long, device=device).index_add_(
@@ -399,22 +414,30 @@ class _ScatterMoE(torch.autograd.Function):
         n_slots = order.numel()
         dy = dy.contiguous().to(x.dtype)
         bounds = tiles[3]
-        # dweight[t, j] = <z[t·k + j], dy[t]>
-        d_weight = torch.bmm(z.view(n_tokens, top_k, d), dy[:, :, None]).view(-1)
-        # dpre = weight · (dy[token] @ W_downᵀ) ⊙ gelu'(pre), in sorted order
-        dpre = torch.empty_like(pre)
-        _launch_rows(dy, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), None, dpre, tiles, order,
-                     top_k, blocks, a_gather=True, out_scatter=False, epilogue=2, pre=pre, scale=slot_weight)
-        dw_down, db_down = torch.empty_like(w_down), x.new_empty(w_down.shape[0], d, dtype=w_down.dtype)
-        _launch_wgrad(hid, dy, dw_down, db_down, order, slot_weight, bounds, top_k, blocks, a_gather=False,
-                      b_gather=True)
-        dw_up, db_up = torch.empty_like(w_up), x.new_empty(w_up.shape[0], w_up.shape[2], dtype=w_up.dtype)
-        _launch_wgrad(x, dpre, dw_up, db_up, order, None, bounds, top_k, blocks, a_gather=True, b_gather=False)
-        dx_slot = x.new_empty(n_slots, d)
-        _launch_rows(dpre, w_up, (w_up.stride(0), w_up.stride(2), w_up.stride(1)), None, dx_slot, tiles, order,
-                     top_k, blocks, a_gather=False, out_scatter=True, epilogue=0)
-        dx = dx_slot.view(n_tokens, top_k, d).sum(dim=1)
-        return dx, d_weight.to(slot_weight.dtype), dw_up, db_up, dw_down, db_down, None, None, None, None
+        need_x, need_weight, need_up, need_bu, need_down, need_bd = ctx.needs_input_grad[:6]
+        d_weight = dx = dw_up = db_up = dw_down = db_down = None
+        if need_weight:  # dweight[t, j] = <z[t·k + j], dy[t]>
+            d_weight = torch.bmm(z.view(n_tokens, top_k, d), dy[:, :, None]).view(-1).to(slot_weight.dtype)
+        if need_down or need_bd:  # dW_down[e] = Σ hid[s]ᵀ (weight · dy[token]), db_down[e] = Σ weight · dy[token]
+            dw_down, db_down = torch.empty_like(w_down), x.new_empty(w_down.shape[0], d, dtype=w_down.dtype)
+            _launch_wgrad(hid, dy, dw_down, db_down, order, slot_weight, bounds, top_k, blocks, a_gather=False,
+                          b_gather=True)
+        if need_x or need_up or need_bu:
+            # dpre = weight · (dy[token] @ W_downᵀ) ⊙ gelu'(pre), in sorted order
+            dpre = torch.empty_like(pre)
+            _launch_rows(dy, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), None, dpre, tiles,
+                         order, top_k, blocks, a_gather=True, out_scatter=False, epilogue=2, pre=pre,
+                         scale=slot_weight)
+            if need_up or need_bu:  # dW_up[e] = Σ x[token]ᵀ dpre[s], db_up[e] = Σ dpre[s]
+                dw_up, db_up = torch.empty_like(w_up), x.new_empty(w_up.shape[0], w_up.shape[2], dtype=w_up.dtype)
+                _launch_wgrad(x, dpre, dw_up, db_up, order, None, bounds, top_k, blocks, a_gather=True,
+                              b_gather=False)
+            if need_x:  # each slot's dpre @ W_upᵀ stored in slot order, then each token sums its k rows
+                dx_slot = x.new_empty(n_slots, d)
+                _launch_rows(dpre, w_up, (w_up.stride(0), w_up.stride(2), w_up.stride(1)), None, dx_slot, tiles,
+                             order, top_k, blocks, a_gather=False, out_scatter=True, epilogue=0)
+                dx = dx_slot.view(n_tokens, top_k, d).sum(dim=1)
+        return dx, d_weight, dw_up, db_up, dw_down, db_down, None, None, None, None
 
 
 def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: torch.Tensor, w_down: torch.Tensor,
@@ -466,6 +489,8 @@ def moe_scatter(x: torch.Tensor, routing: Routing, w_up: torch.Tensor, b_up: tor
             if value & (value - 1):
                 raise ValueError(f"blocks.{name} must be a power of two, got {value}")
     block_m = GPU_BLOCK_M if blocks is None else blocks.block_m
+    if tokens == 0:
+        return x.new_zeros(x.shape)
     experts = routing.experts.reshape(-1)
     active = routing.active.reshape(-1) & (experts < n_experts) & (experts >= 0)
     expert = torch.where(active, experts, torch.zeros_like(experts))

@@ -71,6 +71,8 @@ def assert_matches(got, expected, tol):
     (37, 24, 40, 5, 2, (2,), td.Blocks()),                          # ragged blocks, an empty expert, odd d, h
     (16, 16, 32, 2, 1, (), td.Blocks()),                            # everything a multiple of the tiles
     (29, 20, 36, 4, 3, (0, 3), td.Blocks(block_m=32, block_n=32)),  # expert 0 empty, k = 3, a 32-row tile
+    (150, 96, 160, 3, 2, (1,), td.Blocks(128, 128, 64, 8, 3)),      # the H100's tiles, ragged in d, h and rows
+    (150, 128, 256, 3, 2, (), td.Blocks(128, 128, 64, 8, 3)),       # the H100's tiles, whole in d and h
 ])
 def test_float32_equals_the_grouped_dispatch_forward_and_backward(t, d, h, e, k, empty, blocks):
     x, routing, weights = problem(t, d, h, e, k, empty=empty)
@@ -110,6 +112,28 @@ def test_the_grouped_dispatch_option_calls_it():
         assert rel_err(moe_grouped(*args, kernel="triton"), moe_grouped(*args)) < FP32_TOL
 
 
+@needs_interpreter
+def test_the_layer_runs_it_when_asked():
+    from labsupport.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, n_experts=4, top_k=2, expert_hidden=32)
+    with torch.no_grad():
+        layer.b_up.normal_()
+        layer.b_down.normal_()
+    x = torch.randn(2, 9, 16)
+    results = []
+    for kernel in ("torch", "triton"):
+        layer.zero_grad()
+        layer.dispatch_kernel = kernel
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y.square().sum() + sum(layer.auxiliary_losses().values())).backward()
+        results.append([y, xi.grad, layer.router.weight.grad, layer.w_up.grad, layer.b_down.grad])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < FP32_TOL
+
+
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_the_tile_table_covers_every_sorted_row_once_within_one_expert(block_m):
     counts = torch.tensor([0, 17, 32, 0, 1, 50, 0])
@@ -126,6 +150,10 @@ def test_the_tile_table_covers_every_sorted_row_once_within_one_expert(block_m):
         covered[s:f] += 1
     assert bool((covered == 1).all())
     assert (tile_expert[:int((tile_expert >= 0).sum())] >= 0).all(), "unused tiles come last"
+    with pytest.raises(TypeError, match="1-D int64"):
+        td.slot_tiles(expert_sorted.int(), len(counts), block_m)
+    with pytest.raises(ValueError, match="block_m"):
+        td.slot_tiles(expert_sorted, len(counts), 0)
 
 
 @needs_interpreter
@@ -147,3 +175,57 @@ def test_rejects_bad_inputs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA device"):
         td.moe_scatter(x, routing, *weights)
+
+
+@pytest.mark.skipif(not td.triton_available(), reason="needs triton")
+def test_the_resource_script_compiles_a_kept_configuration_for_sm90_without_spills():
+    """``benchmarks/moe_triton_resources.py`` on one kernel: it compiles for an H100 here and reads the cubin."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "benchmarks/moe_triton_resources.py", "--kernels", "dx", "--configs", "0"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "did not compile" in done.stdout and "nvidia" not in str(td.triton.backends.backends):
+        pytest.skip("this triton has no CUDA backend")
+    assert "dx       config 0" in done.stdout and "'registers'" in done.stdout, done.stdout
+    assert "'stack': 0," in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(not td.triton_available(), reason="needs triton")
+def test_the_gpu_benchmark_runs_its_triton_variants_on_the_cpu(tmp_path):
+    """``benchmarks/moe_gpu.py --cpu-smoke``: every line the GPU run would take for the fused path, on tiny sizes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    env.update(CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path))
+    done = subprocess.run([sys.executable, "benchmarks/moe_gpu.py", "--cpu-smoke", "--only", "moe_layer_triton",
+                           "dispatch_triton", "dispatch_grouped"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((tmp_path / "moe_gpu.json").read_text())["rows"][0]
+    assert not [key for key in row if "error" in key], row
+    assert row["fb_ms_moe_layer_triton"] > 0 and row["fwd_ms_dispatch_triton"] > 0
+    assert row["triton_vs_sorted_rel"] < 1e-5 and row["triton_grad_rel_max"] < 1e-5
+    assert "Fused Triton dispatch" in (tmp_path / "moe_gpu.md").read_text()
+
+
+@needs_interpreter
+def test_only_the_gradients_asked_for_and_no_tokens():
+    x, routing, weights = problem(19, 16, 16, 3, 2, seed=4)
+    x, weights = x.float(), [w.float() for w in weights]
+    expected = forward_backward(moe_grouped, x.double(), routing, [w.double() for w in weights], torch.float64)
+    w_down = weights[2].clone().requires_grad_()  # only W_down asks for a gradient
+    y = td.moe_scatter(x, routing, weights[0], weights[1], w_down, weights[3])
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).float())
+    assert rel_err(w_down.grad.double(), expected[5]) < FP32_TOL
+    empty = td.moe_scatter(x[:0], Routing(routing.experts[:0], routing.weights[:0], routing.active[:0],
+                                          routing.probs[:0]), *weights)
+    assert empty.shape == (0, 16)
