@@ -65,9 +65,12 @@ H, D = 16, 128  # the issue's workload; --cpu-smoke shrinks them
 # times the first seven, most promising first (the H100 run at 16K: the preparation kernel spills registers and
 # takes over half the time; without the scores it spills less); the others are for --variants all.
 VARIANTS = {
-    "Triton, preparation in pieces of 16 columns": {"prep_columns": 16},
+    "Triton, preparation in pieces of 16 columns, 1 warp": {"prep_columns": 16, "prep_warps": 1},
     "Triton state pass": {},
     "Triton, preparation in pieces of 16 columns, 2 warps": {"prep_columns": 16, "prep_warps": 2},
+    "Triton, preparation in pieces of 32 columns, 1 warp": {"prep_columns": 32, "prep_warps": 1},
+    "Triton, preparation in pieces of 32 columns, 2 warps": {"prep_columns": 32, "prep_warps": 2},
+    "Triton, preparation in pieces of 16 columns": {"prep_columns": 16},
     "Triton, preparation in pieces of 32 columns": {"prep_columns": 32},
     "Triton, preparation in pieces of 16 columns, bf16 intermediates": {"prep_columns": 16,
                                                                         "intermediate_dtype": torch.bfloat16},
