@@ -61,6 +61,8 @@ def resources(kernel) -> dict[str, int] | str:
     """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of a compiled kernel's cubin (cuobjdump), or its error text."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return f"no cuobjdump at {tool}"
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as handle:
