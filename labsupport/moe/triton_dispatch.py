@@ -155,7 +155,7 @@ if triton is not None:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tiles"])  # a new token count needs no new compile
     def _rows_kernel(
         A, B, BIAS, OUT, OUT2, PRE, ORDER, SCALE, TILE_EXPERT, TILE_START, TILE_END,
         n_tiles, n_cols, k_dim, top_k,
@@ -290,7 +290,7 @@ if triton is not None:
             w_off = expert.to(tl.int64) * n_rows_w * n_cols_w + r[:, None] * n_cols_w + c[None, :]
             tl.store(OUT + w_off, acc.to(OUT.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _combine_kernel(Z, W, OUT, n_tokens, n_cols, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_N: tl.constexpr):
         """``OUT[t] = Σ_j W[t, j] · Z[t·k + j]`` for a block of tokens and columns, in float32, in slot order."""
