@@ -3,8 +3,10 @@
 Compiles each kernel of ``labsupport.moe.triton_dispatch`` ahead of time for sm_90 (``triton.compile`` on an
 ``ASTSource`` with a ``GPUTarget``; Triton's bundled ptxas), for every configuration of its autotune list, and
 reads the resource usage of the cubin with Triton's bundled ``cuobjdump``. A ``STACK`` above 0 means registers
-spilled to local memory. The arguments are specialised as a GPU launch would specialise them: bf16 tensors,
-16-byte aligned pointers and sizes divisible by 16, the contiguous weight's unit stride a constant.
+spilled to local memory; the script then counts the spill instructions in the SASS and those inside the main
+loop (spills only in the epilogue cost once per tile). The arguments are specialised as a GPU launch would
+specialise them: bf16 tensors, 16-byte aligned pointers and sizes divisible by 16, the contiguous weight's
+unit stride a constant.
 
     python3 benchmarks/moe_triton_resources.py [--kernels up down dpre dx dW_down dW_up] [--configs 0 1 ...]
 
@@ -59,6 +61,8 @@ def resources(kernel) -> dict[str, int] | str:
     """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of a compiled kernel's cubin (cuobjdump), or its error text."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return f"no cuobjdump at {tool}"
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as handle:
@@ -68,6 +72,39 @@ def resources(kernel) -> dict[str, int] | str:
     if not found:
         return (done.stdout + done.stderr)[-300:]
     return dict(zip(("registers", "stack", "static_shared", "local"), map(int, found.groups())))
+
+
+def spill_placement(kernel) -> dict[str, int] | None:
+    """Local-memory (spill) instructions in the SASS: all of them, and those inside the main loop.
+
+    The main loop is the backward branch's range that holds the first ``HGMMA`` (Hopper's warpgroup matrix
+    product). Spills only outside it (in the epilogue) cost once per tile, not once per ``BLOCK_K`` step.
+    ``None`` when the SASS could not be read.
+    """
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(kernel.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    address = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
+    products = [i for i, line in enumerate(lines) if "HGMMA" in line]
+    spills = [i for i, line in enumerate(lines) if re.search(r"\b(STL|LDL)\b", line)]
+    if not products:
+        return None
+    loop = None
+    for i, line in enumerate(lines):
+        target = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1]) if "BRA" in line else None
+        if target and int(target.group(1), 16) in address:
+            j = address.index(int(target.group(1), 16))
+            if j <= products[0] <= i:
+                loop = (j, i)
+                break
+    if loop is None:
+        return None
+    return {"spill_instructions": len(spills), "in_main_loop": sum(loop[0] <= i <= loop[1] for i in spills)}
 
 
 def main() -> None:
@@ -113,7 +150,9 @@ def main() -> None:
                 kernel = compile_for_sm90(fn, pointers, constants, config.num_warps, config.num_stages)
                 usage = resources(kernel)
                 shared = getattr(kernel.metadata, "shared", None)
-                print(f"{label}: {usage}, dynamic shared {shared} bytes", flush=True)
+                placement = spill_placement(kernel) if isinstance(usage, dict) and usage["stack"] else None
+                where = f", spills {placement}" if placement else ""
+                print(f"{label}: {usage}, dynamic shared {shared} bytes{where}", flush=True)
             except Exception as error:  # noqa: BLE001
                 print(f"{label}: did not compile: {type(error).__name__}: {str(error)[:300]}", flush=True)
 

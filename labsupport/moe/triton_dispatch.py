@@ -155,7 +155,7 @@ if triton is not None:
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tiles"])  # a new token count needs no new compile
     def _rows_kernel(
         A, B, BIAS, OUT, OUT2, PRE, ORDER, SCALE, TILE_EXPERT, TILE_START, TILE_END,
         n_tiles, n_cols, k_dim, top_k,
@@ -290,7 +290,7 @@ if triton is not None:
             w_off = expert.to(tl.int64) * n_rows_w * n_cols_w + r[:, None] * n_cols_w + c[None, :]
             tl.store(OUT + w_off, acc.to(OUT.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _combine_kernel(Z, W, OUT, n_tokens, n_cols, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_N: tl.constexpr):
         """``OUT[t] = Σ_j W[t, j] · Z[t·k + j]`` for a block of tokens and columns, in float32, in slot order."""
@@ -312,15 +312,20 @@ if triton is not None:
 
     # Autotuned on a GPU, keyed on the layer's widths only (not on T: no re-tune when the token count
     # changes). BLOCK_M is fixed (the tile table is built for it). Compiled ahead of time for sm_90 with
-    # triton 3.9 (bf16, contiguous weights), the configurations spill as follows, so those that spill are
-    # pruned per epilogue: up (GELU, two stores) and dpre (gelu') spill at 4 warps or BLOCK_N = 256 and fit
-    # at 8 warps and BLOCK_N = 128 (171 and 255 registers); down and dx fit everywhere (116-237 registers).
+    # triton 3.9 (bf16, contiguous weights; benchmarks/moe_triton_resources.py), down and dx fit everywhere
+    # (116-237 registers); up (GELU, two stores) and dpre (gelu') fit at 8 warps and BLOCK_N = 128 (171 and
+    # 255 registers) and spill otherwise, in the epilogue only (none of the spill instructions is inside the
+    # main loop). Pruned per epilogue: dpre keeps the configurations that do not spill; up also keeps
+    # BLOCK_N = 256 at 8 warps (320 bytes of stack, once per tile) for the autotuner to time.
     _ROWS_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
                      for bn, w, s in ((128, 8, 3), (128, 8, 4), (128, 4, 4), (256, 8, 3), (256, 8, 4))]
 
     def _prune_rows(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's callback
-        if kwargs.get("EPILOGUE", named_args.get("EPILOGUE", 0)) == 0:
+        epilogue = kwargs.get("EPILOGUE", named_args.get("EPILOGUE", 0))
+        if epilogue == 0:
             return configs
+        if epilogue == 1:
+            return [c for c in configs if c.num_warps == 8 and (c.kwargs["BLOCK_N"] == 128 or c.num_stages == 3)]
         return [c for c in configs if c.kwargs["BLOCK_N"] == 128 and c.num_warps == 8]
 
     _rows_tuned = triton.autotune(_ROWS_CONFIGS, key=["n_cols", "k_dim", "A_GATHER", "OUT_SCATTER", "EPILOGUE"],

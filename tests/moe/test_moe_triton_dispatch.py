@@ -25,8 +25,8 @@ needs_interpreter = pytest.mark.skipif(
     reason="needs triton with TRITON_INTERPRET=1 set before triton was imported",
 )
 
-FP32_TOL = 1e-5   # float32 against float64: observed around 3e-7
-LOW_TOL = 3e-2    # bf16 / fp16 inputs, activations and gradients: bf16 rounding alone is about 4e-3
+FP32_TOL = 1e-5   # float32 against float64: observed 1.4e-7 (the largest over output and gradients)
+LOW_TOL = 1.5e-2  # bf16 / fp16: observed 4.2e-3 / 6.0e-4 (torch's grouped path in the same dtype: 5.5e-3 / 6.6e-4)
 
 
 def problem(t, d, h, e, k, seed=0, empty=(), drop=0.3):
