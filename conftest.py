@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 
 _SAME_WORKER_AS = {"tests/test_static_book.py": "tests/test_browser.py"}
-# Longest first, by their times in a whole bin/test run on the 2-vCPU dev machine (browser ~425 s, the student
-# editions ~225 s, chapters 02/03/09/06 110-175 s, the grading end to end ~120 s, ...); the many short files after
-# them fill the end, so both workers finish within seconds of each other.
+# Longest first, by their times in a whole bin/test run on the 2-vCPU dev machine (7 Dec 2026: the browser test,
+# which runs the student editions, ~310 s; chapters 02/03 150-180 s, 06/08/09 100-115 s; the grading end to end
+# ~90-105 s; tests/test_notebooks.py ~225 s only where the browser test cannot run, else a second); the many short
+# files after them fill the end, so both workers finish within seconds of each other (793 s and 788 s of tests).
 _LONG_FIRST = ("tests/test_browser.py", "tests/test_static_book.py", "tests/test_notebooks.py",
                "notebooks/02_", "notebooks/03_", "notebooks/09_", "notebooks/06_", "tests/grade/test_grade_submissions.py",
                "notebooks/08_", "notebooks/00_", "notebooks/05_", "notebooks/07_", "notebooks/04_", "notebooks/",

@@ -32,6 +32,7 @@ if not os.environ.get("TRITON_INTERPRET"):
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 NOTEBOOKS_DIR = REPO / "notebooks"
+EXECUTED_STUDENT_EDITIONS = REPO / ".screenshots" / "student" / "executed"
 CELL_TIMEOUT_S = 300
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -100,7 +101,8 @@ class _ThisInterpreterKernelSpecs(KernelSpecManager):
         )
 
 
-def _describe_failure(notebook: nbformat.NotebookNode, name: str, error: Exception) -> str:
+def first_error(notebook: nbformat.NotebookNode, name: str) -> str | None:
+    """The first error output of an executed notebook, naming the notebook, the cell and the error (None: none)."""
     for index, cell in enumerate(notebook.cells):
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
         if cell.cell_type == "code" and errors:
@@ -110,7 +112,12 @@ def _describe_failure(notebook: nbformat.NotebookNode, name: str, error: Excepti
                 f"{name}: cell {index + 1} failed with {errors[0]['ename']}: {errors[0]['evalue']}\n"
                 f"--- cell source (first lines) ---\n{source}\n--- traceback ---\n{traceback[-4000:]}"
             )
-    return f"{name}: execution failed: {type(error).__name__}: {_ANSI.sub('', str(error))[-4000:]}"
+    return None
+
+
+def _describe_failure(notebook: nbformat.NotebookNode, name: str, error: Exception) -> str:
+    return first_error(notebook, name) or \
+        f"{name}: execution failed: {type(error).__name__}: {_ANSI.sub('', str(error))[-4000:]}"
 
 
 def execute_notebook(path: Path, *, name: str | None = None, timeout: int = CELL_TIMEOUT_S) -> nbformat.NotebookNode:
@@ -149,3 +156,53 @@ def stream_text(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
             elif "data" in output and "text/plain" in output["data"]:
                 found.append((index + 1, output["data"]["text/plain"]))
     return found
+
+
+CHECKER_MARKS = ("✅", "❌", "⏳")
+
+
+def checker_lines(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
+    """(cell number, line) of every line a checker printed (it starts with ✅, ❌ or ⏳)."""
+    return [
+        (cell, line.strip())
+        for cell, text in stream_text(notebook)
+        for line in text.splitlines()
+        if line.strip().startswith(CHECKER_MARKS)
+    ]
+
+
+def student_edition_problems(source: Path, executed: nbformat.NotebookNode, name: str) -> str | None:
+    """What is wrong with an executed student edition of the chapter ``source`` (None: nothing): an error output
+    (named by cell, with its traceback), a checker that says anything but "not done yet", or a chapter with
+    solution blocks whose checkers printed nothing. Used by tests/test_browser.py, which runs the student editions
+    in JupyterLab, and by tests/test_notebooks.py, which runs them with nbclient where the browser test cannot."""
+    from labsupport.harness.editions import find_solution_blocks
+
+    error = first_error(executed, name)
+    if error:
+        return error
+    lines = checker_lines(executed)
+    wrong = [(cell, line) for cell, line in lines if "not done yet" not in line]
+    if wrong:
+        return f"{name}: checkers should all say 'not done yet', got {wrong}"
+    exercises = sum(len(find_solution_blocks(cell.source))
+                    for cell in nbformat.read(source, as_version=4).cells if cell.cell_type == "code")
+    if exercises and not lines:
+        return f"{name}: {exercises} solution block(s) but no checker reported anything"
+    return None
+
+
+def save_executed_student_edition(source: Path, executed: nbformat.NotebookNode) -> None:
+    """Keep the executed student edition of ``source`` in ``.screenshots/student/executed/`` (ignored by git) for
+    tests/test_static_book.py's student book, stamped as ``tools/build_book.py`` stamps a student edition it ran in
+    quick mode (the notebook's bytes, the library's sources, the mode, the edition): the build then reuses it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_book", REPO / "tools" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    kept = nbformat.from_dict(executed)
+    kept.metadata[build_book.STAMP_KEY] = build_book.source_stamp(source, quick=True, student=True)
+    kept.metadata.pop("widgets", None)
+    EXECUTED_STUDENT_EDITIONS.mkdir(parents=True, exist_ok=True)
+    nbformat.write(kept, EXECUTED_STUDENT_EDITIONS / source.name)

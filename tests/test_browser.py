@@ -1,11 +1,15 @@
 """Every chapter in a real browser: JupyterLab in headless Chromium runs it (quick mode) and we look at the page.
 
 For each chapter in ``notebooks/`` one JupyterLab server (throw-away settings,
-no token) opens a copy of the notebook in Debian's Chromium driven by
+no token) opens the chapter's *student edition* (as a learner gets it: solutions replaced by
+``raise NotImplementedError``, made by :mod:`labsupport.harness.editions`) in Debian's Chromium driven by
 Playwright (``/usr/bin/chromium``; nothing is downloaded), runs *Run All
 Cells* with ``LABSUPPORT_QUICK=1``, saves it, and checks against the saved
 notebook's own outputs:
 
+* the student edition's checks (``conftest.student_edition_problems``, which tests/test_notebooks.py then leaves
+  to this test): no cell failed (the first error is named with its cell and traceback), and every checker says
+  "not done yet";
 * every code cell ran and no output is an error (a traceback, "Error displaying widget");
 * every plotly output and every widget output of the notebook is rendered in the page;
 * every explorer (``interactive_figure``) shows exactly one figure, and no cell
@@ -16,8 +20,9 @@ Screenshots (``slider_NN.png`` per chapter, ``failure.png`` when a chapter fails
 ``full.jpg``, when ``COURSE_BROWSER_FULL_SCREENSHOTS=1``: drawing a page up to 30,000 pixels tall costs Chromium
 seconds of CPU per chapter, which ``bin/test`` spends on the checks instead) and ``counts.md``,
 a table of what was counted, go to ``.screenshots/browser/`` (ignored by git) for
-a person to look at; the executed chapters go to ``.screenshots/browser/executed/``,
-where tests/test_static_book.py builds the book from them. Skipped, with a one-line reason, where Chromium or
+a person to look at; the executed student editions go to ``.screenshots/browser/executed/``,
+where tests/test_static_book.py builds the book from them, and to ``.screenshots/student/executed/`` (stamped for
+the student book's build). Skipped, with a one-line reason, where Chromium or
 Playwright is missing (``.ci/run`` installs both on Debian); deselect with ``-m 'not browser'``.
 """
 
@@ -35,7 +40,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, chapter_notebooks, notebook_params
+from conftest import (REPO, chapter_notebooks, notebook_params, save_executed_student_edition,
+                      student_edition_problems)
+
+from labsupport.harness.editions import make_student_edition
 
 pytestmark = pytest.mark.browser
 
@@ -49,7 +57,7 @@ shots = sys.modules.setdefault("screenshot_notebook", importlib.util.module_from
 _spec.loader.exec_module(shots)
 
 
-def _why_no_browser() -> str | None:
+def why_no_browser() -> str | None:
     if not Path(shots.CHROMIUM).is_file():
         return f"browser test skipped: {shots.CHROMIUM} not found (Debian: apt-get install -y chromium)"
     if importlib.util.find_spec("playwright") is None:
@@ -169,7 +177,9 @@ RUN_STATE_JS = """
 
 def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
     """After *Run All Cells*: until no cell is queued, the kernel is idle and every code cell shows its execution
-    count, for one second on end (or for three seconds when some cell never ran, which the test then reports).
+    count, for half a second on end (or for three seconds when some cell never ran, which the test then reports).
+    A cell's outputs all reach the page before the kernel reports idle after it, so once every cell shows its count
+    two looks in a row suffice (it waited a full second, about 6 s over the eleven chapters).
 
     Polls every quarter second instead of waiting fixed seconds (``screenshot_notebook.wait_until_idle`` waits 2 s,
     then 1 s per look and 3 s more at the end: about 6 s per chapter of nothing but waiting).
@@ -184,7 +194,7 @@ def wait_until_run(page, code_cells: int, timeout_s: float) -> None:
         now = time.monotonic()
         if state["queued"] == 0 and state["status"] == "idle":
             calm_since = now if calm_since is None else calm_since
-            if now - calm_since >= (1.0 if state["executed"] >= code_cells else 3.0):
+            if now - calm_since >= (0.5 if state["executed"] >= code_cells else 3.0):
                 return
         else:
             calm_since = None
@@ -275,7 +285,7 @@ def move_sliders(page, out_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """One JupyterLab server (quick mode) and one headless Chromium for every chapter."""
-    reason = _why_no_browser()
+    reason = why_no_browser()
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
@@ -366,7 +376,7 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     copy = lab["root"] / path.name
-    notebook = nbformat.read(path, as_version=4)
+    notebook = make_student_edition(nbformat.read(path, as_version=4), name=path.name)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(notebook, copy)  # a copy that names its kernel: JupyterLab asks nothing
     copied_at = copy.stat().st_mtime
@@ -390,8 +400,11 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
         saved = save_notebook(page, copy, copied_at)
         phase("saved")
         (SHOTS / "executed").mkdir(exist_ok=True)
-        saved.metadata["course_source_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        nbformat.write(saved, SHOTS / "executed" / path.name)  # tests/test_static_book.py builds the book from these
+        kept = nbformat.from_dict(saved)
+        kept.metadata["course_source_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        kept.metadata["course_edition"] = "student"
+        nbformat.write(kept, SHOTS / "executed" / path.name)  # tests/test_static_book.py builds the book from these
+        save_executed_student_edition(path, saved)
         cells = wait_until_drawn(page, expected_outputs(saved))
         phase("drawn")
         sliders = move_sliders(page, out_dir)
@@ -452,6 +465,8 @@ def test_chapter_runs_and_renders_in_jupyterlab(lab, path: Path) -> None:
     )
 
     name = path.name
+    problem = student_edition_problems(path, saved, f"student edition of {name}")
+    assert problem is None, problem
     assert not errors, f"{name}: error outputs in the page: {errors}"
     assert counts["executed"] == expected["code_cells"], f"{name}: only {counts['executed']} of {expected['code_cells']} code cells ran"
     assert len(plotly) == expected["plotly_outputs"] == counts["plotly_rendered"], (

@@ -3,10 +3,14 @@
 The chapters themselves are executed at full size by nbval (``bin/test`` runs
 pytest over ``tests/`` and ``notebooks/`` with ``--nbval-lax``), with
 ``LABSUPPORT_STRICT_CHECKS=1`` so that a checker failing on a reference solution
-fails the run. Here each chapter's student edition (solution blocks replaced by
-``raise NotImplementedError``) runs with nbclient in a kernel of this
-interpreter, working directory ``notebooks/``, in quick mode
-(``LABSUPPORT_QUICK=1``); a failure names the notebook, the cell and its error.
+fails the run. Each chapter's student edition (solution blocks replaced by
+``raise NotImplementedError``) is run once per session, in quick mode (``LABSUPPORT_QUICK=1``), and checked by
+``conftest.student_edition_problems``; a failure names the notebook, the cell and its error:
+
+* by tests/test_browser.py, in JupyterLab, as a learner runs it, when that test is selected in this session and
+  can run (Chromium and Playwright present): the test here then skips, saying so;
+* otherwise here, with nbclient in a kernel of this interpreter, working directory ``notebooks/``.
+
 Each executed edition is saved to ``.screenshots/student/executed/`` (ignored by git), stamped as the book
 build stamps its own (``tools/build_book.py``'s ``source_stamp``): tests/test_static_book.py's student book
 takes chapter 00 from there instead of running it a second time. Skip with ``-m 'not notebooks'``.
@@ -14,56 +18,38 @@ takes chapter 00 from there instead of running it a second time. Skip with ``-m 
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from conftest import REPO, chapter_notebooks, notebook_params, stream_text
+from conftest import chapter_notebooks, notebook_params, save_executed_student_edition, student_edition_problems
 
-from labsupport.harness.editions import find_solution_blocks, write_student_editions
+from labsupport.harness.editions import write_student_editions
 
 NOTEBOOKS = chapter_notebooks()
-CHECKER_MARKS = ("✅", "❌", "⏳")
-EXECUTED_STUDENT_EDITIONS = REPO / ".screenshots" / "student" / "executed"
-
-
-def save_executed_edition(path: Path, executed: nbformat.NotebookNode) -> None:
-    """Keep the executed student edition of ``path`` for the student book, stamped as ``tools/build_book.py`` stamps
-    a student edition it ran in quick mode (the notebook's bytes, the library's sources, the mode, the edition)."""
-    spec = importlib.util.spec_from_file_location("build_book", REPO / "tools" / "build_book.py")
-    build_book = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_book)
-    kept = nbformat.from_dict(executed)
-    kept.metadata[build_book.STAMP_KEY] = build_book.source_stamp(path, quick=True, student=True)
-    kept.metadata.pop("widgets", None)
-    EXECUTED_STUDENT_EDITIONS.mkdir(parents=True, exist_ok=True)
-    nbformat.write(kept, EXECUTED_STUDENT_EDITIONS / path.name)
-
+BROWSER_TEST = "tests/test_browser.py::test_chapter_runs_and_renders_in_jupyterlab"
 
 pytestmark = pytest.mark.notebooks
 
 
-def checker_lines(notebook: nbformat.NotebookNode) -> list[tuple[int, str]]:
-    return [
-        (cell, line.strip())
-        for cell, text in stream_text(notebook)
-        for line in text.splitlines()
-        if line.strip().startswith(CHECKER_MARKS)
-    ]
+def browser_runs_it(request: pytest.FixtureRequest, path: Path) -> bool:
+    """Will tests/test_browser.py run this chapter's student edition in this session (selected, and able to run)?"""
+    wanted = f"{BROWSER_TEST}[{path.stem}]"
+    if not any(item.nodeid.endswith(wanted) for item in request.session.items):
+        return False
+    browser = sys.modules.get("test_browser")
+    return browser is not None and browser.why_no_browser() is None
 
 
 @pytest.mark.parametrize("path", notebook_params(NOTEBOOKS))
-def test_student_edition_runs_and_every_checker_says_not_done_yet(path: Path, run_notebook, tmp_path, monkeypatch) -> None:
+def test_student_edition_runs_and_every_checker_says_not_done_yet(path: Path, run_notebook, tmp_path, monkeypatch,
+                                                                   request) -> None:
+    if browser_runs_it(request, path):
+        pytest.skip(f"{path.name}: tests/test_browser.py runs and checks its student edition in this session")
     monkeypatch.setenv("LABSUPPORT_QUICK", "1")
     [edition] = write_student_editions([path], tmp_path)
-    executed = run_notebook(edition, name=f"student edition of {path.name}")
-    exercises = sum(
-        len(find_solution_blocks(cell.source)) for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
-    )
-    lines = checker_lines(executed)
-    wrong = [(cell, line) for cell, line in lines if "not done yet" not in line]
-    assert not wrong, f"student edition of {path.name}: checkers should all say 'not done yet', got {wrong}"
-    if exercises:
-        assert lines, f"student edition of {path.name}: {exercises} solution block(s) but no checker reported anything"
-    save_executed_edition(path, executed)
+    name = f"student edition of {path.name}"
+    executed = run_notebook(edition, name=name)
+    problem = student_edition_problems(path, executed, name)
+    assert problem is None, problem
+    save_executed_student_edition(path, executed)

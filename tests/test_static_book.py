@@ -2,10 +2,14 @@
 
 The book is built once for this module, in quick mode, into a temporary
 folder. When the browser test (tests/test_browser.py, which runs earlier in
-the same session) has left every chapter executed by JupyterLab in
-``.screenshots/browser/executed/``, those are used (``--executed``) instead of
-running each chapter a second time; otherwise the build executes them itself. Likewise the student book takes
-chapter 00's student edition as tests/test_notebooks.py executed it (``.screenshots/student/executed/``), when
+the same session, on the same worker) has left every chapter's student edition executed by JupyterLab in
+``.screenshots/browser/executed/``, the book is built from those (``--executed``) instead of running each chapter
+a second time; otherwise the build executes the chapters itself. A student edition differs from its chapter only
+in the sources of the solution cells, so each executed copy gets the chapter's own sources back first: the
+instructor book built here shows every solution (folded) above the output the learner's placeholder gave, which is
+all these tests look at (pages, figures, folds, links, nothing loaded from elsewhere); that each solution runs is
+nbval's check, at full size. Likewise the student book takes chapter 00's student edition as the browser test (or
+tests/test_notebooks.py) executed it (``.screenshots/student/executed/``), when
 that copy carries the stamp the build would give it (same notebook, library sources, quick mode, edition).
 Skipped, with a one-line reason, when the book's tools (requirements-dev.txt)
 are missing; deselect with ``-m 'not book'``.
@@ -30,7 +34,7 @@ from conftest import REPO, chapter_notebooks
 pytestmark = pytest.mark.book
 
 EXECUTED_BY_BROWSER = REPO / ".screenshots" / "browser" / "executed"
-EXECUTED_STUDENT_EDITIONS = REPO / ".screenshots" / "student" / "executed"  # by tests/test_notebooks.py
+EXECUTED_STUDENT_EDITIONS = REPO / ".screenshots" / "student" / "executed"  # by tests/test_browser.py
 EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)  # http://, https://, //cdn..., any scheme with //
 CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])([^'")\s]+)""", re.I)
 
@@ -49,6 +53,16 @@ def executed_by_browser_is_current(path: Path) -> bool:
     return source == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def with_chapter_sources(path: Path, executed: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """An executed edition of the chapter ``path`` with the chapter's own cell sources (its solutions) put back."""
+    chapter = nbformat.read(path, as_version=4)
+    assert [c.cell_type for c in chapter.cells] == [c.cell_type for c in executed.cells], (
+        f"{path.name}: the executed copy's cells do not match the chapter's")
+    for mine, theirs in zip(executed.cells, chapter.cells):
+        mine.source = theirs.source
+    return executed
+
+
 @pytest.fixture(scope="module")
 def book(tmp_path_factory) -> Path:
     reason = _why_no_book_tools()
@@ -57,7 +71,11 @@ def book(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("book")
     command = [sys.executable, str(REPO / "tools" / "build_book.py"), "--quick", "--out", str(out)]
     if all(executed_by_browser_is_current(path) for path in chapter_notebooks()):
-        command += ["--executed", str(EXECUTED_BY_BROWSER)]
+        instructor = tmp_path_factory.mktemp("executed")
+        for path in chapter_notebooks():
+            nbformat.write(with_chapter_sources(path, nbformat.read(EXECUTED_BY_BROWSER / path.name, as_version=4)),
+                           instructor / path.name)
+        command += ["--executed", str(instructor)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, f"the book did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
