@@ -65,32 +65,37 @@ H, D = 16, 128  # the issue's workload; --cpu-smoke shrinks them
 # times the first seven, most promising first (the H100 run at 16K: the preparation kernel spills registers and
 # takes over half the time; without the scores it spills less); the others are for --variants all.
 VARIANTS = {
-    "Triton, preparation in pieces of 16 columns, 1 warp": {"prep_columns": 16, "prep_warps": 1},
-    "Triton state pass": {},
-    "Triton, preparation in pieces of 16 columns, 2 warps": {"prep_columns": 16, "prep_warps": 2},
+    # the column-piece preparation (the default since the fifth GPU session: 32 columns, 1 warp)
     "Triton, preparation in pieces of 32 columns, 1 warp": {"prep_columns": 32, "prep_warps": 1},
+    "Triton, preparation in pieces of 16 columns, 1 warp": {"prep_columns": 16, "prep_warps": 1},
+    "Triton state pass": {"prep_columns": None, "prep_warps": 4},  # whole rows: the default until then
+    "Triton, preparation in pieces of 16 columns, 2 warps": {"prep_columns": 16, "prep_warps": 2},
     "Triton, preparation in pieces of 32 columns, 2 warps": {"prep_columns": 32, "prep_warps": 2},
-    "Triton, preparation in pieces of 16 columns": {"prep_columns": 16},
-    "Triton, preparation in pieces of 32 columns": {"prep_columns": 32},
-    "Triton, preparation in pieces of 16 columns, bf16 intermediates": {"prep_columns": 16,
-                                                                        "intermediate_dtype": torch.bfloat16},
-    "Triton, preparation in pieces of 16 columns, output kernel apart, bf16 intermediates": {
-        "prep_columns": 16, "fused_output": False, "intermediate_dtype": torch.bfloat16},
-    "Triton, output kernel apart, bf16 intermediates": {"fused_output": False, "intermediate_dtype": torch.bfloat16},
+    "Triton, preparation in pieces of 16 columns, 4 warps": {"prep_columns": 16, "prep_warps": 4},
+    "Triton, preparation in pieces of 32 columns, 4 warps": {"prep_columns": 32, "prep_warps": 4},
+    "Triton, preparation in pieces of 16 columns, 4 warps, bf16 intermediates": {
+        "prep_columns": 16, "prep_warps": 4, "intermediate_dtype": torch.bfloat16},
+    "Triton, preparation in pieces of 16 columns, 4 warps, output kernel apart, bf16 intermediates": {
+        "prep_columns": 16, "prep_warps": 4, "fused_output": False, "intermediate_dtype": torch.bfloat16},
+    # the whole-row preparation
+    "Triton, output kernel apart, bf16 intermediates": {
+        "prep_columns": None, "fused_output": False, "intermediate_dtype": torch.bfloat16},
     "Triton, output kernel apart, bf16 intermediates, preparation in 8 warps": {
-        "fused_output": False, "intermediate_dtype": torch.bfloat16, "prep_warps": 8},
-    "Triton, output kernel apart, preparation in 8 warps": {"fused_output": False, "prep_warps": 8},
-    "Triton, preparation in 8 warps": {"prep_warps": 8},
-    "Triton, 8 warps (both kernels)": {"num_warps": 8, "prep_warps": 8},
-    "Triton, BV=16 (two programs per SM)": {"block_v": 16},
-    "Triton, bf16 intermediates, 8 warps": {"intermediate_dtype": torch.bfloat16, "num_warps": 8, "prep_warps": 8},
-    "Triton, bf16 intermediates": {"intermediate_dtype": torch.bfloat16},
-    "Triton, bf16 intermediates, BV=64, 8 warps": {"intermediate_dtype": torch.bfloat16, "block_v": 64,
-                                                   "num_warps": 8, "prep_warps": 8},
+        "prep_columns": None, "fused_output": False, "intermediate_dtype": torch.bfloat16, "prep_warps": 8},
+    "Triton, output kernel apart, preparation in 8 warps": {"prep_columns": None, "fused_output": False,
+                                                            "prep_warps": 8},
+    "Triton, preparation in 8 warps": {"prep_columns": None, "prep_warps": 8},
+    "Triton, 8 warps (both kernels)": {"prep_columns": None, "num_warps": 8, "prep_warps": 8},
+    "Triton, BV=16 (two programs per SM)": {"prep_columns": None, "block_v": 16},
+    "Triton, bf16 intermediates, 8 warps": {"prep_columns": None, "intermediate_dtype": torch.bfloat16,
+                                            "num_warps": 8, "prep_warps": 8},
+    "Triton, bf16 intermediates": {"prep_columns": None, "intermediate_dtype": torch.bfloat16},
+    "Triton, bf16 intermediates, BV=64, 8 warps": {"prep_columns": None, "intermediate_dtype": torch.bfloat16,
+                                                   "block_v": 64, "num_warps": 8, "prep_warps": 8},
     "Triton, inverse by doubling on 64 × 64": {"inverse": "doubling"},
-    "Triton, inverse in tf32x3": {"inverse_precision": "tf32x3"},
+    "Triton, inverse in tf32x3": {"prep_columns": None, "inverse_precision": "tf32x3"},
 }
-DEFAULT_VARIANTS = list(VARIANTS)[:8]
+DEFAULT_VARIANTS = list(VARIANTS)[:5]
 # tried in turn when the first variant fails (a compile or launch error on this GPU)
 FALLBACKS = [("Triton, inverse by doubling on 64 × 64", {"inverse": "doubling"}),
              ("Triton, float32 products (no tensor cores)", {"precision": "ieee", "inverse": "doubling"})]
@@ -210,7 +215,7 @@ def main() -> None:
                         help="time the eager course form's forward + backward (auto: only for T <= 4096)")
     parser.add_argument("--fla-backward", choices=("on", "off"), default="on")
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, metavar="NAME",
-                        help=f"Triton variants to time (default the first eight; 'all' for every one): {list(VARIANTS)}")
+                        help=f"Triton variants to time (default the first five; 'all' for every one): {list(VARIANTS)}")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="do_bench's time budget per timing, ms")
     parser.add_argument("--budget-s", type=float, default=80.0,
                         help="seconds per length after which optional steps (variants past the first, CUDA graphs, "
@@ -342,8 +347,11 @@ def main() -> None:
                 kw = {"chunk": 64, "precision": settings.get("precision", "tf32"),
                       "inverse_precision": settings.get("inverse_precision", settings.get("precision", "tf32")),
                       "intermediate_dtype": settings.get("intermediate_dtype", torch.float32),
-                      "prep_warps": settings.get("prep_warps", 4), "store_scores": settings.get("fused_output", True),
-                      "inverse": settings.get("inverse", "blocked"), "prep_columns": settings.get("prep_columns")}
+                      "store_scores": settings.get("fused_output", True),
+                      "inverse": settings.get("inverse", "blocked"), "prep_columns": settings.get("prep_columns", 32)}
+                if kw["inverse"] != "blocked":
+                    kw["prep_columns"] = None
+                kw["prep_warps"] = settings.get("prep_warps", 4 if kw["prep_columns"] is None else 1)
                 try:
                     with torch.no_grad():
                         entry["prep_ms"] = bench(lambda: triton_delta._prepare(

@@ -739,10 +739,10 @@ def delta_rule_chunkwise_triton(
     block_v: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
-    prep_warps: int = 4,
+    prep_warps: int | None = None,
     fused_output: bool = True,
     inverse: str | None = None,
-    prep_columns: int | None = None,
+    prep_columns: int | None = 32,
     check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(Gated) DeltaNet forward, chunkwise, in two Triton kernels (see the module's docstring).
@@ -766,7 +766,9 @@ def delta_rule_chunkwise_triton(
         inverse_precision: of the products that build ``(I + A)⁻¹``; default ``precision``.
         intermediate_dtype: dtype of ``W``, ``U`` and the scores between the kernels: float32, bfloat16 or float16.
         block_v: value columns per program of the state pass (a power of two, at least 16).
-        num_warps, num_stages: launch settings of the state pass; prep_warps: of the preparation kernel.
+        num_warps, num_stages: launch settings of the state pass; prep_warps: warps of the preparation kernel,
+            default 1 for the preparation in pieces of columns and 4 for the others (the fastest measured on an
+            H100: ``benchmarks/BENCHMARKS.md``, fifth GPU session).
         fused_output: compute the output inside the state pass (default); ``False`` stores the state entering
             every chunk and ``V'`` instead (in ``intermediate_dtype``), and a third kernel, parallel over chunks,
             computes the output from them.
@@ -774,8 +776,9 @@ def delta_rule_chunkwise_triton(
             rest by block substitution; chunks of 64 or 128, the default there) or ``"doubling"`` (on the whole
             ``C × C`` matrix; any chunk, the default for 16 and 32).
         prep_columns: with ``inverse="blocked"``, the preparation reads ``Q, K, V`` and writes ``W, U`` in pieces
-            of this many columns (a power of two, at least 16), which keeps its registers from spilling at
-            ``D = 128``; ``None`` takes whole rows at once.
+            of this many columns (a power of two, at least 16; default 32), which keeps its registers from
+            spilling at ``D = 128``; ``None`` takes whole rows at once (the earlier kernel). The doubling
+            preparation always takes whole rows and does not use it.
         check_values: check that ``log_decay <= 0`` (reads the values: a host synchronisation). ``False`` checks
             only shapes and dtypes, so that the call can be captured in a CUDA graph.
 
@@ -819,8 +822,10 @@ def delta_rule_chunkwise_triton(
         prep_columns = require_int("prep_columns", prep_columns, minimum=16)
         if prep_columns & (prep_columns - 1):
             raise ValueError(f"prep_columns must be a power of two (at least 16) or None, got {prep_columns}")
-        if inverse != "blocked":
-            raise ValueError(f"prep_columns applies to inverse='blocked' (chunks of 64 or 128), got inverse={inverse!r}")
+    if inverse != "blocked":
+        prep_columns = None  # the doubling preparation takes whole rows
+    if prep_warps is None:
+        prep_warps = 4 if prep_columns is None else 1
     if intermediate_dtype not in _DTYPES:
         raise TypeError(f"intermediate_dtype must be torch.float32, torch.bfloat16 or torch.float16, got "
                         f"{intermediate_dtype!r}")
@@ -829,7 +834,7 @@ def delta_rule_chunkwise_triton(
         raise ValueError(f"block_v must be a power of two (at least 16), got {block_v}")
     num_warps = require_int("num_warps", num_warps, minimum=1)
     num_stages = require_int("num_stages", num_stages, minimum=1)
-    prep_warps = require_int("prep_warps", prep_warps, minimum=1)
+    prep_warps = require_int("prep_warps", prep_warps, minimum=1)  # type: ignore[arg-type]
     if max(t.numel() for t in (q, k, v)) >= 2**31 or b * h * (-(-length // chunk)) * chunk * chunk >= 2**31:
         raise ValueError(f"tensors of 2³¹ elements or more are not supported (32-bit offsets); got q {tuple(q.shape)}, "
                          f"v {tuple(v.shape)}: split the batch")

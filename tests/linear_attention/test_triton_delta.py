@@ -88,20 +88,22 @@ def test_preparation_in_pieces_of_columns_equals_whole_rows(gated, chunk, length
     q, k, v, beta, log_decay = inputs(b=1, length=length, dk=dk, dv=dv, gated=gated, key_scale=1.2, seed=5)
     expected, expected_state = exact(q, k, v, beta, log_decay, return_state=True)
     for fused in (True, False):
-        out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, prep_columns=columns, fused_output=fused,
-                         return_state=True)
-        assert rel_err(out, expected) < FP32_TOL
-        assert rel_err(state, expected_state) < FP32_TOL
+        for prep_columns in (columns, None):  # None: whole rows, the earlier kernel
+            out, state = run(q, k, v, beta, log_decay, chunk_size=chunk, prep_columns=prep_columns,
+                             fused_output=fused, return_state=True)
+            assert rel_err(out, expected) < FP32_TOL
+            assert rel_err(state, expected_state) < FP32_TOL
     assert triton_delta.last_kernel_resources()["prepare"] is not None
 
 
 @needs_interpreter
-def test_preparation_in_pieces_in_bf16():
+def test_preparation_in_pieces_in_bf16_and_the_doubling_inverse_ignores_them():
     q, k, v, beta, log_decay = inputs(length=70, dk=32, dv=16, dtype=torch.bfloat16)
     out = run(q, k, v, beta, log_decay, chunk_size=64, prep_columns=16)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, exact(q, k, v, beta, log_decay)) < BF16_TOL
-    assert rel_err(out, run(q, k, v, beta, log_decay, chunk_size=64)) < BF16_TOL
+    assert rel_err(out, run(q, k, v, beta, log_decay, chunk_size=64, prep_columns=None)) < BF16_TOL
+    assert rel_err(run(q, k, v, beta, log_decay, chunk_size=32, prep_columns=16), out) < BF16_TOL
 
 
 @needs_interpreter
@@ -228,7 +230,6 @@ def test_float_beta_is_accepted():
     (dict(inverse="lu"), ValueError, "inverse must be one of"),
     (dict(prep_columns=24), ValueError, "prep_columns must be a power of two"),
     (dict(prep_columns=8), ValueError, "prep_columns must be >= 16"),
-    (dict(chunk_size=32, prep_columns=16), ValueError, "prep_columns applies to inverse='blocked'"),
 ])
 def test_bad_settings_are_refused(bad, error, message):
     q, k, v, beta, log_decay = inputs(length=8)
