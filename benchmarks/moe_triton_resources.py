@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a plain checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from triton_resources_cpu import compile_for_sm90, resources, spill_placement  # noqa: E402
 
 # kind: (A_GATHER, OUT_SCATTER, EPILOGUE, HAS_BIAS, HAS_SCALE, the weight's unit stride)
 ROWS = {"up": (True, False, 1, True, False, "stride_bn"), "down": (False, True, 0, True, False, "stride_bn"),
@@ -32,79 +32,6 @@ ROWS = {"up": (True, False, 1, True, False, "stride_bn"), "down": (False, True, 
 WGRAD = {"dW_down": (False, True, True), "dW_up": (True, False, False)}
 ALIGNED = ("n_cols", "k_dim", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_om", "n_rows_w",
            "n_cols_w", "stride_bm")
-
-
-def compile_for_sm90(fn, pointers: dict[str, str], constants: dict[str, object], num_warps: int, num_stages: int):
-    """``fn`` compiled for sm_90 with the given pointer element types and constexpr values."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    signature = {}
-    for name in names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = f"*{pointers[name]}"
-        else:
-            signature[name] = "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in ALIGNED and n not in constants}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def resources(kernel) -> dict[str, int] | str:
-    """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of a compiled kernel's cubin (cuobjdump), or its error text."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return f"no cuobjdump at {tool}"
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as handle:
-            handle.write(kernel.asm["cubin"])
-        done = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", done.stdout + done.stderr)
-    if not found:
-        return (done.stdout + done.stderr)[-300:]
-    return dict(zip(("registers", "stack", "static_shared", "local"), map(int, found.groups())))
-
-
-def spill_placement(kernel) -> dict[str, int] | None:
-    """Local-memory (spill) instructions in the SASS: all of them, and those inside the main loop.
-
-    The main loop is the backward branch's range that holds the first ``HGMMA`` (Hopper's warpgroup matrix
-    product). Spills only outside it (in the epilogue) cost once per tile, not once per ``BLOCK_K`` step.
-    ``None`` when the SASS could not be read.
-    """
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as handle:
-            handle.write(kernel.asm["cubin"])
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
-    address = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
-    products = [i for i, line in enumerate(lines) if "HGMMA" in line]
-    spills = [i for i, line in enumerate(lines) if re.search(r"\b(STL|LDL)\b", line)]
-    if not products:
-        return None
-    loop = None
-    for i, line in enumerate(lines):
-        target = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1]) if "BRA" in line else None
-        if target and int(target.group(1), 16) in address:
-            j = address.index(int(target.group(1), 16))
-            if j <= products[0] <= i:
-                loop = (j, i)
-                break
-    if loop is None:
-        return None
-    return {"spill_instructions": len(spills), "in_main_loop": sum(loop[0] <= i <= loop[1] for i in spills)}
 
 
 def main() -> None:
@@ -147,7 +74,7 @@ def main() -> None:
             label = (f"{kind:8s} config {index}: {config.kwargs} warps {config.num_warps} stages {config.num_stages}"
                      f"{' (pruned)' if pruned else ''}")
             try:
-                kernel = compile_for_sm90(fn, pointers, constants, config.num_warps, config.num_stages)
+                kernel = compile_for_sm90(fn, pointers, constants, config.num_warps, config.num_stages, ALIGNED)
                 usage = resources(kernel)
                 shared = getattr(kernel.metadata, "shared", None)
                 placement = spill_placement(kernel) if isinstance(usage, dict) and usage["stack"] else None

@@ -29,43 +29,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
 
 
-def compile_for_sm90(kernel, signature: dict[str, str], constants: dict[str, object], num_warps: int):
-    """``kernel`` compiled for an H100 (sm_90) with ``num_warps`` warps and one pipeline stage."""
+def compile_for_sm90(fn, pointers: dict[str, str], constants: dict[str, object], num_warps: int,
+                     num_stages: int = 1, aligned: tuple[str, ...] = ()):
+    """``fn`` compiled for sm_90: ``pointers`` maps pointer arguments to element types (``"bf16"``), other
+    non-constant arguments are ``i32``; pointers and the ``aligned`` integers are marked divisible by 16, as a
+    GPU launch specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    full = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-    missing = [name for name in kernel.arg_names if name not in signature and name not in constants]
-    if missing:
-        raise ValueError(f"no type or constant given for the arguments {missing} of {kernel.fn.__name__}")
-    source = triton.compiler.ASTSource(fn=kernel, signature=full,
-                                       constexprs={k: v for k, v in constants.items() if k in kernel.arg_names})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                           "num_stages": 1})
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
+        else:
+            signature[name] = "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*") or n in aligned and n not in constants}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def resources(compiled) -> dict[str, int]:
-    """Registers per thread and stack (local memory) bytes per thread of a compiled kernel, from its cubin."""
+def resources(kernel) -> dict[str, int] | str:
+    """``REG``, ``STACK``, ``SHARED``, ``LOCAL`` of a compiled kernel's cubin (cuobjdump), or its error text."""
     import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return f"no cuobjdump at {tool}"
     with tempfile.TemporaryDirectory() as folder:
-        cubin = Path(folder) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        table = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-    found = {key: re.search(rf"{key}:(\d+)", table) for key in ("REG", "STACK")}
-    if not all(found.values()):
-        raise RuntimeError(f"cuobjdump printed no REG/STACK entry:\n{table}")
-    return {"registers": int(found["REG"].group(1)), "stack_bytes": int(found["STACK"].group(1))}
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(kernel.asm["cubin"])
+        done = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", done.stdout + done.stderr)
+    if not found:
+        return (done.stdout + done.stderr)[-300:]
+    return dict(zip(("registers", "stack", "static_shared", "local"), map(int, found.groups())))
+
+
+def spill_placement(kernel) -> dict[str, int] | None:
+    """Local-memory (spill) instructions in the SASS: all of them, and those inside the main loop.
+
+    The main loop is the backward branch's range that holds the first ``HGMMA`` (Hopper's warpgroup matrix
+    product). Spills only outside it (in the epilogue) cost once per tile, not once per ``BLOCK_K`` step.
+    ``None`` when the SASS could not be read.
+    """
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(kernel.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    lines = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    address = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
+    products = [i for i, line in enumerate(lines) if "HGMMA" in line]
+    spills = [i for i, line in enumerate(lines) if re.search(r"\b(STL|LDL)\b", line)]
+    if not products:
+        return None
+    loop = None
+    for i, line in enumerate(lines):
+        target = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1]) if "BRA" in line else None
+        if target and int(target.group(1), 16) in address:
+            j = address.index(int(target.group(1), 16))
+            if j <= products[0] <= i:
+                loop = (j, i)
+                break
+    if loop is None:
+        return None
+    return {"spill_instructions": len(spills), "in_main_loop": sum(loop[0] <= i <= loop[1] for i in spills)}
 
 
 def delta_prep_rows(warps: list[int]) -> list[dict]:
     """Chapter 03's preparation kernels at D = 128, chunks of 64, bf16 inputs, float32 intermediates."""
     from labsupport.linear_attention import triton_delta as td
 
-    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BETA": "*bf16", "LD": "*bf16", "W": "*fp32",
-                "U": "*fp32", "SC": "*fp32", "G": "*fp32", "length": "i32", "n_chunks": "i32"}
+    pointers = {"Q": "bf16", "K": "bf16", "V": "bf16", "BETA": "bf16", "LD": "bf16", "W": "fp32", "U": "fp32",
+                "SC": "fp32", "G": "fp32"}
     kernels = [("whole rows", td._delta_prep_blocked_kernel, {}),
                ("pieces of 16 columns", td._delta_prep_pieces_kernel, {"BD": 16, "F32": False}),
                ("pieces of 32 columns", td._delta_prep_pieces_kernel, {"BD": 32, "F32": False})]
@@ -78,6 +123,8 @@ def delta_prep_rows(warps: list[int]) -> list[dict]:
                                  "HAS_DECAY": gated, "STORE_SCORES": scores, "PREC": "tf32", "PREC_INV": "tf32",
                                  **extra}
                     used = resources(compile_for_sm90(kernel, pointers, constants, num_warps))
+                    if isinstance(used, str):
+                        raise RuntimeError(f"no resource table for {name}: {used}")
                     rows.append({"kernel": name, "warps": num_warps, "scores": scores, "gated": gated, **used})
                     print(rows[-1], flush=True)
     return rows
@@ -98,7 +145,7 @@ def main() -> None:
     print("| preparation kernel | warps | scores | gated | registers | stack bytes |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r['warps']} | {'yes' if r['scores'] else 'no'} | {'yes' if r['gated'] else 'no'} | "
-              f"{r['registers']} | {r['stack_bytes']:,} |")
+              f"{r['registers']} | {r['stack']:,} |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton_resources.json"), "w") as fh:
         json.dump({"triton": triton.__version__, "target": "sm_90", "rows": rows}, fh, indent=1)

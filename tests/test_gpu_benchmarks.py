@@ -67,8 +67,8 @@ def tile_sum(X, O, ROWS: tl.constexpr, COLS: tl.constexpr):
     y = tl.load(X + ROWS * COLS + r * COLS + c)
     tl.store(O + r * COLS + c, x * tl.sum(y, 0)[None, :] + y * tl.sum(x, 1)[:, None])
 
-small = resources(compile_for_sm90(tile_sum, {"X": "*fp32", "O": "*fp32"}, {"ROWS": 16, "COLS": 16}, 4))
-large = resources(compile_for_sm90(tile_sum, {"X": "*fp32", "O": "*fp32"}, {"ROWS": 128, "COLS": 128}, 1))
+small = resources(compile_for_sm90(tile_sum, {"X": "fp32", "O": "fp32"}, {"ROWS": 16, "COLS": 16}, 4))
+large = resources(compile_for_sm90(tile_sum, {"X": "fp32", "O": "fp32"}, {"ROWS": 128, "COLS": 128}, 1))
 print(json.dumps({"small": small, "large": large}))
 """
 
@@ -86,5 +86,5 @@ def test_register_and_spill_counts_for_an_h100_are_read_without_a_gpu(tmp_path: 
     import json
 
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert 0 < found["small"]["registers"] < 128 and found["small"]["stack_bytes"] == 0, found
-    assert found["large"]["registers"] > found["small"]["registers"] and found["large"]["stack_bytes"] > 0, found
+    assert 0 < found["small"]["registers"] < 128 and found["small"]["stack"] == 0, found
+    assert found["large"]["registers"] > found["small"]["registers"] and found["large"]["stack"] > 0, found
