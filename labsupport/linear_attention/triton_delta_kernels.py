@@ -120,6 +120,54 @@ if triton is not None:
                  mask=offs_c[None, :] < D)
 
     @triton.jit
+    def _block_gates(BETA, LD, pid_bh, length, t0, t1, t2, t3, S: tl.constexpr, HAS_DECAY: tl.constexpr):
+        """``β`` and the cumulative log-decay ``b`` (from the chunk start, carried across the blocks) of the four
+        blocks of ``S`` tokens ``t0 … t3``; ``b = 0`` without decay."""
+        b0 = _entries(BETA, pid_bh, length, t0)
+        b1 = _entries(BETA, pid_bh, length, t1)
+        b2 = _entries(BETA, pid_bh, length, t2)
+        b3 = _entries(BETA, pid_bh, length, t3)
+        if HAS_DECAY:
+            l0 = _entries(LD, pid_bh, length, t0)
+            l1 = _entries(LD, pid_bh, length, t1)
+            l2 = _entries(LD, pid_bh, length, t2)
+            l3 = _entries(LD, pid_bh, length, t3)
+            g0 = tl.cumsum(l0, 0)
+            g1 = tl.cumsum(l1, 0) + tl.sum(l0, 0)
+            g2 = tl.cumsum(l2, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0))
+            g3 = tl.cumsum(l3, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0) + tl.sum(l2, 0))
+        else:
+            g0 = tl.zeros((S,), dtype=tl.float32)
+            g1 = g0
+            g2 = g0
+            g3 = g0
+        return b0, b1, b2, b3, g0, g1, g2, g3
+
+    @triton.jit
+    def _blocks_below(x00, x11, x22, x33, a10, a20, a21, a30, a31, a32, PREC_INV: tl.constexpr):
+        """The blocks of ``(I + A)⁻¹`` below its inverted diagonal blocks, by block forward substitution:
+        ``X_ij = −X_ii Σ_{j ≤ m < i} A_im X_mj``. Returns ``X_10, X_20, X_21, X_30, X_31, X_32``."""
+        x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC_INV), input_precision=PREC_INV)
+        x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC_INV), input_precision=PREC_INV)
+        x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC_INV), input_precision=PREC_INV)
+        x20 = tl.dot(a20, x00, input_precision=PREC_INV)
+        x20 = -tl.dot(x22, tl.dot(a21, x10, acc=x20, input_precision=PREC_INV), input_precision=PREC_INV)
+        x31 = tl.dot(a31, x11, input_precision=PREC_INV)
+        x31 = -tl.dot(x33, tl.dot(a32, x21, acc=x31, input_precision=PREC_INV), input_precision=PREC_INV)
+        x30 = tl.dot(a30, x00, input_precision=PREC_INV)
+        x30 = tl.dot(a31, x10, acc=x30, input_precision=PREC_INV)
+        x30 = -tl.dot(x33, tl.dot(a32, x20, acc=x30, input_precision=PREC_INV), input_precision=PREC_INV)
+        return x10, x20, x21, x30, x31, x32
+
+    @triton.jit
+    def _store_gates(PTR, offs, S: tl.constexpr, g0, g1, g2, g3):
+        """The four blocks' cumulative log-decays into one chunk's ``C = 4 S`` entries at ``PTR``."""
+        tl.store(PTR + offs, g0)
+        tl.store(PTR + S + offs, g1)
+        tl.store(PTR + 2 * S + offs, g2)
+        tl.store(PTR + 3 * S + offs, g3)
+
+    @triton.jit
     def _delta_prep_blocked_kernel(
         Q, K, V, BETA, LD, W, U, SC, G,
         length, n_chunks,
@@ -142,24 +190,7 @@ if triton is not None:
         t1 = t0 + S
         t2 = t0 + 2 * S
         t3 = t0 + 3 * S
-        b0 = _entries(BETA, pid_bh, length, t0)
-        b1 = _entries(BETA, pid_bh, length, t1)
-        b2 = _entries(BETA, pid_bh, length, t2)
-        b3 = _entries(BETA, pid_bh, length, t3)
-        if HAS_DECAY:  # b_i, cumulative from the chunk start, carried across the four blocks
-            l0 = _entries(LD, pid_bh, length, t0)
-            l1 = _entries(LD, pid_bh, length, t1)
-            l2 = _entries(LD, pid_bh, length, t2)
-            l3 = _entries(LD, pid_bh, length, t3)
-            g0 = tl.cumsum(l0, 0)
-            g1 = tl.cumsum(l1, 0) + tl.sum(l0, 0)
-            g2 = tl.cumsum(l2, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0))
-            g3 = tl.cumsum(l3, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0) + tl.sum(l2, 0))
-        else:
-            g0 = tl.zeros((S,), dtype=tl.float32)
-            g1 = g0
-            g2 = g0
-            g3 = g0
+        b0, b1, b2, b3, g0, g1, g2, g3 = _block_gates(BETA, LD, pid_bh, length, t0, t1, t2, t3, S, HAS_DECAY)
         k0 = _rows(K, pid_bh, length, t0, offs_k, DK)
         k1 = _rows(K, pid_bh, length, t1, offs_k, DK)
         k2 = _rows(K, pid_bh, length, t2, offs_k, DK)
@@ -202,16 +233,7 @@ if triton is not None:
         a30 = _gram_block(k3, k0, b3, g3, g0, PREC)
         a31 = _gram_block(k3, k1, b3, g3, g1, PREC)
         a32 = _gram_block(k3, k2, b3, g3, g2, PREC)
-        x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC_INV), input_precision=PREC_INV)
-        x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC_INV), input_precision=PREC_INV)
-        x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC_INV), input_precision=PREC_INV)
-        x20 = tl.dot(a20, x00, input_precision=PREC_INV)
-        x20 = -tl.dot(x22, tl.dot(a21, x10, acc=x20, input_precision=PREC_INV), input_precision=PREC_INV)
-        x31 = tl.dot(a31, x11, input_precision=PREC_INV)
-        x31 = -tl.dot(x33, tl.dot(a32, x21, acc=x31, input_precision=PREC_INV), input_precision=PREC_INV)
-        x30 = tl.dot(a30, x00, input_precision=PREC_INV)
-        x30 = tl.dot(a31, x10, acc=x30, input_precision=PREC_INV)
-        x30 = -tl.dot(x33, tl.dot(a32, x20, acc=x30, input_precision=PREC_INV), input_precision=PREC_INV)
+        x10, x20, x21, x30, x31, x32 = _blocks_below(x00, x11, x22, x33, a10, a20, a21, a30, a31, a32, PREC_INV)
         # T = X diag(β); W = T (exp(b) ⊙ K), U = T V, block row by block row
         kg0 = k0 * tl.exp(g0)[:, None]
         kg1 = k1 * tl.exp(g1)[:, None]
@@ -250,11 +272,7 @@ if triton is not None:
         u = tl.dot(tb3, v3, acc=tl.dot(tb2, v2, acc=u, input_precision=PREC), input_precision=PREC)
         _store_block(W, row + 3 * S, offs, offs_k, DK, w)
         _store_block(U, row + 3 * S, offs, offs_v, DV, u)
-        gbase = G + pid_bh * n_chunks * C + pid_n * C
-        tl.store(gbase + offs, g0)
-        tl.store(gbase + S + offs, g1)
-        tl.store(gbase + 2 * S + offs, g2)
-        tl.store(gbase + 3 * S + offs, g3)
+        _store_gates(G + pid_bh * n_chunks * C + pid_n * C, offs, S, g0, g1, g2, g3)
 
     @triton.jit
     def _piece(PTR, pid_bh, length, tok, cols, D: tl.constexpr, F32: tl.constexpr):
@@ -313,24 +331,7 @@ if triton is not None:
         t1 = t0 + S
         t2 = t0 + 2 * S
         t3 = t0 + 3 * S
-        b0 = _entries(BETA, pid_bh, length, t0)
-        b1 = _entries(BETA, pid_bh, length, t1)
-        b2 = _entries(BETA, pid_bh, length, t2)
-        b3 = _entries(BETA, pid_bh, length, t3)
-        if HAS_DECAY:
-            l0 = _entries(LD, pid_bh, length, t0)
-            l1 = _entries(LD, pid_bh, length, t1)
-            l2 = _entries(LD, pid_bh, length, t2)
-            l3 = _entries(LD, pid_bh, length, t3)
-            g0 = tl.cumsum(l0, 0)
-            g1 = tl.cumsum(l1, 0) + tl.sum(l0, 0)
-            g2 = tl.cumsum(l2, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0))
-            g3 = tl.cumsum(l3, 0) + (tl.sum(l0, 0) + tl.sum(l1, 0) + tl.sum(l2, 0))
-        else:
-            g0 = tl.zeros((S,), dtype=tl.float32)
-            g1 = g0
-            g2 = g0
-            g3 = g0
+        b0, b1, b2, b3, g0, g1, g2, g3 = _block_gates(BETA, LD, pid_bh, length, t0, t1, t2, t3, S, HAS_DECAY)
         z = tl.zeros((S, S), dtype=tl.float32)
         strict = offs[:, None] > offs[None, :]
         causal = offs[:, None] >= offs[None, :]
@@ -403,16 +404,7 @@ if triton is not None:
         a30 = _decayed(a30, b3, g3, g0, full)
         a31 = _decayed(a31, b3, g3, g1, full)
         a32 = _decayed(a32, b3, g3, g2, full)
-        x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC_INV), input_precision=PREC_INV)
-        x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC_INV), input_precision=PREC_INV)
-        x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC_INV), input_precision=PREC_INV)
-        x20 = tl.dot(a20, x00, input_precision=PREC_INV)
-        x20 = -tl.dot(x22, tl.dot(a21, x10, acc=x20, input_precision=PREC_INV), input_precision=PREC_INV)
-        x31 = tl.dot(a31, x11, input_precision=PREC_INV)
-        x31 = -tl.dot(x33, tl.dot(a32, x21, acc=x31, input_precision=PREC_INV), input_precision=PREC_INV)
-        x30 = tl.dot(a30, x00, input_precision=PREC_INV)
-        x30 = tl.dot(a31, x10, acc=x30, input_precision=PREC_INV)
-        x30 = -tl.dot(x33, tl.dot(a32, x20, acc=x30, input_precision=PREC_INV), input_precision=PREC_INV)
+        x10, x20, x21, x30, x31, x32 = _blocks_below(x00, x11, x22, x33, a10, a20, a21, a30, a31, a32, PREC_INV)
         # T = X diag(β)
         x00 = x00 * b0[None, :]
         x10 = x10 * b0[None, :]
@@ -449,11 +441,7 @@ if triton is not None:
             _store_block(U, row + S, offs, cols, DV, _mm(x11, v1, tl.dot(x10, v0, input_precision=PREC), PREC))
             _store_block(U, row + 2 * S, offs, cols, DV, _mm(x22, v2, _mm(x21, v1, tl.dot(x20, v0, input_precision=PREC), PREC), PREC))
             _store_block(U, row + 3 * S, offs, cols, DV, _mm(x33, v3, _mm(x32, v2, _mm(x31, v1, tl.dot(x30, v0, input_precision=PREC), PREC), PREC), PREC))
-        gbase = G + pid_bh * n_chunks * C + pid_n * C
-        tl.store(gbase + offs, g0)
-        tl.store(gbase + S + offs, g1)
-        tl.store(gbase + 2 * S + offs, g2)
-        tl.store(gbase + 3 * S + offs, g3)
+        _store_gates(G + pid_bh * n_chunks * C + pid_n * C, offs, S, g0, g1, g2, g3)
 
     @triton.jit
     def _delta_state_kernel(
