@@ -132,7 +132,7 @@ def delta_prep_rows(warps: list[int]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON file")
     args = parser.parse_args()
     try:
