@@ -37,10 +37,10 @@ Triton): import it yourself, after setting ``TRITON_INTERPRET`` if needed::
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from labsupport.harness.settings import triton_interpreter_enabled as interpreter_enabled
 from labsupport.harness.validation import require_int, require_qkv, require_tensor
 
 try:  # Triton is optional: the chapter runs without it
@@ -72,11 +72,6 @@ _LN2 = 0.6931471805599453
 def triton_available() -> bool:
     """True when Triton imported successfully."""
     return triton is not None
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def length_bucket(n: int) -> int:

@@ -8,6 +8,8 @@
 * :func:`configure_plotly` — a plotly renderer chosen by front end (never
   opening a browser); ``LABSUPPORT_PLOTLY_RENDERER=offline_html`` writes figures
   as HTML that loads no script from the network (the course book, ``bin/book``).
+* :func:`triton_interpreter_enabled` — whether Triton kernels run on the CPU under ``TRITON_INTERPRET=1``
+  (every family's Triton module re-exports it as ``interpreter_enabled``).
 * :func:`cpu_budget` / :func:`configure_torch_threads` — no more torch threads
   than the CPUs this process may really use (containers such as Binder cap CPU
   time with a cgroup quota that torch does not see).
@@ -42,6 +44,7 @@ __all__ = [
     "quick_mode",
     "seed_everything",
     "torch_threads",
+    "triton_interpreter_enabled",
 ]
 
 QUICK_ENV_VAR = "LABSUPPORT_QUICK"
@@ -68,6 +71,12 @@ def seed_everything(seed: int) -> None:
     random.seed(int(seed))
     np.random.seed(int(seed))
     torch.manual_seed(int(seed))  # also seeds every CUDA device
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` was set (Triton kernels then run on the CPU, in Python). Triton reads the
+    variable when it is first imported, so set it before that."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def quick_mode() -> bool:

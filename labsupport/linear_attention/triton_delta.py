@@ -64,6 +64,7 @@ import os
 
 import torch
 
+from labsupport.harness.settings import triton_interpreter_enabled as interpreter_enabled
 from labsupport.harness.validation import require_choice, require_float_tensor, require_int
 from labsupport.linear_attention.reference import (
     _require_beta,
@@ -90,11 +91,6 @@ _CHUNKS = (16, 32, 64, 128)
 def triton_available() -> bool:
     """True when Triton imported successfully."""
     return triton is not None
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _LAST_KERNELS: dict[str, object] = {}  # what the last launches returned (compiled kernels on a GPU)

@@ -57,11 +57,11 @@ This module imports without Triton::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from labsupport.harness.settings import triton_interpreter_enabled as interpreter_enabled
 from labsupport.harness.validation import require_float_tensor, require_int
 from labsupport.moe.routing import Routing
 
@@ -83,11 +83,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def triton_available() -> bool:
     """True when Triton imported successfully."""
     return triton is not None
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

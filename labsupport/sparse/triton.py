@@ -25,10 +25,10 @@ first imported), slowly, which is how the chapter tests it without a GPU. This m
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from labsupport.harness.settings import triton_interpreter_enabled as interpreter_enabled
 from labsupport.harness.validation import require_int, require_qkv
 from labsupport.sparse.masks import FULL, PARTIAL, BlockLayout, WindowPattern
 
@@ -50,11 +50,6 @@ _LOG2E = 1.4426950408889634
 def triton_available() -> bool:
     """True when Triton imported successfully."""
     return triton is not None
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1`` was set (kernels then run on the CPU, in Python)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_lists(layout: BlockLayout, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

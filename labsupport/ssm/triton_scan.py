@@ -23,10 +23,9 @@ This module imports without Triton; ``import labsupport.ssm`` does not import it
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from labsupport.harness.settings import triton_interpreter_enabled
 from labsupport.harness.validation import require_int
 from labsupport.ssm.reference import _check_ssd
 
@@ -46,10 +45,6 @@ __all__ = ["ssd_scan_triton", "scan_bytes", "triton_available"]
 def triton_available() -> bool:
     """True when Triton imported successfully."""
     return triton is not None
-
-
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 if triton is not None:
@@ -118,7 +113,7 @@ def ssd_scan_triton(
                            f"({type(_TRITON_ERROR).__name__}: {_TRITON_ERROR})")
     _check_ssd(x, dt, A, B, C)
     on_cpu = x.device.type == "cpu"
-    if on_cpu and not _interpreter_enabled():
+    if on_cpu and not triton_interpreter_enabled():
         raise RuntimeError("the tensors are on the CPU but TRITON_INTERPRET=1 was not set before triton was imported")
     batch, length, heads, p = x.shape
     n = B.shape[-1]
